@@ -1,0 +1,75 @@
+"""The `mmserve` command: tiny-model, up, generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from mmserve.models.tiny import build_tiny_model
+
+    print(build_tiny_model(args.out, seed=args.seed))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from mmserve.launcher import StackSpec, main_up
+
+    return main_up(StackSpec(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
+                             media_root=args.media_root, log_level=args.log_level))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mmserve.client import build_request, run_generate
+
+    try:
+        request = build_request(args.prompt, args.image, args.video, max_tokens=args.max_tokens,
+                                temperature=args.temperature, seed=args.seed, system=args.system,
+                                fps=args.fps, max_frames=args.max_frames, min_pixels=args.min_pixels,
+                                max_pixels=args.max_pixels)
+    except OSError as err:
+        print(f"mmserve generate: {err}", file=sys.stderr)
+        return 2
+    return run_generate(args.addr, request, args.timeout, 256 * 1024 * 1024)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmserve", description="Disaggregated serving for multimodal LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--seed", type=int, default=0, help="weight seed")
+    p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("up", help="start decoder, encoder, llm and router (and redis) on loopback")
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--port", type=int, default=50051, help="router port")
+    p.add_argument("--host", default="127.0.0.1", help="address every service binds")
+    p.add_argument("--redis-url", default="", help="use this Redis instead of starting a private one")
+    p.add_argument("--media-root", default="", help="directory file:// URIs may read from")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_up)
+
+    p = sub.add_parser("generate", help="send a prompt with media and stream the answer")
+    p.add_argument("--addr", default="127.0.0.1:50051", help="router address")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--image", action="append", default=[], help="image file or URL (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file or URL (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--fps", type=float, default=None, help="video sampling rate (default 2)")
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor for videos")
+    p.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap for videos")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))

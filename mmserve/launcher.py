@@ -1,0 +1,197 @@
+"""`mmserve up`: the four services (and a private redis-server) as supervised child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+from mmserve import rpc
+
+log = logging.getLogger("mmserve.up")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Children get SIGTERM if `mmserve up` itself dies, even by SIGKILL: no orphans.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    argv: list[str]
+    address: str | None  # gRPC address to health-check, None for redis
+    process: subprocess.Popen | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSpec:
+    """What `mmserve up` starts; the compose file passes the same flags to the same entry points."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    redis_url: str = ""
+    media_root: str = ""
+    log_level: str = "INFO"
+    redis_maxmemory: str = "1gb"
+
+
+def plan(spec: StackSpec) -> tuple[list[Child], str]:
+    """The children to start and the router address."""
+    from services.decoder.config import DecoderConfig
+    from services.encoder.config import EncoderConfig
+    from services.llm.config import LlmConfig
+    from services.router.config import RouterConfig
+
+    host = spec.host
+    ports = {name: free_port(host) for name in ("decoder", "encoder", "llm")}
+    children: list[Child] = []
+    redis_url = spec.redis_url
+    if not redis_url:
+        redis_port = free_port(host)
+        redis_url = f"redis://{host}:{redis_port}/0"
+        children.append(Child("redis", [
+            _redis_server(), "--port", str(redis_port), "--bind", host, "--save", "", "--appendonly", "no",
+            "--maxmemory", spec.redis_maxmemory, "--maxmemory-policy", "allkeys-lru",
+            "--dir", tempfile.gettempdir()], None))
+    common = dict(host=host, log_level=spec.log_level)
+    configs = {
+        "decoder": DecoderConfig(port=ports["decoder"], media_root=spec.media_root, **common),
+        "encoder": EncoderConfig(port=ports["encoder"], model=spec.model, **common),
+        "llm": LlmConfig(port=ports["llm"], model=spec.model, **common),
+        "router": RouterConfig(
+            port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
+            decoder_addrs=f"{host}:{ports['decoder']}", encoder_addrs=f"{host}:{ports['encoder']}",
+            llm_addrs=f"{host}:{ports['llm']}", **common),
+    }
+    for name, config in configs.items():
+        children.append(Child(name, [sys.executable, "-m", f"services.{name}", *config.to_argv()],
+                              f"{host}:{config.port}"))
+    return children, f"{host}:{spec.port}"
+
+
+def _redis_server() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise SystemExit("mmserve up: redis-server not found; install it (apt-get install redis-server) "
+                         "or pass --redis-url")
+    return path
+
+
+class Stack:
+    """Starts children, waits until healthy, stops them all (SIGTERM, then SIGKILL after a grace period)."""
+
+    def __init__(self, children: list[Child], grace_s: float = 10.0):
+        self.children = children
+        self.grace_s = grace_s
+
+    def start(self) -> None:
+        for child in self.children:
+            child.process = subprocess.Popen(child.argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+            log.info("started %s (pid %d)", child.name, child.process.pid)
+
+    async def wait_healthy(self, timeout_s: float) -> None:
+        """Returns once every gRPC child reports SERVING; raises if one exits or the time runs out."""
+        checks = [asyncio.create_task(rpc.wait_healthy(c.address, timeout_s))
+                  for c in self.children if c.address]
+        exited = asyncio.create_task(self.wait_any_exit())
+        try:
+            done, _ = await asyncio.wait([exited, asyncio.gather(*checks)], return_when=asyncio.FIRST_COMPLETED)
+            if exited in done:
+                raise RuntimeError(f"{exited.result()} exited during start-up")
+            await asyncio.gather(*checks)
+        finally:
+            exited.cancel()
+            for task in checks:
+                task.cancel()
+
+    async def wait_any_exit(self) -> str:
+        """The name of the first child that exits."""
+        waits = {asyncio.create_task(asyncio.to_thread(c.process.wait)): c.name for c in self.children}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return waits[next(iter(done))]
+
+    def stop(self) -> None:
+        """SIGTERM to every child (router first), SIGKILL to any still alive after the grace period."""
+        alive = [c.process for c in reversed(self.children) if c.process and c.process.poll() is None]
+        for p in alive:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        for p in alive:
+            try:
+                p.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
+    """Runs the stack until SIGINT/SIGTERM or a child dies; returns the exit code."""
+    if not port_is_free(spec.host, spec.port):
+        print(f"mmserve up: port {spec.port} on {spec.host} is already in use (pick another with --port)",
+              file=sys.stderr)
+        return 2
+    children, router = plan(spec)
+    stack = Stack(children)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        stack.start()
+        starting = asyncio.create_task(stack.wait_healthy(ready_timeout_s))
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if stopping in done:
+            starting.cancel()
+            return 0
+        starting.result()
+        print(f"mmserve: router listening on {router}", flush=True)
+        died = asyncio.create_task(stack.wait_any_exit())
+        done, _ = await asyncio.wait([died, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if died in done:
+            print(f"mmserve up: {died.result()} exited unexpectedly; stopping", file=sys.stderr)
+            code = 1
+    except (RuntimeError, TimeoutError) as err:
+        print(f"mmserve up: {err}", file=sys.stderr)
+        code = 1
+    finally:
+        await asyncio.to_thread(stack.stop)
+    return code
+
+
+def main_up(spec: StackSpec) -> int:
+    """Entry point of `mmserve up`."""
+    rpc.setup_logging(spec.log_level)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return asyncio.run(run_stack(spec))

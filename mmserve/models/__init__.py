@@ -1,0 +1,1 @@
+"""Model checkpoints and builders used by mmserve."""

@@ -1,0 +1,78 @@
+"""Loads only the part of a Qwen2.5-VL checkpoint a stage needs, through transformers' from_pretrained."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLTextModel,
+)
+
+# Hub checkpoints store `visual.*`, `model.*` and `lm_head.*`; transformers 5 maps `model.*` to
+# `model.language_model.*` on load. These patterns strip the prefixes so each tower loads alone.
+_VISION_KEYS = {r"^(model\.)?visual\.": ""}
+_TEXT_KEYS = {r"^model\.language_model\.": ""}
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    # The load report lists the other tower's weights as "unexpected"; we check missing keys ourselves.
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+
+def _check_loaded(name: str, info: dict) -> None:
+    if info["missing_keys"]:
+        raise ValueError(f"{name}: checkpoint lacks {sorted(info['missing_keys'])[:5]}")
+
+
+def load_config(model: str) -> PreTrainedConfig:
+    """The full Qwen2.5-VL config of a local directory or hub id."""
+    return AutoConfig.from_pretrained(model)
+
+
+def load_vision_tower(model: str, dtype: torch.dtype = torch.float32) -> Qwen2_5_VisionTransformerPretrainedModel:
+    """Only the vision tower (patch embed, blocks, merger), in eval mode."""
+    with _quiet_load_report():
+        tower, info = Qwen2_5_VisionTransformerPretrainedModel.from_pretrained(
+            model, key_mapping=_VISION_KEYS, dtype=dtype, output_loading_info=True)
+    _check_loaded("vision tower", info)
+    return tower.eval()
+
+
+def load_language_model(model: str, dtype: torch.dtype = torch.float32) -> tuple[Qwen2_5_VLTextModel, torch.Tensor]:
+    """Only the language model and its lm_head weight, in eval mode."""
+    with _quiet_load_report():
+        text, info = Qwen2_5_VLTextModel.from_pretrained(
+            model, key_mapping=_TEXT_KEYS, dtype=dtype, output_loading_info=True)
+    _check_loaded("language model", info)
+    config = load_config(model)
+    if config.tie_word_embeddings or getattr(config.text_config, "tie_word_embeddings", False):
+        lm_head = text.embed_tokens.weight
+    else:
+        lm_head = _read_tensor(model, "lm_head.weight").to(dtype)
+    return text.eval(), lm_head
+
+
+def _read_tensor(model: str, name: str) -> torch.Tensor:
+    """One tensor from a (possibly sharded) safetensors checkpoint, read without loading the rest."""
+    root = pathlib.Path(model)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = pathlib.Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+    index = root / "model.safetensors.index.json"
+    filename = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
+    with safe_open(str(root / filename), framework="pt") as f:
+        return f.get_tensor(name)

@@ -1,0 +1,215 @@
+"""Build a tiny random-weight Qwen2.5-VL checkpoint in the real Hugging Face layout, fully offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+# Qwen2's pre-tokenizer regex, copied so the tiny tokenizer splits text exactly like the real one.
+_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+_NON_SPECIAL_ADDED_TOKENS = [
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]  # fmt: skip
+_BPE_VOCAB_SIZE = 1000
+_INIT_STD = 0.08
+_WORDS = (
+    "the a an and or but of to in on at for with from by as is are was were be been has have had do does did "
+    "not no yes this that these those it its he she they we you i me my your our their his her them us "
+    "image picture photo video frame cat dog bird tree house car road river mountain sky sun moon star cloud "
+    "red green blue yellow black white small large big little old new young bright dark happy quick slow "
+    "describe show tell see look find count what where when why how which who many much some all any each "
+    "man woman child people person hand face eye table chair book door window water food apple bread cup "
+    "walk run jump sit stand eat drink read write play open close take give make know think say "
+    "model server request token batch cache memory time second minute hour day week year number text answer "
+    "question left right top bottom center near far above below between inside outside there here"
+).split()
+_EXTRA_TEXT = [
+    "Hello, world! How are you today?", "The answer is 42.", "Version 2.5 costs $19.99 (about 20%).",
+    "naïve café résumé façade jalapeño über straße", "Привет, как дела? Спасибо!", "你好，世界！这是一张图片。",
+    "こんにちは、世界。これは写真です。", "안녕하세요 세계", "Emoji: 😀 🎉 👍 🐱 🚀 ❤️", "x = [1, 2, 3]; y = {'a': 4}",
+    "def f(x):\n    return x * 2\n", "Tabs\tand\nnewlines\r\nhere.", "E = mc^2 → ∑ ∫ ≈ ≠ ∞",
+]  # fmt: skip
+
+
+def _corpus(rng: random.Random) -> list[str]:
+    """English-like sentences from a fixed word list, plus numbers, punctuation and non-ASCII text."""
+    lines = []
+    for _ in range(3000):
+        words = rng.choices(_WORDS, k=rng.randint(4, 14))
+        words[0] = words[0].capitalize()
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 10_000)))
+        lines.append(" ".join(words) + rng.choice([".", ".", "?", "!", ",", ":", ";"]))
+    return lines + _EXTRA_TEXT * 20
+
+
+def _build_tokenizer() -> Tokenizer:
+    """Train a byte-level BPE like Qwen2's and append the Qwen2.5-VL added tokens in the real order."""
+    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    # The tokenizer is independent of the weight seed so token ids are stable across checkpoints.
+    tok.train_from_iterator(_corpus(random.Random(0)), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _NON_SPECIAL_ADDED_TOKENS])
+    return tok
+
+
+def _tokenizer_config(tok: Tokenizer) -> dict:
+    """tokenizer_config.json mirroring Qwen2.5-VL-Instruct's, including the chat template."""
+    added = {
+        str(tok.token_to_id(t)): {
+            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": t in _SPECIAL_TOKENS,
+        }
+        for t in _SPECIAL_TOKENS + _NON_SPECIAL_ADDED_TOKENS
+    }  # fmt: skip
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": _SPECIAL_TOKENS[1:],
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+def _preprocessor_config() -> dict:
+    """preprocessor_config.json like the real model's; size duplicates the pixel bounds for transformers 5."""
+    min_pixels, max_pixels = 56 * 56, 28 * 28 * 16384
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+
+
+def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Write a tiny random-weight Qwen2.5-VL checkpoint (config, weights, tokenizer, processor) to out_dir."""
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _build_tokenizer()
+    ids = {t: tok.token_to_id(t) for t in _SPECIAL_TOKENS}
+    eos, endoftext = ids["<|im_end|>"], ids["<|endoftext|>"]
+    vocab_size = -(-tok.get_vocab_size(with_added_tokens=True) // 64) * 64
+
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "max_window_layers": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+            "initializer_range": _INIT_STD,
+            "bos_token_id": endoftext,
+            "eos_token_id": eos,
+            "pad_token_id": endoftext,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "out_hidden_size": 64,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+            "initializer_range": _INIT_STD,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    # Re-draw every matrix explicitly: the library default (std 0.02) leaves logits nearly tied,
+    # which makes greedy decoding flip on tiny batched-vs-unbatched float differences.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, _INIT_STD)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext, eos_token_id=[eos, endoftext], pad_token_id=endoftext, do_sample=False
+    )
+    model.save_pretrained(out, safe_serialization=True)
+
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok), indent=2, ensure_ascii=False))
+    (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(), indent=2))
+    return out

@@ -1,0 +1,99 @@
+"""gRPC plumbing every service shares: server start-up, health, reflection, channels, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mmserve.config import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+
+def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options raising gRPC's 4 MB default message cap to ours."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def insecure_channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
+    """An asyncio channel to another service with our message size cap."""
+    return grpc.aio.insecure_channel(address, options=message_options(max_message_bytes))
+
+
+def setup_logging(level: str) -> None:
+    """Plain structured-ish logging to stderr."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class Service:
+    """One running gRPC server with the health service and reflection registered."""
+
+    def __init__(self, config: ServiceConfig, service_names: Iterable[str]):
+        self.config = config
+        self.server = grpc.aio.server(
+            options=message_options(config.max_message_bytes),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = list(service_names)
+        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME],
+                                            self.server)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Binds, starts and marks every service SERVING; returns the bound port."""
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        if self.config.metrics_port:
+            import prometheus_client
+
+            prometheus_client.start_http_server(self.config.metrics_port, addr=self.config.host)
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d", ",".join(self.service_names), self.config.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """Reports NOT_SERVING, lets in-flight RPCs finish within the grace period, then stops."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s)
+
+
+async def run_until_signalled(service: Service, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+        if on_stop is not None:
+            await on_stop()
+
+
+async def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
+    """Blocks until the server at address reports SERVING, or raises TimeoutError."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        async with asyncio.timeout(timeout_s):
+            await channel.channel_ready()
+            stub = health_pb2_grpc.HealthStub(channel)
+            # Watch streams status changes, so nothing polls.
+            async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service)):
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+    raise ConnectionError(f"{address}: health stream ended before SERVING")

@@ -1,0 +1,29 @@
+from mmserve.v1 import decoder_pb2 as _decoder_pb2
+from mmserve.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("request_id", "kind", "frames")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kind: _decoder_pb2.MediaKind
+    frames: _tensor_pb2.TensorRef
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[_decoder_pb2.MediaKind, str]] = ..., frames: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("embeddings", "grid_thw", "encode_ms")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    GRID_THW_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _tensor_pb2.TensorRef
+    grid_thw: _containers.RepeatedScalarFieldContainer[int]
+    encode_ms: float
+    def __init__(self, embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., encode_ms: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""The four mmserve services, each deployable on its own: decoder, encoder, llm, router."""

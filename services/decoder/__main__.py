@@ -1,0 +1,27 @@
+"""`python -m services.decoder`: runs the decoder service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mmserve import rpc
+from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
+from services.decoder.config import DecoderConfig
+from services.decoder.server import DecoderServicer
+
+
+async def run_decoder_process(config: DecoderConfig) -> None:
+    """Serves decode requests until SIGTERM."""
+    service = rpc.Service(config, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name])
+    decoder_pb2_grpc.add_DecoderServicer_to_server(DecoderServicer(config), service.server)
+    await rpc.run_until_signalled(service)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = DecoderConfig.parse(argv, prog="mmserve-decoder")
+    rpc.setup_logging(config.log_level)
+    asyncio.run(run_decoder_process(config))
+
+
+if __name__ == "__main__":
+    main()

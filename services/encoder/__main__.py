@@ -1,0 +1,38 @@
+"""`python -m services.encoder`: runs the encoder service."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from mmserve import rpc
+from mmserve.media.preprocess import ImageProcessing
+from mmserve.models import loading
+from mmserve.v1 import encoder_pb2, encoder_pb2_grpc
+from services.encoder.batcher import Batcher
+from services.encoder.config import EncoderConfig
+from services.encoder.server import EncoderServicer
+
+
+async def run_encoder_process(config: EncoderConfig) -> None:
+    """Loads the vision tower only and serves until SIGTERM."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    tower = loading.load_vision_tower(config.model, getattr(torch, config.dtype))
+    batcher = Batcher(tower, config.max_batch_patches, config.max_queue)
+    batcher.start()
+    service = rpc.Service(config, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name])
+    servicer = EncoderServicer(batcher, ImageProcessing.from_pretrained(config.model))
+    encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, service.server)
+    await rpc.run_until_signalled(service, on_stop=batcher.stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = EncoderConfig.parse(argv, prog="mmserve-encoder")
+    rpc.setup_logging(config.log_level)
+    asyncio.run(run_encoder_process(config))
+
+
+if __name__ == "__main__":
+    main()

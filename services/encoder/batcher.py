@@ -1,0 +1,88 @@
+"""Dynamic batching: whatever is queued when the tower frees up is encoded together, nobody waits for company."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class EncoderOverloaded(Exception):
+    """The queue is full."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    pixel_values: torch.Tensor  # [num_patches, patch_dim]
+    grid_thw: tuple[int, int, int]
+    done: asyncio.Future
+
+
+class Batcher:
+    """Queues (pixel_values, grid) jobs and runs the vision tower on batches in a worker thread."""
+
+    def __init__(self, tower, max_batch_patches: int, max_queue: int):
+        self.tower = tower
+        self.max_batch_patches = max_batch_patches
+        self.max_queue = max_queue
+        self.merge_unit = tower.config.spatial_merge_size ** 2
+        self.jobs: collections.deque[_Job] = collections.deque()
+        self._has_jobs = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def encode(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        """The embeddings [num_tokens, hidden] of one image or video."""
+        if len(self.jobs) >= self.max_queue:
+            raise EncoderOverloaded(f"encoder: {self.max_queue} requests already queued")
+        job = _Job(pixel_values, grid_thw, asyncio.get_running_loop().create_future())
+        self.jobs.append(job)
+        self._has_jobs.set()
+        return await job.done  # cancelling the caller cancels the future; the worker then skips the job
+
+    async def _run(self) -> None:
+        while True:
+            await self._has_jobs.wait()
+            batch = [self.jobs.popleft()]
+            patches = batch[0].pixel_values.shape[0]
+            while self.jobs and patches + self.jobs[0].pixel_values.shape[0] <= self.max_batch_patches:
+                patches += self.jobs[0].pixel_values.shape[0]
+                batch.append(self.jobs.popleft())
+            if not self.jobs:
+                self._has_jobs.clear()
+            batch = [job for job in batch if not job.done.cancelled()]
+            if not batch:
+                continue
+            try:
+                outputs = await asyncio.to_thread(self._encode, batch)
+            except Exception as err:  # a failed batch fails its requests, never the service
+                log.exception("vision tower failed on a batch of %d", len(batch))
+                outputs = [err] * len(batch)
+            for job, out in zip(batch, outputs):
+                if job.done.done():
+                    continue
+                if isinstance(out, Exception):
+                    job.done.set_exception(RuntimeError("encoder: vision tower failed"))
+                else:
+                    job.done.set_result(out)
+
+    @torch.inference_mode()
+    def _encode(self, batch: list[_Job]) -> list[torch.Tensor]:
+        pixel_values = torch.cat([job.pixel_values for job in batch]).to(self.tower.dtype)
+        grid = torch.tensor([job.grid_thw for job in batch])
+        # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
+        embeddings = self.tower(pixel_values, grid_thw=grid).pooler_output
+        sizes = [job.pixel_values.shape[0] // self.merge_unit for job in batch]
+        return list(torch.split(embeddings, sizes))

@@ -1,0 +1,27 @@
+"""Settings of the encoder service."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmserve.config import ServiceConfig, option
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig(ServiceConfig):
+    """Encoder service: the model's vision tower only, with dynamic batching."""
+
+    model: str = option("", "checkpoint directory or hub id")
+    dtype: str = option("float32", "vision tower dtype: float32, bfloat16 or float16")
+    max_batch_patches: int = option(65536, "vision patches encoded together in one step")
+    max_queue: int = option(256, "requests waiting before new ones get RESOURCE_EXHAUSTED")
+    num_threads: int = option(0, "torch intra-op threads (0 keeps torch's default)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("model: required")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
+        if self.max_batch_patches < 1 or self.max_queue < 1:
+            raise ValueError("max_batch_patches, max_queue: must be positive")

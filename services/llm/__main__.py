@@ -1,0 +1,34 @@
+"""`python -m services.llm`: runs the LLM service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mmserve import rpc
+from mmserve.v1 import llm_pb2, llm_pb2_grpc
+from services.llm.config import LlmConfig
+from services.llm.engine import Engine
+from services.llm.server import LlmServicer
+
+
+async def run_llm_process(config: LlmConfig) -> None:
+    """Loads the language model and serves until SIGTERM."""
+    engine = Engine(config)
+    engine.start()
+    service = rpc.Service(config, [llm_pb2.DESCRIPTOR.services_by_name["Llm"].full_name])
+    llm_pb2_grpc.add_LlmServicer_to_server(LlmServicer(engine), service.server)
+
+    async def stop_engine() -> None:
+        await asyncio.to_thread(engine.stop)
+
+    await rpc.run_until_signalled(service, on_stop=stop_engine)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = LlmConfig.parse(argv, prog="mmserve-llm")
+    rpc.setup_logging(config.log_level)
+    asyncio.run(run_llm_process(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Settings of the LLM service."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmserve.config import ServiceConfig, option
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmConfig(ServiceConfig):
+    """LLM service: the language model with continuous batching over a paged KV cache."""
+
+    model: str = option("", "checkpoint directory or hub id")
+    dtype: str = option("float32", "weight and KV dtype: float32, bfloat16 or float16")
+    max_num_seqs: int = option(64, "sequences running at once")
+    max_num_batched_tokens: int = option(2048, "tokens computed per engine step (chunked prefill budget)")
+    block_size: int = option(16, "tokens per KV block")
+    kv_cache_bytes: int = option(512 * 1024 * 1024, "memory for the KV cache")
+    max_model_len: int = option(32768, "longest prompt plus output, in tokens")
+    max_queue: int = option(1024, "requests waiting before new ones get RESOURCE_EXHAUSTED")
+    num_threads: int = option(0, "torch intra-op threads (0 keeps torch's default)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("model: required")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, self.max_queue) < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens, block_size, max_queue: must be positive")

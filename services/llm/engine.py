@@ -1,0 +1,209 @@
+"""The engine: a thread that loops schedule() → run() → sample → postprocess, feeding asyncio streams."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from mmserve.models import loading
+from services.llm.block_manager import BlockManager
+from services.llm.config import LlmConfig
+from services.llm.detokenizer import IncrementalDetokenizer
+from services.llm.prompt import ChatMessage, PromptBuilder
+from services.llm.runner import ModelRunner
+from services.llm.sampler import make_generator, sample
+from services.llm.scheduler import Scheduler
+from services.llm.sequence import SamplingOptions, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclasses.dataclass
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float
+    prefill_ms: float
+    ttft_ms: float
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    first_scheduled: float = 0.0
+    first_token: float = 0.0
+
+
+class Engine:
+    """Continuous batching over a paged KV cache; one model step at a time in a worker thread."""
+
+    def __init__(self, config: LlmConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = getattr(torch, config.dtype)
+        model_config = loading.load_config(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.prompts = PromptBuilder(self.tokenizer, model_config)
+        eos = GenerationConfig.from_pretrained(config.model).eos_token_id
+        self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        text_model, lm_head = loading.load_language_model(config.model, dtype)
+        per_token = ModelRunner.kv_bytes_per_token(text_model.config, dtype)
+        num_blocks = max(1, config.kv_cache_bytes // (per_token * config.block_size))
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(text_model, lm_head, self.block_manager, dtype)
+        self.max_model_len = min(config.max_model_len, text_model.config.max_position_embeddings)
+        self._requests: dict[str, _Request] = {}
+        self._incoming: list[_Request] = []
+        self._aborted: list[str] = []
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        log.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def prepare(self, request_id: str, messages: list[ChatMessage], options: SamplingOptions,
+                priority: float = 0.0) -> Sequence:
+        """Tokenises and validates a request (raises ValueError for a bad one) without queueing it."""
+        ids, mm = self.prompts.build(messages)
+        if len(ids) + options.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens plus max_tokens={options.max_tokens} exceed the "
+                             f"context length of {self.max_model_len}")
+        return Sequence(request_id, ids, options, priority=priority, mm=mm)
+
+    async def generate(self, seq: Sequence) -> AsyncIterator[Delta | Finished]:
+        """Runs a prepared sequence, yielding deltas then one Finished; aborts it if the caller goes away."""
+        if len(self.scheduler.waiting) + len(self._incoming) >= self.config.max_queue:
+            raise EngineOverloaded(f"llm: {self.config.max_queue} requests already waiting")
+        if seq.seq_id in self._requests:
+            raise ValueError(f"request_id: {seq.seq_id!r} is already running")
+        request = _Request(seq, asyncio.get_running_loop(), asyncio.Queue(),
+                           IncrementalDetokenizer(self.tokenizer, seq.sampling.stop),
+                           None if seq.sampling.is_greedy else make_generator(seq.sampling.seed))
+        if not self.scheduler.fits(seq):
+            raise ValueError(f"prompt: {seq.num_tokens} tokens plus max_tokens do not fit the KV cache")
+        with self._wake:
+            self._requests[seq.seq_id] = request
+            self._incoming.append(request)
+            self._wake.notify()
+        finished = False
+        try:
+            while not finished:
+                event = await request.events.get()
+                if isinstance(event, Exception):
+                    raise event
+                finished = isinstance(event, Finished)
+                yield event
+        finally:
+            if not finished:
+                self.abort(seq.seq_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request and frees its KV blocks at the next step boundary."""
+        with self._wake:
+            self._aborted.append(request_id)
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopped or self._incoming or self._aborted or self.scheduler.has_work):
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                for request in self._incoming:
+                    self.scheduler.add(request.seq)
+                self._incoming.clear()
+                for request_id in self._aborted:
+                    request = self._requests.pop(request_id, None)
+                    if request is not None:
+                        self.scheduler.finish(request.seq, "abort")
+                self._aborted.clear()
+            try:
+                self._step()
+            except Exception:  # a model error must not kill the loop silently
+                log.exception("engine step failed; failing the running requests")
+                self._fail_all()
+
+    def _step(self) -> None:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return
+        now = time.monotonic()
+        for chunk in chunks:
+            request = self._requests[chunk.seq.seq_id]
+            request.first_scheduled = request.first_scheduled or now
+        logits = self.runner.run(chunks)
+        sampling = [c for c in chunks if c.completes_sequence]
+        new_tokens = {}
+        for row, chunk in zip(logits, sampling):
+            seq = chunk.seq
+            request = self._requests[seq.seq_id]
+            banned = self.eos_ids if seq.num_output_tokens < seq.sampling.min_tokens else None
+            new_tokens[seq] = sample(row, seq.sampling, request.generator, banned)
+        self.scheduler.postprocess(chunks, new_tokens)
+        now = time.monotonic()
+        for seq, token in new_tokens.items():
+            self._emit(self._requests[seq.seq_id], token, now)
+
+    def _emit(self, request: _Request, token: int, now: float) -> None:
+        seq = request.seq
+        request.first_token = request.first_token or now
+        reason = None
+        if token in self.eos_ids:
+            reason = "stop"
+        elif request.detokenizer.add(token):
+            reason = "stop"
+        elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        text = request.detokenizer.delta(final=reason is not None)
+        self._send(request, Delta(text, [token]))
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._requests.pop(seq.seq_id, None)
+            start = seq.arrival_time
+            self._send(request, Finished(
+                reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                queue_ms=(request.first_scheduled - start) * 1e3,
+                prefill_ms=(request.first_token - request.first_scheduled) * 1e3,
+                ttft_ms=(request.first_token - start) * 1e3))
+
+    def _send(self, request: _Request, event) -> None:
+        request.loop.call_soon_threadsafe(request.events.put_nowait, event)
+
+    def _fail_all(self) -> None:
+        for request in list(self._requests.values()):
+            self.scheduler.finish(request.seq, "error")
+            self._send(request, RuntimeError("llm: model step failed"))
+        self._requests.clear()

@@ -1,0 +1,39 @@
+"""Greedy, temperature, top-k and top-p sampling with per-request seeded generators."""
+
+from __future__ import annotations
+
+import torch
+
+from services.llm.sequence import SamplingOptions
+
+
+def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
+           banned: list[int] | None = None) -> int:
+    """Draws one token from a row of logits [vocab]."""
+    if banned:
+        logits = logits.clone()
+        logits[banned] = float("-inf")
+    if options.is_greedy:
+        return int(torch.argmax(logits))
+    logits = logits / options.temperature
+    if options.top_k and options.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, options.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if options.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= options.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A generator seeded from the request (same seed → same draws) or from the OS."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

@@ -1,0 +1,119 @@
+"""One scheduling loop: each step hands out {sequence: num_new_tokens} under a token budget."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from services.llm.block_manager import BlockManager
+from services.llm.sequence import Sequence, SeqStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+    """num_new_tokens of seq, starting at seq.num_computed_tokens, run this step."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when after this chunk every token has KV, so the step samples a new token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    """Running sequences first (decodes before prefill chunks), then admits waiting ones.
+
+    Long prompts are chunked by the budget, so decodes never stall behind them; when KV blocks
+    run out the lowest-priority running sequence is preempted (freed, recomputed later).
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def fits(self, seq: Sequence) -> bool:
+        """Whether seq could ever run: its prompt plus max_tokens fit the whole KV cache."""
+        needed = self.block_manager.num_blocks_for(seq.num_tokens + seq.sampling.max_tokens)
+        return needed <= self.block_manager.num_blocks
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new sequence."""
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """Picks this step's work."""
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        self.running.sort(key=lambda s: (s.num_uncomputed_tokens > 1, *s.sort_key()))
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, seq.num_computed_tokens + n):
+                continue
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        self._admit(chunks, budget)
+        return chunks
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        ordered = sorted(self.waiting, key=Sequence.sort_key)
+        for seq in ordered:
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                break
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Preempts lower-priority sequences until seq fits; False if seq itself had to go."""
+        while not self.block_manager.can_allocate(seq, num_tokens):
+            victim = max((s for s in self.running if s.status is SeqStatus.RUNNING), key=Sequence.sort_key)
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees seq's KV and puts it back at the head of the queue to be recomputed."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, chunks: list[ScheduledChunk], new_tokens: dict[Sequence, int]) -> None:
+        """Advances computed counts and appends sampled tokens."""
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        for seq, token in new_tokens.items():
+            seq.token_ids.append(token)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends seq (done, stopped or aborted) and frees its blocks at once."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason

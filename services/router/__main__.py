@@ -1,0 +1,49 @@
+"""`python -m services.router`: runs the public router service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mmserve import rpc
+from mmserve.cache import EmbeddingCache
+from mmserve.cache_keys import model_fingerprint
+from mmserve.media.preprocess import ImageProcessing
+from mmserve.v1 import api_pb2, api_pb2_grpc, decoder_pb2_grpc, encoder_pb2_grpc, llm_pb2_grpc
+from services.router.config import RouterConfig
+from services.router.media import MediaStage
+from services.router.replicas import ReplicaPool
+from services.router.server import RouterServicer
+
+
+async def run_router_process(config: RouterConfig) -> None:
+    """Connects to the stage replicas and Redis and serves the public API until SIGTERM."""
+    split, cap = RouterConfig.split, config.max_message_bytes
+    decoders = ReplicaPool("decoder", split(config.decoder_addrs), decoder_pb2_grpc.DecoderStub, cap)
+    encoders = ReplicaPool("encoder", split(config.encoder_addrs), encoder_pb2_grpc.EncoderStub, cap)
+    llms = ReplicaPool("llm", split(config.llm_addrs), llm_pb2_grpc.LlmStub, cap)
+    cache = (EmbeddingCache(config.redis_url, config.cache_ttl_s, config.cache_timeout_ms / 1e3)
+             if config.redis_url else None)
+    media = MediaStage(decoders=decoders, encoders=encoders, cache=cache,
+                       model_id=model_fingerprint(config.model),
+                       processing=ImageProcessing.from_pretrained(config.model),
+                       media_root=config.media_root, max_media_bytes=config.max_media_bytes)
+    service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name])
+    api_pb2_grpc.add_RouterServicer_to_server(RouterServicer(config, media, llms), service.server)
+
+    async def close() -> None:
+        for pool in (decoders, encoders, llms):
+            await pool.close()
+        if cache is not None:
+            await cache.close()
+
+    await rpc.run_until_signalled(service, on_stop=close)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = RouterConfig.parse(argv, prog="mmserve-router")
+    rpc.setup_logging(config.log_level)
+    asyncio.run(run_router_process(config))
+
+
+if __name__ == "__main__":
+    main()

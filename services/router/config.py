@@ -1,0 +1,39 @@
+"""Settings of the router service."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmserve.config import ServiceConfig, option
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig(ServiceConfig):
+    """Router service: the public API; validates, consults the cache, orchestrates decode → encode → llm."""
+
+    model: str = option("", "checkpoint directory or hub id (preprocessing defaults, cache keys)")
+    decoder_addrs: str = option("", "comma-separated decoder replica addresses")
+    encoder_addrs: str = option("", "comma-separated encoder replica addresses")
+    llm_addrs: str = option("", "comma-separated llm replica addresses")
+    redis_url: str = option("", "embedding cache, e.g. redis://127.0.0.1:6379/0 (empty disables the cache)")
+    cache_ttl_s: int = option(24 * 3600, "embedding cache entry lifetime")
+    cache_timeout_ms: int = option(100, "Redis operation timeout; slower means a miss")
+    media_root: str = option("", "directory file:// URIs may read from (empty disables file://)")
+    max_media_bytes: int = option(200 * 1024 * 1024, "largest encoded media file accepted")
+    max_media_per_request: int = option(16, "images plus videos in one request")
+    max_messages: int = option(256, "messages in one request")
+    max_tokens_limit: int = option(8192, "largest max_tokens a request may ask for")
+    request_timeout_s: float = option(600.0, "deadline for a request without one of its own")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("model: required")
+        for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: at least one address is required")
+
+    @staticmethod
+    def split(addresses: str) -> list[str]:
+        """A comma-separated address list as a list."""
+        return [a.strip() for a in addresses.split(",") if a.strip()]
