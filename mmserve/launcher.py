@@ -135,10 +135,23 @@ class Stack:
                 task.cancel()
 
     async def wait_any_exit(self) -> str:
-        """The name of the first child that exits."""
-        waits = {asyncio.create_task(asyncio.to_thread(c.process.wait)): c.name for c in self.children}
-        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        return waits[next(iter(done))]
+        """The name of the first child that exits (pidfds wake the loop; no thread, no polling)."""
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[str] = loop.create_future()
+        fds = []
+        try:
+            for child in self.children:
+                try:
+                    fd = os.pidfd_open(child.process.pid)
+                except ProcessLookupError:  # already reaped
+                    return child.name
+                fds.append(fd)
+                loop.add_reader(fd, lambda name=child.name: first.done() or first.set_result(name))
+            return await first
+        finally:
+            for fd in fds:
+                loop.remove_reader(fd)
+                os.close(fd)
 
     def stop(self) -> None:
         """SIGTERM to every child (router first), SIGKILL to any still alive after the grace period."""

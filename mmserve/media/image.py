@@ -1,0 +1,69 @@
+"""Image decoding with Pillow, matching HF Qwen2VLImageProcessorPil's RGB conversion and resize."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmserve.media.preprocess import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, MediaError, smart_resize
+
+_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+# Largest decoded input accepted (about 67 MP); checked from the header, before any pixel is decoded.
+MAX_INPUT_PIXELS = 8192 * 8192
+MAX_INPUT_SIDE = 32768
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB conversion of transformers' convert_to_rgb: transparency is composited onto white."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    data: bytes,
+    *,
+    min_pixels: float = MIN_PIXELS,
+    max_pixels: float = MAX_PIXELS,
+    factor: int = IMAGE_FACTOR,
+    max_input_pixels: int = MAX_INPUT_PIXELS,
+) -> torch.Tensor:
+    """Decode a JPEG/PNG/WebP/GIF (first frame) to uint8 [1,H,W,3], resized to smart_resize(h, w)."""
+    if not data:
+        raise MediaError("image: empty data")
+    try:
+        img = Image.open(io.BytesIO(data), formats=_FORMATS)
+    except UnidentifiedImageError:
+        raise MediaError("image: not a JPEG, PNG, WebP or GIF file") from None
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"image: dimensions too large ({e})") from None
+    except Exception as e:  # Pillow raises assorted errors on malformed headers.
+        raise MediaError(f"image: unreadable {type(e).__name__}: {e}") from None
+    with img:
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise MediaError(f"image: invalid dimensions {width}x{height}")
+        if width * height > max_input_pixels:
+            raise MediaError(
+                f"image: {width}x{height} is {width * height} pixels, over the limit of {max_input_pixels}"
+            )
+        if max(width, height) > MAX_INPUT_SIDE:
+            raise MediaError(f"image: {width}x{height} has a side over the limit of {MAX_INPUT_SIDE} pixels")
+        target_h, target_w = smart_resize(height, width, factor, min_pixels, max_pixels)
+        fmt = img.format
+        try:
+            rgb = _to_rgb(img)
+            # HF resizes with PIL BICUBIC and no reducing_gap, even when the size is unchanged (a copy).
+            if rgb.size != (target_w, target_h):
+                rgb = rgb.resize((target_w, target_h), resample=Image.Resampling.BICUBIC)
+            array = np.array(rgb, dtype=np.uint8)
+        except OSError as e:
+            raise MediaError(f"image: truncated or corrupt {fmt} data ({e})") from None
+        except Exception as e:
+            raise MediaError(f"image: cannot decode {fmt} data ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(array).unsqueeze(0)

@@ -1,0 +1,114 @@
+"""Scheduler and block manager: pure Python, milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.llm.block_manager import BlockManager
+from services.llm.scheduler import Scheduler
+from services.llm.sequence import SamplingOptions, Sequence, SeqStatus
+
+
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget)
+
+
+def make_seq(name: str, prompt_len: int, max_tokens: int = 8, priority: float = 0.0) -> Sequence:
+    return Sequence(name, list(range(prompt_len)), SamplingOptions(max_tokens=max_tokens), priority=priority)
+
+
+def step(scheduler: Scheduler, token: int = 7):
+    """One engine step with a fake model that always samples `token`."""
+    chunks = scheduler.schedule()
+    new = {c.seq: token for c in chunks if c.completes_sequence}
+    scheduler.postprocess(chunks, new)
+    return {c.seq.seq_id: c.num_new_tokens for c in chunks}
+
+
+def test_long_prompt_is_chunked_by_the_budget():
+    s = make_scheduler(budget=16)
+    seq = make_seq("a", 40)
+    s.add(seq)
+    assert step(s) == {"a": 16}
+    assert step(s) == {"a": 16}
+    assert seq.num_output_tokens == 0
+    assert step(s) == {"a": 8}
+    assert seq.num_output_tokens == 1
+    assert step(s) == {"a": 1}
+
+
+def test_decodes_are_scheduled_before_prefill_chunks():
+    s = make_scheduler(budget=16)
+    short = make_seq("short", 4)
+    s.add(short)
+    step(s)  # short's prompt done, one token out
+    s.add(make_seq("long", 100))
+    for _ in range(5):
+        work = step(s)
+        assert work["short"] == 1, "a decode must never stall behind a long prefill"
+        assert work["long"] == 15
+
+
+def test_blocks_follow_tokens_and_are_freed_on_finish():
+    s = make_scheduler(num_blocks=16, block_size=4)
+    seq = make_seq("a", 10)
+    s.add(seq)
+    step(s)
+    assert len(seq.block_table) == 3  # 10 tokens in blocks of 4
+    for _ in range(3):
+        step(s)
+    assert len(seq.block_table) == 4  # 13 tokens computed
+    s.finish(seq, "stop")
+    assert s.block_manager.num_free_blocks == 16
+    assert seq.status is SeqStatus.FINISHED and not s.has_work
+
+
+def test_out_of_blocks_preempts_lowest_priority_and_recomputes():
+    s = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    urgent, lax = make_seq("urgent", 7, priority=0), make_seq("lax", 7, priority=1)
+    s.add(urgent)
+    s.add(lax)
+    step(s)  # both prefilled: 2 blocks each, cache full
+    step(s)  # each needs an 8th slot; still fits in the second block
+    work = step(s)  # 9th token needs a third block: lax is preempted
+    assert "urgent" in work and "lax" not in work
+    assert lax.status is SeqStatus.WAITING and lax.num_computed_tokens == 0 and lax.num_preemptions == 1
+    assert lax.num_output_tokens == 2, "generated tokens are kept and recomputed"
+    s.finish(urgent, "stop")
+    assert step(s) == {"lax": 9}
+
+
+def test_waiting_sequences_admitted_by_priority_and_max_num_seqs():
+    s = make_scheduler(max_num_seqs=2, budget=100)
+    for name, priority in (("c", 3), ("a", 1), ("b", 2)):
+        s.add(make_seq(name, 4, priority=priority))
+    assert set(step(s)) == {"a", "b"}
+
+
+def test_fits_rejects_requests_larger_than_the_cache():
+    s = make_scheduler(num_blocks=4, block_size=4)
+    assert s.fits(make_seq("ok", 8, max_tokens=8))
+    assert not s.fits(make_seq("huge", 16, max_tokens=8))
+
+
+def test_block_manager_allocate_and_free():
+    bm = BlockManager(4, 2)
+    seq = make_seq("a", 3)
+    assert bm.can_allocate(seq, 8) and not bm.can_allocate(seq, 9)
+    bm.allocate(seq, 3)
+    assert len(seq.block_table) == 2 and bm.num_free_blocks == 2
+    assert bm.slot(seq, 2) == seq.block_table[1] * 2
+    with pytest.raises(MemoryError):
+        bm.allocate(seq, 100)
+    bm.free(seq)
+    assert bm.num_free_blocks == 4 and seq.block_table == []
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"min_tokens": 9, "max_tokens": 8}, "min_tokens"), ({"stop": ("",)}, "stop"),
+])
+def test_sampling_options_reject_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingOptions(**kwargs)
