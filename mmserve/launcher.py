@@ -36,7 +36,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (connections lingering in TIME_WAIT do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -81,7 +83,7 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
         redis_url = f"redis://{host}:{redis_port}/0"
         children.append(Child("redis", [
             _redis_server(), "--port", str(redis_port), "--bind", host, "--save", "", "--appendonly", "no",
-            "--maxmemory", spec.redis_maxmemory, "--maxmemory-policy", "allkeys-lru",
+            "--loglevel", "warning", "--maxmemory", spec.redis_maxmemory, "--maxmemory-policy", "allkeys-lru",
             "--dir", tempfile.gettempdir()], None))
     common = dict(host=host, log_level=spec.log_level)
     configs = {
@@ -116,7 +118,9 @@ class Stack:
 
     def start(self) -> None:
         for child in self.children:
-            child.process = subprocess.Popen(child.argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+            # Children log to stderr: stdout carries only the "listening" line scripts wait for.
+            child.process = subprocess.Popen(child.argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+                                             stdout=sys.stderr)
             log.info("started %s (pid %d)", child.name, child.process.pid)
 
     async def wait_healthy(self, timeout_s: float) -> None:

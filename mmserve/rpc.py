@@ -40,7 +40,8 @@ class Service:
     def __init__(self, config: ServiceConfig, service_names: Iterable[str]):
         self.config = config
         self.server = grpc.aio.server(
-            options=message_options(config.max_message_bytes),
+            # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
+            options=[*message_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()

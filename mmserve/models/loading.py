@@ -26,10 +26,12 @@ def _quiet_load_report():
     # The load report lists the other tower's weights as "unexpected"; we check missing keys ourselves.
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(previous)
+        transformers.logging.enable_progress_bar()
 
 
 def _check_loaded(name: str, info: dict) -> None:
