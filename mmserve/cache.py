@@ -43,9 +43,13 @@ def decode_value(blob: bytes) -> CachedEmbedding | None:
     magic, version, n = _HEADER.unpack_from(blob)
     if magic != _MAGIC or version != _FORMAT_VERSION:
         return None
-    header = json.loads(blob[_HEADER.size:_HEADER.size + n])
-    ref = tensor_pb2.TensorRef(dtype=header["dtype"], shape=header["shape"], inline_data=blob[_HEADER.size + n:])
-    return CachedEmbedding(ref, tuple(header["grid_thw"]), header["second_per_grid_t"])
+    try:
+        header = json.loads(blob[_HEADER.size:_HEADER.size + n])
+        ref = tensor_pb2.TensorRef(dtype=header["dtype"], shape=header["shape"],
+                                   inline_data=blob[_HEADER.size + n:])
+        return CachedEmbedding(ref, tuple(header["grid_thw"]), float(header["second_per_grid_t"]))
+    except (ValueError, KeyError, TypeError):  # a corrupt entry is a miss, never an error
+        return None
 
 
 class EmbeddingCache:

@@ -36,6 +36,8 @@ class ServiceConfig:
             raise ValueError("max_message_bytes: must be at least 1 MiB")
         if self.max_concurrent_rpcs < 1:
             raise ValueError("max_concurrent_rpcs: must be positive")
+        if self.grace_s < 0:
+            raise ValueError("grace_s: must not be negative")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,8 @@ class EncoderConfig(ServiceConfig):
         super().__post_init__()
         if not self.model:
             raise ValueError("model: required")
+        if self.num_threads < 0:
+            raise ValueError("num_threads: must not be negative")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
         if self.max_batch_patches < 1 or self.max_queue < 1:

@@ -25,7 +25,13 @@ class LlmConfig(ServiceConfig):
         super().__post_init__()
         if not self.model:
             raise ValueError("model: required")
+        if self.num_threads < 0:
+            raise ValueError("num_threads: must not be negative")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, self.max_queue) < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens, block_size, max_queue: must be positive")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len: must be at least 2")
+        if self.kv_cache_bytes < 1:
+            raise ValueError("kv_cache_bytes: must be positive")

@@ -26,12 +26,11 @@ class IncrementalDetokenizer:
             self.text += full[len(prefix):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-        for s in self.stop:
-            # Only the newly reachable tail can hold a new match.
-            at = self.text.find(s, max(0, self.num_emitted - len(s)))
-            if at != -1:
-                self.text = self.text[:at]
-                return True
+        # Only the newly reachable tail can hold a new match; cut at the earliest one.
+        matches = [at for s in self.stop if (at := self.text.find(s, max(0, self.num_emitted - len(s)))) != -1]
+        if matches:
+            self.text = self.text[:min(matches)]
+            return True
         return False
 
     def delta(self, final: bool = False) -> str:

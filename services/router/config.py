@@ -29,6 +29,14 @@ class RouterConfig(ServiceConfig):
         super().__post_init__()
         if not self.model:
             raise ValueError("model: required")
+        for name in ("max_media_bytes", "max_media_per_request", "max_messages", "max_tokens_limit",
+                     "cache_ttl_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s: must be positive")
+        if self.cache_timeout_ms < 1:
+            raise ValueError("cache_timeout_ms: must be at least 1")
         for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: at least one address is required")

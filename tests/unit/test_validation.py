@@ -1,0 +1,166 @@
+"""Router request validation: every rule rejects with a message naming the field, valid requests pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mmserve.v1 import api_pb2
+from services.router.validation import ValidationError, validate_request
+
+LIMITS = {"max_messages": 4, "max_media": 3, "max_tokens_limit": 1024, "max_media_bytes": 1000}
+
+
+def text(s: str = "hello") -> api_pb2.Part:
+    return api_pb2.Part(text=s)
+
+
+def image(**media) -> api_pb2.Part:
+    media.setdefault("data", b"\x89PNG-bytes")
+    return api_pb2.Part(image=api_pb2.Media(**media))
+
+
+def video(**media) -> api_pb2.Part:
+    media.setdefault("uri", "file:///clip.mp4")
+    return api_pb2.Part(video=api_pb2.Media(**media))
+
+
+def message(*parts: api_pb2.Part, role: str = "user") -> api_pb2.Message:
+    return api_pb2.Message(role=role, parts=list(parts))
+
+
+def request(*messages: api_pb2.Message, **sampling) -> api_pb2.GenerateRequest:
+    if not messages:
+        messages = (message(text()),)
+    return api_pb2.GenerateRequest(messages=list(messages), sampling=api_pb2.SamplingParams(**sampling))
+
+
+def rejects(req: api_pb2.GenerateRequest, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        validate_request(req, **LIMITS)
+    assert field in str(info.value), str(info.value)
+
+
+def test_valid_request_with_text_image_and_video_passes():
+    req = request(
+        message(text("be brief"), role="system"),
+        message(text("what is shown?"), image(), video(fps=2.0, max_frames=16, min_pixels=3136, max_pixels=50176)),
+        message(text("a cat"), role="assistant"),
+        message(text("and now?"), image(uri="file:///a.png")),
+        max_tokens=1024, temperature=0.7, top_p=0.9, top_k=20, seed=1, stop=["\n\n"], min_tokens=2,
+    )
+    validate_request(req, **LIMITS)
+
+
+def test_validation_error_is_a_value_error():
+    assert issubclass(ValidationError, ValueError)
+
+
+def test_empty_messages():
+    rejects(api_pb2.GenerateRequest(), "messages: empty")
+
+
+def test_too_many_messages():
+    rejects(request(*[message(text())] * 5), "messages: 5 exceed")
+
+
+@pytest.mark.parametrize("role", ["", "User", "tool", "bot"])
+def test_unknown_role(role):
+    rejects(request(message(text()), message(text(), role=role)), "messages[1].role")
+
+
+def test_empty_parts():
+    rejects(request(message(text()), message()), "messages[1].parts: empty")
+
+
+def test_part_without_content():
+    rejects(request(message(text(), api_pb2.Part())), "messages[0].parts[1]: no text, image or video")
+
+
+@pytest.mark.parametrize("role", ["system", "assistant"])
+@pytest.mark.parametrize("make, kind", [(image, "image"), (video, "video")])
+def test_media_outside_user_messages(role, make, kind):
+    rejects(request(message(text()), message(text(), make(), role=role)), f"messages[1].parts[1].{kind}")
+
+
+def test_media_without_source():
+    rejects(request(message(api_pb2.Part(image=api_pb2.Media()))), "messages[0].parts[0].image: neither data nor uri")
+
+
+def test_empty_data():
+    rejects(request(message(image(data=b""))), "messages[0].parts[0].image.data: empty")
+
+
+def test_empty_uri():
+    rejects(request(message(video(uri=""))), "messages[0].parts[0].video.uri: empty")
+
+
+def test_data_at_the_byte_limit_passes_and_one_more_byte_fails():
+    validate_request(request(message(image(data=b"x" * 1000))), **LIMITS)
+    rejects(request(message(image(data=b"x" * 1001))), "messages[0].parts[0].image.data: 1001 bytes")
+
+
+@pytest.mark.parametrize("fps", [0.0, -1.0, 60.5, math.nan, math.inf])
+def test_fps_out_of_range(fps):
+    rejects(request(message(video(fps=fps))), "messages[0].parts[0].video.fps")
+
+
+@pytest.mark.parametrize("fps", [0.1, 60.0])
+def test_fps_in_range(fps):
+    validate_request(request(message(video(fps=fps))), **LIMITS)
+
+
+@pytest.mark.parametrize("max_frames", [0, 1, 769])
+def test_max_frames_out_of_range(max_frames):
+    rejects(request(message(video(max_frames=max_frames))), "messages[0].parts[0].video.max_frames")
+
+
+def test_min_pixels_above_max_pixels():
+    rejects(request(message(image(min_pixels=5000, max_pixels=4000))), "messages[0].parts[0].image: min_pixels")
+
+
+def test_max_pixels_below_one_patch():
+    rejects(request(message(image(max_pixels=28 * 28 - 1))), "messages[0].parts[0].image.max_pixels")
+
+
+def test_too_many_media_items_across_messages():
+    validate_request(request(message(image(), image()), message(video())), **LIMITS)
+    rejects(request(message(image(), image()), message(video(), image())), "messages: 4 media items exceed")
+
+
+def test_first_problem_is_named():
+    rejects(request(message(text()), message(image(data=b"")), message(text(), role="bot")), "messages[1].parts[0]")
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1025])
+def test_max_tokens_out_of_range(max_tokens):
+    rejects(request(max_tokens=max_tokens), "sampling.max_tokens")
+
+
+@pytest.mark.parametrize("temperature", [-0.1, math.nan, math.inf, -math.inf, 101.0])
+def test_bad_temperature(temperature):
+    rejects(request(temperature=temperature), "sampling.temperature")
+
+
+def test_zero_temperature_means_greedy_and_passes():
+    validate_request(request(temperature=0.0), **LIMITS)
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.5, 1.01, math.nan])
+def test_bad_top_p(top_p):
+    rejects(request(top_p=top_p), "sampling.top_p")
+
+
+def test_empty_stop_string():
+    rejects(request(stop=["END", ""]), "sampling.stop")
+
+
+def test_min_tokens_above_max_tokens():
+    rejects(request(max_tokens=10, min_tokens=11), "sampling.min_tokens")
+    validate_request(request(max_tokens=10, min_tokens=10), **LIMITS)
+
+
+def test_min_tokens_above_default_max_tokens():
+    rejects(request(min_tokens=257), "sampling.min_tokens")
+    validate_request(request(min_tokens=256), **LIMITS)
