@@ -10,14 +10,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LlmRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "sampling")
+    __slots__ = ("request_id", "messages", "sampling", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[LlmMessage]
     sampling: _api_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[LlmMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    priority: float
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[LlmMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[float] = ...) -> None: ...
 
 class LlmMessage(_message.Message):
     __slots__ = ("role", "parts")

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from services.llm.block_manager import BlockManager
 from services.llm.prompt import MultimodalPrompt
 from services.llm.scheduler import ScheduledChunk
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """One step's flattened tokens and where each sequence's attention reads its context from."""
+
+    ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [3, num_tokens] M-RoPE positions
+    slots: torch.Tensor  # [num_tokens] KV slots written this step
+    spans: list[tuple[int, int]]  # (offset, num_new_tokens) per chunk
+    prefill: list[tuple[int, int, torch.Tensor]]  # (offset, n, context slots) for chunks of n > 1
+    decode_rows: torch.Tensor  # [B] token offset of each single-token chunk
+    decode_index: torch.Tensor  # [B, longest context] context slots, zero-padded
+    decode_mask: torch.Tensor  # [B, 1, 1, longest context] True where the slot is real
 
 
 class ModelRunner:
@@ -38,33 +54,47 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Computes the chunks' tokens into the KV cache; returns logits [num_sampling_chunks, vocab]."""
-        ids, positions, slots, spans = self._prepare(chunks)
-        hidden = self._embed(ids, chunks)
-        cos, sin = self.model.rotary_emb(hidden[None], positions[:, None, :])
+        batch = self._prepare(chunks)
+        hidden = self._embed(batch.ids, chunks)
+        cos, sin = self.model.rotary_emb(hidden[None], batch.positions[:, None, :])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         for layer_index, layer in enumerate(self.model.layers):
             residual = hidden
             x = layer.input_layernorm(hidden)
-            x = self._attention(layer.self_attn, layer_index, x, cos, sin, slots, spans)
+            x = self._attention(layer.self_attn, layer_index, x, cos, sin, batch)
             hidden = residual + x
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        last = [start + n - 1 for (start, n, _), c in zip(spans, chunks) if c.completes_sequence]
+        last = [start + n - 1 for (start, n), c in zip(batch.spans, chunks) if c.completes_sequence]
         hidden = self.model.norm(hidden[last])
         return (hidden @ self.lm_head.T).float()
 
-    def _prepare(self, chunks):
-        ids, positions, slots, spans = [], [], [], []
+    def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
+        block_size = self.block_manager.block_size
+        ids, positions, slots, spans, contexts = [], [], [], [], []
         offset = 0
         for chunk in chunks:
             seq, n = chunk.seq, chunk.num_new_tokens
             start = seq.num_computed_tokens
             ids += seq.token_ids[start:start + n]
             positions.append(self._positions(seq.mm, seq.num_prompt_tokens, start, start + n))
-            slots += [self.block_manager.slot(seq, p) for p in range(start, start + n)]
-            context = torch.tensor([self.block_manager.slot(seq, p) for p in range(start + n)])
-            spans.append((offset, n, context))
+            token_positions = torch.arange(start + n)
+            context = torch.tensor(seq.block_table)[token_positions // block_size] * block_size \
+                + token_positions % block_size
+            slots.append(context[start:])
+            spans.append((offset, n))
+            contexts.append(context)
             offset += n
-        return torch.tensor(ids), torch.cat(positions, dim=1), torch.tensor(slots), spans
+        decode = [i for i, (_, n) in enumerate(spans) if n == 1]
+        prefill = [(spans[i][0], spans[i][1], contexts[i]) for i, (_, n) in enumerate(spans) if n > 1]
+        decode_rows = torch.tensor([spans[i][0] for i in decode], dtype=torch.long)
+        longest = max((len(contexts[i]) for i in decode), default=0)
+        decode_index = torch.zeros(len(decode), longest, dtype=torch.long)
+        decode_mask = torch.zeros(len(decode), 1, 1, longest, dtype=torch.bool)
+        for row, i in enumerate(decode):
+            decode_index[row, :len(contexts[i])] = contexts[i]
+            decode_mask[row, ..., :len(contexts[i])] = True
+        return _Batch(torch.tensor(ids), torch.cat(positions, dim=1), torch.cat(slots), spans, prefill,
+                      decode_rows, decode_index, decode_mask)
 
     @staticmethod
     def _positions(mm: MultimodalPrompt, num_prompt: int, start: int, end: int) -> torch.Tensor:
@@ -88,7 +118,7 @@ class ModelRunner:
             offset += n
         return hidden
 
-    def _attention(self, attn, layer_index, x, cos, sin, slots, spans) -> torch.Tensor:
+    def _attention(self, attn, layer_index, x, cos, sin, batch: _Batch) -> torch.Tensor:
         n_tokens = x.shape[0]
         q = attn.q_proj(x).view(n_tokens, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(n_tokens, self.num_kv_heads, self.head_dim)
@@ -96,23 +126,28 @@ class ModelRunner:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         k_cache, v_cache = self.k_cache[layer_index], self.v_cache[layer_index]
-        k_cache[slots] = k
-        v_cache[slots] = v
+        k_cache[batch.slots] = k
+        v_cache[batch.slots] = v
         out = torch.empty_like(q)
         groups = self.num_heads // self.num_kv_heads
-        for start, n, context in spans:
+        for start, n, context in batch.prefill:
             qi = q[start:start + n].transpose(0, 1)
             ki = k_cache[context].transpose(0, 1).repeat_interleave(groups, dim=0)
             vi = v_cache[context].transpose(0, 1).repeat_interleave(groups, dim=0)
             past = len(context) - n
             if past == 0:
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=n > 1, scale=self.scale)
-            elif n == 1:
-                o = F.scaled_dot_product_attention(qi, ki, vi, scale=self.scale)
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale)
             else:
                 mask = torch.ones(n, len(context), dtype=torch.bool).tril(diagonal=past)
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale)
             out[start:start + n] = o.transpose(0, 1)
+        if len(batch.decode_rows):
+            # Every decoding sequence in one call: contexts padded to the longest, padding masked out.
+            qd = q[batch.decode_rows][:, :, None, :]  # [B, H, 1, D]
+            kd = k_cache[batch.decode_index].permute(0, 2, 1, 3).repeat_interleave(groups, dim=1)
+            vd = v_cache[batch.decode_index].permute(0, 2, 1, 3).repeat_interleave(groups, dim=1)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=self.scale)
+            out[batch.decode_rows] = o[:, :, 0, :]
         return attn.o_proj(out.reshape(n_tokens, -1))
 
 

@@ -57,7 +57,8 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
         try:
             options = sampling_from_proto(request.sampling)
             messages = messages_from_proto(request.messages)
-            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options)
+            priority = request.priority or float("inf")
+            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority)
             events = self.engine.generate(seq)
             async for event in events:
                 if isinstance(event, Finished):

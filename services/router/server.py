@@ -74,6 +74,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             await context.abort(err.code, str(err))
         media_done = time.perf_counter()
         llm_request = self._llm_request(request, request_id, iter(embedded))
+        llm_request.priority = time.time() + (request.slo.ttft_ms / 1e3 if request.slo.ttft_ms
+                                              else deadline - time.perf_counter())
         first_token = None
         try:
             stream = self.llms.pick().Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter()))
