@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from mmserve.models import loading
 from services.llm.block_manager import BlockManager
 from services.llm.config import LlmConfig
 from services.llm.detokenizer import IncrementalDetokenizer
-from services.llm.prompt import ChatMessage, PromptBuilder
+from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
 from services.llm.runner import ModelRunner
 from services.llm.sampler import make_generator, sample
 from services.llm.scheduler import Scheduler
@@ -39,6 +40,13 @@ class Finished:
     queue_ms: float
     prefill_ms: float
     ttft_ms: float
+
+
+def media_digest(item: MediaInput) -> str:
+    """What makes two media items' KV equal: their embeddings and how M-RoPE places them."""
+    h = hashlib.sha256(f"{item.kind}:{item.grid_thw}:{item.second_per_grid_t!r}:{item.embeddings.dtype}".encode())
+    h.update(item.embeddings.contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 class EngineOverloaded(Exception):
@@ -100,7 +108,8 @@ class Engine:
         if len(ids) + options.max_tokens > self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens plus max_tokens={options.max_tokens} exceed the "
                              f"context length of {self.max_model_len}")
-        return Sequence(request_id, ids, options, priority=priority, mm=mm)
+        spans = [(start, end, media_digest(item)) for (start, end), item in zip(mm.spans, mm.media)]
+        return Sequence(request_id, ids, options, priority=priority, mm=mm, media_spans=spans)
 
     async def generate(self, seq: Sequence) -> AsyncIterator[Delta | Finished]:
         """Runs a prepared sequence, yielding deltas then one Finished; aborts it if the caller goes away."""

@@ -31,6 +31,8 @@ class MultimodalPrompt:
     rows: torch.Tensor | None  # [num_prompt_tokens] row into embeddings, -1 for text
     positions: torch.Tensor  # [3, num_prompt_tokens]
     rope_delta: int  # generated token at index p sits at position p + rope_delta on every axis
+    spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # each media's placeholder range
+    media: list[MediaInput] = dataclasses.field(default_factory=list)  # in prompt order
 
 
 class PromptError(ValueError):
@@ -68,6 +70,7 @@ class PromptBuilder:
         out: list[int] = []
         rows: list[int] = []
         ordered: list[MediaInput] = []
+        spans: list[tuple[int, int]] = []
         num_media_tokens = 0
         for token in ids:
             kind = kind_of.get(token)
@@ -80,6 +83,7 @@ class PromptBuilder:
             t, h, w = item.grid_thw
             if n != t * h * w // (self.merge * self.merge):
                 raise PromptError(f"{kind}: {n} embeddings do not match grid {item.grid_thw}")
+            spans.append((len(out), len(out) + n))
             out += [token] * n
             rows += range(num_media_tokens, num_media_tokens + n)
             num_media_tokens += n
@@ -89,7 +93,7 @@ class PromptBuilder:
         if not ordered:
             return out, MultimodalPrompt(None, None, positions, delta)
         embeddings = torch.cat([m.embeddings for m in ordered])
-        return out, MultimodalPrompt(embeddings, torch.tensor(rows), positions, delta)
+        return out, MultimodalPrompt(embeddings, torch.tensor(rows), positions, delta, spans, ordered)
 
     def positions(self, ids: list[int], media: list[MediaInput]) -> torch.Tensor:
         """Qwen2.5-VL's 3-axis rotary positions: text advances all axes, media spreads over (t, h, w)."""

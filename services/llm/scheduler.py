@@ -73,8 +73,12 @@ class Scheduler:
         for seq in ordered:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if not seq.block_table:
+                seq.num_cached_tokens = seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                self.block_manager.free(seq)  # holding cached blocks while waiting could starve others
+                seq.num_computed_tokens = 0
                 break
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             self.waiting.remove(seq)
@@ -107,6 +111,8 @@ class Scheduler:
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
         for seq, token in new_tokens.items():
             seq.token_ids.append(token)
+        for chunk in chunks:
+            self.block_manager.register_computed(chunk.seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends seq (done, stopped or aborted) and frees its blocks at once."""

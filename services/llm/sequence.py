@@ -60,9 +60,15 @@ class Sequence:
     priority: float = 0.0
     # Engine-specific multimodal data (embeddings, M-RoPE positions); opaque to the scheduler.
     mm: Any = None
+    # (start, end, digest) of each media item's placeholder tokens: media identity for prefix caching.
+    media_spans: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     block_table: list[int] = dataclasses.field(default_factory=list)
+    # Hash of each full, computed block of block_table, in order.
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)
+    # Prompt tokens whose KV came from the prefix cache at admission.
+    num_cached_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0

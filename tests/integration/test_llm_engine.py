@@ -98,3 +98,24 @@ async def test_cancelling_100_requests_mid_stream_returns_every_block(tiny_model
         assert not engine.scheduler.has_work
     finally:
         engine.stop()
+
+
+async def test_shared_prefix_and_repeated_image_are_served_from_the_prefix_cache(tiny_model, hf_model):
+    engine = make_engine(tiny_model, block_size=4)
+    try:
+        picture = fake_image(hf_model, 99)
+        system = ChatMessage("system", ["You are a careful assistant who answers in one short sentence. " * 4])
+        options = SamplingOptions(max_tokens=8, min_tokens=8, temperature=0.0)
+        first = engine.prepare("p1", [system, ChatMessage("user", [picture, "What is this?"])], options)
+        await run(engine, first)
+        second = engine.prepare("p2", [system, ChatMessage("user", [picture, "Where is it?"])], options)
+        got = await run(engine, second)
+        image_end = second.media_spans[0][1]
+        assert second.num_cached_tokens >= image_end - 4, "system prompt and image KV are reused"
+        assert got == reference(hf_model, engine, second, 8)
+        other = engine.prepare("p3", [system, ChatMessage("user", [fake_image(hf_model, 7), "Where is it?"])],
+                               options)
+        await run(engine, other)
+        assert other.num_cached_tokens < other.media_spans[0][0] + 4, "another image must not hit"
+    finally:
+        engine.stop()

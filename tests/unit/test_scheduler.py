@@ -13,8 +13,12 @@ def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16) -> Sc
     return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget)
 
 
-def make_seq(name: str, prompt_len: int, max_tokens: int = 8, priority: float = 0.0) -> Sequence:
-    return Sequence(name, list(range(prompt_len)), SamplingOptions(max_tokens=max_tokens), priority=priority)
+def make_seq(name: str, prompt_len: int, max_tokens: int = 8, priority: float = 0.0,
+             first_token: int | None = None) -> Sequence:
+    """A sequence whose prompt is distinct per name unless first_token is given."""
+    first = sum(map(ord, name)) * 1000 if first_token is None else first_token
+    return Sequence(name, list(range(first, first + prompt_len)), SamplingOptions(max_tokens=max_tokens),
+                    priority=priority)
 
 
 def step(scheduler: Scheduler, token: int = 7):
@@ -75,7 +79,8 @@ def test_out_of_blocks_preempts_lowest_priority_and_recomputes():
     assert lax.status is SeqStatus.WAITING and lax.num_computed_tokens == 0 and lax.num_preemptions == 1
     assert lax.num_output_tokens == 2, "generated tokens are kept and recomputed"
     s.finish(urgent, "stop")
-    assert step(s) == {"lax": 9}
+    assert step(s) == {"lax": 9 - lax.num_cached_tokens}
+    assert lax.num_computed_tokens == 9 and lax.num_output_tokens == 3
 
 
 def test_waiting_sequences_admitted_by_priority_and_max_num_seqs():
@@ -112,3 +117,44 @@ def test_block_manager_allocate_and_free():
 def test_sampling_options_reject_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingOptions(**kwargs)
+
+
+def test_shared_prefix_is_computed_once():
+    s = make_scheduler(num_blocks=32, block_size=4, budget=64)
+    first = make_seq("first", 10, first_token=0)
+    s.add(first)
+    step(s)
+    second = make_seq("second", 10, first_token=0)  # same 10-token prompt
+    s.add(second)
+    work = step(s)
+    assert second.num_cached_tokens == 8, "two full blocks are shared"
+    assert work["second"] == 2
+    assert second.block_table[:2] == first.block_table[:2]
+    assert s.block_manager.ref_counts[first.block_table[0]] == 2
+    s.finish(first, "stop")
+    s.finish(second, "stop")
+    assert s.block_manager.num_free_blocks == 32
+
+
+def test_freed_blocks_stay_reusable_until_handed_out_again():
+    s = make_scheduler(num_blocks=8, block_size=4, budget=64)
+    a = make_seq("a", 9, first_token=0)
+    s.add(a)
+    step(s)
+    s.finish(a, "stop")
+    again = make_seq("again", 9, first_token=0)
+    s.add(again)
+    step(s)
+    assert again.num_cached_tokens == 8
+
+
+def test_same_tokens_with_other_media_do_not_share():
+    s = make_scheduler(num_blocks=32, block_size=4, budget=64)
+    a, b = make_seq("a", 10, first_token=0), make_seq("b", 10, first_token=0)
+    a.media_spans = [(2, 6, "video-one")]
+    b.media_spans = [(2, 6, "video-two")]
+    s.add(a)
+    step(s)
+    s.add(b)
+    step(s)
+    assert b.num_cached_tokens == 0, "placeholder tokens are equal but the embeddings differ"
