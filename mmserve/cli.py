@@ -9,7 +9,7 @@ import sys
 def _tiny_model(args: argparse.Namespace) -> int:
     from mmserve.models.tiny import build_tiny_model
 
-    print(build_tiny_model(args.out, seed=args.seed))
+    print(build_tiny_model(args.out, seed=args.seed, preset=args.preset))
     return 0
 
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
+    p.add_argument("--preset", default="tiny", help="tiny, or qwen2.5-vl-3b-width (real widths, 2 text layers)")
     p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("up", help="start decoder, encoder, llm and router (and redis) on loopback")

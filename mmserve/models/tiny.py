@@ -147,8 +147,23 @@ def _preprocessor_config() -> dict:
     }
 
 
-def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Write a tiny random-weight Qwen2.5-VL checkpoint (config, weights, tokenizer, processor) to out_dir."""
+# Size presets: the tiny test model, and the real Qwen2.5-VL-3B's widths (text layers cut so CPU
+# benchmarks finish; the vision tower keeps its real depth) for figures that are not only overhead.
+PRESETS: dict[str, tuple[dict, dict, bool]] = {
+    "tiny": ({}, {}, False),
+    "qwen2.5-vl-3b-width": (
+        {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 2,
+         "max_window_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 2,
+         "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}},
+        {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420, "out_hidden_size": 2048,
+         "fullatt_block_indexes": [7, 15, 23, 31]},
+        True,
+    ),
+}
+
+
+def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> pathlib.Path:
+    """Write a random-weight Qwen2.5-VL checkpoint (config, weights, tokenizer, processor) to out_dir."""
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     out = pathlib.Path(out_dir)
@@ -157,6 +172,9 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     ids = {t: tok.token_to_id(t) for t in _SPECIAL_TOKENS}
     eos, endoftext = ids["<|im_end|>"], ids["<|endoftext|>"]
     vocab_size = -(-tok.get_vocab_size(with_added_tokens=True) // 64) * 64
+    if preset not in PRESETS:
+        raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
+    text_overrides, vision_overrides, tie_word_embeddings = PRESETS[preset]
 
     config = Qwen2_5_VLConfig(
         text_config={
@@ -174,6 +192,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
             "bos_token_id": endoftext,
             "eos_token_id": eos,
             "pad_token_id": endoftext,
+            **text_overrides,
         },
         vision_config={
             "depth": 2,
@@ -188,12 +207,13 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
             "fullatt_block_indexes": [1],
             "tokens_per_second": 2,
             "initializer_range": _INIT_STD,
+            **vision_overrides,
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         architectures=["Qwen2_5_VLForConditionalGeneration"],
     )
     torch.manual_seed(seed)

@@ -7,7 +7,8 @@ class IncrementalDetokenizer:
     """Turns a growing list of output ids into text deltas."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
+        # The Rust tokenizer directly: the Python wrapper's decode costs more than the model per token.
+        self.tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
         self.stop = stop
         # Text that could still become the start of a stop string is held back.
         self.hold = max((len(s) for s in stop), default=1) - 1

@@ -165,6 +165,7 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all()
 
+    @torch.inference_mode()
     def _step(self) -> None:
         chunks = self.scheduler.schedule()
         if not chunks:
@@ -174,13 +175,15 @@ class Engine:
             request = self._requests[chunk.seq.seq_id]
             request.first_scheduled = request.first_scheduled or now
         logits = self.runner.run(chunks)
-        sampling = [c for c in chunks if c.completes_sequence]
-        new_tokens = {}
-        for row, chunk in zip(logits, sampling):
-            seq = chunk.seq
-            request = self._requests[seq.seq_id]
-            banned = self.eos_ids if seq.num_output_tokens < seq.sampling.min_tokens else None
-            new_tokens[seq] = sample(row, seq.sampling, request.generator, banned)
+        seqs = [c.seq for c in chunks if c.completes_sequence]
+        for row, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.sampling.min_tokens:
+                logits[row, self.eos_ids] = float("-inf")
+        greedy = [row for row, seq in enumerate(seqs) if seq.sampling.is_greedy]
+        new_tokens = dict(zip((seqs[row] for row in greedy), logits[greedy].argmax(-1).tolist()))
+        for row, seq in enumerate(seqs):
+            if not seq.sampling.is_greedy:
+                new_tokens[seq] = sample(logits[row], seq.sampling, self._requests[seq.seq_id].generator)
         self.scheduler.postprocess(chunks, new_tokens)
         now = time.monotonic()
         for seq, token in new_tokens.items():

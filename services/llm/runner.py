@@ -70,31 +70,50 @@ class ModelRunner:
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
         block_size = self.block_manager.block_size
-        ids, positions, slots, spans, contexts = [], [], [], [], []
+        ids, positions, slots, spans, prefill = [], [], [], [], []
+        decode_seqs, decode_rows = [], []
         offset = 0
         for chunk in chunks:
             seq, n = chunk.seq, chunk.num_new_tokens
             start = seq.num_computed_tokens
             ids += seq.token_ids[start:start + n]
-            positions.append(self._positions(seq.mm, seq.num_prompt_tokens, start, start + n))
-            token_positions = torch.arange(start + n)
-            context = torch.tensor(seq.block_table)[token_positions // block_size] * block_size \
-                + token_positions % block_size
-            slots.append(context[start:])
             spans.append((offset, n))
-            contexts.append(context)
+            if n == 1 and start >= seq.num_prompt_tokens:
+                decode_seqs.append(seq)
+                decode_rows.append(offset)
+            else:
+                positions.append(self._positions(seq.mm, seq.num_prompt_tokens, start, start + n))
+                token_positions = torch.arange(start + n)
+                context = torch.tensor(seq.block_table)[token_positions // block_size] * block_size \
+                    + token_positions % block_size
+                slots.append(context[start:])
+                prefill.append((offset, n, context))
             offset += n
-        decode = [i for i, (_, n) in enumerate(spans) if n == 1]
-        prefill = [(spans[i][0], spans[i][1], contexts[i]) for i, (_, n) in enumerate(spans) if n > 1]
-        decode_rows = torch.tensor([spans[i][0] for i in decode], dtype=torch.long)
-        longest = max((len(contexts[i]) for i in decode), default=0)
-        decode_index = torch.zeros(len(decode), longest, dtype=torch.long)
-        decode_mask = torch.zeros(len(decode), 1, 1, longest, dtype=torch.bool)
-        for row, i in enumerate(decode):
-            decode_index[row, :len(contexts[i])] = contexts[i]
-            decode_mask[row, ..., :len(contexts[i])] = True
-        return _Batch(torch.tensor(ids), torch.cat(positions, dim=1), torch.cat(slots), spans, prefill,
-                      decode_rows, decode_index, decode_mask)
+        # Decodes are prepared together: one padded block-table tensor instead of per-sequence ops.
+        decode_index = torch.zeros(len(decode_seqs), 0, dtype=torch.long)
+        decode_mask = torch.zeros(len(decode_seqs), 1, 1, 0, dtype=torch.bool)
+        if decode_seqs:
+            lengths = torch.tensor([s.num_computed_tokens + 1 for s in decode_seqs])
+            width = max(len(s.block_table) for s in decode_seqs)
+            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode_seqs])
+            token_positions = torch.arange(int(lengths.max()))
+            decode_index = tables[:, token_positions // block_size] * block_size + token_positions % block_size
+            decode_mask = (token_positions[None, :] < lengths[:, None])[:, None, None, :]
+            decode_index = decode_index.masked_fill(~decode_mask[:, 0, 0, :], 0)
+            last = lengths - 1
+            deltas = torch.tensor([s.mm.rope_delta for s in decode_seqs])
+            decode_positions = (last + deltas).expand(3, -1)
+            decode_slots = decode_index.gather(1, last[:, None])[:, 0]
+        rows = torch.tensor(decode_rows, dtype=torch.long)
+        all_positions = torch.empty(3, offset, dtype=torch.long)
+        all_slots = torch.empty(offset, dtype=torch.long)
+        if decode_seqs:
+            all_positions[:, rows] = decode_positions
+            all_slots[rows] = decode_slots
+        for (start, n, _), pos, slot in zip(prefill, positions, slots):
+            all_positions[:, start:start + n] = pos
+            all_slots[start:start + n] = slot
+        return _Batch(torch.tensor(ids), all_positions, all_slots, spans, prefill, rows, decode_index, decode_mask)
 
     @staticmethod
     def _positions(mm: MultimodalPrompt, num_prompt: int, start: int, end: int) -> torch.Tensor:
@@ -129,24 +148,23 @@ class ModelRunner:
         k_cache[batch.slots] = k
         v_cache[batch.slots] = v
         out = torch.empty_like(q)
-        groups = self.num_heads // self.num_kv_heads
         for start, n, context in batch.prefill:
             qi = q[start:start + n].transpose(0, 1)
-            ki = k_cache[context].transpose(0, 1).repeat_interleave(groups, dim=0)
-            vi = v_cache[context].transpose(0, 1).repeat_interleave(groups, dim=0)
+            ki, vi = k_cache[context].transpose(0, 1), v_cache[context].transpose(0, 1)
             past = len(context) - n
             if past == 0:
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale)
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
                 mask = torch.ones(n, len(context), dtype=torch.bool).tril(diagonal=past)
-                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale)
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[start:start + n] = o.transpose(0, 1)
         if len(batch.decode_rows):
             # Every decoding sequence in one call: contexts padded to the longest, padding masked out.
             qd = q[batch.decode_rows][:, :, None, :]  # [B, H, 1, D]
-            kd = k_cache[batch.decode_index].permute(0, 2, 1, 3).repeat_interleave(groups, dim=1)
-            vd = v_cache[batch.decode_index].permute(0, 2, 1, 3).repeat_interleave(groups, dim=1)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=self.scale)
+            kd = k_cache[batch.decode_index].permute(0, 2, 1, 3)
+            vd = v_cache[batch.decode_index].permute(0, 2, 1, 3)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=self.scale,
+                                               enable_gqa=True)
             out[batch.decode_rows] = o[:, :, 0, :]
         return attn.o_proj(out.reshape(n_tokens, -1))
 

@@ -7,12 +7,8 @@ import torch
 from services.llm.sequence import SamplingOptions
 
 
-def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
-           banned: list[int] | None = None) -> int:
+def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
     """Draws one token from a row of logits [vocab]."""
-    if banned:
-        logits = logits.clone()
-        logits[banned] = float("-inf")
     if options.is_greedy:
         return int(torch.argmax(logits))
     logits = logits / options.temperature

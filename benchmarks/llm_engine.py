@@ -1,0 +1,176 @@
+"""LLM engine benchmark: step efficiency vs the bare forward, throughput vs transformers, stall-free decoding.
+
+    python benchmarks/llm_engine.py [--preset tiny|qwen2.5-vl-3b-width|both] [--requests 64]
+
+(a) decode step time at batch 1, 8, 32 against the same weights' bare forward on pre-built inputs
+    (HF text model + lm_head with a pre-filled DynamicCache): efficiency = floor / engine step;
+(b) N requests of mixed prompt and output lengths: engine total time vs transformers' generate one
+    request at a time;
+(c) p99 time between tokens of 8 decoding requests while long prompts arrive, with chunked prefill
+    (256-token budget) and without (one step takes the whole prompt).
+Last line: engine_efficiency_b32=X speedup_vs_hf=Y (the largest preset run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import random
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+
+from mmserve.models import loading
+from mmserve.models.tiny import build_tiny_model
+from services.llm.config import LlmConfig
+from services.llm.engine import Engine, Finished
+from services.llm.prompt import ChatMessage
+from services.llm.sequence import SamplingOptions
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven birds sing about rivers and mountains".split()
+
+
+def prompt_text(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(num_words))
+
+
+async def stream(engine: Engine, seq) -> list[float]:
+    """Token arrival times of one request."""
+    times = []
+    async for event in engine.generate(seq):
+        if not isinstance(event, Finished):
+            times.append(time.perf_counter())
+    return times
+
+
+def greedy(n: int) -> SamplingOptions:
+    return SamplingOptions(max_tokens=n, min_tokens=n, temperature=0.0)
+
+
+async def engine_step_ms(model: str, batch: int, num_tokens: int = 40, prompt_words: int = 24) -> float:
+    """Median time between tokens while `batch` sequences decode together (= one engine step)."""
+    engine = Engine(LlmConfig(model=model, max_num_seqs=batch))
+    engine.start()
+    try:
+        rng = random.Random(batch)
+        seqs = [engine.prepare(f"s{i}", [ChatMessage("user", [prompt_text(rng, prompt_words)])], greedy(num_tokens))
+                for i in range(batch)]
+        arrivals = await asyncio.gather(*(stream(engine, s) for s in seqs))
+        gaps = [b - a for times in arrivals for a, b in zip(times[10:-5], times[11:-5])]
+        return statistics.median(gaps) * 1e3
+    finally:
+        engine.stop()
+
+
+@torch.inference_mode()
+def floor_step_ms(model: str, batch: int, context: int = 52, steps: int = 20) -> float:
+    """The same weights' forward for one decode token per sequence, inputs and cache built beforehand."""
+    text_model, lm_head = loading.load_language_model(model)
+    ids = torch.randint(0, 1000, (batch, context))
+    cache = DynamicCache(config=text_model.config)
+    text_model(input_ids=ids, past_key_values=cache, use_cache=True)
+    times = []
+    next_ids = torch.randint(0, 1000, (batch, 1))
+    for _ in range(steps):
+        start = time.perf_counter()
+        hidden = text_model(input_ids=next_ids, past_key_values=cache, use_cache=True).last_hidden_state
+        (hidden[:, -1] @ lm_head.T).argmax(-1)
+        times.append(time.perf_counter() - start)
+        cache.crop(-1)  # drop the token just added: same context length every step
+    return statistics.median(times) * 1e3
+
+
+def mixed_workload(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(prompt_text(rng, rng.randint(8, 160)), rng.randint(4, 24)) for _ in range(n)]
+
+
+async def engine_total_s(model: str, workload) -> float:
+    engine = Engine(LlmConfig(model=model, max_num_seqs=len(workload)))
+    engine.start()
+    try:
+        seqs = [engine.prepare(f"m{i}", [ChatMessage("user", [text])], greedy(n)) for i, (text, n) in enumerate(workload)]
+        start = time.perf_counter()
+        await asyncio.gather(*(stream(engine, s) for s in seqs))
+        return time.perf_counter() - start
+    finally:
+        engine.stop()
+
+
+@torch.inference_mode()
+def hf_total_s(model: str, workload) -> float:
+    """transformers' generate one request at a time, as a user would call it."""
+    from transformers import AutoTokenizer
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    start = time.perf_counter()
+    for text, n in workload:
+        chat = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        hf.generate(**ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+    return time.perf_counter() - start
+
+
+async def tbt_p99_ms(model: str, budget: int, long_words: int, num_long: int = 6) -> float:
+    """p99 gap between tokens of 8 decoding requests while long prompts keep arriving."""
+    engine = Engine(LlmConfig(model=model, max_num_batched_tokens=budget))
+    engine.start()
+    try:
+        rng = random.Random(7)
+        decoders = [engine.prepare(f"d{i}", [ChatMessage("user", [prompt_text(rng, 16)])], greedy(120))
+                    for i in range(8)]
+        tasks = [asyncio.create_task(stream(engine, s)) for s in decoders]
+        await asyncio.sleep(0.2)
+        for i in range(num_long):
+            seq = engine.prepare(f"l{i}", [ChatMessage("user", [prompt_text(rng, long_words)])], greedy(1))
+            await stream(engine, seq)
+        arrivals = await asyncio.gather(*tasks)
+        gaps = sorted(b - a for times in arrivals for a, b in zip(times, times[1:]))
+        return gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] * 1e3
+    finally:
+        engine.stop()
+
+
+def run_preset(preset: str, workdir: pathlib.Path, num_requests: int) -> tuple[float, float]:
+    model = str(build_tiny_model(workdir / preset, seed=0, preset=preset))
+    print(f"\n== {preset} ==")
+    print(f"(a) decode step, ms       {'batch':>6} {'engine':>9} {'floor':>9} {'efficiency':>11}")
+    efficiency = {}
+    for batch in (1, 8, 32):
+        engine_ms = asyncio.run(engine_step_ms(model, batch))
+        floor_ms = floor_step_ms(model, batch)
+        efficiency[batch] = floor_ms / engine_ms
+        print(f"{'':26}{batch:>6} {engine_ms:>9.2f} {floor_ms:>9.2f} {efficiency[batch]:>11.2f}")
+    workload = mixed_workload(num_requests)
+    engine_s = asyncio.run(engine_total_s(model, workload))
+    hf_s = hf_total_s(model, workload)
+    speedup = hf_s / engine_s
+    print(f"(b) {num_requests} mixed requests: engine {engine_s:.1f} s, transformers one at a time {hf_s:.1f} s, "
+          f"speed-up {speedup:.1f}x")
+    long_words = 1500 if preset == "tiny" else 600
+    chunked = asyncio.run(tbt_p99_ms(model, 256, long_words))
+    whole = asyncio.run(tbt_p99_ms(model, 8192, long_words))
+    print(f"(c) p99 time between tokens while ~{long_words}-word prompts arrive: chunked prefill {chunked:.1f} ms, "
+          f"without {whole:.1f} ms")
+    return efficiency[32], speedup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="both", choices=["tiny", "qwen2.5-vl-3b-width", "both"])
+    parser.add_argument("--requests", type=int, default=64)
+    args = parser.parse_args()
+    presets = ["tiny", "qwen2.5-vl-3b-width"] if args.preset == "both" else [args.preset]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [run_preset(p, pathlib.Path(tmp), args.requests) for p in presets]
+    efficiency, speedup = results[-1]
+    print(f"engine_efficiency_b32={efficiency:.2f} speedup_vs_hf={speedup:.1f}")
+
+
+if __name__ == "__main__":
+    main()
