@@ -113,8 +113,8 @@ class Engine:
 
     async def generate(self, seq: Sequence) -> AsyncIterator[Delta | Finished]:
         """Runs a prepared sequence, yielding deltas then one Finished; aborts it if the caller goes away."""
-        if len(self.scheduler.waiting) + len(self._incoming) >= self.config.max_queue:
-            raise EngineOverloaded(f"llm: {self.config.max_queue} requests already waiting")
+        if len(self._requests) >= self.config.max_num_seqs + self.config.max_queue:
+            raise EngineOverloaded(f"llm: {len(self._requests)} requests in flight, the queue is full")
         if seq.seq_id in self._requests:
             raise ValueError(f"request_id: {seq.seq_id!r} is already running")
         request = _Request(seq, asyncio.get_running_loop(), asyncio.Queue(),

@@ -38,6 +38,12 @@ def test_bad_input_is_invalid_argument(router, case):
     assert message in err.details()
 
 
+def test_prompt_beyond_the_context_length_is_refused_before_any_work(router):
+    err = _status(router, request(text("many words " * 20000), num_tokens=8))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context length" in err.details()
+
+
 def test_stack_keeps_serving_after_bad_input(router):
     for req, _ in CASES.values():
         with pytest.raises(grpc.RpcError):

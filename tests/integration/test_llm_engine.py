@@ -119,3 +119,41 @@ async def test_shared_prefix_and_repeated_image_are_served_from_the_prefix_cache
         assert other.num_cached_tokens < other.media_spans[0][0] + 4, "another image must not hit"
     finally:
         engine.stop()
+
+
+async def test_same_seed_same_output_and_sampling_options_apply(tiny_model):
+    engine = make_engine(tiny_model)
+    try:
+        def sampled(name: str, seed: int, **options):
+            opts = SamplingOptions(max_tokens=24, min_tokens=24, temperature=1.0, seed=seed, **options)
+            return engine.prepare(name, [ChatMessage("user", ["Once upon a time"])], opts)
+
+        a, b, c = await asyncio.gather(run(engine, sampled("a", 5)), run(engine, sampled("b", 5)),
+                                       run(engine, sampled("c", 6)))
+        assert a == b, "same seed, same tokens, even while batched with others"
+        assert a != c
+        top1 = await run(engine, sampled("k", 9, top_k=1))
+        greedy = await run(engine, engine.prepare("g", [ChatMessage("user", ["Once upon a time"])],
+                                                  SamplingOptions(max_tokens=24, min_tokens=24, temperature=0.0)))
+        assert top1 == greedy, "top_k=1 is greedy whatever the temperature"
+    finally:
+        engine.stop()
+
+
+async def test_full_queue_is_refused(tiny_model):
+    from services.llm.engine import EngineOverloaded
+
+    engine = make_engine(tiny_model, max_num_seqs=1, max_queue=1)
+    try:
+        long = SamplingOptions(max_tokens=2000, temperature=1.0)
+        hello = [ChatMessage("user", ["hi"])]
+        running = engine.generate(engine.prepare("q0", hello, long))
+        await anext(running)
+        queued = asyncio.ensure_future(anext(engine.generate(engine.prepare("q1", hello, long))))
+        await asyncio.sleep(0)  # lets it register and wait behind the running one
+        with pytest.raises(EngineOverloaded):
+            await anext(engine.generate(engine.prepare("q2", hello, long)))
+        queued.cancel()
+        await running.aclose()
+    finally:
+        engine.stop()
