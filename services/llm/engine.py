@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from mmserve.models import loading
+from services.llm import metrics
 from services.llm.block_manager import BlockManager
 from services.llm.config import LlmConfig
 from services.llm.detokenizer import IncrementalDetokenizer
@@ -89,6 +90,7 @@ class Engine:
         self._aborted: list[str] = []
         self._wake = threading.Condition()
         self._stopped = False
+        self._preemptions_seen = 0
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         log.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
 
@@ -170,10 +172,13 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return
-        now = time.monotonic()
+        start = now = time.monotonic()
         for chunk in chunks:
             request = self._requests[chunk.seq.seq_id]
-            request.first_scheduled = request.first_scheduled or now
+            if not request.first_scheduled:
+                request.first_scheduled = now
+                metrics.PROMPT_TOKENS.inc(chunk.seq.num_prompt_tokens)
+                metrics.CACHED_PROMPT_TOKENS.inc(chunk.seq.num_cached_tokens)
         logits = self.runner.run(chunks)
         seqs = [c.seq for c in chunks if c.completes_sequence]
         for row, seq in enumerate(seqs):
@@ -188,6 +193,17 @@ class Engine:
         now = time.monotonic()
         for seq, token in new_tokens.items():
             self._emit(self._requests[seq.seq_id], token, now)
+        self._observe(chunks, len(new_tokens), now - start)
+
+    def _observe(self, chunks, num_generated: int, seconds: float) -> None:
+        metrics.STEP_SECONDS.observe(seconds)
+        metrics.STEP_TOKENS.observe(sum(c.num_new_tokens for c in chunks))
+        metrics.GENERATED_TOKENS.inc(num_generated)
+        metrics.RUNNING.set(len(self.scheduler.running))
+        metrics.WAITING.set(len(self.scheduler.waiting))
+        metrics.KV_BLOCKS_USED.set(self.block_manager.num_blocks - self.block_manager.num_free_blocks)
+        metrics.PREEMPTIONS.inc(self.scheduler.num_preemptions - self._preemptions_seen)
+        self._preemptions_seen = self.scheduler.num_preemptions
 
     def _emit(self, request: _Request, token: int, now: float) -> None:
         seq = request.seq
@@ -202,6 +218,7 @@ class Engine:
         text = request.detokenizer.delta(final=reason is not None)
         self._send(request, Delta(text, [token]))
         if reason is not None:
+            metrics.FINISHED.labels(reason).inc()
             self.scheduler.finish(seq, reason)
             self._requests.pop(seq.seq_id, None)
             start = seq.arrival_time
