@@ -38,13 +38,16 @@ def prompt_text(rng: random.Random, num_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(num_words))
 
 
+engine_token_times: dict[str, list[float]] = {}
+
+
 async def stream(engine: Engine, seq) -> list[float]:
-    """Token arrival times of one request."""
-    times = []
+    """Token arrival times of one request (also kept in engine_token_times if the stream is cancelled)."""
+    times = engine_token_times.setdefault(seq.seq_id, [])
     async for event in engine.generate(seq):
         if not isinstance(event, Finished):
             times.append(time.perf_counter())
-    return times
+    return engine_token_times.pop(seq.seq_id)
 
 
 def greedy(n: int) -> SamplingOptions:
@@ -117,20 +120,27 @@ def hf_total_s(model: str, workload) -> float:
 
 
 async def tbt_p99_ms(model: str, budget: int, long_words: int, num_long: int = 6) -> float:
-    """p99 gap between tokens of 8 decoding requests while long prompts keep arriving."""
+    """p99 gap between tokens of 8 decoding requests during a window in which long prompts keep arriving."""
     engine = Engine(LlmConfig(model=model, max_num_batched_tokens=budget))
     engine.start()
     try:
         rng = random.Random(7)
-        decoders = [engine.prepare(f"d{i}", [ChatMessage("user", [prompt_text(rng, 16)])], greedy(120))
+        decoders = [engine.prepare(f"d{i}", [ChatMessage("user", [prompt_text(rng, 16)])], greedy(30000))
                     for i in range(8)]
         tasks = [asyncio.create_task(stream(engine, s)) for s in decoders]
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # all eight are decoding
+        window_start = time.perf_counter()
         for i in range(num_long):
             seq = engine.prepare(f"l{i}", [ChatMessage("user", [prompt_text(rng, long_words)])], greedy(1))
-            await stream(engine, seq)
-        arrivals = await asyncio.gather(*tasks)
-        gaps = sorted(b - a for times in arrivals for a, b in zip(times, times[1:]))
+            await asyncio.gather(stream(engine, seq), asyncio.sleep(0.05))
+        window_end = time.perf_counter()
+        for task in tasks:
+            task.cancel()
+        gaps = []
+        for seq in decoders:
+            times = [t for t in engine_token_times.pop(seq.seq_id, []) if window_start <= t <= window_end]
+            gaps += [b - a for a, b in zip(times, times[1:])]
+        gaps.sort()
         return gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] * 1e3
     finally:
         engine.stop()
