@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import pathlib
 
@@ -44,13 +45,22 @@ def load_config(model: str) -> PreTrainedConfig:
     return AutoConfig.from_pretrained(model)
 
 
-def load_vision_tower(model: str, dtype: torch.dtype = torch.float32) -> Qwen2_5_VisionTransformerPretrainedModel:
-    """Only the vision tower (patch embed, blocks, merger), in eval mode."""
+def attention_backend(device: torch.device) -> str:
+    """flash-attn's varlen kernels on a GPU when installed, PyTorch SDPA otherwise (chosen by capability)."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_vision_tower(model: str, dtype: torch.dtype = torch.float32,
+                      device: torch.device = torch.device("cpu")) -> Qwen2_5_VisionTransformerPretrainedModel:
+    """Only the vision tower (patch embed, blocks, merger), in eval mode on device."""
     with _quiet_load_report():
         tower, info = Qwen2_5_VisionTransformerPretrainedModel.from_pretrained(
-            model, key_mapping=_VISION_KEYS, dtype=dtype, output_loading_info=True)
+            model, key_mapping=_VISION_KEYS, dtype=dtype, output_loading_info=True,
+            attn_implementation=attention_backend(device))
     _check_loaded("vision tower", info)
-    return tower.eval()
+    return tower.to(device).eval()
 
 
 def load_language_model(model: str, dtype: torch.dtype = torch.float32) -> tuple[Qwen2_5_VLTextModel, torch.Tensor]:

@@ -13,6 +13,7 @@ class LlmConfig(ServiceConfig):
 
     model: str = option("", "checkpoint directory or hub id")
     dtype: str = option("float32", "weight and KV dtype: float32, bfloat16 or float16")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (the first GPU when one is visible)")
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(2048, "tokens computed per engine step (chunked prefill budget)")
     block_size: int = option(16, "tokens per KV block")

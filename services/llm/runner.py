@@ -25,14 +25,25 @@ class _Batch:
     decode_index: torch.Tensor  # [B, longest context] context slots, zero-padded
     decode_mask: torch.Tensor  # [B, 1, 1, longest context] True where the slot is real
 
+    def to(self, device: torch.device) -> _Batch:
+        """The same batch with every tensor on device (built on the CPU, moved in one go)."""
+        if device.type == "cpu":
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return _Batch(move(self.ids), move(self.positions), move(self.slots), self.spans,
+                      [(start, n, move(context)) for start, n, context in self.prefill],
+                      move(self.decode_rows), move(self.decode_index), move(self.decode_mask))
+
 
 class ModelRunner:
     """Holds the language model's weights and the KV cache; turns scheduled chunks into logits."""
 
-    def __init__(self, text_model, lm_head: torch.Tensor, block_manager: BlockManager, dtype: torch.dtype):
+    def __init__(self, text_model, lm_head: torch.Tensor, block_manager: BlockManager, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")):
         config = text_model.config
-        self.model = text_model
-        self.lm_head = lm_head
+        self.device = device
+        self.model = text_model.to(device)
+        self.lm_head = lm_head.to(device)
         self.block_manager = block_manager
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -41,8 +52,8 @@ class ModelRunner:
         num_slots = block_manager.num_blocks * block_manager.block_size
         shape = (len(text_model.layers), num_slots, self.num_kv_heads, self.head_dim)
         # empty, not zeros: untouched pages cost no memory, and every slot is written before it is read.
-        self.k_cache = torch.empty(shape, dtype=dtype)
-        self.v_cache = torch.empty(shape, dtype=dtype)
+        self.k_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.v_cache = torch.empty(shape, dtype=dtype, device=device)
 
     @staticmethod
     def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -54,7 +65,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Computes the chunks' tokens into the KV cache; returns logits [num_sampling_chunks, vocab]."""
-        batch = self._prepare(chunks)
+        batch = self._prepare(chunks).to(self.device)
         hidden = self._embed(batch.ids, chunks)
         cos, sin = self.model.rotary_emb(hidden[None], batch.positions[:, None, :])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
@@ -66,7 +77,7 @@ class ModelRunner:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = [start + n - 1 for (start, n), c in zip(batch.spans, chunks) if c.completes_sequence]
         hidden = self.model.norm(hidden[last])
-        return (hidden @ self.lm_head.T).float()
+        return (hidden @ self.lm_head.T).float().cpu()
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
         block_size = self.block_manager.block_size
@@ -133,7 +144,7 @@ class ModelRunner:
             if mm.embeddings is not None and start < seq.num_prompt_tokens:
                 rows = mm.rows[start:min(start + n, seq.num_prompt_tokens)]
                 where = (rows >= 0).nonzero().squeeze(1)
-                hidden[offset + where] = mm.embeddings[rows[where]].to(hidden.dtype)
+                hidden[offset + where.to(self.device)] = mm.embeddings[rows[where]].to(self.device, hidden.dtype)
             offset += n
         return hidden
 
@@ -155,7 +166,7 @@ class ModelRunner:
             if past == 0:
                 o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
-                mask = torch.ones(n, len(context), dtype=torch.bool).tril(diagonal=past)
+                mask = torch.ones(n, len(context), dtype=torch.bool, device=q.device).tril(diagonal=past)
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[start:start + n] = o.transpose(0, 1)
         if len(batch.decode_rows):
