@@ -1,4 +1,4 @@
-"""Embedding cache in Redis: short timeouts, and a miss rather than an error when Redis is unwell."""
+"""Embedding cache: Redis (pipelined, short timeouts, TTL) behind a small in-process LRU; Redis trouble is a miss."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 import logging
 import struct
 
+import prometheus_client
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from mmserve import transport
+from mmserve.lru import ByteLRU
 from mmserve.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -18,71 +21,148 @@ _MAGIC = b"MMEC"
 _FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sBI")  # magic, format version, JSON header length
 
+LOOKUPS = prometheus_client.Counter("mmserve_embedding_cache_lookups", "Embedding cache lookups by result",
+                                    ["result"])  # local_hit, hit, miss
+WRITES = prometheus_client.Counter("mmserve_embedding_cache_writes", "Embedding cache entries written")
+ERRORS = prometheus_client.Counter("mmserve_embedding_cache_errors", "Redis failures read as misses", ["op"])
+
 
 @dataclasses.dataclass(frozen=True)
 class CachedEmbedding:
-    """One media item's vision embeddings and what the LLM needs to place them."""
+    """One temporal chunk's (or a whole image's) vision embeddings and what the LLM needs to place them."""
 
     embeddings: tensor_pb2.TensorRef  # inline [num_tokens, hidden]
-    grid_thw: tuple[int, int, int]
+    grid_thw: tuple[int, int, int]  # of this chunk
     second_per_grid_t: float
+    chunk_index: int = 0
+    num_chunks: int = 1
+    first_frame: int = 0  # position of the chunk's first frame in the sampled sequence
+    num_frames: int = 0
+
+
+def join_chunks(chunks: list[CachedEmbedding | None]) -> CachedEmbedding | None:
+    """One media item's entry from its chunk entries in index order; None unless they tile it exactly.
+
+    Chunking can differ between decodes, so chunk i of one decode may sit next to chunk i + 1 of another:
+    only entries that agree on the chunk count and cover contiguous frames from the start make a hit.
+    """
+    if not chunks or any(c is None for c in chunks):
+        return None
+    first = chunks[0]
+    frame = 0
+    for i, c in enumerate(chunks):
+        if (c.num_chunks != len(chunks) or c.chunk_index != i or c.first_frame != frame
+                or c.grid_thw[1:] != first.grid_thw[1:] or c.second_per_grid_t != first.second_per_grid_t
+                or c.embeddings.dtype != first.embeddings.dtype
+                or list(c.embeddings.shape[1:]) != list(first.embeddings.shape[1:])):
+            return None
+        frame += c.num_frames
+    if len(chunks) == 1:
+        return first
+    grid = (sum(c.grid_thw[0] for c in chunks), *first.grid_thw[1:])
+    joined = transport.concat([c.embeddings for c in chunks])
+    return CachedEmbedding(joined, grid, first.second_per_grid_t, 0, 1, 0, frame)
 
 
 def encode_value(item: CachedEmbedding) -> bytes:
     """Serialises an entry: a small header followed by the raw tensor bytes."""
     ref = item.embeddings
     header = json.dumps({"dtype": ref.dtype, "shape": list(ref.shape), "grid_thw": list(item.grid_thw),
-                         "second_per_grid_t": item.second_per_grid_t}).encode()
+                         "second_per_grid_t": item.second_per_grid_t, "chunk_index": item.chunk_index,
+                         "num_chunks": item.num_chunks, "first_frame": item.first_frame,
+                         "num_frames": item.num_frames}).encode()
     return _HEADER.pack(_MAGIC, _FORMAT_VERSION, len(header)) + header + ref.inline_data
 
 
 def decode_value(blob: bytes) -> CachedEmbedding | None:
-    """Parses an entry; None for anything of another format or version."""
+    """Parses an entry; None for anything of another format or version, or corrupt."""
     if len(blob) < _HEADER.size:
         return None
     magic, version, n = _HEADER.unpack_from(blob)
-    if magic != _MAGIC or version != _FORMAT_VERSION:
+    if magic != _MAGIC or version != _FORMAT_VERSION or len(blob) < _HEADER.size + n:
         return None
     try:
-        header = json.loads(blob[_HEADER.size:_HEADER.size + n])
-        ref = tensor_pb2.TensorRef(dtype=header["dtype"], shape=header["shape"],
+        h = json.loads(blob[_HEADER.size:_HEADER.size + n])
+        grid = tuple(int(x) for x in h["grid_thw"])
+        ref = tensor_pb2.TensorRef(dtype=h["dtype"], shape=[int(x) for x in h["shape"]],
                                    inline_data=blob[_HEADER.size + n:])
-        return CachedEmbedding(ref, tuple(header["grid_thw"]), float(header["second_per_grid_t"]))
-    except (ValueError, KeyError, TypeError):  # a corrupt entry is a miss, never an error
+        item = CachedEmbedding(ref, grid, float(h["second_per_grid_t"]), int(h.get("chunk_index", 0)),
+                               int(h.get("num_chunks", 1)), int(h.get("first_frame", 0)),
+                               int(h.get("num_frames", 0)))
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
+    return item if len(grid) == 3 and 0 <= item.chunk_index < item.num_chunks else None
 
 
 class EmbeddingCache:
-    """Async Redis-backed cache; any Redis failure is logged once and reads as a miss."""
+    """Async cache client; any Redis failure is logged once per outage, counted, and reads as a miss."""
 
-    def __init__(self, url: str, ttl_s: int = 24 * 3600, timeout_s: float = 0.05):
+    def __init__(self, url: str, ttl_s: int = 24 * 3600, timeout_s: float = 0.05, local_bytes: int = 0):
         self.ttl_s = ttl_s
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                               retry=None)
+        self.local: ByteLRU[CachedEmbedding] = ByteLRU(local_bytes)
         self.num_errors = 0
+        self._failing = False
 
     def _failed(self, op: str, err: Exception) -> None:
-        if self.num_errors == 0:
+        if not self._failing:
             log.warning("embedding cache unavailable (%s: %s); computing instead", op, err)
+            self._failing = True
         self.num_errors += 1
+        ERRORS.labels(op).inc()
 
-    async def get(self, key: str) -> CachedEmbedding | None:
-        """The entry under key, or None on a miss or when Redis is unavailable."""
+    def _succeeded(self) -> None:
+        if self._failing:
+            log.warning("embedding cache available again")
+            self._failing = False
+
+    async def get_many(self, keys: list[str]) -> list[CachedEmbedding | None]:
+        """The entries under keys (None for each miss), from the local LRU, else one Redis round trip."""
+        found = [self.local.get(k) for k in keys]
+        LOOKUPS.labels("local_hit").inc(sum(f is not None for f in found))
+        missing = [i for i, f in enumerate(found) if f is None]
+        if not missing:
+            return found
         try:
-            blob = await self.client.get(key)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    pipe.get(keys[i])
+                blobs = await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as err:
             self._failed("get", err)
-            return None
-        return decode_value(blob) if blob is not None else None
+            LOOKUPS.labels("miss").inc(len(missing))
+            return found
+        self._succeeded()
+        for i, blob in zip(missing, blobs):
+            item = decode_value(blob) if blob is not None else None
+            LOOKUPS.labels("hit" if item is not None else "miss").inc()
+            if item is not None:
+                found[i] = item
+                self.local.put(keys[i], item, len(blob))
+        return found
 
-    async def put(self, key: str, item: CachedEmbedding) -> bool:
-        """Stores an entry with the TTL; False when Redis is unavailable."""
+    async def put_many(self, items: list[tuple[str, CachedEmbedding]]) -> bool:
+        """Stores entries with the TTL in one round trip; False when Redis is unavailable."""
         try:
-            await self.client.set(key, encode_value(item), ex=self.ttl_s)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, item in items:
+                    pipe.set(key, encode_value(item), ex=self.ttl_s)
+                await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as err:
             self._failed("put", err)
             return False
+        self._succeeded()
+        WRITES.inc(len(items))
         return True
+
+    async def get(self, key: str) -> CachedEmbedding | None:
+        """The entry under key, or None on a miss or when Redis is unavailable."""
+        return (await self.get_many([key]))[0]
+
+    async def put(self, key: str, item: CachedEmbedding) -> bool:
+        """Stores an entry with the TTL; False when Redis is unavailable."""
+        return await self.put_many([(key, item)])
 
     async def close(self) -> None:
         """Closes the connection pool."""

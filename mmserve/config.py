@@ -28,10 +28,18 @@ class ServiceConfig:
     max_concurrent_rpcs: int = option(1024, "RPCs in flight before the server answers RESOURCE_EXHAUSTED")
     grace_s: float = option(5.0, "seconds in-flight RPCs get to finish on SIGTERM")
     log_level: str = option("INFO", "logging level")
+    transport: str = option("auto", "tensors we produce: auto (shared memory for callers on this host, else "
+                                    "inline), shm (shared memory whenever possible) or inline")
+    inline_limit_bytes: int = option(64 * 1024, "tensors smaller than this always travel inline")
+    lease_s: float = option(120.0, "seconds a shared-memory tensor waits for its consumer before it is freed")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("port: must be in 0..65535")
+        if self.inline_limit_bytes < 0:
+            raise ValueError("inline_limit_bytes: must not be negative")
+        if not self.lease_s > 0:
+            raise ValueError("lease_s: must be positive")
         if self.max_message_bytes < 1024 * 1024:
             raise ValueError("max_message_bytes: must be at least 1 MiB")
         if self.max_concurrent_rpcs < 1:
@@ -74,3 +82,22 @@ class ServiceConfig:
             else:
                 argv += [_flag(f.name), str(value)]
         return argv
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheOptions:
+    """Embedding-cache settings, shared by the services that read or write the cache (mix in after ServiceConfig)."""
+
+    redis_url: str = option("", "embedding cache, e.g. redis://127.0.0.1:6379/0 (empty disables the cache)")
+    cache_ttl_s: int = option(24 * 3600, "embedding cache entry lifetime")
+    cache_timeout_ms: int = option(50, "Redis operation timeout; slower means a miss, never an error")
+    cache_local_bytes: int = option(256 * 1024 * 1024, "in-process LRU in front of Redis (0 disables it)")
+
+    def check_cache_options(self) -> None:
+        """Raises ValueError naming the first cache field that is out of range."""
+        if self.cache_ttl_s < 1:
+            raise ValueError("cache_ttl_s: must be positive")
+        if self.cache_timeout_ms < 1:
+            raise ValueError("cache_timeout_ms: must be at least 1")
+        if self.cache_local_bytes < 0:
+            raise ValueError("cache_local_bytes: must not be negative")

@@ -65,6 +65,7 @@ class StackSpec:
     media_root: str = ""
     log_level: str = "INFO"
     redis_maxmemory: str = "1gb"
+    transport: str = "auto"  # tensor handoff between the stages: auto, shm or inline
 
 
 def plan(spec: StackSpec) -> tuple[list[Child], str]:
@@ -85,10 +86,10 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
             _redis_server(), "--port", str(redis_port), "--bind", host, "--save", "", "--appendonly", "no",
             "--loglevel", "warning", "--maxmemory", spec.redis_maxmemory, "--maxmemory-policy", "allkeys-lru",
             "--dir", tempfile.gettempdir()], None))
-    common = dict(host=host, log_level=spec.log_level)
+    common = dict(host=host, log_level=spec.log_level, transport=spec.transport)
     configs = {
         "decoder": DecoderConfig(port=ports["decoder"], media_root=spec.media_root, **common),
-        "encoder": EncoderConfig(port=ports["encoder"], model=spec.model, **common),
+        "encoder": EncoderConfig(port=ports["encoder"], model=spec.model, redis_url=redis_url, **common),
         "llm": LlmConfig(port=ports["llm"], model=spec.model, **common),
         "router": RouterConfig(
             port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,

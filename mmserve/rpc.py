@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -11,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mmserve import transport
 from mmserve.config import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,37 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+class CallerDomainInterceptor(grpc.aio.ServerInterceptor):
+    """Exposes the caller's declared shared-memory domain to the handler (transport.caller_domain)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        caller = dict(details.invocation_metadata or ()).get(transport.CALLER_DOMAIN_HEADER, "")
+        if handler is None or not caller:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_with_domain(handler.unary_unary, caller))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_with_domain(handler.unary_stream, caller))
+        return handler
+
+
+def _with_domain(behavior, caller: str):
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            transport.caller_domain.set(caller)  # each RPC runs in its own task and context
+            async for reply in behavior(request, context):
+                yield reply
+        return stream
+
+    async def unary(request, context):
+        transport.caller_domain.set(caller)
+        return await behavior(request, context)
+    return unary
+
+
 class Service:
-    """One running gRPC server with the health service and reflection registered."""
+    """One running gRPC server with the health service, reflection, and the process's tensor store."""
 
     def __init__(self, config: ServiceConfig, service_names: Iterable[str]):
         self.config = config
@@ -43,7 +74,9 @@ class Service:
             # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
             options=[*message_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            interceptors=[CallerDomainInterceptor()],
         )
+        self.store = transport.TensorStore(config.transport, config.inline_limit_bytes, config.lease_s)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
@@ -61,6 +94,8 @@ class Service:
 
             prometheus_client.start_http_server(self.config.metrics_port, addr=self.config.host)
         await self.server.start()
+        self.store.start()
+        transport.install_store(self.store)
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d", ",".join(self.service_names), self.config.host, self.port)
@@ -70,15 +105,21 @@ class Service:
         """Reports NOT_SERVING, lets in-flight RPCs finish within the grace period, then stops."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s)
+        if transport.current_store() is self.store:
+            transport.install_store(None)
+        self.store.close()  # unlinks every segment no consumer claimed
 
 
-async def run_until_signalled(service: Service, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+async def run_until_signalled(service: Service, on_stop: Callable[[], Awaitable[None]] | None = None,
+                              on_start: Callable[[int], None] | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully; on_start gets the bound port."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+    port = await service.start()
+    if on_start is not None:
+        on_start(port)
     try:
         await stop.wait()
     finally:

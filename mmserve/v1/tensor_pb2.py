@@ -24,13 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mmserve/v1/tensor.proto\x12\nmmserve.v1\"L\n\tTensorRef\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x15\n\x0binline_data\x18\n \x01(\x0cH\x00\x42\n\n\x08locationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mmserve/v1/tensor.proto\x12\nmmserve.v1\"\xaf\x01\n\tTensorRef\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x15\n\x0binline_data\x18\n \x01(\x0cH\x00\x12\x34\n\rshared_memory\x18\x0b \x01(\x0b\x32\x1b.mmserve.v1.SharedMemoryRefH\x00\x12+\n\x06\x63oncat\x18\x0e \x01(\x0b\x32\x19.mmserve.v1.TensorRefListH\x00\x42\n\n\x08location\"?\n\x0fSharedMemoryRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\"5\n\rTensorRefList\x12$\n\x05parts\x18\x01 \x03(\x0b\x32\x15.mmserve.v1.TensorRefb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORREF']._serialized_start=39
-  _globals['_TENSORREF']._serialized_end=115
+  _globals['_TENSORREF']._serialized_start=40
+  _globals['_TENSORREF']._serialized_end=215
+  _globals['_SHAREDMEMORYREF']._serialized_start=217
+  _globals['_SHAREDMEMORYREF']._serialized_end=280
+  _globals['_TENSORREFLIST']._serialized_start=282
+  _globals['_TENSORREFLIST']._serialized_end=335
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ import asyncio
 import torch
 
 from mmserve import rpc
+from mmserve.cache import EmbeddingCache
 from mmserve.media.preprocess import ImageProcessing
 from mmserve.models import loading
 from mmserve.v1 import encoder_pb2, encoder_pb2_grpc
@@ -16,16 +17,24 @@ from services.encoder.server import EncoderServicer
 
 
 async def run_encoder_process(config: EncoderConfig) -> None:
-    """Loads the vision tower only and serves until SIGTERM."""
+    """Loads the vision tower only and serves until SIGTERM; writes embeddings to the cache when it has one."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     tower = loading.load_vision_tower(config.model, getattr(torch, config.dtype))
     batcher = Batcher(tower, config.max_batch_patches, config.max_queue)
     batcher.start()
     service = rpc.Service(config, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name])
-    servicer = EncoderServicer(batcher, ImageProcessing.from_pretrained(config.model))
+    cache = (EmbeddingCache(config.redis_url, config.cache_ttl_s, config.cache_timeout_ms / 1e3)
+             if config.redis_url else None)
+    servicer = EncoderServicer(batcher, ImageProcessing.from_pretrained(config.model), cache)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, service.server)
-    await rpc.run_until_signalled(service, on_stop=batcher.stop)
+
+    async def stop() -> None:
+        await batcher.stop()
+        if cache is not None:
+            await cache.close()
+
+    await rpc.run_until_signalled(service, on_stop=stop)
 
 
 def main(argv: list[str] | None = None) -> None:

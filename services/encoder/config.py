@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmserve.config import ServiceConfig, option
+from mmserve.config import CacheOptions, ServiceConfig, option
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig(ServiceConfig):
-    """Encoder service: the model's vision tower only, with dynamic batching."""
+class EncoderConfig(ServiceConfig, CacheOptions):
+    """Encoder service: the model's vision tower only, with dynamic batching; writes the embedding cache."""
 
     model: str = option("", "checkpoint directory or hub id")
     dtype: str = option("float32", "vision tower dtype: float32, bfloat16 or float16")
@@ -27,3 +27,4 @@ class EncoderConfig(ServiceConfig):
             raise ValueError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
         if self.max_batch_patches < 1 or self.max_queue < 1:
             raise ValueError("max_batch_patches, max_queue: must be positive")
+        self.check_cache_options()

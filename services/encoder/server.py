@@ -1,4 +1,4 @@
-"""The Encoder gRPC servicer: frames in, vision embeddings out."""
+"""The Encoder gRPC servicer: frames in, vision embeddings out (and into the embedding cache when asked)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ import time
 import grpc
 
 from mmserve import transport
+from mmserve.cache import CachedEmbedding, EmbeddingCache
 from mmserve.media.preprocess import ImageProcessing, to_pixel_values
 from mmserve.v1 import encoder_pb2, encoder_pb2_grpc
 from services.encoder.batcher import Batcher, EncoderOverloaded
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
-    def __init__(self, batcher: Batcher, processing: ImageProcessing):
+    def __init__(self, batcher: Batcher, processing: ImageProcessing, cache: EmbeddingCache | None = None):
         self.batcher = batcher
         self.processing = processing
+        self.cache = cache
 
     def _pixel_values(self, ref):
         p = self.processing
-        frames = transport.from_ref(ref)
+        frames = transport.from_ref(ref)  # shared memory: mapped, not copied
         return to_pixel_values(frames, patch_size=p.patch_size, temporal_patch_size=p.temporal_patch_size,
                                merge_size=p.merge_size, image_mean=p.image_mean, image_std=p.image_std,
                                rescale_factor=p.rescale_factor)
@@ -30,9 +32,20 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         try:
             pixel_values, grid = await asyncio.to_thread(self._pixel_values, request.frames)
             embeddings = await self.batcher.encode(pixel_values, grid)
+        except transport.TensorUnavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"frames: {err}")
         except ValueError as err:  # includes TensorRefError and bad frame shapes
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"frames: {err}")
         except EncoderOverloaded as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        return encoder_pb2.EncodeResponse(embeddings=transport.to_ref(embeddings), grid_thw=list(grid),
+        ref = await asyncio.to_thread(transport.to_ref, embeddings)  # copies into shared memory or bytes
+        if self.cache is not None and request.HasField("cache"):
+            await self._write_cache(request.cache, embeddings, tuple(grid))
+        return encoder_pb2.EncodeResponse(embeddings=ref, grid_thw=list(grid),
                                           encode_ms=(time.perf_counter() - start) * 1e3)
+
+    async def _write_cache(self, slot: encoder_pb2.CacheSlot, embeddings, grid: tuple[int, int, int]) -> None:
+        """Best effort: a slow or absent Redis costs at most its short timeout and never fails the request."""
+        inline = await asyncio.to_thread(transport.to_inline, embeddings)
+        await self.cache.put(slot.key, CachedEmbedding(inline, grid, slot.second_per_grid_t, slot.chunk_index,
+                                                       max(slot.num_chunks, 1), slot.first_frame, slot.num_frames))

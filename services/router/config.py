@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmserve.config import ServiceConfig, option
+from mmserve.config import CacheOptions, ServiceConfig, option
 
 
 @dataclasses.dataclass(frozen=True)
-class RouterConfig(ServiceConfig):
+class RouterConfig(ServiceConfig, CacheOptions):
     """Router service: the public API; validates, consults the cache, orchestrates decode → encode → llm."""
 
     model: str = option("", "checkpoint directory or hub id (preprocessing defaults, cache keys)")
     decoder_addrs: str = option("", "comma-separated decoder replica addresses")
     encoder_addrs: str = option("", "comma-separated encoder replica addresses")
     llm_addrs: str = option("", "comma-separated llm replica addresses")
-    redis_url: str = option("", "embedding cache, e.g. redis://127.0.0.1:6379/0 (empty disables the cache)")
-    cache_ttl_s: int = option(24 * 3600, "embedding cache entry lifetime")
-    cache_timeout_ms: int = option(100, "Redis operation timeout; slower means a miss")
     media_root: str = option("", "directory file:// URIs may read from (empty disables file://)")
     max_media_bytes: int = option(200 * 1024 * 1024, "largest encoded media file accepted")
     max_media_per_request: int = option(16, "images plus videos in one request")
@@ -29,14 +26,12 @@ class RouterConfig(ServiceConfig):
         super().__post_init__()
         if not self.model:
             raise ValueError("model: required")
-        for name in ("max_media_bytes", "max_media_per_request", "max_messages", "max_tokens_limit",
-                     "cache_ttl_s"):
+        for name in ("max_media_bytes", "max_media_per_request", "max_messages", "max_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s: must be positive")
-        if self.cache_timeout_ms < 1:
-            raise ValueError("cache_timeout_ms: must be at least 1")
+        self.check_cache_options()
         for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: at least one address is required")

@@ -1,0 +1,98 @@
+"""Packing and unpacking TensorRefs: inline bytes, shared-memory segments, concatenations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmserve.transport import shm
+from mmserve.v1 import tensor_pb2
+
+DTYPES = {
+    name: getattr(torch, name)
+    for name in ("uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool")
+}
+
+
+class TensorRefError(ValueError):
+    """A TensorRef that does not describe a valid tensor (INVALID_ARGUMENT)."""
+
+
+class TensorUnavailable(ConnectionError):
+    """A well-formed TensorRef whose memory cannot be reached any more (UNAVAILABLE)."""
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    """The TensorRef dtype name of a tensor; TensorRefError for dtypes the wire does not carry."""
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise TensorRefError(f"tensor: unsupported dtype {name}")
+    return name
+
+
+def as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw C-order bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+
+
+def to_inline(tensor: torch.Tensor) -> tensor_pb2.TensorRef:
+    """Packs a tensor into a TensorRef with inline bytes."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    name = dtype_name(tensor)
+    return tensor_pb2.TensorRef(dtype=name, shape=list(tensor.shape), inline_data=bytes(as_bytes(tensor)))
+
+
+def concat(refs: list[tensor_pb2.TensorRef]) -> tensor_pb2.TensorRef:
+    """A ref to the concatenation of refs along dim 0, without touching their bytes (the router's join)."""
+    if len(refs) == 1:
+        return refs[0]
+    if not refs or any(r.dtype != refs[0].dtype or list(r.shape[1:]) != list(refs[0].shape[1:]) for r in refs):
+        raise TensorRefError("tensor: concat needs at least one part, all of one dtype and trailing shape")
+    shape = [sum(r.shape[0] for r in refs), *refs[0].shape[1:]]
+    return tensor_pb2.TensorRef(dtype=refs[0].dtype, shape=shape, concat=tensor_pb2.TensorRefList(parts=refs))
+
+
+def from_ref(ref: tensor_pb2.TensorRef) -> torch.Tensor:
+    """Materialises the tensor a TensorRef points at; shared memory is mapped (zero copy) and released."""
+    dtype, shape, nbytes = _check(ref)
+    location = ref.WhichOneof("location")
+    if location == "inline_data":
+        if len(ref.inline_data) != nbytes:
+            raise TensorRefError(f"tensor: {len(ref.inline_data)} bytes do not fit shape {shape} of {ref.dtype}")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(ref.inline_data), dtype=torch.uint8).view(dtype).reshape(shape)
+    if location == "shared_memory":
+        seg = ref.shared_memory
+        if seg.nbytes != nbytes or nbytes == 0:
+            raise TensorRefError(f"tensor: segment of {seg.nbytes} bytes does not fit shape {shape} of {ref.dtype}")
+        try:
+            buffer = shm.map_and_release(seg.name, seg.nbytes, seg.domain)
+        except shm.BadSegment as err:
+            raise TensorRefError(f"tensor: {err}") from None
+        except (shm.ForeignDomain, shm.SegmentGone) as err:
+            raise TensorUnavailable(f"tensor: {err}") from None
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
+    if location == "concat":
+        parts = [from_ref(p) for p in ref.concat.parts]
+        if not parts or any(p.dtype != dtype for p in parts):
+            raise TensorRefError("tensor: concat parts are missing or of another dtype")
+        try:
+            joined = torch.cat(parts) if len(parts) > 1 else parts[0]
+        except RuntimeError as err:
+            raise TensorRefError(f"tensor: concat parts do not fit together ({err})") from None
+        if tuple(joined.shape) != shape:
+            raise TensorRefError(f"tensor: concat parts make {tuple(joined.shape)}, not {shape}")
+        return joined
+    raise TensorRefError(f"tensor: transport {location!r} not supported here")
+
+
+def _check(ref: tensor_pb2.TensorRef) -> tuple[torch.dtype, tuple[int, ...], int]:
+    dtype = DTYPES.get(ref.dtype)
+    if dtype is None:
+        raise TensorRefError(f"tensor: unknown dtype {ref.dtype!r}")
+    shape = tuple(ref.shape)
+    if any(d < 0 for d in shape):
+        raise TensorRefError(f"tensor: negative dimension in shape {shape}")
+    return dtype, shape, math.prod(shape) * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,182 @@
+"""The producer's tensor store: picks the transport, places tensors in shared memory, expires unclaimed leases."""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from mmserve.transport import shm
+from mmserve.transport.refs import as_bytes, dtype_name, to_inline
+from mmserve.v1 import tensor_pb2
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("auto", "shm", "inline")
+# The shared-memory domain of the process that called us; a server interceptor sets it per RPC.
+caller_domain: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_caller_domain", default="")
+
+
+class TensorStore:
+    """One per process. Tensors above inline_limit_bytes go to shared memory under a lease of lease_s seconds.
+
+    The consumer maps a segment and unlinks it, which ends the lease; a lease nobody claims expires and the
+    store unlinks the segment; close() unlinks everything left. Thread-safe.
+    """
+
+    def __init__(self, policy: str = "auto", inline_limit_bytes: int = 64 * 1024, lease_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if policy not in POLICIES:
+            raise ValueError(f"transport: {policy!r} is not one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.inline_limit_bytes = inline_limit_bytes
+        self.lease_s = lease_s
+        self.clock = clock
+        self.domain = shm.domain() if policy != "inline" else ""
+        self.prefix = shm.owner_prefix()
+        self.num_expired = 0  # leases that ran out unclaimed
+        self._seq = itertools.count()
+        self._leases: dict[str, float] = {}  # segment name -> expiry
+        self._allocated: dict[int, str] = {}  # data address -> segment made by empty(), not yet handed off
+        self._cond = threading.Condition(threading.RLock())  # RLock: finalizers may run inside locked code
+        self._closed = False
+        self._reaper: threading.Thread | None = None
+        self._warned = False
+        if self.domain:
+            for name in shm.reap_orphans():
+                log.info("reaped orphaned segment %s of a dead producer", name)
+
+    # --- producing ------------------------------------------------------------------------------------------------
+
+    def uses_shm(self, nbytes: int) -> bool:
+        """Whether a tensor of nbytes handed to the current caller goes to shared memory."""
+        if not self.domain or nbytes == 0 or nbytes < self.inline_limit_bytes:
+            return False
+        return self.policy == "shm" or caller_domain.get() == self.domain
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor, in shared memory when it would travel there: to_ref of it copies nothing."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if not self.uses_shm(nbytes):
+            return torch.empty(shape, dtype=dtype)
+        name = self._new_name()
+        try:
+            buffer = shm.create(name, nbytes)
+        except OSError as err:
+            self._fallback(err)
+            return torch.empty(shape, dtype=dtype)
+        tensor = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
+        address = tensor.data_ptr()
+        with self._cond:
+            self._allocated[address] = name
+        # When every view of the mapping is gone, the address may be reused: forget it, and free the
+        # segment unless it was handed off.
+        weakref.finalize(buffer, self._forget, address, name)
+        return tensor
+
+    def to_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
+        """A TensorRef for tensor: shared memory under a lease when it applies, else inline bytes."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        name = dtype_name(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        if not self.uses_shm(nbytes):
+            return to_inline(tensor)
+        segment = self._take_allocated(tensor, nbytes)
+        if segment is None:
+            segment = self._new_name()
+            try:
+                shm.write(segment, as_bytes(tensor))
+            except OSError as err:  # e.g. /dev/shm full: slower, never wrong
+                self._fallback(err)
+                return to_inline(tensor)
+        self._lease(segment)
+        return tensor_pb2.TensorRef(dtype=name, shape=list(tensor.shape), shared_memory=tensor_pb2.SharedMemoryRef(
+            name=segment, nbytes=nbytes, domain=self.domain))
+
+    def _new_name(self) -> str:
+        return f"{self.prefix}{next(self._seq)}"
+
+    def _take_allocated(self, tensor: torch.Tensor, nbytes: int) -> str | None:
+        storage = tensor.untyped_storage()
+        with self._cond:
+            if storage.data_ptr() != tensor.data_ptr() or storage.nbytes() != nbytes:
+                return None  # a view of part of a segment: copy it
+            return self._allocated.pop(tensor.data_ptr(), None)
+
+    def _forget(self, address: int, name: str) -> None:
+        with self._cond:
+            if self._allocated.get(address) == name:
+                del self._allocated[address]
+                shm.unlink(name)
+
+    def _fallback(self, err: OSError) -> None:
+        if not self._warned:
+            log.warning("shared memory unavailable (%s); sending tensors inline", err)
+            self._warned = True
+
+    # --- leases ---------------------------------------------------------------------------------------------------
+
+    def _lease(self, name: str) -> None:
+        with self._cond:
+            was_idle = not self._leases
+            self._leases[name] = self.clock() + self.lease_s
+            if was_idle:
+                self._cond.notify_all()  # the reaper sleeps until the next expiry; there was none
+
+    def reap(self, now: float | None = None) -> float | None:
+        """Unlinks segments whose lease expired unclaimed; returns the seconds until the next expiry."""
+        now = self.clock() if now is None else now
+        with self._cond:
+            for name, expiry in list(self._leases.items()):
+                if expiry <= now:
+                    del self._leases[name]
+                    if shm.unlink(name):
+                        self.num_expired += 1
+                        log.debug("lease on %s expired unclaimed", name)
+            return min(self._leases.values()) - now if self._leases else None
+
+    def num_live_leases(self) -> int:
+        """Leases whose segment still exists (a consumer unlinks the segment it maps)."""
+        with self._cond:
+            for name in [n for n in self._leases if not shm.exists(n)]:
+                del self._leases[name]
+            return len(self._leases)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Blocks until no lease is live (claimed or expired); False on timeout. Needs the reaper running."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.num_live_leases() == 0, timeout_s)
+
+    def start(self) -> None:
+        """Starts the reaper thread, which sleeps until the next lease expiry."""
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._run_reaper, name="tensor-store-reaper", daemon=True)
+            self._reaper.start()
+
+    def _run_reaper(self) -> None:
+        with self._cond:
+            while not self._closed:
+                delay = self.reap()
+                self._cond.notify_all()
+                self._cond.wait(delay)
+
+    def close(self) -> None:
+        """Stops the reaper and unlinks every segment this store still owns."""
+        with self._cond:
+            self._closed = True
+            names = [*self._leases, *self._allocated.values()]
+            self._leases.clear()
+            self._allocated.clear()
+            self._cond.notify_all()
+        for name in names:
+            shm.unlink(name)
+        if self._reaper is not None:
+            self._reaper.join()
+            self._reaper = None
