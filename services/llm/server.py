@@ -72,3 +72,5 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except EngineOverloaded as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except transport.TensorUnavailable as err:  # the producer of an embedding went away
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
