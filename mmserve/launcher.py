@@ -51,6 +51,7 @@ class Child:
     name: str
     argv: list[str]
     address: str | None  # gRPC address to health-check, None for redis
+    metrics_port: int = 0  # Prometheus endpoint on the same host, 0 when disabled
     process: subprocess.Popen | None = None
 
 
@@ -66,6 +67,8 @@ class StackSpec:
     log_level: str = "INFO"
     redis_maxmemory: str = "1gb"
     transport: str = "auto"  # tensor handoff between the stages: auto, shm or inline
+    num_encoders: int = 1  # encoder replicas; the router spreads a video's chunks over them
+    metrics: bool = False  # give every service a Prometheus endpoint on a free port
 
 
 def plan(spec: StackSpec) -> tuple[list[Child], str]:
@@ -76,7 +79,8 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
     from services.router.config import RouterConfig
 
     host = spec.host
-    ports = {name: free_port(host) for name in ("decoder", "encoder", "llm")}
+    ports = {"decoder": [free_port(host)], "encoder": [free_port(host) for _ in range(spec.num_encoders)],
+             "llm": [free_port(host)]}
     children: list[Child] = []
     redis_url = spec.redis_url
     if not redis_url:
@@ -86,19 +90,26 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
             _redis_server(), "--port", str(redis_port), "--bind", host, "--save", "", "--appendonly", "no",
             "--loglevel", "warning", "--maxmemory", spec.redis_maxmemory, "--maxmemory-policy", "allkeys-lru",
             "--dir", tempfile.gettempdir()], None))
-    common = dict(host=host, log_level=spec.log_level, transport=spec.transport)
-    configs = {
-        "decoder": DecoderConfig(port=ports["decoder"], media_root=spec.media_root, **common),
-        "encoder": EncoderConfig(port=ports["encoder"], model=spec.model, redis_url=redis_url, **common),
-        "llm": LlmConfig(port=ports["llm"], model=spec.model, **common),
-        "router": RouterConfig(
-            port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
-            decoder_addrs=f"{host}:{ports['decoder']}", encoder_addrs=f"{host}:{ports['encoder']}",
-            llm_addrs=f"{host}:{ports['llm']}", **common),
-    }
-    for name, config in configs.items():
-        children.append(Child(name, [sys.executable, "-m", f"services.{name}", *config.to_argv()],
-                              f"{host}:{config.port}"))
+
+    def common() -> dict:
+        return dict(host=host, log_level=spec.log_level, transport=spec.transport,
+                    metrics_port=free_port(host) if spec.metrics else 0)
+
+    def addresses(stage: str) -> str:
+        return ",".join(f"{host}:{port}" for port in ports[stage])
+
+    services = [("decoder", DecoderConfig(port=ports["decoder"][0], media_root=spec.media_root, **common()))]
+    services += [("encoder", EncoderConfig(port=port, model=spec.model, redis_url=redis_url, **common()))
+                 for port in ports["encoder"]]
+    services.append(("llm", LlmConfig(port=ports["llm"][0], model=spec.model, **common())))
+    services.append(("router", RouterConfig(
+        port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
+        decoder_addrs=addresses("decoder"), encoder_addrs=addresses("encoder"), llm_addrs=addresses("llm"),
+        **common())))
+    for stage, config in services:
+        name = stage if len(ports.get(stage, [0])) == 1 else f"{stage}-{ports[stage].index(config.port)}"
+        children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv()],
+                              f"{host}:{config.port}", config.metrics_port))
     return children, f"{host}:{spec.port}"
 
 
@@ -122,7 +133,8 @@ class Stack:
             # Children log to stderr: stdout carries only the "listening" line scripts wait for.
             child.process = subprocess.Popen(child.argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
                                              stdout=sys.stderr)
-            log.info("started %s (pid %d)", child.name, child.process.pid)
+            metrics = f", metrics on :{child.metrics_port}/metrics" if child.metrics_port else ""
+            log.info("started %s (pid %d)%s", child.name, child.process.pid, metrics)
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Returns once every gRPC child reports SERVING; raises if one exits or the time runs out."""

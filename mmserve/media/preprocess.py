@@ -162,9 +162,9 @@ def to_pixel_values(
         grid_h // merge_size, merge_size, patch_size,
         grid_w // merge_size, merge_size, patch_size,
     ).permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(rows, c, patch_elems)
-    lut = _normalize_lut(image_mean, image_std, rescale_factor).flatten()
-    channel_offset = (torch.arange(c, dtype=torch.int32) * 256).view(1, c, 1)
-    out = torch.empty((rows, c, patch_elems), dtype=torch.float32)
+    lut = _normalize_lut(image_mean, image_std, rescale_factor).flatten().to(frames.device)
+    channel_offset = (torch.arange(c, dtype=torch.int32, device=frames.device) * 256).view(1, c, 1)
+    out = torch.empty((rows, c, patch_elems), dtype=torch.float32, device=frames.device)
     for start in range(0, rows, _PATCH_ROWS_CHUNK):
         # Chunks bound the int32 index tensor; index_select is far faster than advanced indexing here.
         block = patches[start:start + _PATCH_ROWS_CHUNK]

@@ -45,6 +45,13 @@ def load_config(model: str) -> PreTrainedConfig:
     return AutoConfig.from_pretrained(model)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device to run on: "auto" picks the first visible GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def attention_backend(device: torch.device) -> str:
     """flash-attn's varlen kernels on a GPU when installed, PyTorch SDPA otherwise (chosen by capability)."""
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

@@ -20,7 +20,8 @@ async def run_encoder_process(config: EncoderConfig) -> None:
     """Loads the vision tower only and serves until SIGTERM; writes embeddings to the cache when it has one."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    tower = loading.load_vision_tower(config.model, getattr(torch, config.dtype))
+    device = loading.resolve_device(config.device)
+    tower = loading.load_vision_tower(config.model, getattr(torch, config.dtype), device)
     batcher = Batcher(tower, config.max_batch_patches, config.max_queue)
     batcher.start()
     service = rpc.Service(config, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name])

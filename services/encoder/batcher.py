@@ -6,8 +6,11 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import time
 
 import torch
+
+from services.encoder import metrics
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class Batcher:
         self.max_batch_patches = max_batch_patches
         self.max_queue = max_queue
         self.merge_unit = tower.config.spatial_merge_size ** 2
+        self.device = next(tower.parameters()).device
         self.jobs: collections.deque[_Job] = collections.deque()
         self._has_jobs = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -46,10 +50,13 @@ class Batcher:
     async def encode(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         """The embeddings [num_tokens, hidden] of one image or video."""
         if len(self.jobs) >= self.max_queue:
+            metrics.REFUSED.inc()
             raise EncoderOverloaded(f"encoder: {self.max_queue} requests already queued")
         job = _Job(pixel_values, grid_thw, asyncio.get_running_loop().create_future())
         self.jobs.append(job)
         self._has_jobs.set()
+        metrics.REQUESTS.inc()
+        metrics.QUEUED.set(len(self.jobs))
         return await job.done  # cancelling the caller cancels the future; the worker then skips the job
 
     async def _run(self) -> None:
@@ -62,14 +69,19 @@ class Batcher:
                 batch.append(self.jobs.popleft())
             if not self.jobs:
                 self._has_jobs.clear()
+            metrics.QUEUED.set(len(self.jobs))
             batch = [job for job in batch if not job.done.cancelled()]
             if not batch:
                 continue
+            metrics.BATCH_SIZE.observe(len(batch))
+            metrics.PATCHES.inc(sum(job.pixel_values.shape[0] for job in batch))
+            started = time.perf_counter()
             try:
                 outputs = await asyncio.to_thread(self._encode, batch)
             except Exception as err:  # a failed batch fails its requests, never the service
                 log.exception("vision tower failed on a batch of %d", len(batch))
                 outputs = [err] * len(batch)
+            metrics.STEP_SECONDS.observe(time.perf_counter() - started)
             for job, out in zip(batch, outputs):
                 if job.done.done():
                     continue
@@ -81,8 +93,8 @@ class Batcher:
     @torch.inference_mode()
     def _encode(self, batch: list[_Job]) -> list[torch.Tensor]:
         pixel_values = torch.cat([job.pixel_values for job in batch]).to(self.tower.dtype)
-        grid = torch.tensor([job.grid_thw for job in batch])
+        grid = torch.tensor([job.grid_thw for job in batch], device=self.device)
         # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
         embeddings = self.tower(pixel_values, grid_thw=grid).pooler_output
         sizes = [job.pixel_values.shape[0] // self.merge_unit for job in batch]
-        return list(torch.split(embeddings, sizes))
+        return list(torch.split(embeddings.cpu(), sizes))

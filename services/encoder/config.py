@@ -13,6 +13,7 @@ class EncoderConfig(ServiceConfig, CacheOptions):
 
     model: str = option("", "checkpoint directory or hub id")
     dtype: str = option("float32", "vision tower dtype: float32, bfloat16 or float16")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (the first GPU when one is visible)")
     max_batch_patches: int = option(65536, "vision patches encoded together in one step")
     max_queue: int = option(256, "requests waiting before new ones get RESOURCE_EXHAUSTED")
     num_threads: int = option(0, "torch intra-op threads (0 keeps torch's default)")

@@ -23,9 +23,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def _pixel_values(self, ref):
         p = self.processing
         frames = transport.from_ref(ref)  # shared memory: mapped, not copied
-        return to_pixel_values(frames, patch_size=p.patch_size, temporal_patch_size=p.temporal_patch_size,
-                               merge_size=p.merge_size, image_mean=p.image_mean, image_std=p.image_std,
-                               rescale_factor=p.rescale_factor)
+        # Normalise and patchify where the tower runs (on a GPU the frames go up once, as uint8).
+        return to_pixel_values(frames.to(self.batcher.device), patch_size=p.patch_size,
+                               temporal_patch_size=p.temporal_patch_size, merge_size=p.merge_size,
+                               image_mean=p.image_mean, image_std=p.image_std, rescale_factor=p.rescale_factor)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()

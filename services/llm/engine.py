@@ -43,13 +43,6 @@ class Finished:
     ttft_ms: float
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device to run on: "auto" picks the first visible GPU, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def media_digest(item: MediaInput) -> str:
     """What makes two media items' KV equal: their embeddings and how M-RoPE places them."""
     h = hashlib.sha256(f"{item.kind}:{item.grid_thw}:{item.second_per_grid_t!r}:{item.embeddings.dtype}".encode())
@@ -90,7 +83,7 @@ class Engine:
         num_blocks = max(1, config.kv_cache_bytes // (per_token * config.block_size))
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.device = resolve_device(config.device)
+        self.device = loading.resolve_device(config.device)
         self.runner = ModelRunner(text_model, lm_head, self.block_manager, dtype, self.device)
         self.max_model_len = min(config.max_model_len, text_model.config.max_position_embeddings)
         self._requests: dict[str, _Request] = {}

@@ -1,0 +1,50 @@
+"""Each stage loads only its own weights: the encoder's memory grows by the vision tower, not the model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mmserve.models.tiny import build_tiny_model
+
+_MEASURE = """
+import gc, sys, psutil
+from mmserve.models import loading
+process = psutil.Process()
+gc.collect(); before = process.memory_info().rss
+loaded = loading.{loader}(sys.argv[1])
+modules = loaded if isinstance(loaded, tuple) else (loaded,)
+# Touch every weight: memory-mapped pages count only once read.
+sum(float(t.sum()) for m in modules for t in (m.parameters() if hasattr(m, "parameters") else [m]))
+gc.collect(); print(process.memory_info().rss - before)
+"""
+
+
+@pytest.fixture(scope="module")
+def real_vocab_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("real-vocab"), preset="tiny-real-vocab")
+
+
+def _rss_growth(loader: str, model) -> int:
+    out = subprocess.run([sys.executable, "-c", _MEASURE.format(loader=loader), str(model)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_encoder_loads_the_vision_tower_only(real_vocab_model):
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(real_vocab_model / "model.safetensors"), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    nbytes = {k: 4 * torch.Size(shape).numel() for k, shape in sizes.items()}
+    vision = sum(v for k, v in nbytes.items() if "visual" in k)
+    text = sum(nbytes.values()) - vision
+    assert text > 250e6 and vision < 1e6
+
+    vision_growth = _rss_growth("load_vision_tower", real_vocab_model)
+    text_growth = _rss_growth("load_language_model", real_vocab_model)
+    assert vision_growth < 0.2 * text, f"the encoder grew by {vision_growth / 1e6:.0f} MB"
+    assert text_growth > 0.8 * text, f"the llm grew by only {text_growth / 1e6:.0f} MB"
