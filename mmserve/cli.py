@@ -1,4 +1,4 @@
-"""The `mmserve` command: tiny-model, up, generate."""
+"""The `mmserve` command: tiny-model, up, generate, decode."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def _up(args: argparse.Namespace) -> int:
     from mmserve.launcher import StackSpec, main_up
 
     return main_up(StackSpec(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
-                             media_root=args.media_root, log_level=args.log_level))
+                             media_root=args.media_root, log_level=args.log_level,
+                             num_encoders=args.encoder_replicas, metrics=args.metrics))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -32,6 +33,34 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"mmserve generate: {err}", file=sys.stderr)
         return 2
     return run_generate(args.addr, request, args.timeout, 256 * 1024 * 1024)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from mmserve.media.preprocess import MediaError
+    from services.decoder.config import DecoderConfig
+    from services.decoder.engine import VideoOptions
+    from services.decoder.oneshot import LocalDecoder
+
+    async def run():
+        async with LocalDecoder(DecoderConfig(num_workers=args.workers, log_level="WARNING")) as decoder:
+            return await decoder.decode(args.file, VideoOptions(fps=args.fps, max_frames=args.max_frames))
+
+    try:
+        report = asyncio.run(run())
+    except (MediaError, OSError) as err:
+        print(f"mmserve decode: {err}", file=sys.stderr)
+        return 2
+    summary = report.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{summary['file']}: {summary['frames']} frames of {summary['width']}x{summary['height']} in "
+              f"{summary['num_chunks']} chunks {summary['chunk_frames']}, decode_ms={summary['decode_ms']:.1f} "
+              f"(first chunk {summary['first_chunk_ms']:.1f} ms)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default="", help="use this Redis instead of starting a private one")
     p.add_argument("--media-root", default="", help="directory file:// URIs may read from")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--encoder-replicas", type=int, default=1, help="encoder processes; a video's chunks spread over them")
+    p.add_argument("--metrics", action="store_true", help="give every service a Prometheus endpoint (logged)")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("generate", help="send a prompt with media and stream the answer")
@@ -68,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap for videos")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("decode", help="decode one video or image with the decoder's own code path")
+    p.add_argument("file", help="video (mp4, mov, mkv, webm) or image (jpg, png, webp, gif) file")
+    p.add_argument("--fps", type=float, default=2.0, help="video sampling rate")
+    p.add_argument("--max-frames", type=int, default=768, help="most frames to sample")
+    p.add_argument("--workers", type=int, default=0, help="decoder worker processes (0: one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_decode)
     return parser
 
 

@@ -8,8 +8,8 @@ import urllib.parse
 from mmserve.media.preprocess import MediaError
 
 
-def read_uri(uri: str, *, media_root: str, max_bytes: int) -> bytes:
-    """The bytes behind uri; MediaError naming the problem when the policy or the file says no."""
+def resolve_file_uri(uri: str, *, media_root: str, max_bytes: int) -> pathlib.Path:
+    """The file a file:// URI names, checked against the media root and the size limit."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("http", "https"):
         raise MediaError(f"uri: fetching {parsed.scheme}:// URLs is not enabled on this server")
@@ -25,4 +25,9 @@ def read_uri(uri: str, *, media_root: str, max_bytes: int) -> bytes:
         raise MediaError(f"uri: no such file {path}")
     if path.stat().st_size > max_bytes:
         raise MediaError(f"uri: {path} is larger than the {max_bytes} byte limit")
-    return path.read_bytes()
+    return path
+
+
+def read_uri(uri: str, *, media_root: str, max_bytes: int) -> bytes:
+    """The bytes behind uri; MediaError naming the problem when the policy or the file says no."""
+    return resolve_file_uri(uri, media_root=media_root, max_bytes=max_bytes).read_bytes()

@@ -20,6 +20,8 @@ _ENCODERS = {
     "mpeg4": "mpeg4",
     "vp9": "libvpx-vp9",
     "libvpx-vp9": "libvpx-vp9",
+    "av1": "libsvtav1",
+    "libsvtav1": "libsvtav1",
 }
 _ENCODER_OPTIONS = {
     "libx264": {"preset": "veryfast"},
@@ -72,8 +74,12 @@ def make_video(
     container: str = "mp4",
     seed: int = 0,
     faststart: bool = False,
+    encoder_options: dict[str, str] | None = None,
 ) -> bytes:
-    """Encode a deterministic synthetic yuv420p clip and return the container bytes."""
+    """Encode a deterministic synthetic yuv420p clip and return the container bytes.
+
+    encoder_options override the defaults, e.g. {"x264-params": "bframes=3:b-adapt=0:open-gop=1"}.
+    """
     encoder = _ENCODERS.get(codec, codec)
     fmt = _CONTAINER_FORMATS.get(container, container)
     noise = _noise_bank(np.random.default_rng(seed), width, height)
@@ -91,7 +97,7 @@ def make_video(
             stream.codec_context.gop_size = gop
             # One encoder thread keeps the bitstream identical from run to run.
             stream.codec_context.thread_count = 1
-            stream.codec_context.options = _ENCODER_OPTIONS.get(encoder, {})
+            stream.codec_context.options = {**_ENCODER_OPTIONS.get(encoder, {}), **(encoder_options or {})}
             for i in range(nframes):
                 rgb = _frame_rgb(i, fps, width, height, noise[i % len(noise)])
                 frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")

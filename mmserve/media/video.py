@@ -53,12 +53,12 @@ class DecodedVideo:
     info: VideoInfo
 
 
-def _open(data: bytes) -> av.container.InputContainer:
-    """Open a container from memory, mapping failures to MediaError."""
+def _open(data: bytes | str) -> av.container.InputContainer:
+    """Open a container from memory (bytes) or a file path, mapping failures to MediaError."""
     if not data:
         raise MediaError("video: empty data")
     try:
-        return av.open(io.BytesIO(data), mode="r")
+        return av.open(io.BytesIO(data) if isinstance(data, bytes) else data, mode="r")
     except av.error.FFmpegError as e:
         raise MediaError(f"video: not a recognised video container, or the data is truncated ({_reason(e)})") from None
 
@@ -68,8 +68,8 @@ def _reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-def _probe(container: av.container.InputContainer) -> VideoInfo:
-    """Read VideoInfo from an open container (may demux, never decodes)."""
+def _check_header(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The video stream, after checking container, codec and frame size from the headers alone."""
     fmt = container.format.name
     tokens = set(fmt.split(","))
     if fmt.endswith("_pipe") or fmt == "image2":
@@ -79,7 +79,7 @@ def _probe(container: av.container.InputContainer) -> VideoInfo:
     if not container.streams.video:
         raise MediaError(f"video: the {fmt} container has no video stream")
     stream = container.streams.video[0]
-    codec = stream.codec_context.name
+    codec = _codec_name(stream)
     if codec not in SUPPORTED_CODECS:
         raise MediaError(f"video: unsupported codec '{codec}' (supported: {', '.join(sorted(SUPPORTED_CODECS))})")
     width, height = stream.codec_context.width, stream.codec_context.height
@@ -87,14 +87,39 @@ def _probe(container: av.container.InputContainer) -> VideoInfo:
         raise MediaError(f"video: invalid frame size {width}x{height}")
     if width > MAX_VIDEO_SIDE or height > MAX_VIDEO_SIDE:
         raise MediaError(f"video: frame size {width}x{height} exceeds the limit of {MAX_VIDEO_SIDE}x{MAX_VIDEO_SIDE}")
+    return stream
+
+
+def _codec_name(stream: av.video.stream.VideoStream) -> str:
+    """The codec's own name ("av1"), not the decoder's ("libdav1d")."""
+    return stream.codec_context.codec.canonical_name
+
+
+def _fps(stream: av.video.stream.VideoStream) -> float:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
     if not 0 < fps <= 1000:
         raise MediaError(f"video: invalid or missing frame rate ({rate})")
+    return fps
+
+
+def _header_duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
     if stream.duration and stream.time_base:
-        duration_s = float(stream.duration * Fraction(stream.time_base))
-    else:
-        duration_s = (container.duration or 0) / av.time_base
+        return float(stream.duration * Fraction(stream.time_base))
+    return (container.duration or 0) / av.time_base
+
+
+def _info(container, stream, total_frames: int, fps: float, duration_s: float) -> VideoInfo:
+    if total_frames <= 0:
+        raise MediaError("video: the video stream has no frames")
+    return VideoInfo(total_frames, fps, stream.codec_context.width, stream.codec_context.height,
+                     duration_s or total_frames / fps, _codec_name(stream), container.format.name)
+
+
+def _probe(container: av.container.InputContainer) -> VideoInfo:
+    """Read VideoInfo from an open container (may demux, never decodes)."""
+    stream = _check_header(container)
+    fps = _fps(stream)
     total_frames = stream.frames
     if not total_frames:
         # Matroska/WebM and some others carry no frame count: count packets, which demuxes but decodes nothing.
@@ -102,11 +127,7 @@ def _probe(container: av.container.InputContainer) -> VideoInfo:
             total_frames = sum(1 for packet in container.demux(stream) if packet.size)
         except av.error.FFmpegError as e:
             raise MediaError(f"video: truncated or corrupt container while counting frames ({_reason(e)})") from None
-    if total_frames <= 0:
-        raise MediaError("video: the video stream has no frames")
-    if not duration_s:
-        duration_s = total_frames / fps
-    return VideoInfo(total_frames, fps, width, height, duration_s, codec, fmt)
+    return _info(container, stream, total_frames, fps, _header_duration(container, stream))
 
 
 def probe_video(data: bytes) -> VideoInfo:
@@ -116,6 +137,50 @@ def probe_video(data: bytes) -> VideoInfo:
         return _probe(container)
     finally:
         container.close()
+
+
+@dataclass(frozen=True)
+class VideoIndex:
+    """Probe facts plus each video packet's pts and keyframe flag, in decode order (no pixels decoded)."""
+
+    info: VideoInfo
+    pts: list[int | None]
+    is_key: list[bool]
+    has_discarded: bool  # packets the demuxer marks to drop (edit lists): frame counts then differ
+
+
+def index_video(source: bytes | str, *, max_frames: int, max_seconds: float) -> VideoIndex:
+    """Read the packet index of a video, refusing it early when it is longer than the limits."""
+    container = _open(source)
+    try:
+        stream = _check_header(container)
+        fps = _fps(stream)
+        duration_s = _header_duration(container, stream)
+        _check_length(duration_s, stream.frames, max_frames, max_seconds)
+        pts, is_key, has_discarded = [], [], False
+        try:
+            for packet in container.demux(stream):
+                if not packet.size:
+                    continue
+                pts.append(packet.pts)
+                is_key.append(packet.is_keyframe)
+                has_discarded |= packet.is_discard
+                if len(pts) > max_frames:
+                    _check_length(0.0, len(pts), max_frames, max_seconds)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"video: truncated or corrupt container after {len(pts)} packets ({_reason(e)})") from None
+        info = _info(container, stream, stream.frames or len(pts), fps, duration_s)
+        _check_length(info.duration_s, info.total_frames, max_frames, max_seconds)
+        return VideoIndex(info, pts, is_key, has_discarded)
+    finally:
+        container.close()
+
+
+def _check_length(duration_s: float, num_frames: int, max_frames: int, max_seconds: float) -> None:
+    if duration_s > max_seconds:
+        raise MediaError(f"video: {duration_s:.1f} s long, over the limit of {max_seconds:g} s")
+    if num_frames > max_frames:
+        raise MediaError(f"video: more than {max_frames} frames, over the limit")
 
 
 def decode_video(

@@ -7,14 +7,20 @@ import asyncio
 from mmserve import rpc
 from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
+from services.decoder.engine import DecodeEngine
 from services.decoder.server import DecoderServicer
 
 
 async def run_decoder_process(config: DecoderConfig) -> None:
-    """Serves decode requests until SIGTERM."""
+    """Starts the worker pool, then serves decode requests until SIGTERM."""
+    engine = DecodeEngine(config)
+    await engine.start()
     service = rpc.Service(config, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name])
-    decoder_pb2_grpc.add_DecoderServicer_to_server(DecoderServicer(config), service.server)
-    await rpc.run_until_signalled(service)
+    decoder_pb2_grpc.add_DecoderServicer_to_server(DecoderServicer(config, engine), service.server)
+    try:
+        await rpc.run_until_signalled(service)
+    finally:
+        await engine.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from mmserve.config import ServiceConfig, option
 
@@ -13,10 +14,29 @@ class DecoderConfig(ServiceConfig):
 
     media_root: str = option("", "directory file:// URIs may read from (empty disables file://)")
     max_media_bytes: int = option(200 * 1024 * 1024, "largest encoded media file accepted")
-    ffmpeg_threads: int = option(2, "FFmpeg decode threads per video")
-    max_concurrent_decodes: int = option(2, "videos decoded at once; others wait their turn")
+    num_workers: int = option(0, "decoder worker processes (0: one per available CPU core)")
+    ffmpeg_threads: int = option(1, "FFmpeg threads per worker; workers × threads should not exceed the cores")
+    chunks_per_worker: int = option(1, "chunks per worker a video is split into (more: an earlier first chunk)")
+    min_chunk_cost: float = option(30.0, "smallest chunk worth its own worker task, in decoded packets")
+    skip_nonref: bool = option(True, "skip decoding H.264/HEVC frames that nothing references and nobody wants")
+    task_timeout_s: float = option(60.0, "a worker task running longer than this (plus the allowance) is killed")
+    task_ms_per_packet: float = option(50.0, "time allowance per packet a chunk decodes, on top of task_timeout_s")
+    max_video_seconds: float = option(2 * 3600.0, "longest video accepted, from its headers")
+    max_video_frames: int = option(2 * 3600 * 60, "most frames a video may have")
+    scratch_dir: str = option("", "where request files for the workers go (empty: /dev/shm when present)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.max_media_bytes, self.ffmpeg_threads, self.max_concurrent_decodes) < 1:
-            raise ValueError("max_media_bytes, ffmpeg_threads, max_concurrent_decodes: must be positive")
+        if min(self.max_media_bytes, self.ffmpeg_threads, self.chunks_per_worker, self.max_video_frames) < 1:
+            raise ValueError("max_media_bytes, ffmpeg_threads, chunks_per_worker, max_video_frames: must be positive")
+        if self.num_workers < 0:
+            raise ValueError("num_workers: must be 0 (one per core) or positive")
+        if min(self.task_timeout_s, self.max_video_seconds) <= 0 or min(self.min_chunk_cost,
+                                                                         self.task_ms_per_packet) < 0:
+            raise ValueError("task_timeout_s, max_video_seconds: must be positive; "
+                             "min_chunk_cost, task_ms_per_packet: not negative")
+
+    @property
+    def effective_workers(self) -> int:
+        """Worker processes to run."""
+        return self.num_workers or max(1, len(os.sched_getaffinity(0)) // self.ffmpeg_threads)

@@ -1,51 +1,77 @@
-"""The Decoder gRPC servicer: encoded media in, chunks of sampled, resized frames out."""
+"""The Decoder gRPC servicer: encoded media in, a stream of chunks of sampled, resized frames out."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
+from pathlib import Path
 
 import grpc
 
 from mmserve import transport
-from mmserve.media.fetch import read_uri
-from mmserve.media.image import decode_image
+from mmserve.media.fetch import resolve_file_uri
 from mmserve.media.preprocess import MediaError
-from mmserve.media.video import decode_video
 from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
+from services.decoder.engine import DecodedChunk, DecodeEngine, ScratchFull, VideoOptions, fault_injection_enabled
+from services.decoder.pool import WorkerCrashed, WorkerError, WorkerTimeout
+
+_FAULT_PREFIX = "fault:"
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, engine: DecodeEngine):
         self.config = config
-        self.slots = asyncio.Semaphore(config.max_concurrent_decodes)
+        self.engine = engine
+        self.allow_faults = fault_injection_enabled()
 
-    def _decode(self, request: decoder_pb2.DecodeRequest) -> tuple:
+    def _source(self, request: decoder_pb2.DecodeRequest) -> bytes | Path:
         if request.WhichOneof("source") == "uri":
-            data = read_uri(request.uri, media_root=self.config.media_root, max_bytes=self.config.max_media_bytes)
-        else:
-            data = request.data
-        if len(data) > self.config.max_media_bytes:
-            raise MediaError(f"media: {len(data)} bytes exceed the {self.config.max_media_bytes} byte limit")
+            return resolve_file_uri(request.uri, media_root=self.config.media_root,
+                                    max_bytes=self.config.max_media_bytes)
+        if len(request.data) > self.config.max_media_bytes:
+            raise MediaError(f"media: {len(request.data)} bytes exceed the {self.config.max_media_bytes} byte limit")
+        return request.data
+
+    def _fault(self, request: decoder_pb2.DecodeRequest) -> str:
+        if self.allow_faults and request.request_id.startswith(_FAULT_PREFIX):
+            return request.request_id.removeprefix(_FAULT_PREFIX)
+        return ""
+
+    async def _chunks(self, request: decoder_pb2.DecodeRequest):
+        source = await asyncio.to_thread(self._source, request)
         if request.kind == decoder_pb2.MEDIA_KIND_IMAGE:
-            frames = decode_image(data, min_pixels=request.min_pixels, max_pixels=request.max_pixels)
-            return frames, [0], 0.0
-        if request.kind == decoder_pb2.MEDIA_KIND_VIDEO:
-            video = decode_video(data, fps=request.fps, min_frames=request.min_frames,
-                                 max_frames=request.max_frames, min_pixels=request.min_pixels,
-                                 max_pixels=request.max_pixels, total_pixels=request.total_pixels,
-                                 threads=self.config.ffmpeg_threads)
-            return video.frames, video.indices, video.sample_fps
-        raise MediaError("kind: must be image or video")
+            yield await self.engine.decode_image(source, min_pixels=request.min_pixels,
+                                                 max_pixels=request.max_pixels, fault=self._fault(request))
+            return
+        if request.kind != decoder_pb2.MEDIA_KIND_VIDEO:
+            raise MediaError("kind: must be image or video")
+        options = VideoOptions(fps=request.fps, min_frames=request.min_frames, max_frames=request.max_frames,
+                               min_pixels=request.min_pixels, max_pixels=request.max_pixels,
+                               total_pixels=request.total_pixels)
+        async with contextlib.aclosing(self.engine.decode_video(source, options, fault=self._fault(request))) as it:
+            async for chunk in it:
+                yield chunk
 
     async def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
-        start = time.perf_counter()
+        kind = "image" if request.kind == decoder_pb2.MEDIA_KIND_IMAGE else "video"
         try:
-            async with self.slots:
-                frames, indices, sample_fps = await asyncio.to_thread(self._decode, request)
+            async with contextlib.aclosing(self._chunks(request)) as chunks:
+                async for chunk in chunks:
+                    yield await asyncio.to_thread(_message, chunk)
         except MediaError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        yield decoder_pb2.DecodeChunk(chunk_index=0, num_chunks=1, frames=transport.to_ref(frames),
-                                      frame_indices=indices, sample_fps=sample_fps,
-                                      decode_ms=(time.perf_counter() - start) * 1e3)
+        except (WorkerCrashed, WorkerTimeout) as err:
+            # Only untrusted media runs in the worker, so the media is the likely culprit; the service is fine.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{kind}: {err}")
+        except ScratchFull as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{kind}: {err}")
+        except WorkerError as err:
+            await context.abort(grpc.StatusCode.INTERNAL, f"{kind}: decoder failure: {err}")
+
+
+def _message(chunk: DecodedChunk) -> decoder_pb2.DecodeChunk:
+    """The wire form of a chunk (copies the frames into the TensorRef; run off the event loop)."""
+    return decoder_pb2.DecodeChunk(chunk_index=chunk.index, num_chunks=chunk.num_chunks,
+                                   frames=transport.to_ref(chunk.frames), frame_indices=chunk.frame_indices,
+                                   sample_fps=chunk.sample_fps, decode_ms=chunk.decode_ms)

@@ -1,0 +1,186 @@
+"""Decodes one request end to end: index in a worker, plan, fan chunks out to the pool, yield them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmserve.media import preprocess as pp
+from mmserve.media.plan import Chunk, CostModel, PlanError, plan_chunks, workers_for_request
+from mmserve.media.preprocess import MediaError
+from mmserve.media.video import VideoIndex
+from services.decoder.config import DecoderConfig
+from services.decoder.pool import WorkerPool
+from services.decoder.worker import ChunkTask, ImageTask, IndexTask, SequentialTask, WorkerSettings
+
+
+FAULT_INJECTION_ENV = "MMSERVE_DECODER_FAULT_INJECTION"
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoOptions:
+    """Sampling and sizing of one video (qwen-vl-utils fetch_video parameters)."""
+
+    fps: float = pp.FPS
+    min_frames: int = pp.FPS_MIN_FRAMES
+    max_frames: int = pp.FPS_MAX_FRAMES
+    min_pixels: float = pp.VIDEO_MIN_PIXELS
+    max_pixels: float = pp.VIDEO_MAX_PIXELS
+    total_pixels: float = pp.VIDEO_TOTAL_PIXELS
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedChunk:
+    """Frames out[first:first + T] of a request, uint8 [T,H,W,3], with their source frame indices."""
+
+    index: int
+    num_chunks: int
+    frames: torch.Tensor
+    frame_indices: list[int]
+    sample_fps: float
+    decode_ms: float  # time inside the worker
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPlan:
+    """What to decode: sampled indices, output shape, and chunks (None: one sequential pass)."""
+
+    indices: list[int]
+    sample_fps: float
+    out_shape: tuple[int, int, int, int]
+    chunks: list[Chunk] | None
+
+
+def plan_video(index: VideoIndex, options: VideoOptions, num_chunks: int, costs: CostModel) -> VideoPlan:
+    """Sampled frames and chunks for a video, with decode_video's sampling and resize rules."""
+    info = index.info
+    indices, sample_fps = pp.sample_frame_indices(info.total_frames, info.fps, fps=options.fps,
+                                                  min_frames=options.min_frames, max_frames=options.max_frames)
+    budget = pp.video_max_pixels(len(indices), min_pixels=options.min_pixels, max_pixels=options.max_pixels,
+                                 total_pixels=options.total_pixels)
+    out_h, out_w = pp.smart_resize(info.height, info.width, pp.IMAGE_FACTOR, options.min_pixels, budget)
+    chunks = None
+    # Frame i is the i-th packet by pts only when every packet is shown once and the counts agree.
+    if not index.has_discarded and len(index.pts) == info.total_frames:
+        with contextlib.suppress(PlanError):
+            chunks = plan_chunks(index.pts, index.is_key, indices, num_chunks, costs)
+    return VideoPlan(indices, sample_fps, (len(indices), out_h, out_w, 3), chunks)
+
+
+def fault_injection_enabled() -> bool:
+    """Tests only: with MMSERVE_DECODER_FAULT_INJECTION=1, request ids 'fault:crash' / 'fault:hang' break a worker."""
+    return os.environ.get(FAULT_INJECTION_ENV) == "1"
+
+
+class ScratchFull(RuntimeError):
+    """No room in the scratch directory for this request's media or frames (overload, not bad media)."""
+
+
+class DecodeEngine:
+    """The decoder's worker pool and the per-request flow around it."""
+
+    def __init__(self, config: DecoderConfig):
+        self.config = config
+        settings = WorkerSettings(config.ffmpeg_threads, config.skip_nonref, fault_injection_enabled())
+        self.pool = WorkerPool(config.effective_workers, settings, config.task_timeout_s)
+        self.costs = CostModel(min_chunk=config.min_chunk_cost)
+        self.scratch_dir = config.scratch_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.num_active = 0  # requests in the decoder, waiting or running: the measured queue
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, source: bytes | Path, kind: str):
+        """Counts the request as active and gives it a scratch directory and a path to its media."""
+        if isinstance(source, bytes) and not source:
+            raise MediaError(f"{kind}: empty data")
+        self.num_active += 1
+        workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="mmserve-decode-", dir=self.scratch_dir)
+        try:
+            path = str(source)
+            if isinstance(source, bytes):
+                path = os.path.join(workdir, "media")
+                await _scratch_write(Path(path).write_bytes, source)
+            yield workdir, path
+        finally:
+            self.num_active -= 1
+            # Unlinking is quick, and workers still writing keep their own mappings alive.
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def decode_image(self, source: bytes | Path, *, min_pixels: float, max_pixels: float,
+                           fault: str = "") -> DecodedChunk:
+        """One image as a single-frame chunk."""
+        async with self._admitted(source, "image") as (workdir, path):
+            out_path = os.path.join(workdir, "frames")
+            shape, ms = await self.pool.run(ImageTask(path, out_path, min_pixels, max_pixels, fault))
+            frames = await asyncio.to_thread(lambda: np.fromfile(out_path, dtype=np.uint8).reshape(shape))
+        return DecodedChunk(0, 1, torch.from_numpy(frames), [0], 0.0, ms)
+
+    async def decode_video(self, source: bytes | Path, options: VideoOptions = VideoOptions(), *,
+                           fault: str = "") -> AsyncIterator[DecodedChunk]:
+        """Chunks of a video's sampled frames, in order, each yielded as soon as it and those before it are done."""
+        async with self._admitted(source, "video") as (workdir, path):
+            c = self.config
+            index, _ = await self.pool.run(IndexTask(path, c.max_video_frames, c.max_video_seconds))
+            workers = workers_for_request(self.pool.num_workers, self.num_active)
+            plan = await asyncio.to_thread(plan_video, index, options, workers * c.chunks_per_worker, self.costs)
+            out_path = os.path.join(workdir, "frames")
+            out = await _scratch_write(_allocate, out_path, plan.out_shape)
+            # Long chunks get a proportional time allowance; only a hung worker runs past it.
+            tasks = [asyncio.ensure_future(self.pool.run(task, c.task_timeout_s + c.task_ms_per_packet * n / 1e3))
+                     for task, n in _tasks(plan, index, options, path, out_path, fault)]
+            try:
+                if plan.chunks is None:
+                    _, ms = await tasks[0]
+                    yield DecodedChunk(0, 1, torch.from_numpy(out), plan.indices, plan.sample_fps, ms)
+                    return
+                for chunk, task in zip(plan.chunks, tasks):
+                    _, ms = await task
+                    end = chunk.first + len(chunk.frame_indices)
+                    yield DecodedChunk(chunk.index, len(plan.chunks), torch.from_numpy(out[chunk.first:end]),
+                                       list(chunk.frame_indices), plan.sample_fps, ms)
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+
+async def _scratch_write(fn, *args):
+    """Runs a scratch-file write in a thread; a full disk becomes ScratchFull."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ScratchFull(f"decoder scratch space is full ({err.strerror}); try again later") from None
+        raise
+
+
+def _allocate(path: str, shape: tuple[int, ...]) -> np.memmap:
+    """A zeroed file-backed frame buffer the workers write into and the server reads from."""
+    with open(path, "wb") as f:
+        # Reserve the space now: a sparse file on a full tmpfs would kill the worker with SIGBUS later.
+        os.posix_fallocate(f.fileno(), 0, int(np.prod(shape)))
+    return np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
+
+
+def _tasks(plan: VideoPlan, index: VideoIndex, options: VideoOptions, path: str, out_path: str, fault: str):
+    """(worker task, packets it decodes) for each chunk of the plan."""
+    if plan.chunks is None:
+        return [(SequentialTask(path, out_path, plan.out_shape, dataclasses.asdict(options), fault), len(index.pts))]
+    info = index.info
+    # A test fault breaks only the first chunk's worker, so what the test sees does not race with the others.
+    return [(ChunkTask(path, out_path, plan.out_shape, c.first, c.spans, c.frame_pts, info.width, info.height,
+                       fault if c.index == 0 else ""), sum(s.stop - s.start for s in c.spans)) for c in plan.chunks]
