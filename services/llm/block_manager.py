@@ -31,7 +31,11 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
         self.hash_to_block: dict[bytes, int] = {}
-        self.free_block_ids: collections.deque[int] = collections.deque(range(num_blocks))
+        # Free blocks are handed out oldest-freed first, so recently freed (hashed) blocks stay reusable
+        # longest. A cached block reused from the middle leaves a stale queue entry, skipped later:
+        # O(1) either way, where removing from the middle of the queue was O(blocks).
+        self.free_block_ids: set[int] = set(range(num_blocks))
+        self._free_order: collections.deque[int] = collections.deque(range(num_blocks))
 
     @property
     def num_free_blocks(self) -> int:
@@ -51,7 +55,10 @@ class BlockManager:
         if needed > self.num_free_blocks:
             raise MemoryError(f"KV cache: {needed} blocks needed, {self.num_free_blocks} free")
         for _ in range(needed):
-            block = self.free_block_ids.popleft()
+            block = self._free_order.popleft()
+            while block not in self.free_block_ids:
+                block = self._free_order.popleft()
+            self.free_block_ids.remove(block)
             old = self.block_hashes[block]
             if old is not None and self.hash_to_block.get(old) == block:
                 del self.hash_to_block[old]  # its contents are about to be overwritten
@@ -94,7 +101,8 @@ class BlockManager:
         for block in reversed(seq.block_table):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                self.free_block_ids.append(block)
+                self.free_block_ids.add(block)
+                self._free_order.append(block)
         seq.block_table.clear()
         seq.block_hashes.clear()
 

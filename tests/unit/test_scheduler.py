@@ -158,3 +158,20 @@ def test_same_tokens_with_other_media_do_not_share():
     s.add(b)
     step(s)
     assert b.num_cached_tokens == 0, "placeholder tokens are equal but the embeddings differ"
+
+
+def test_a_reused_free_block_is_never_handed_out_twice():
+    s = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    a = make_seq("a", 9, first_token=0)
+    s.add(a)
+    step(s)
+    s.finish(a, "stop")  # its blocks go back to the free list with their hashes
+    again = make_seq("again", 9, first_token=0)
+    s.add(again)
+    step(s)  # reuses two cached blocks out of the middle of the free list
+    other = make_seq("other", 12)
+    s.add(other)
+    step(s)
+    held = again.block_table + other.block_table
+    assert len(held) == len(set(held)), "no block may belong to two sequences"
+    assert s.block_manager.num_free_blocks == 6 - len(held)
