@@ -8,42 +8,13 @@ import itertools
 import time
 from typing import Any
 
+from mmserve.sampling import SamplingOptions
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """Validated sampling settings of one request."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    min_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("sampling.max_tokens: must be at least 1")
-        if not (self.temperature >= 0.0) or self.temperature > 100.0:
-            raise ValueError(f"sampling.temperature: {self.temperature} is not in [0, 100]")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"sampling.top_p: {self.top_p} is not in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("sampling.top_k: must not be negative")
-        if self.min_tokens > self.max_tokens:
-            raise ValueError("sampling.min_tokens: larger than max_tokens")
-        if any(not s for s in self.stop):
-            raise ValueError("sampling.stop: empty stop string")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 _arrival_counter = itertools.count()

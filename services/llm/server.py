@@ -7,26 +7,13 @@ import asyncio
 import grpc
 
 from mmserve import transport
+from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import Engine, EngineOverloaded, Finished
 from services.llm.prompt import ChatMessage, MediaInput, PromptError
-from services.llm.sequence import SamplingOptions
 
 _KINDS = {decoder_pb2.MEDIA_KIND_IMAGE: "image", decoder_pb2.MEDIA_KIND_VIDEO: "video"}
 _ROLES = ("system", "user", "assistant")
-
-
-def sampling_from_proto(p: api_pb2.SamplingParams) -> SamplingOptions:
-    """Validated sampling options; unset fields take the API's documented defaults."""
-    return SamplingOptions(
-        max_tokens=p.max_tokens if p.HasField("max_tokens") else 256,
-        temperature=p.temperature if p.HasField("temperature") else 1.0,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k,
-        seed=p.seed if p.HasField("seed") else None,
-        stop=tuple(p.stop),
-        min_tokens=p.min_tokens,
-    )
 
 
 def messages_from_proto(messages) -> list[ChatMessage]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2
 
 ROLES = ("system", "user", "assistant")
@@ -63,14 +64,9 @@ def _validate_media(media: api_pb2.Media, where: str, max_media_bytes: int) -> N
 
 
 def _validate_sampling(s: api_pb2.SamplingParams, max_tokens_limit: int) -> None:
-    if s.HasField("max_tokens") and not 1 <= s.max_tokens <= max_tokens_limit:
-        raise ValidationError(f"sampling.max_tokens: {s.max_tokens} is not in [1, {max_tokens_limit}]")
-    if s.HasField("temperature") and not (math.isfinite(s.temperature) and 0 <= s.temperature <= 100):
-        raise ValidationError(f"sampling.temperature: {s.temperature} is not in [0, 100]")
-    if s.HasField("top_p") and not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
-        raise ValidationError(f"sampling.top_p: {s.top_p} is not in (0, 1]")
-    if any(not stop for stop in s.stop):
-        raise ValidationError("sampling.stop: empty stop string")
-    max_tokens = s.max_tokens if s.HasField("max_tokens") else 256
-    if s.min_tokens > max_tokens:
-        raise ValidationError(f"sampling.min_tokens: {s.min_tokens} is larger than max_tokens ({max_tokens})")
+    try:
+        options = sampling_from_proto(s)  # the llm's own checks, applied before any work
+    except ValueError as err:
+        raise ValidationError(str(err)) from None
+    if options.max_tokens > max_tokens_limit:
+        raise ValidationError(f"sampling.max_tokens: {options.max_tokens} is not in [1, {max_tokens_limit}]")
