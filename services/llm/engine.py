@@ -20,7 +20,7 @@ from services.llm.config import LlmConfig
 from services.llm.detokenizer import IncrementalDetokenizer
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
 from services.llm.runner import ModelRunner
-from services.llm.sampler import make_generator, sample
+from services.llm.sampler import make_generator, sample_rows
 from services.llm.scheduler import Scheduler
 from services.llm.sequence import SamplingOptions, Sequence
 
@@ -120,11 +120,11 @@ class Engine:
             raise EngineOverloaded(f"llm: {len(self._requests)} requests in flight, the queue is full")
         if seq.seq_id in self._requests:
             raise ValueError(f"request_id: {seq.seq_id!r} is already running")
+        if not self.scheduler.fits(seq):
+            raise ValueError(f"prompt: {seq.num_tokens} tokens plus max_tokens do not fit the KV cache")
         request = _Request(seq, asyncio.get_running_loop(), asyncio.Queue(),
                            IncrementalDetokenizer(self.tokenizer, seq.sampling.stop),
                            None if seq.sampling.is_greedy else make_generator(seq.sampling.seed))
-        if not self.scheduler.fits(seq):
-            raise ValueError(f"prompt: {seq.num_tokens} tokens plus max_tokens do not fit the KV cache")
         with self._wake:
             self._requests[seq.seq_id] = request
             self._incoming.append(request)
@@ -185,11 +185,9 @@ class Engine:
         for row, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.sampling.min_tokens:
                 logits[row, self.eos_ids] = float("-inf")
-        greedy = [row for row, seq in enumerate(seqs) if seq.sampling.is_greedy]
-        new_tokens = dict(zip((seqs[row] for row in greedy), logits[greedy].argmax(-1).tolist()))
-        for row, seq in enumerate(seqs):
-            if not seq.sampling.is_greedy:
-                new_tokens[seq] = sample(logits[row], seq.sampling, self._requests[seq.seq_id].generator)
+        tokens = sample_rows(logits, [seq.sampling for seq in seqs],
+                             [self._requests[seq.seq_id].generator for seq in seqs])
+        new_tokens = dict(zip(seqs, tokens))
         self.scheduler.postprocess(chunks, new_tokens)
         now = time.monotonic()
         for seq, token in new_tokens.items():

@@ -7,10 +7,19 @@ import torch
 from services.llm.sequence import SamplingOptions
 
 
-def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
-    """Draws one token from a row of logits [vocab]."""
-    if options.is_greedy:
-        return int(torch.argmax(logits))
+def sample_rows(logits: torch.Tensor, options: list[SamplingOptions],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of logits [rows, vocab]: every greedy row in one argmax, the others drawn."""
+    greedy = [row for row, o in enumerate(options) if o.is_greedy]
+    tokens = dict(zip(greedy, logits[greedy].argmax(-1).tolist()))
+    for row, (o, generator) in enumerate(zip(options, generators)):
+        if not o.is_greedy:
+            tokens[row] = _draw(logits[row], o, generator)
+    return [tokens[row] for row in range(len(options))]
+
+
+def _draw(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
+    """Draws one token from a row of logits [vocab] with temperature, top-k and top-p."""
     logits = logits / options.temperature
     if options.top_k and options.top_k < logits.shape[-1]:
         kth = torch.topk(logits, options.top_k).values[-1]
