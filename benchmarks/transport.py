@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import pathlib
 import shutil
@@ -112,15 +111,14 @@ async def cache_latency(sizes_mb: list[int]) -> dict[int, tuple[float, float]] |
     import redis.exceptions
 
     from mmserve.cache import CachedEmbedding, EmbeddingCache
-    from mmserve.launcher import free_port
+    from mmserve.launcher import free_port, redis_server_argv
 
     binary = shutil.which("redis-server")
     if binary is None:
         return None
     port = free_port()
-    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                               "no", "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru", "--dir",
-                               tempfile.gettempdir()], stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(redis_server_argv(binary, "127.0.0.1", port, maxmemory="1gb",
+                                                workdir=tempfile.gettempdir()), stdout=subprocess.DEVNULL)
     cache = EmbeddingCache(f"redis://127.0.0.1:{port}/0", timeout_s=5.0)
     out = {}
     try:

@@ -117,6 +117,13 @@ class EmbeddingCache:
             log.warning("embedding cache available again")
             self._failing = False
 
+    @classmethod
+    def from_options(cls, options) -> EmbeddingCache | None:
+        """The cache a service's CacheOptions describe, or None when it has no redis_url."""
+        if not options.redis_url:
+            return None
+        return cls(options.redis_url, options.cache_ttl_s, options.cache_timeout_ms / 1e3, options.cache_local_bytes)
+
     async def get_many(self, keys: list[str]) -> list[CachedEmbedding | None]:
         """The entries under keys (None for each miss), from the local LRU, else one Redis round trip."""
         found = [self.local.get(k) for k in keys]

@@ -86,10 +86,9 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
     if not redis_url:
         redis_port = free_port(host)
         redis_url = f"redis://{host}:{redis_port}/0"
-        children.append(Child("redis", [
-            _redis_server(), "--port", str(redis_port), "--bind", host, "--save", "", "--appendonly", "no",
-            "--loglevel", "warning", "--maxmemory", spec.redis_maxmemory, "--maxmemory-policy", "allkeys-lru",
-            "--dir", tempfile.gettempdir()], None))
+        children.append(Child("redis", redis_server_argv(_redis_server(), host, redis_port,
+                                                         maxmemory=spec.redis_maxmemory,
+                                                         workdir=tempfile.gettempdir()), None))
 
     def common() -> dict:
         return dict(host=host, log_level=spec.log_level, transport=spec.transport,
@@ -111,6 +110,12 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
         children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv()],
                               f"{host}:{config.port}", config.metrics_port))
     return children, f"{host}:{spec.port}"
+
+
+def redis_server_argv(binary: str, host: str, port: int, *, maxmemory: str, workdir: str) -> list[str]:
+    """A private, memory-bounded, non-persistent redis-server: the embedding cache evicts, never fills up."""
+    return [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
+            "--loglevel", "warning", "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", workdir]
 
 
 def _redis_server() -> str:
@@ -138,18 +143,18 @@ class Stack:
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Returns once every gRPC child reports SERVING; raises if one exits or the time runs out."""
-        checks = [asyncio.create_task(rpc.wait_healthy(c.address, timeout_s))
-                  for c in self.children if c.address]
+        all_healthy = asyncio.gather(*(rpc.wait_healthy(c.address, timeout_s) for c in self.children if c.address))
         exited = asyncio.create_task(self.wait_any_exit())
         try:
-            done, _ = await asyncio.wait([exited, asyncio.gather(*checks)], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([exited, all_healthy], return_when=asyncio.FIRST_COMPLETED)
             if exited in done:
                 raise RuntimeError(f"{exited.result()} exited during start-up")
-            await asyncio.gather(*checks)
+            all_healthy.result()  # a health check's TimeoutError surfaces here
         finally:
             exited.cancel()
-            for task in checks:
-                task.cancel()
+            all_healthy.cancel()
+            # Retrieve both outcomes, so a cancelled gather never logs "exception was never retrieved".
+            await asyncio.gather(exited, all_healthy, return_exceptions=True)
 
     async def wait_any_exit(self) -> str:
         """The name of the first child that exits (pidfds wake the loop; no thread, no polling)."""

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from mmserve import rpc
-from mmserve.launcher import Stack, StackSpec, free_port, plan
+from mmserve.launcher import Stack, StackSpec, free_port, plan, redis_server_argv
 from mmserve.v1 import api_pb2_grpc
 
 
@@ -49,8 +49,7 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server not installed (make test installs it)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru", "--dir", str(self.workdir)],
+            redis_server_argv(binary, "127.0.0.1", self.port, maxmemory="256mb", workdir=str(self.workdir)),
             stdout=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10

@@ -25,8 +25,7 @@ async def run_encoder_process(config: EncoderConfig) -> None:
     batcher = Batcher(tower, config.max_batch_patches, config.max_queue)
     batcher.start()
     service = rpc.Service(config, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name])
-    cache = (EmbeddingCache(config.redis_url, config.cache_ttl_s, config.cache_timeout_ms / 1e3)
-             if config.redis_url else None)
+    cache = EmbeddingCache.from_options(config)
     servicer = EncoderServicer(batcher, ImageProcessing.from_pretrained(config.model), cache)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, service.server)
 

@@ -21,8 +21,7 @@ async def run_router_process(config: RouterConfig) -> None:
     decoders = ReplicaPool("decoder", split(config.decoder_addrs), decoder_pb2_grpc.DecoderStub, cap)
     encoders = ReplicaPool("encoder", split(config.encoder_addrs), encoder_pb2_grpc.EncoderStub, cap)
     llms = ReplicaPool("llm", split(config.llm_addrs), llm_pb2_grpc.LlmStub, cap)
-    cache = (EmbeddingCache(config.redis_url, config.cache_ttl_s, config.cache_timeout_ms / 1e3,
-                            config.cache_local_bytes) if config.redis_url else None)
+    cache = EmbeddingCache.from_options(config)
     media = MediaStage(decoders=decoders, encoders=encoders, cache=cache,
                        model_id=model_fingerprint(config.model),
                        processing=ImageProcessing.from_pretrained(config.model),
