@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 
-import grpc
 import torch
 
 from mmserve import rpc, transport

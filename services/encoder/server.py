@@ -41,12 +41,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         ref = await asyncio.to_thread(transport.to_ref, embeddings)  # copies into shared memory or bytes
         if self.cache is not None and request.HasField("cache"):
-            await self._write_cache(request.cache, embeddings, tuple(grid))
+            await self._write_cache(request.cache, embeddings, ref, tuple(grid))
         return encoder_pb2.EncodeResponse(embeddings=ref, grid_thw=list(grid),
                                           encode_ms=(time.perf_counter() - start) * 1e3)
 
-    async def _write_cache(self, slot: encoder_pb2.CacheSlot, embeddings, grid: tuple[int, int, int]) -> None:
+    async def _write_cache(self, slot: encoder_pb2.CacheSlot, embeddings, ref,
+                           grid: tuple[int, int, int]) -> None:
         """Best effort: a slow or absent Redis costs at most its short timeout and never fails the request."""
-        inline = await asyncio.to_thread(transport.to_inline, embeddings)
+        # The response's bytes serve when it travels inline; only a shared-memory ref needs a second copy.
+        inline = (ref if ref.WhichOneof("location") == "inline_data"
+                  else await asyncio.to_thread(transport.to_inline, embeddings))
         await self.cache.put(slot.key, CachedEmbedding(inline, grid, slot.second_per_grid_t, slot.chunk_index,
                                                        max(slot.num_chunks, 1), slot.first_frame, slot.num_frames))

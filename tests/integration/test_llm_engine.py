@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from mmserve.models import loading
 from services.llm.config import LlmConfig
 from services.llm.engine import Engine, Finished
 from services.llm.prompt import ChatMessage, MediaInput
