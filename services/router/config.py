@@ -21,6 +21,8 @@ class RouterConfig(ServiceConfig, CacheOptions):
     max_messages: int = option(256, "messages in one request")
     max_tokens_limit: int = option(8192, "largest max_tokens a request may ask for")
     request_timeout_s: float = option(600.0, "deadline for a request without one of its own")
+    http_port: int = option(0, "OpenAI-compatible HTTP port (0 disables)")
+    served_model_name: str = option("", "model name reported by the HTTP API (default: the model directory name)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -31,6 +33,8 @@ class RouterConfig(ServiceConfig, CacheOptions):
                 raise ValueError(f"{name}: must be positive")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s: must be positive")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError("http_port: must be in 0..65535")
         self.check_cache_options()
         for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
             if not getattr(self, name):
