@@ -1,0 +1,351 @@
+"""compose.yaml, compose.cpu.yaml, .env.example and deploy/k8s agree with the service configs and `mmserve up`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import pathlib
+import re
+from collections.abc import Mapping
+
+import pytest
+import yaml
+
+from mmserve.config import ServiceConfig
+from mmserve.launcher import StackSpec, plan
+from services.decoder.config import DecoderConfig
+from services.encoder.config import EncoderConfig
+from services.llm.config import LlmConfig
+from services.router.config import RouterConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+COMPOSE, COMPOSE_CPU, ENV_EXAMPLE = ROOT / "compose.yaml", ROOT / "compose.cpu.yaml", ROOT / ".env.example"
+K8S = ROOT / "deploy" / "k8s"
+CONFIGS: dict[str, type[ServiceConfig]] = {"decoder": DecoderConfig, "encoder": EncoderConfig, "llm": LlmConfig,
+                                           "router": RouterConfig}
+GPU_SERVICES = ("decoder", "encoder", "llm")
+# Flags compose passes that `mmserve up` leaves at their defaults: GPU tuning, by design. Nothing the other way.
+COMPOSE_ONLY = {"decoder": set(), "encoder": {"dtype"}, "llm": {"dtype", "kv_cache_bytes"}, "router": set()}
+PLAN_ONLY: dict[str, set[str]] = {"decoder": set(), "encoder": set(), "llm": set(), "router": set()}
+
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; $$ is a literal $.
+_VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$\$")
+
+
+# --- helpers (tests/integration/test_compose_stack.py uses them too) -------------------------------------------
+
+class Reset:
+    """Compose's `!reset` / `!override` tag on a value."""
+
+    def __init__(self, tag: str, value):
+        self.tag, self.value = tag, value
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+for _tag in ("!reset", "!override"):
+    _Loader.add_constructor(_tag, lambda loader, node, tag=_tag: Reset(
+        tag, loader.construct_object(node, deep=True) if not isinstance(node, yaml.ScalarNode)
+        else loader.construct_scalar(node)))
+
+
+def interpolate(value: str, env: Mapping[str, str]) -> str:
+    """Substitutes variables the way Compose does."""
+    def one(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.groups()
+        present = name in env and (env[name] != "" or op in ("-", "?"))
+        if op in (":-", "-"):
+            return env[name] if present else arg
+        if op in (":?", "?"):
+            if not present:
+                raise KeyError(f"{name}: {arg}")
+        return env.get(name, "")
+    return _VAR.sub(one, value)
+
+
+def _substitute(tree, env: Mapping[str, str]):
+    if isinstance(tree, str):
+        return interpolate(tree, env)
+    if isinstance(tree, list):
+        return [_substitute(v, env) for v in tree]
+    if isinstance(tree, dict):
+        return {k: _substitute(v, env) for k, v in tree.items()}
+    return tree
+
+
+def load_compose(path: pathlib.Path = COMPOSE, env: Mapping[str, str] | None = None) -> dict:
+    """The compose file with its variables substituted from env (defaults for what env lacks)."""
+    return _substitute(yaml.load(path.read_text(), Loader=_Loader), env or {})
+
+
+def variables(path: pathlib.Path) -> dict[str, set[str | None]]:
+    """Every ${VAR} in a file and the defaults it is given there (None: no default)."""
+    found: dict[str, set[str | None]] = {}
+    for match in _VAR.finditer(path.read_text()):
+        if match.group(0) != "$$":
+            name, op, arg = match.groups()
+            found.setdefault(name, set()).add(arg if op in (":-", "-") else None)
+    return found
+
+
+def env_example() -> dict[str, str]:
+    """.env.example's assignments; each must follow its own comment line."""
+    lines, values = ENV_EXAMPLE.read_text().splitlines(), {}
+    for i, line in enumerate(lines):
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            assert lines[i - 1].startswith(f"# {name}: "), f".env.example: {name} needs a '# {name}: ...' line above it"
+            values[name] = value
+    return values
+
+
+def parse_command(argv: list[str]) -> ServiceConfig:
+    """Parses a container command (`services.<name> --flag value ...`) with that service's config class."""
+    name = argv[0].removeprefix("services.")
+    assert argv[0] == f"services.{name}" and name in CONFIGS, f"not a service entry point: {argv[0]}"
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return CONFIGS[name].parse(argv[1:], prog=name)
+    except SystemExit:
+        raise AssertionError(f"{name}: {' '.join(argv[1:])}\n{stderr.getvalue()}") from None
+
+
+def flag_names(argv: list[str]) -> set[str]:
+    """Field names of the flags in a command line (`--kv-cache-bytes` → kv_cache_bytes)."""
+    return {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def planned_flags() -> dict[str, set[str]]:
+    """Per service, the fields `mmserve up` sets: those plan() moves off their defaults when every option is used."""
+    spec = dict(model="/model", host="0.0.0.0", port=50051, redis_url="redis://redis:6379/0", media_root="/media",
+                log_level="WARNING", redis_maxmemory="2gb", transport="shm", num_encoders=1, metrics=True,
+                http_port=8000)
+    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec)
+    assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
+    children, _ = plan(StackSpec(**spec))
+    flags = {}
+    for child in children:
+        if child.name in CONFIGS:
+            config = parse_command(child.argv[2:])
+            flags[child.name] = {f.name for f in dataclasses.fields(config)
+                                 if getattr(config, f.name) != f.default}
+    return flags
+
+
+def mmserve_services(compose: dict) -> dict[str, dict]:
+    return {name: service for name, service in compose["services"].items() if name in CONFIGS}
+
+
+def option_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+# --- compose.yaml ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose()
+
+
+def test_the_five_services_from_one_image(compose):
+    assert set(compose["services"]) == {"redis", "decoder", "encoder", "llm", "router"}
+    services = mmserve_services(compose)
+    assert len({s["image"] for s in services.values()}) == 1
+    builds = [s["build"] for s in services.values()]
+    assert all(b == builds[0] for b in builds) and builds[0]["args"]["VARIANT"] in ("cpu", "cuda")
+    assert (ROOT / builds[0]["context"] / "Dockerfile").is_file()
+    for name, service in services.items():
+        assert service["command"][0] == f"services.{name}"  # the image's ENTRYPOINT is `python -m`
+
+
+def test_commands_are_real_flags_of_each_config(compose):
+    for name, service in mmserve_services(compose).items():
+        config = parse_command(service["command"])
+        assert type(config) is CONFIGS[name]
+        assert config.host == "0.0.0.0", f"{name}: bind every interface inside the container"
+
+
+def test_compose_passes_the_flags_mmserve_up_passes(compose):
+    planned = planned_flags()
+    for name, service in mmserve_services(compose).items():
+        passed, wanted = flag_names(service["command"]) - COMPOSE_ONLY[name], planned[name] - PLAN_ONLY[name]
+        assert passed == wanted, f"{name}: compose lacks {wanted - passed}, adds {passed - wanted}"
+
+
+def test_router_ports_are_passed_and_only_they_are_published(compose):
+    router = compose["services"]["router"]
+    published = {p.split(":")[-1] for p in router["ports"]}
+    # Every port field of the router (gRPC, and any other listener such as an HTTP front end) except metrics.
+    for field in dataclasses.fields(RouterConfig):
+        if (field.name == "port" or field.name.endswith("_port")) and field.name != "metrics_port":
+            flag = "--" + field.name.replace("_", "-")
+            assert flag in router["command"], f"router: pass {flag}"
+            assert option_value(router["command"], flag) in published, f"router: publish {flag}"
+    for name, service in compose["services"].items():
+        assert name == "router" or "ports" not in service, f"{name}: only the router is published"
+
+
+def test_gpus_are_reserved_per_service(compose):
+    for name in GPU_SERVICES:
+        devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert [d["driver"] for d in devices] == ["nvidia"], name
+        assert "gpu" in devices[0]["capabilities"]
+        ids = ",".join(devices[0]["device_ids"]).split(",")
+        assert all(i.strip().isdigit() for i in ids), f"{name}: device ids {ids}"
+    decoder = compose["services"]["decoder"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert len(",".join(decoder["device_ids"]).split(",")) >= 2, "the decoder fans out over several GPUs"
+    assert "deploy" not in compose["services"]["router"]
+    raw = yaml.load(COMPOSE.read_text(), Loader=_Loader)["services"]
+    for name in GPU_SERVICES:  # which GPUs is a setting
+        for device_id in raw[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]:
+            assert re.fullmatch(r"\$\{\w+_GPUS:-[\d,]+\}", device_id), device_id
+
+
+def test_shared_ipc_and_pid_namespaces_and_shm(compose):
+    for name, service in mmserve_services(compose).items():
+        assert service["ipc"] == "host" and service["pid"] == "host", name
+        assert re.fullmatch(r"\d+[kmg]?b?", service["shm_size"]), service["shm_size"]
+
+
+def test_healthchecks_probe_each_service_port(compose):
+    for name, service in mmserve_services(compose).items():
+        port = option_value(service["command"], "--port")
+        assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "mmserve.probe", f"127.0.0.1:{port}"]
+        assert service["healthcheck"]["start_period"]  # model loading is not a failure
+    assert "redis-cli" in compose["services"]["redis"]["healthcheck"]["test"]
+    assert "ping" in compose["services"]["redis"]["healthcheck"]["test"]
+
+
+def test_start_order_waits_for_health(compose):
+    services = compose["services"]
+    assert services["router"]["depends_on"] == {name: {"condition": "service_healthy"}
+                                                for name in ("redis", "decoder", "encoder", "llm")}
+    assert services["encoder"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    for name, service in mmserve_services(compose).items():
+        for dependency in service.get("depends_on", {}):
+            assert "healthcheck" in services[dependency], dependency
+
+
+def test_redis_is_bounded_and_evicts_lru(compose):
+    command = compose["services"]["redis"]["command"]
+    assert option_value(command, "--maxmemory-policy") == "allkeys-lru"
+    assert re.fullmatch(r"\d+[kmg]b", option_value(command, "--maxmemory"))
+    raw = yaml.load(COMPOSE.read_text(), Loader=_Loader)["services"]["redis"]["command"]
+    assert option_value(raw, "--maxmemory").startswith("${REDIS_MAXMEMORY:-")
+    for name, service in mmserve_services(compose).items():
+        argv = service["command"]
+        if "--redis-url" in argv:
+            assert option_value(argv, "--redis-url") == "redis://redis:6379/0", name
+
+
+def test_model_and_media_are_mounted_read_only(compose):
+    for name, service in mmserve_services(compose).items():
+        mounts = {volume.split(":")[1]: volume.split(":")[2:] for volume in service["volumes"]}
+        assert mounts["/model"] == ["ro"] and mounts["/media"] == ["ro"], name
+        argv = service["command"]
+        if "--model" in argv:
+            assert option_value(argv, "--model") == "/model", name
+        if "--media-root" in argv:
+            assert option_value(argv, "--media-root") == "/media", name
+
+
+def test_every_variable_has_one_default_documented_in_env_example():
+    documented = env_example()
+    used: dict[str, set[str | None]] = {}
+    for path in (COMPOSE, COMPOSE_CPU):
+        for name, defaults in variables(path).items():
+            used.setdefault(name, set()).update(defaults)
+    for name, defaults in sorted(used.items()):
+        assert None not in defaults, f"${{{name}}} needs a default (${{{name}:-...}})"
+        assert len(defaults) == 1, f"${{{name}}} has different defaults: {defaults}"
+        assert name in documented, f"{name} is not documented in .env.example"
+        assert documented[name] == next(iter(defaults)), f".env.example: {name} differs from the compose default"
+    assert set(documented) == set(used), f".env.example documents unused {set(documented) - set(used)}"
+
+
+def test_env_values_reach_the_commands():
+    compose = load_compose(env={"DECODER_PORT": "6001", "LLM_GPUS": "5", "REDIS_MAXMEMORY": "1gb"})
+    services = compose["services"]
+    assert option_value(services["decoder"]["command"], "--port") == "6001"
+    assert option_value(services["router"]["command"], "--decoder-addrs") == "decoder:6001"
+    assert services["decoder"]["healthcheck"]["test"][-1] == "127.0.0.1:6001"
+    assert services["llm"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["5"]
+    assert option_value(services["redis"]["command"], "--maxmemory") == "1gb"
+
+
+def test_cpu_override_drops_gpu_reservations_and_builds_cpu():
+    override = load_compose(COMPOSE_CPU)["services"]
+    base = load_compose()["services"]
+    assert set(override) <= set(base)
+    for name in CONFIGS:
+        assert override[name]["build"]["args"]["VARIANT"] == "cpu"
+        assert override[name]["image"] != base[name]["image"]  # the CPU build does not overwrite the CUDA tag
+    for name in GPU_SERVICES:
+        assert isinstance(override[name]["deploy"], Reset) and override[name]["deploy"].tag == "!reset"
+    assert not any("command" in s for s in override.values()), "commands live in compose.yaml only"
+
+
+def test_interpolation_follows_compose():
+    env = {"SET": "x", "EMPTY": ""}
+    assert interpolate("${SET:-d} ${EMPTY:-d} ${UNSET:-d} ${EMPTY-d} ${UNSET-d} $$HOME", env) == "x d d  d $HOME"
+    with pytest.raises(KeyError):
+        interpolate("${UNSET:?required}", env)
+
+
+# --- deploy/k8s ------------------------------------------------------------------------------------------------
+
+def k8s_documents() -> list[dict]:
+    """Every Kubernetes object in deploy/k8s (the kustomization file aside)."""
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] != "Kustomization"]
+    return docs
+
+
+def test_k8s_manifests_parse_and_cover_every_service():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    docs = k8s_documents()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for name in ("redis", "decoder", "encoder", "llm", "router"):
+        assert ("Deployment", name) in kinds and ("Service", name) in kinds, name
+    assert any(kind == "ConfigMap" for kind, _ in kinds)
+    assert all("namespace" not in d["metadata"] for d in docs), "namespace-less: kubectl -n picks it"
+
+
+def test_k8s_args_are_real_flags_and_probes_use_mmserve_probe():
+    docs = k8s_documents()
+    env = {}
+    for doc in docs:
+        if doc["kind"] == "ConfigMap":
+            env.update(doc["data"])
+    checked, planned = set(), planned_flags()
+    for doc in docs:
+        if doc["kind"] != "Deployment" or doc["metadata"]["name"] not in CONFIGS:
+            continue
+        name = doc["metadata"]["name"]
+        pod = doc["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        # Kubernetes expands $(VAR) in args from the container's environment (here the ConfigMap).
+        args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+        config = parse_command(args)
+        assert type(config) is CONFIGS[name] and config.host == "0.0.0.0"
+        passed, wanted = flag_names(args) - COMPOSE_ONLY[name], planned[name] - PLAN_ONLY[name]
+        assert passed == wanted, f"{name}: the manifest lacks {wanted - passed}, adds {passed - wanted}"
+        for probe in ("readinessProbe", "livenessProbe"):
+            command = container[probe]["exec"]["command"]
+            assert command == ["python", "-m", "mmserve.probe", f"127.0.0.1:{config.port}"], (name, probe)
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            if mount["mountPath"] == "/model":
+                assert mount["readOnly"] and volumes[mount["name"]]["persistentVolumeClaim"]["readOnly"]
+        if name in GPU_SERVICES:
+            assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
+        checked.add(name)
+    assert checked == set(CONFIGS)
