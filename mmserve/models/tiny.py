@@ -6,9 +6,11 @@ import json
 import os
 import pathlib
 import random
+import sys
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm import tqdm
 
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -167,18 +169,23 @@ PRESETS: dict[str, tuple[dict, dict, bool]] = {
 }
 
 
-def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> pathlib.Path:
+def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny",
+                     show_progress: bool = False) -> pathlib.Path:
     """Write a random-weight Qwen2.5-VL checkpoint (config, weights, tokenizer, processor) to out_dir."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=4, desc="tiny-model", unit="step", file=sys.stderr, disable=not show_progress)
+    bar.set_postfix_str("tokenizer")
     tok = _build_tokenizer()
+    bar.update()
+    bar.set_postfix_str("weights")
     ids = {t: tok.token_to_id(t) for t in _SPECIAL_TOKENS}
     eos, endoftext = ids["<|im_end|>"], ids["<|endoftext|>"]
     vocab_size = -(-tok.get_vocab_size(with_added_tokens=True) // 64) * 64
-    if preset not in PRESETS:
-        raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
     text_overrides, vision_overrides, tie_word_embeddings = PRESETS[preset]
 
     config = Qwen2_5_VLConfig(
@@ -232,9 +239,15 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "t
     model.generation_config = GenerationConfig(
         bos_token_id=endoftext, eos_token_id=[eos, endoftext], pad_token_id=endoftext, do_sample=False
     )
+    bar.update()
+    bar.set_postfix_str("save weights")
     model.save_pretrained(out, safe_serialization=True)
+    bar.update()
+    bar.set_postfix_str("save tokenizer")
 
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok), indent=2, ensure_ascii=False))
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(), indent=2))
+    bar.update()
+    bar.close()
     return out
