@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for every mmserve service; the command picks the service (ENTRYPOINT is `python -m`):
 #   docker build -t mmserve:cpu  --build-arg VARIANT=cpu  .    torch's CPU wheel, no CUDA libraries
 #   docker build -t mmserve:cuda --build-arg VARIANT=cuda .    torch's CUDA wheel plus the gpu extra
@@ -25,13 +24,18 @@ RUN pip install torch==2.13.0 \
 
 FROM torch-${VARIANT} AS final
 ARG VARIANT
+# The extra the cuda variant installs: gpu (PyNvVideoCodec, flash-attn); `--build-arg GPU_EXTRA=` leaves it out,
+# and the services fall back to PyTorch SDPA and CPU decoding (chosen by capability at run time).
+ARG GPU_EXTRA=gpu
 COPY pyproject.toml README.md ./
 COPY mmserve mmserve
 COPY services services
-RUN if [ "$VARIANT" = "cuda" ]; then pip install --no-build-isolation ".[gpu]"; \
-    elif [ "$VARIANT" = "cpu" ]; then pip install .; \
-    else echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 1; fi \
-    && python -c "import torch, services.router.config; print('torch', torch.__version__)"
+RUN case "$VARIANT" in \
+      cuda) pip install --no-build-isolation ".${GPU_EXTRA:+[$GPU_EXTRA]}" ;; \
+      cpu) pip install . ;; \
+      *) echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 1 ;; \
+    esac \
+    && cd /tmp && python -c "import torch, mmserve.cli, services.router.config; print('torch', torch.__version__)"
 USER mmserve
 ENTRYPOINT ["python", "-m"]
 CMD ["mmserve", "--help"]
