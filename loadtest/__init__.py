@@ -1,0 +1,1 @@
+"""Locust load tests of the public gRPC API (run with `make load` or loadtest/run.py)."""
