@@ -3,19 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
+import re
 import sys
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from mmserve.models.tiny import build_tiny_model
 
-    print(build_tiny_model(args.out, seed=args.seed, preset=args.preset))
+    try:
+        print(build_tiny_model(args.out, seed=args.seed, preset=args.preset, show_progress=True))
+    except (ValueError, OSError) as err:
+        print(f"mmserve tiny-model: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def model_error(model: str) -> str | None:
+    """Why --model names no checkpoint: neither a directory with a config.json nor a hub id (org/name)."""
+    path = pathlib.Path(model)
+    if (path / "config.json").is_file():
+        return None
+    if path.is_dir():
+        return f"--model {model}: the directory has no config.json (not a Hugging Face checkpoint)"
+    if path.exists():
+        return f"--model {model}: not a directory"
+    if _HUB_ID.fullmatch(model):
+        return None  # a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, resolved by transformers
+    return f"--model {model}: no such directory, and not a hub id like Qwen/Qwen2.5-VL-3B-Instruct"
 
 
 def _up(args: argparse.Namespace) -> int:
     from mmserve.launcher import StackSpec, main_up
 
+    if (error := model_error(args.model)) is not None:
+        print(f"mmserve up: {error}", file=sys.stderr)
+        return 2
     return main_up(StackSpec(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
                              media_root=args.media_root, log_level=args.log_level,
                              num_encoders=args.encoder_replicas, metrics=args.metrics))
@@ -67,40 +93,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmserve", description="Disaggregated serving for multimodal LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint")
+    p = sub.add_parser("tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint",
+                       description="Write a random-weight Qwen2.5-VL checkpoint in the Hugging Face layout "
+                                   "(config, safetensors weights, tokenizer, processor), offline; prints its path.")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.add_argument("--preset", default="tiny", help="tiny, or qwen2.5-vl-3b-width (real widths, 2 text layers)")
     p.set_defaults(func=_tiny_model)
 
-    p = sub.add_parser("up", help="start decoder, encoder, llm and router (and redis) on loopback")
+    p = sub.add_parser("up", help="start decoder, encoder, llm and router (and redis) on loopback",
+                       description="Start the decoder, encoder, llm and router as separate processes (and a private "
+                                   "redis-server unless --redis-url is given); prints the router address once all "
+                                   "are healthy and stops them all on Ctrl-C or SIGTERM.")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--port", type=int, default=50051, help="router port")
     p.add_argument("--host", default="127.0.0.1", help="address every service binds")
     p.add_argument("--redis-url", default="", help="use this Redis instead of starting a private one")
     p.add_argument("--media-root", default="", help="directory file:// URIs may read from")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="logging level of every service (DEBUG, INFO, WARNING)")
     p.add_argument("--encoder-replicas", type=int, default=1, help="encoder processes; a video's chunks spread over them")
     p.add_argument("--metrics", action="store_true", help="give every service a Prometheus endpoint (logged)")
     p.set_defaults(func=_up)
 
-    p = sub.add_parser("generate", help="send a prompt with media and stream the answer")
+    p = sub.add_parser("generate", help="send a prompt with media and stream the answer",
+                       description="Send one chat turn (text plus images and videos) to a running router and stream "
+                                   "the answer to stdout, then the token counts and timings.")
     p.add_argument("--addr", default="127.0.0.1:50051", help="router address")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the user's text")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--image", action="append", default=[], help="image file or URL (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file or URL (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature above 0)")
     p.add_argument("--fps", type=float, default=None, help="video sampling rate (default 2)")
-    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--max-frames", type=int, default=None, help="most frames sampled per video")
     p.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor for videos")
     p.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap for videos")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds the whole answer may take")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("decode", help="decode one video or image with the decoder's own code path")
+    p = sub.add_parser("decode", help="decode one video or image with the decoder's own code path",
+                       description="Decode one local video or image in this process with the decoder service's code "
+                                   "(plan, parallel GOP chunks, resize) and report frames, chunks and decode time.")
     p.add_argument("file", help="video (mp4, mov, mkv, webm) or image (jpg, png, webp, gif) file")
     p.add_argument("--fps", type=float, default=2.0, help="video sampling rate")
     p.add_argument("--max-frames", type=int, default=768, help="most frames to sample")

@@ -1,0 +1,137 @@
+"""The `mmserve` command and `python -m mmserve.probe`: help texts, one-line errors, progress, health answers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from mmserve import probe
+from mmserve.cli import build_parser, model_error
+from mmserve.launcher import free_port
+
+COMMANDS = ("tiny-model", "up", "generate", "decode")
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command):
+    result = run("mmserve", command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert subcommands()[command].description.split()[0] in result.stdout  # the description is shown
+    for action in subcommands()[command]._actions:
+        assert action.help, f"mmserve {command} {action.option_strings or action.dest}: no help text"
+
+
+def test_top_level_help_lists_every_command():
+    result = run("mmserve", "--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert set(subcommands()) == set(COMMANDS)
+
+
+def one_line_error(result: subprocess.CompletedProcess, prefix: str) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), result.stderr
+    return lines[0]
+
+
+def test_up_refuses_a_directory_without_config_json(tmp_path):
+    line = one_line_error(run("mmserve", "up", "--model", str(tmp_path)), "mmserve up: --model")
+    assert "no config.json" in line
+
+
+def test_up_refuses_a_path_that_is_not_there(tmp_path):
+    line = one_line_error(run("mmserve", "up", "--model", str(tmp_path / "nope")), "mmserve up: --model")
+    assert "no such directory" in line
+
+
+def test_model_checks(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert model_error(str(tmp_path)) is None
+    assert model_error("Qwen/Qwen2.5-VL-3B-Instruct") is None
+    assert "not a directory" in model_error(str(tmp_path / "config.json"))
+    assert "no such directory" in model_error("./checkpoints/missing")
+    assert "no config.json" in model_error(str(tmp_path.parent))
+
+
+def test_up_refuses_a_taken_port_before_starting_anything(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_error(run("mmserve", "up", "--model", str(tmp_path), "--port", str(port)), "mmserve up:")
+    assert f"port {port}" in line and "already in use" in line
+
+
+def test_tiny_model_shows_its_steps(tmp_path):
+    result = run("mmserve", "tiny-model", "--out", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "tiny")  # stdout keeps just the path, for scripts
+    assert "4/4" in result.stderr  # the progress bar reached its last step
+    assert (tmp_path / "tiny" / "config.json").is_file()
+
+
+def test_tiny_model_names_a_bad_preset(tmp_path):
+    result = run("mmserve", "tiny-model", "--out", str(tmp_path / "tiny"), "--preset", "huge")
+    assert one_line_error(result, "mmserve tiny-model: preset: 'huge' is not one of")
+    assert not (tmp_path / "tiny").exists()
+
+
+# --- the health probe --------------------------------------------------------------------------------------------
+
+def test_probe_of_a_closed_port_fails_and_says_why():
+    result = run("mmserve.probe", f"127.0.0.1:{free_port()}", timeout=60)
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr and "onnect" in result.stderr  # connection refused, in gRPC's words
+
+
+@pytest.fixture
+def health_server():
+    """A bare gRPC server with the stock health servicer on a free loopback port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def test_probe_follows_the_health_status(health_server):
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert probe.check(address) == (False, f"{address}: NOT_SERVING")
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert probe.check(address) == (True, f"{address}: SERVING")
+    assert probe.check(address, "mmserve.v1.Llm") == (False, f"{address}: no health status for service "
+                                                                "'mmserve.v1.Llm'")
+    servicer.set("mmserve.v1.Llm", health_pb2.HealthCheckResponse.SERVING)
+    assert probe.check(address, "mmserve.v1.Llm")[0]
+
+
+def test_probe_exit_codes(health_server):
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert probe.main([address]) == 0
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert probe.main([address, "--timeout", "2"]) == 1
+    assert probe.main([address, "--timeout", "0"]) == 2
