@@ -44,7 +44,7 @@ def _up(args: argparse.Namespace) -> int:
         return 2
     return main_up(StackSpec(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
                              media_root=args.media_root, log_level=args.log_level,
-                             num_encoders=args.encoder_replicas, metrics=args.metrics))
+                             num_encoders=args.encoder_replicas, metrics=args.metrics, http_port=args.http_port))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", help="logging level of every service (DEBUG, INFO, WARNING)")
     p.add_argument("--encoder-replicas", type=int, default=1, help="encoder processes; a video's chunks spread over them")
     p.add_argument("--metrics", action="store_true", help="give every service a Prometheus endpoint (logged)")
+    p.add_argument("--http-port", type=int, default=0, help="OpenAI-compatible HTTP API on this port (0: off)")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("generate", help="send a prompt with media and stream the answer",

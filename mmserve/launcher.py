@@ -69,6 +69,7 @@ class StackSpec:
     transport: str = "auto"  # tensor handoff between the stages: auto, shm or inline
     num_encoders: int = 1  # encoder replicas; the router spreads a video's chunks over them
     metrics: bool = False  # give every service a Prometheus endpoint on a free port
+    http_port: int = 0  # the router's OpenAI-compatible HTTP API (0: off)
 
 
 def plan(spec: StackSpec) -> tuple[list[Child], str]:
@@ -104,7 +105,7 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
     services.append(("router", RouterConfig(
         port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
         decoder_addrs=addresses("decoder"), encoder_addrs=addresses("encoder"), llm_addrs=addresses("llm"),
-        **common())))
+        http_port=spec.http_port, **common())))
     for stage, config in services:
         name = stage if len(ports.get(stage, [0])) == 1 else f"{stage}-{ports[stage].index(config.port)}"
         children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv()],
@@ -195,6 +196,10 @@ async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
         print(f"mmserve up: port {spec.port} on {spec.host} is already in use (pick another with --port)",
               file=sys.stderr)
         return 2
+    if spec.http_port and not port_is_free(spec.host, spec.http_port):
+        print(f"mmserve up: HTTP port {spec.http_port} on {spec.host} is already in use (pick another with "
+              "--http-port)", file=sys.stderr)
+        return 2
     children, router = plan(spec)
     stack = Stack(children)
     stop = asyncio.Event()
@@ -212,6 +217,9 @@ async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
             return 0
         starting.result()
         print(f"mmserve: router listening on {router}", flush=True)
+        if spec.http_port:
+            print(f"mmserve: OpenAI-compatible API on http://{spec.host}:{spec.http_port}/v1", file=sys.stderr,
+                  flush=True)
         died = asyncio.create_task(stack.wait_any_exit())
         done, _ = await asyncio.wait([died, stopping], return_when=asyncio.FIRST_COMPLETED)
         if died in done:

@@ -82,10 +82,16 @@ def media_root(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def stack(tiny_model, redis_server, media_root):
+def stack_http_port() -> int:
+    """The port of the stack router's OpenAI-compatible HTTP API."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_model, redis_server, media_root, stack_http_port):
     """Decoder, encoder, llm and router as separate processes; yields the router address."""
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url,
-                     media_root=str(media_root), log_level="WARNING")
+                     media_root=str(media_root), log_level="WARNING", http_port=stack_http_port)
     children, router = plan(spec)
     running = Stack(children)
     running.start()
@@ -94,6 +100,12 @@ def stack(tiny_model, redis_server, media_root):
         yield router
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_base_url(stack, stack_http_port) -> str:
+    """The stack's OpenAI-compatible API, for `openai.OpenAI(base_url=...)`."""
+    return f"http://127.0.0.1:{stack_http_port}/v1"
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from mmserve.media.preprocess import ImageProcessing
 from mmserve.v1 import api_pb2, api_pb2_grpc, decoder_pb2_grpc, encoder_pb2_grpc, llm_pb2_grpc
 from services.router.config import RouterConfig
 from services.router.media import MediaStage
+from services.router.openai_api import OpenAiServer
 from services.router.replicas import ReplicaPool
 from services.router.server import RouterServicer
 
@@ -29,13 +30,19 @@ async def run_router_process(config: RouterConfig) -> None:
     service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name])
     api_pb2_grpc.add_RouterServicer_to_server(RouterServicer(config, media, llms), service.server)
 
+    http = OpenAiServer(config) if config.http_port else None
+
     async def close() -> None:
+        if http is not None:
+            await http.close()
         for pool in (decoders, encoders, llms):
             await pool.close()
         if cache is not None:
             await cache.close()
 
-    await rpc.run_until_signalled(service, on_stop=close)
+    if http is not None:
+        await http.start()  # bound first, so a taken HTTP port fails start-up; connect() once gRPC is bound
+    await rpc.run_until_signalled(service, on_stop=close, on_start=http.connect if http is not None else None)
 
 
 def main(argv: list[str] | None = None) -> None:
