@@ -1,4 +1,4 @@
-"""OpenAI JSON → GenerateRequest, replies → OpenAI objects, gRPC status → HTTP error: plain functions, no server."""
+"""OpenAI JSON → GenerateRequest, replies → OpenAI objects, gRPC status → HTTP error: no server needed."""
 
 from __future__ import annotations
 
