@@ -126,7 +126,8 @@ def planned_flags() -> dict[str, set[str]]:
     spec = dict(model="/model", host="0.0.0.0", port=50051, redis_url="redis://redis:6379/0", media_root="/media",
                 log_level="WARNING", redis_maxmemory="2gb", transport="shm", num_encoders=1, metrics=True,
                 http_port=8000)
-    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec)
+    # router_args passes further router flags through verbatim: no setting of its own to mirror here.
+    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args"}
     assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
     children, _ = plan(StackSpec(**spec))
     flags = {}
