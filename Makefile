@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install redis protos test unit integration demo clean
+.PHONY: install redis protos test unit integration demo load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ integration: install redis
 
 demo: install redis
 	$(BIN)/python scripts/demo.py
+
+# Locust against a running stack (`mmserve up`): CSVs, a plot and a summary in $(OUT).
+ADDR     ?= 127.0.0.1:50051
+DURATION ?= 60s
+RATE     ?= 2
+WORKLOAD ?= mixed
+OUT      ?= loadtest/out
+
+load: install
+	$(BIN)/python loadtest/run.py --addr $(ADDR) --duration $(DURATION) --rate $(RATE) --workload $(WORKLOAD) --out $(OUT)
 
 clean:
 	rm -rf $(VENV) .cache

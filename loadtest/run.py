@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-hit-ratio", type=float, default=0.0,
                    help="share of synthetic requests that repeat an earlier one")
     p.add_argument("--request-timeout", type=float, default=120.0, help="deadline of each request, seconds")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the router to answer")
     p.add_argument("--stop-timeout", type=int, default=30,
                    help="seconds requests in flight at the end may take to finish (later ones are not counted)")
     args = p.parse_args(argv)
@@ -84,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / args.csv
-    if not wait_ready(args.addr, 10):
+    if not wait_ready(args.addr, args.connect_timeout):
         print(f"load: no gRPC server answers on {args.addr} (start one with `mmserve up`)", file=sys.stderr)
         return 2
-    print(f"load: {args.workload} at {args.rate:g} req/s ({args.arrivals}, {args.users} users) for {args.duration_s} s "
-          f"against {args.addr}; output in {out}", flush=True)
+    pace = ("at the trace's offsets" if args.workload.startswith(TRACE_PREFIX)
+            else f"at {args.rate:g} req/s ({args.arrivals})")
+    print(f"load: {args.workload} {pace}, {args.users} users, for {args.duration_s} s against {args.addr}; "
+          f"output in {out}", flush=True)
     log_path = out / f"{args.csv}.log"
     # Startup (media generation) and the stop timeout come on top of the run time.
     limit_s = args.duration_s + args.stop_timeout + 180
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     summary = report.summarize(stats.read_text(), failures.read_text() if failures.exists() else "", args.duration_s)
     png = pathlib.Path(f"{prefix}.png")
-    report.plot(history.read_text(), png, title=f"mmserve {args.workload} at {args.rate:g} req/s ({args.arrivals})")
+    report.plot(history.read_text(), png, title=f"mmserve {args.workload} {pace}")
     text = summary.format()
     (out / f"{args.csv}_summary.txt").write_text(text + "\n")
     print(text)
