@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.duration_s < 1 or args.rate <= 0 or args.max_tokens < 1 or args.users < 0:
             raise ValueError("--duration, --rate and --max-tokens must be positive")
         if args.workload.startswith(TRACE_PREFIX):
-            trace = pathlib.Path(args.workload[len(TRACE_PREFIX):])
+            trace = pathlib.Path(args.workload[len(TRACE_PREFIX):]).resolve()  # Locust runs from ROOT
             workloads.parse_trace(trace.read_text().splitlines(), str(trace))
+            args.workload = f"{TRACE_PREFIX}{trace}"
         else:
             workloads.parse_shape(args.workload)
     except (ValueError, OSError) as err:
@@ -82,7 +83,7 @@ def wait_ready(addr: str, timeout_s: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / args.csv
     if not wait_ready(args.addr, args.connect_timeout):
