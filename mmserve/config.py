@@ -32,6 +32,9 @@ class ServiceConfig:
                                     "inline), shm (shared memory whenever possible) or inline")
     inline_limit_bytes: int = option(64 * 1024, "tensors smaller than this always travel inline")
     lease_s: float = option(120.0, "seconds a shared-memory tensor waits for its consumer before it is freed")
+    registry_url: str = option("", "Redis URL of the replica registry this service announces itself in "
+                                   "(empty: not registered; the router then needs static addresses)")
+    advertise_address: str = option("", "host:port other services reach this one at (default: host:port)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:

@@ -70,6 +70,7 @@ class StackSpec:
     num_encoders: int = 1  # encoder replicas; the router spreads a video's chunks over them
     metrics: bool = False  # give every service a Prometheus endpoint on a free port
     http_port: int = 0  # the router's OpenAI-compatible HTTP API (0: off)
+    router_args: tuple[str, ...] = ()  # further router flags, e.g. ("--policy", "fcfs", "--slo-tpot-ms", "100")
 
 
 def plan(spec: StackSpec) -> tuple[list[Child], str]:
@@ -108,7 +109,8 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
         http_port=spec.http_port, **common())))
     for stage, config in services:
         name = stage if len(ports.get(stage, [0])) == 1 else f"{stage}-{ports[stage].index(config.port)}"
-        children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv()],
+        extra = list(spec.router_args) if stage == "router" else []  # argparse: the last occurrence wins
+        children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv(), *extra],
                               f"{host}:{config.port}", config.metrics_port))
     return children, f"{host}:{spec.port}"
 

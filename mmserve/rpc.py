@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmserve import transport
+from mmserve import registry, transport
 from mmserve.config import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Service:
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME],
                                             self.server)
         self.port = 0
+        self.registration: registry.Registration | None = None
 
     async def start(self) -> int:
         """Binds, starts and marks every service SERVING; returns the bound port."""
@@ -98,11 +99,18 @@ class Service:
         transport.install_store(self.store)
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.registry_url:
+            stage = self.service_names[0].rsplit(".", 1)[-1].lower()
+            address = registry.advertised_address(self.config.host, self.port, self.config.advertise_address)
+            self.registration = registry.Registration(self.config.registry_url, stage, address)
+            self.registration.start()
         log.info("serving %s on %s:%d", ",".join(self.service_names), self.config.host, self.port)
         return self.port
 
     async def stop(self) -> None:
-        """Reports NOT_SERVING, lets in-flight RPCs finish within the grace period, then stops."""
+        """Leaves the registry, reports NOT_SERVING, lets in-flight RPCs finish within the grace period, stops."""
+        if self.registration is not None:
+            await self.registration.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s)
         if transport.current_store() is self.store:

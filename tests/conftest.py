@@ -87,11 +87,18 @@ def stack_http_port() -> int:
     return free_port()
 
 
+# The shared stack serves tests that are not about admission, on machines of unknown speed: targets
+# no test request misses, so the SLO policy orders and places work but never refuses it.
+RELAXED_SLOS = ("--slo-ttft-ms-video", "600000", "--slo-ttft-ms-image", "600000", "--slo-ttft-ms-text", "600000",
+                "--slo-tpot-ms", "600000")
+
+
 @pytest.fixture(scope="session")
 def stack(tiny_model, redis_server, media_root, stack_http_port):
     """Decoder, encoder, llm and router as separate processes; yields the router address."""
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url,
-                     media_root=str(media_root), log_level="WARNING", http_port=stack_http_port)
+                     media_root=str(media_root), log_level="WARNING", http_port=stack_http_port,
+                     router_args=RELAXED_SLOS)
     children, router = plan(spec)
     running = Stack(children)
     running.start()

@@ -71,12 +71,14 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., min_tokens: _Optional[int] = ...) -> None: ...
 
 class Slo(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms")
+    __slots__ = ("ttft_ms", "tpot_ms", "allow_degrade")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DEGRADE_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: int
     tpot_ms: int
-    def __init__(self, ttft_ms: _Optional[int] = ..., tpot_ms: _Optional[int] = ...) -> None: ...
+    allow_degrade: bool
+    def __init__(self, ttft_ms: _Optional[int] = ..., tpot_ms: _Optional[int] = ..., allow_degrade: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
@@ -95,7 +97,7 @@ class Delta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Final(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "timings", "media_cached", "num_media", "num_media_cached", "request_id")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "timings", "media_cached", "num_media", "num_media_cached", "request_id", "degraded")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,7 @@ class Final(_message.Message):
     NUM_MEDIA_FIELD_NUMBER: _ClassVar[int]
     NUM_MEDIA_CACHED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -112,10 +115,11 @@ class Final(_message.Message):
     num_media: int
     num_media_cached: int
     request_id: str
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., media_cached: _Optional[bool] = ..., num_media: _Optional[int] = ..., num_media_cached: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., media_cached: _Optional[bool] = ..., num_media: _Optional[int] = ..., num_media_cached: _Optional[int] = ..., request_id: _Optional[str] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_ms", "decode_ms", "encode_ms", "prefill_ms", "ttft_ms", "total_ms", "tpot_ms")
+    __slots__ = ("queue_ms", "decode_ms", "encode_ms", "prefill_ms", "ttft_ms", "total_ms", "tpot_ms", "media_wait_ms")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +127,7 @@ class Timings(_message.Message):
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     decode_ms: float
     encode_ms: float
@@ -130,4 +135,5 @@ class Timings(_message.Message):
     ttft_ms: float
     total_ms: float
     tpot_ms: float
-    def __init__(self, queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ...) -> None: ...
+    media_wait_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., media_wait_ms: _Optional[float] = ...) -> None: ...

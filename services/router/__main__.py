@@ -3,36 +3,60 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from mmserve import rpc
 from mmserve.cache import EmbeddingCache
 from mmserve.cache_keys import model_fingerprint
+from mmserve.media.fetch import FetchPolicy
 from mmserve.media.preprocess import ImageProcessing
-from mmserve.v1 import api_pb2, api_pb2_grpc, decoder_pb2_grpc, encoder_pb2_grpc, llm_pb2_grpc
+from mmserve.v1 import api_pb2, api_pb2_grpc
+from services.router.admission import Controller
 from services.router.config import RouterConfig
 from services.router.media import MediaStage
 from services.router.openai_api import OpenAiServer
-from services.router.replicas import ReplicaPool
+from services.router.policy import Slo, SloDefaults
+from services.router.pools import build_pools, follow_registry, report_health
 from services.router.server import RouterServicer
+from services.router.warmup import warm_up
+
+log = logging.getLogger("services.router")
 
 
 async def run_router_process(config: RouterConfig) -> None:
     """Connects to the stage replicas and Redis and serves the public API until SIGTERM."""
-    split, cap = RouterConfig.split, config.max_message_bytes
-    decoders = ReplicaPool("decoder", split(config.decoder_addrs), decoder_pb2_grpc.DecoderStub, cap)
-    encoders = ReplicaPool("encoder", split(config.encoder_addrs), encoder_pb2_grpc.EncoderStub, cap)
-    llms = ReplicaPool("llm", split(config.llm_addrs), llm_pb2_grpc.LlmStub, cap)
+    pools = build_pools(config)
+    decoders, encoders, llms = pools
+    controller = Controller(decoders, encoders, llms, policy=config.policy, headroom=config.admission_headroom,
+                            defaults=SloDefaults(video=Slo(config.slo_ttft_ms_video, config.slo_tpot_ms),
+                                                 image=Slo(config.slo_ttft_ms_image, config.slo_tpot_ms),
+                                                 text=Slo(config.slo_ttft_ms_text, config.slo_tpot_ms)))
+    background = [asyncio.ensure_future(report_health(pools))]
+    if config.registry_url:
+        background.append(asyncio.ensure_future(follow_registry(config, pools)))
     cache = EmbeddingCache.from_options(config)
     media = MediaStage(decoders=decoders, encoders=encoders, cache=cache,
                        model_id=model_fingerprint(config.model),
                        processing=ImageProcessing.from_pretrained(config.model),
-                       media_root=config.media_root, max_media_bytes=config.max_media_bytes)
+                       fetch_policy=FetchPolicy(media_root=config.media_root, max_bytes=config.max_media_bytes,
+                                                timeout_s=config.fetch_timeout_s,
+                                                max_redirects=config.fetch_max_redirects,
+                                                allow_private=config.fetch_allow_private))
     service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name])
-    api_pb2_grpc.add_RouterServicer_to_server(RouterServicer(config, media, llms), service.server)
+    api_pb2_grpc.add_RouterServicer_to_server(RouterServicer(config, media, llms, controller), service.server)
 
+    for pool in pools:  # report SERVING once every stage can take work (or after a bounded wait)
+        try:
+            await pool.wait_healthy(config.startup_wait_s)
+        except TimeoutError:
+            log.warning("no healthy %s replica yet; serving anyway", pool.stage)
+    if config.warmup:
+        background.append(asyncio.ensure_future(warm_up(pools, media.processing)))
     http = OpenAiServer(config) if config.http_port else None
 
     async def close() -> None:
+        for task in background:
+            task.cancel()
         if http is not None:
             await http.close()
         for pool in (decoders, encoders, llms):

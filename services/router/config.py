@@ -20,7 +20,24 @@ class RouterConfig(ServiceConfig, CacheOptions):
     max_media_per_request: int = option(16, "images plus videos in one request")
     max_messages: int = option(256, "messages in one request")
     max_tokens_limit: int = option(8192, "largest max_tokens a request may ask for")
+    policy: str = option("slo", "slo (least-slack ordering, admission, p2c replica choice with cache affinity) "
+                                "or fcfs (arrival order, round-robin, no admission control)")
+    slo_ttft_ms_video: float = option(8000.0, "default time-to-first-token target of requests with a video")
+    slo_ttft_ms_image: float = option(3000.0, "default time-to-first-token target of requests with images")
+    slo_ttft_ms_text: float = option(1000.0, "default time-to-first-token target of text-only requests")
+    slo_tpot_ms: float = option(200.0, "default time-per-output-token target")
+    admission_headroom: float = option(1.0, "refuse a request whose predicted TTFT exceeds this times its target")
+    decoder_max_in_flight: int = option(2, "decode calls one decoder replica gets at once (slo policy)")
+    encoder_max_in_flight: int = option(4, "encode calls one encoder replica gets at once (slo policy)")
+    stage_attempts: int = option(3, "tries of a stage on different replicas when one is unavailable")
+    registry_refresh_s: float = option(1.0, "seconds between reads of the replica registry")
+    startup_wait_s: float = option(60.0, "at start, seconds to wait for a healthy replica of each stage")
+    warmup: bool = option(True, "profile every replica with a small image and text request at start")
     request_timeout_s: float = option(600.0, "deadline for a request without one of its own")
+    fetch_timeout_s: float = option(10.0, "time limit for fetching one http(s) media URL, redirects included")
+    fetch_allow_private: bool = option(False, "let http(s) media URLs reach loopback, private and link-local "
+                                              "addresses (trusted networks and tests only)")
+    fetch_max_redirects: int = option(3, "redirects followed when fetching an http(s) media URL")
     http_port: int = option(0, "OpenAI-compatible HTTP port (0 disables)")
     served_model_name: str = option("", "model name reported by the HTTP API (default: the model directory name)")
 
@@ -35,10 +52,22 @@ class RouterConfig(ServiceConfig, CacheOptions):
             raise ValueError("request_timeout_s: must be positive")
         if not 0 <= self.http_port < 65536:
             raise ValueError("http_port: must be in 0..65535")
+        if not self.fetch_timeout_s > 0 or self.fetch_max_redirects < 0:
+            raise ValueError("fetch_timeout_s: must be positive; fetch_max_redirects: not negative")
         self.check_cache_options()
-        for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}: at least one address is required")
+        if self.policy not in ("slo", "fcfs"):
+            raise ValueError("policy: must be slo or fcfs")
+        for name in ("slo_ttft_ms_video", "slo_ttft_ms_image", "slo_ttft_ms_text", "slo_tpot_ms",
+                     "admission_headroom", "registry_refresh_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive")
+        for name in ("decoder_max_in_flight", "encoder_max_in_flight", "stage_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        if not self.registry_url:
+            for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name}: at least one address is required without a registry")
 
     @staticmethod
     def split(addresses: str) -> list[str]:

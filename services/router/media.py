@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import hashlib
+import io
+import logging
+import math
 import time
+from typing import Callable
+
+import grpc
+import PIL.Image
 
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
 from mmserve.cache_keys import MediaParams, media_key
 from mmserve.media import preprocess as pp
-from mmserve.media.fetch import read_uri
+from mmserve.media.fetch import FetchPolicy, fetch_uri
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
-from services.router.replicas import ReplicaPool
+from services.router import metrics
+from services.router.costs import MediaShape, ShapeEstimator
+from services.router.policy import degraded_frames
+from services.router.replicas import Replica, ReplicaPool
+
+log = logging.getLogger(__name__)
 
 _KINDS = {"image": decoder_pb2.MEDIA_KIND_IMAGE, "video": decoder_pb2.MEDIA_KIND_VIDEO}
 
@@ -32,20 +43,38 @@ class Embedded:
     cached: bool
     decode_ms: float = 0.0
     encode_ms: float = 0.0
+    wait_ms: float = 0.0  # waiting for a decoder slot
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A media item read and looked up: the cache hit, or the shape predicted for decode and encode."""
+
+    item: MediaItem
+    data: bytes
+    digest: str  # sha256 of the bytes
+    model_id: str
+    params: MediaParams
+    hit: CachedEmbedding | None = None
+    shape: MediaShape | None = None
+    degraded: bool = False
+
+    def key(self, chunk_index: int) -> str:
+        return media_key(self.digest, self.model_id, self.params, chunk_index)
 
 
 class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
-                 model_id: str, processing: pp.ImageProcessing, media_root: str, max_media_bytes: int):
+                 model_id: str, processing: pp.ImageProcessing, fetch_policy: FetchPolicy):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
         self.model_id = model_id
         self.processing = processing
-        self.media_root = media_root
-        self.max_media_bytes = max_media_bytes
+        self.fetch_policy = fetch_policy
+        self.shapes = ShapeEstimator()
 
     def params(self, item: MediaItem) -> MediaParams:
         """The effective preprocessing parameters: request overrides, else the model's defaults."""
@@ -68,44 +97,90 @@ class MediaStage:
         if item.media.WhichOneof("source") == "data":
             return item.media.data
         try:
-            return await asyncio.to_thread(read_uri, item.media.uri, media_root=self.media_root,
-                                           max_bytes=self.max_media_bytes)
+            return await fetch_uri(item.media.uri, policy=self.fetch_policy)
         except pp.MediaError as err:
             raise pp.MediaError(f"{item.where}.{err}") from None
 
-    async def embed(self, request_id: str, item: MediaItem, timeout_s: float) -> Embedded:
-        """Embeddings for item: every chunk from the cache, else decoded and encoded (the encoder writes the cache)."""
+    async def prepare(self, item: MediaItem) -> Prepared:
+        """Reads the item, looks every chunk up in the cache and, on a miss, predicts what it will cost."""
         data = await self._read(item)
-        params = self.params(item)
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-        key = functools.partial(media_key, digest, self.model_id, params)
-        if self.cache is not None and (hit := await self._lookup(key)) is not None:
-            return Embedded(self._embedding(item.kind, hit), cached=True)
-        start = time.perf_counter()
+        return await self._lookup_item(Prepared(item, data, digest, self.model_id, self.params(item)))
+
+    async def degrade(self, prepared: Prepared, frame_scale: float) -> Prepared:
+        """The same video with fewer frames (its own cache entries); images are left as they are."""
+        if prepared.item.kind != "video" or prepared.hit is not None:
+            return prepared
+        params = dataclasses.replace(prepared.params, max_frames=degraded_frames(prepared.params.max_frames,
+                                                                                 frame_scale))
+        return await self._lookup_item(dataclasses.replace(prepared, params=params, degraded=True))
+
+    async def _lookup_item(self, prepared: Prepared) -> Prepared:
+        hit = await self._lookup(prepared.key) if self.cache is not None else None
+        shape = None
+        if hit is None:
+            shape = image_shape(prepared.data, prepared.params) if prepared.item.kind == "image" else None
+            shape = shape or self.shapes.estimate(prepared.item.kind, prepared.digest, len(prepared.data),
+                                                  max_frames=prepared.params.max_frames or 1,
+                                                  max_pixels=prepared.params.max_pixels)
+        return dataclasses.replace(prepared, hit=hit, shape=shape)
+
+    async def embed(self, request_id: str, prepared: Prepared, *, deadline: float, latest_start: float,
+                    attempts: int) -> Embedded:
+        """Embeddings of a prepared item: the cache hit, else decoded and encoded (the encoder writes the cache).
+
+        A replica found unavailable is withdrawn and the item is redone on others, up to attempts tries.
+        """
+        if prepared.hit is not None:
+            return Embedded(self._embedding(prepared.item.kind, prepared.hit), cached=True)
+        exclude: dict[str, frozenset[str]] = {"decoder": frozenset(), "encoder": frozenset()}
+        for attempt in range(attempts):
+            try:
+                return await self._decode_and_encode(request_id, prepared, deadline, latest_start, exclude)
+            except ReplicaDown as down:
+                if attempt + 1 == attempts:
+                    raise down.error from None
+                exclude[down.pool.stage] |= {down.replica.address}
+                metrics.RETRIES.labels(down.pool.stage).inc()
+                log.warning("%s: %s %s unavailable, retrying elsewhere", request_id, down.pool.stage,
+                            down.replica.address)
+        raise AssertionError("unreachable")
+
+    async def _decode_and_encode(self, request_id: str, prepared: Prepared, deadline: float, latest_start: float,
+                                 exclude: dict[str, frozenset[str]]) -> Embedded:
+        item, params, shape = prepared.item, prepared.params, prepared.shape
         request = decoder_pb2.DecodeRequest(
-            request_id=request_id, kind=_KINDS[item.kind], data=data, fps=params.fps,
+            request_id=request_id, kind=_KINDS[item.kind], data=prepared.data, fps=params.fps,
             min_frames=params.min_frames, max_frames=params.max_frames, min_pixels=params.min_pixels,
             max_pixels=params.max_pixels, total_pixels=params.total_pixels)
         encodes: list[asyncio.Future] = []
         first_chunk = second_per_grid_t = 0.0
-        num_frames = 0
+        num_frames = num_pixels = 0
+        queued = time.perf_counter()
         try:
-            # Each chunk is encoded as soon as it arrives: encoding chunk 1 overlaps decoding chunk 2.
-            chunks = self.decoders.pick().Decode(request, timeout=timeout_s, metadata=transport.caller_metadata())
-            async for c in chunks:
-                if not encodes:
-                    first_chunk = time.perf_counter()
-                    second_per_grid_t = (self.processing.temporal_patch_size / c.sample_fps
-                                         if item.kind == "video" else 0.0)
-                slot = encoder_pb2.CacheSlot(
-                    key=key(c.chunk_index), chunk_index=c.chunk_index, num_chunks=c.num_chunks,
-                    second_per_grid_t=second_per_grid_t, first_frame=num_frames, num_frames=len(c.frame_indices))
-                num_frames += len(c.frame_indices)
-                encodes.append(asyncio.ensure_future(self.encoders.pick().Encode(encoder_pb2.EncodeRequest(
-                    request_id=request_id, kind=_KINDS[item.kind], frames=c.frames,
-                    cache=slot if self.cache is not None else None),
-                    timeout=timeout_s, metadata=transport.caller_metadata())))
-            decoded = time.perf_counter()
+            async with self.decoders.slot(latest_start=latest_start, exclude=exclude["decoder"],
+                                          work_ms=lambda r: r.costs.predict(shape.num_frames, shape.num_pixels)
+                                          ) as decoder:
+                start = time.perf_counter()
+                # Each chunk is encoded as soon as it arrives: encoding chunk 1 overlaps decoding chunk 2.
+                chunks = decoder.stub.Decode(request, timeout=_left(deadline), metadata=transport.caller_metadata())
+                async for c in _calls(self.decoders, decoder, chunks):
+                    if not encodes:
+                        first_chunk = time.perf_counter()
+                        second_per_grid_t = (self.processing.temporal_patch_size / c.sample_fps
+                                             if item.kind == "video" else 0.0)
+                    slot = encoder_pb2.CacheSlot(
+                        key=prepared.key(c.chunk_index), chunk_index=c.chunk_index, num_chunks=c.num_chunks,
+                        second_per_grid_t=second_per_grid_t, first_frame=num_frames,
+                        num_frames=len(c.frame_indices))
+                    num_frames += len(c.frame_indices)
+                    num_pixels += math.prod(c.frames.shape[:3])
+                    encodes.append(asyncio.ensure_future(self._encode(encoder_pb2.EncodeRequest(
+                        request_id=request_id, kind=_KINDS[item.kind], frames=c.frames,
+                        cache=slot if self.cache is not None else None), prepared, deadline, latest_start,
+                        exclude["encoder"])))
+                decoded = time.perf_counter()
+                decoder.costs.observe(num_frames, num_pixels, (decoded - start) * 1e3)
             if not encodes:
                 raise pp.MediaError(f"{item.where}: the decoder returned no frames")
             replies = await asyncio.gather(*encodes)
@@ -114,12 +189,28 @@ class MediaStage:
                 task.cancel()  # on failure or cancellation; unclaimed tensors expire with their leases
         encoded = time.perf_counter()
         t, h, w = sum(r.grid_thw[0] for r in replies), replies[0].grid_thw[1], replies[0].grid_thw[2]
+        self.shapes.observe(item.kind, prepared.digest, len(prepared.data), MediaShape(num_frames, num_pixels, t * h * w))
+        metrics.STAGE_SECONDS.labels("decode").observe(decoded - start)
+        metrics.STAGE_SECONDS.labels("encode").observe(encoded - first_chunk)
         # The router only joins handles: the llm maps (or reads) the chunks' tensors itself.
         entry = CachedEmbedding(transport.concat([r.embeddings for r in replies]), (t, h, w), second_per_grid_t)
-        return Embedded(self._embedding(item.kind, entry), cached=False,
-                        decode_ms=(decoded - start) * 1e3, encode_ms=(encoded - first_chunk) * 1e3)
+        return Embedded(self._embedding(item.kind, entry), cached=False, decode_ms=(decoded - start) * 1e3,
+                        encode_ms=(encoded - first_chunk) * 1e3, wait_ms=(start - queued) * 1e3)
 
-    async def _lookup(self, key) -> CachedEmbedding | None:
+    async def _encode(self, request: encoder_pb2.EncodeRequest, prepared: Prepared, deadline: float,
+                      latest_start: float, exclude: frozenset[str]) -> encoder_pb2.EncodeResponse:
+        num_patches = math.prod(request.frames.shape[:3]) / (14 * 14)
+        # Chunk i goes where chunk i of this media went last; different chunks still spread over replicas.
+        affinity = f"{prepared.digest}:{request.cache.chunk_index}"
+        async with self.encoders.slot(latest_start=latest_start, exclude=exclude, affinity=affinity,
+                                      work_ms=lambda r: r.costs.predict(num_patches)) as encoder:
+            self.encoders.remember(affinity, encoder)
+            call = encoder.stub.Encode(request, timeout=_left(deadline), metadata=transport.caller_metadata())
+            reply = await _call(self.encoders, encoder, call)
+            encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
+            return reply
+
+    async def _lookup(self, key: Callable[[int], str]) -> CachedEmbedding | None:
         """The whole item from its chunk entries: chunk 0 says how many there are, the rest come in one trip."""
         (first,) = await self.cache.get_many([key(0)])
         if first is None:
@@ -131,3 +222,52 @@ class MediaStage:
     def _embedding(kind: str, entry: CachedEmbedding) -> llm_pb2.MediaEmbedding:
         return llm_pb2.MediaEmbedding(kind=_KINDS[kind], embeddings=entry.embeddings,
                                       grid_thw=list(entry.grid_thw), second_per_grid_t=entry.second_per_grid_t)
+
+
+def image_shape(data: bytes, params: MediaParams) -> MediaShape | None:
+    """An image's exact decode and encode size from its header alone (None when the header is unreadable)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+        h, w = pp.smart_resize(height, width, min_pixels=params.min_pixels, max_pixels=params.max_pixels)
+    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+        return None  # the decoder names the problem
+    return MediaShape(1, h * w, (h // 14) * (w // 14))
+
+
+class ReplicaDown(Exception):
+    """A stage replica was unreachable; the work may be redone elsewhere."""
+
+    def __init__(self, pool: ReplicaPool, replica: Replica, error: grpc.aio.AioRpcError):
+        super().__init__(f"{pool.stage} {replica.address}: {error.code().name}")
+        self.pool, self.replica, self.error = pool, replica, error
+
+
+def _is_down(err: grpc.aio.AioRpcError) -> bool:
+    return err.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _calls(pool: ReplicaPool, replica: Replica, stream):
+    """The stream's messages; an unavailable replica is withdrawn and reported as ReplicaDown."""
+    try:
+        async for message in stream:
+            yield message
+    except grpc.aio.AioRpcError as err:
+        if _is_down(err):
+            pool.mark_failed(replica)
+            raise ReplicaDown(pool, replica, err) from None
+        raise
+
+
+async def _call(pool: ReplicaPool, replica: Replica, call):
+    try:
+        return await call
+    except grpc.aio.AioRpcError as err:
+        if _is_down(err):
+            pool.mark_failed(replica)
+            raise ReplicaDown(pool, replica, err) from None
+        raise
+
+
+def _left(deadline: float) -> float:
+    return max(0.001, deadline - time.perf_counter())

@@ -1,32 +1,251 @@
-"""Replica pools: one channel per stage replica, picked round-robin (the SLO-aware policy comes later)."""
+"""Replica pools: health-watched channels to one stage's replicas, least-slack slots, p2c selection."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import dataclasses
 import itertools
+import logging
+import random
+from typing import Any, Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import rpc
+from services.router.policy import SlackQueue
+
+log = logging.getLogger(__name__)
+
+
+class NoReplicaError(Exception):
+    """No healthy replica of a stage can take the work."""
+
+
+@dataclasses.dataclass(eq=False)
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: Any
+    costs: Any  # the stage's cost model for this replica
+    healthy: bool = False
+    removed: bool = False  # left the registry: no new work, closed once idle
+    num_in_flight: int = 0
+    outstanding_ms: float = 0.0  # predicted work handed to it and not yet done
+    watcher: asyncio.Task | None = None
 
 
 class ReplicaPool:
-    """Channels to every replica of one stage."""
+    """Every replica of one stage.
 
-    def __init__(self, stage: str, addresses: list[str], stub_class, max_message_bytes: int):
-        if not addresses:
-            raise ValueError(f"{stage}: no replica addresses")
+    With policy "slo" each replica takes at most max_in_flight calls at once and the waiting calls are
+    served least slack first; the replica is chosen by predicted completion among two random healthy
+    ones (power of two choices), or by cache affinity when that replica is not much worse. With policy
+    "fcfs" calls go round-robin straight to the replicas, which queue them in arrival order.
+    """
+
+    def __init__(self, stage: str, stub_class, *, max_message_bytes: int, make_costs: Callable[[], Any],
+                 policy: str = "slo", max_in_flight: int = 0, affinity_slack: float = 1.5,
+                 affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0):
         self.stage = stage
-        self.channels = [rpc.insecure_channel(a, max_message_bytes) for a in addresses]
-        self.stubs = [stub_class(c) for c in self.channels]
-        self._next = itertools.cycle(range(len(self.stubs)))
+        self.stub_class = stub_class
+        self.max_message_bytes = max_message_bytes
+        self.make_costs = make_costs
+        self.policy = policy
+        self.max_in_flight = max_in_flight
+        self.affinity_slack = affinity_slack
+        self.unhealthy_wait_s = unhealthy_wait_s
+        self.replicas: dict[str, Replica] = {}
+        self._waiters = SlackQueue()
+        self._round_robin = itertools.count()
+        self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._affinity_entries = affinity_entries
+        self._healthy_changed = asyncio.Event()
 
-    def pick(self):
-        """The stub of the replica to use next."""
-        return self.stubs[next(self._next)]
+    # Membership -----------------------------------------------------------------------------------
+
+    def add(self, address: str) -> None:
+        """Starts using a replica as soon as its health service reports SERVING."""
+        if address in self.replicas and not self.replicas[address].removed:
+            return
+        channel = rpc.insecure_channel(address, self.max_message_bytes)
+        replica = Replica(address, channel, self.stub_class(channel), self.make_costs())
+        replica.watcher = asyncio.ensure_future(self._watch(replica))
+        self.replicas[address] = replica
+
+    def remove(self, address: str) -> None:
+        """Stops sending work to a replica; its channel closes once its calls have ended."""
+        replica = self.replicas.pop(address, None)
+        if replica is None:
+            return
+        replica.removed = True
+        replica.healthy = False
+        replica.watcher.cancel()
+        if replica.num_in_flight == 0:
+            asyncio.ensure_future(replica.channel.close())
+
+    def set_addresses(self, addresses: list[str]) -> None:
+        """Makes the pool exactly these replicas (from static lists and the registry)."""
+        for address in set(self.replicas) - set(addresses):
+            log.info("%s %s left the registry", self.stage, address)
+            self.remove(address)
+        for address in addresses:
+            self.add(address)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiters)
+
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.healthy]
+
+    def mark_failed(self, replica: Replica) -> None:
+        """A call found the replica unreachable: no work until its health service says SERVING again."""
+        if replica.removed or not replica.healthy:
+            return
+        log.warning("%s %s unavailable; withdrawn until healthy", self.stage, replica.address)
+        replica.healthy = False
+        replica.watcher.cancel()  # a fresh Watch reports the current status at once
+        replica.watcher = asyncio.ensure_future(self._watch(replica))
+
+    async def _watch(self, replica: Replica) -> None:
+        stub = health_pb2_grpc.HealthStub(replica.channel)
+        delay = 0.05
+        while True:
+            try:
+                async for reply in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving != replica.healthy:
+                        log.info("%s %s %s", self.stage, replica.address, "healthy" if serving else "not serving")
+                    self._set_healthy(replica, serving)
+                    delay = 0.05
+            except grpc.aio.AioRpcError:
+                pass
+            self._set_healthy(replica, False)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+    def _set_healthy(self, replica: Replica, healthy: bool) -> None:
+        replica.healthy = healthy
+        if healthy:
+            self._healthy_changed.set()
+            self._healthy_changed = asyncio.Event()
+            self._dispatch()
+
+    async def wait_healthy(self, timeout_s: float, exclude: frozenset[str] = frozenset()) -> None:
+        """Waits until at least one replica (not in exclude) is healthy."""
+        async with asyncio.timeout(timeout_s):
+            while not any(r.address not in exclude for r in self.healthy()):
+                await self._healthy_changed.wait()
 
     async def close(self) -> None:
-        for channel in self.channels:
-            await channel.close()
+        for replica in list(self.replicas.values()):
+            replica.watcher.cancel()
+            await replica.channel.close()
+        self.replicas.clear()
+
+    # Selection ------------------------------------------------------------------------------------
+
+    def _has_room(self, replica: Replica) -> bool:
+        return replica.healthy and (self.max_in_flight == 0 or replica.num_in_flight < self.max_in_flight)
+
+    def choose(self, predict_ms: Callable[[Replica], float], affinity: str | None = None,
+               exclude: frozenset[str] = frozenset()) -> Replica | None:
+        """The replica for the next call among those with room, or None."""
+        candidates = [r for r in self.replicas.values() if self._has_room(r) and r.address not in exclude]
+        if not candidates:
+            return None
+        if self.policy == "fcfs":
+            return candidates[next(self._round_robin) % len(candidates)]
+        pair = random.sample(candidates, min(2, len(candidates)))
+        best = min(pair, key=lambda r: r.outstanding_ms + predict_ms(r))
+        if affinity is not None and (address := self._affinity.get(affinity)) is not None:
+            sticky = self.replicas.get(address)
+            if sticky in candidates and (sticky.outstanding_ms + predict_ms(sticky)
+                                         <= self.affinity_slack * (best.outstanding_ms + predict_ms(best)) + 1.0):
+                return sticky
+        return best
+
+    def remember(self, affinity: str, replica: Replica) -> None:
+        """Records where a media item's work went, so its next request can go there too."""
+        self._affinity[affinity] = replica.address
+        self._affinity.move_to_end(affinity)
+        while len(self._affinity) > self._affinity_entries:
+            self._affinity.popitem(last=False)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, *, latest_start: float, work_ms: Callable[[Replica], float],
+                   affinity: str | None = None, exclude: frozenset[str] = frozenset()):
+        """A replica to call, held for the duration of the call; waits least-slack first when all are busy."""
+        if not any(r.healthy and r.address not in exclude for r in self.replicas.values()):
+            try:  # a replica that is restarting, or just registered, gets a moment to report SERVING
+                await self.wait_healthy(self.unhealthy_wait_s, exclude)
+            except TimeoutError:
+                raise NoReplicaError(f"no healthy {self.stage} replica") from None
+        replica = None
+        if not len(self._waiters):
+            replica = self.choose(work_ms, affinity, exclude)
+        if replica is None:
+            replica = await self._wait_for_slot(latest_start, work_ms, affinity, exclude)
+        else:
+            self._acquire(replica, work_ms(replica))
+        predicted = work_ms(replica)
+        try:
+            yield replica
+        finally:
+            self._release(replica, predicted)
+
+    async def _wait_for_slot(self, latest_start, work_ms, affinity, exclude) -> Replica:
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), work_ms, affinity, exclude)
+        self._waiters.push(latest_start, waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                replica = waiter.future.result()
+                self._release(replica, work_ms(replica))
+            else:
+                self._waiters.discard(waiter)
+            raise
+
+    def _acquire(self, replica: Replica, predicted_ms: float) -> None:
+        replica.num_in_flight += 1
+        replica.outstanding_ms += predicted_ms
+
+    def _release(self, replica: Replica, predicted_ms: float) -> None:
+        replica.num_in_flight -= 1
+        replica.outstanding_ms = max(0.0, replica.outstanding_ms - predicted_ms)
+        if replica.removed and replica.num_in_flight == 0:
+            asyncio.ensure_future(replica.channel.close())
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hands free slots to the most urgent waiters."""
+        skipped = []
+        while len(self._waiters):
+            waiter = self._waiters.pop()
+            if waiter.future.done():
+                continue
+            replica = self.choose(waiter.work_ms, waiter.affinity, waiter.exclude)
+            if replica is None:
+                skipped.append(waiter)
+                if not any(self._has_room(r) for r in self.replicas.values()):
+                    break
+                continue
+            self._acquire(replica, waiter.work_ms(replica))
+            waiter.future.set_result(replica)
+        for waiter in skipped:
+            self._waiters.push(float("-inf"), waiter)  # keeps its turn at the front
+
+
+@dataclasses.dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future
+    work_ms: Callable[[Replica], float]
+    affinity: str | None
+    exclude: frozenset[str]
 
 
 def is_client_error(err: grpc.aio.AioRpcError) -> bool:

@@ -1,4 +1,4 @@
-"""The public Router servicer: validate, embed media (cache or decode → encode), stream from the llm."""
+"""The public Router servicer: validate, admit against the SLO, embed media, stream from the llm."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import grpc
 
 from mmserve.media.preprocess import MediaError
 from mmserve.v1 import api_pb2, api_pb2_grpc, llm_pb2
+from services.router import metrics
+from services.router.admission import Controller, Ticket, estimate_prompt_tokens
 from services.router.config import RouterConfig
-from services.router.media import Embedded, MediaItem, MediaStage
-from services.router.replicas import ReplicaPool, is_client_error
+from services.router.media import Embedded, MediaItem, MediaStage, Prepared
+from services.router.replicas import NoReplicaError, ReplicaPool, is_client_error
 from services.router.validation import ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -51,51 +53,143 @@ async def _all_or_nothing(coros) -> list:
 
 
 class RouterServicer(api_pb2_grpc.RouterServicer):
-    def __init__(self, config: RouterConfig, media: MediaStage, llms: ReplicaPool):
+    def __init__(self, config: RouterConfig, media: MediaStage, llms: ReplicaPool, controller: Controller):
         self.config = config
         self.media = media
         self.llms = llms
+        self.controller = controller
 
     async def Generate(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
         remaining = context.time_remaining()
         deadline = start + (remaining if remaining is not None else self.config.request_timeout_s)
+        ticket: Ticket | None = None
+        code = grpc.StatusCode.OK
         try:
-            validate_request(request, max_messages=self.config.max_messages,
-                             max_media=self.config.max_media_per_request,
-                             max_tokens_limit=self.config.max_tokens_limit,
-                             max_media_bytes=self.config.max_media_bytes)
-            items = media_items(request)
-            embedded = await self._embed_all(request_id, items, deadline)
-        except (ValidationError, MediaError) as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except StageError as err:
-            await context.abort(err.code, str(err))
-        media_done = time.perf_counter()
-        llm_request = self._llm_request(request, request_id, iter(embedded))
-        llm_request.priority = time.time() + (request.slo.ttft_ms / 1e3 if request.slo.ttft_ms
-                                              else deadline - time.perf_counter())
-        first_token = None
-        try:
-            stream = self.llms.pick().Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter()))
-            async for reply in stream:
+            try:
+                validate_request(request, max_messages=self.config.max_messages,
+                                 max_media=self.config.max_media_per_request,
+                                 max_tokens_limit=self.config.max_tokens_limit,
+                                 max_media_bytes=self.config.max_media_bytes)
+                prepared = await _all_or_nothing(self.media.prepare(i) for i in media_items(request))
+                ticket, prepared = await self._admit(request, prepared, start)
+                if not ticket.decision.admit:
+                    metrics.REFUSED.labels(ticket.cls).inc()
+                    context.set_trailing_metadata((("retry-after-ms", str(int(ticket.decision.retry_after_ms))),))
+                    raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"over capacity: {ticket.decision.reason}; retry after "
+                                     f"{ticket.decision.retry_after_ms:.0f} ms")
+                embedded = await self._embed_all(request_id, prepared, ticket, deadline)
+            except (ValidationError, MediaError) as err:
+                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+            self.controller.finish(ticket, "decoder")
+            self.controller.finish(ticket, "encoder")
+            media_done = time.perf_counter()
+            llm_request = self._llm_request(request, request_id, iter(embedded))
+            # The llm serves earliest deadline first (Unix seconds); fcfs ranks by arrival instead.
+            llm_request.priority = time.time() + (ticket.deadline - time.perf_counter()
+                                                  if self.config.policy == "slo" else 0.0)
+            first_token = None
+            async for reply in self._stream_llm(llm_request, ticket, deadline, prepared):
                 if reply.WhichOneof("event") == "delta":
-                    first_token = first_token or time.perf_counter()
+                    if first_token is None:
+                        first_token = time.perf_counter()
+                        self.controller.finish(ticket, "llm")
                     yield api_pb2.GenerateResponse(delta=reply.delta)
                     continue
-                yield api_pb2.GenerateResponse(final=self._final(reply.final, request_id, embedded,
-                                                                 start, media_done, first_token))
-        except grpc.aio.AioRpcError as err:
-            error = _stage_error("llm", err)
-            await context.abort(error.code, str(error))
+                final = self._final(reply.final, request_id, embedded, start, media_done, first_token,
+                                    degraded=any(p.degraded for p in prepared))
+                self._record_slo(ticket, final.timings)
+                yield api_pb2.GenerateResponse(final=final)
+        except StageError as err:
+            code = err.code
+            await context.abort(err.code, str(err))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if ticket is not None:
+                self.controller.release(ticket)
+            metrics.REQUESTS.labels(ticket.cls if ticket else "unknown", code.name).inc()
 
-    async def _embed_all(self, request_id: str, items: list[MediaItem], deadline: float) -> list[Embedded]:
+    async def _admit(self, request: api_pb2.GenerateRequest, prepared: list[Prepared],
+                     now: float) -> tuple[Ticket, list[Prepared]]:
+        """The admission ticket, and the items with fewer frames when the request accepted degradation."""
+        shapes = [p.shape for p in prepared if p.hit is None]
+        num_chars = sum(len(part.text) for m in request.messages for part in m.parts)
+        ticket = self.controller.admit(
+            [p.item.kind for p in prepared], shapes, estimate_prompt_tokens(num_chars, shapes),
+            ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms, allow_degrade=request.slo.allow_degrade,
+            now=now)
+        if ticket.decision.admit and ticket.decision.frame_scale < 1.0:
+            metrics.DEGRADED.labels(ticket.cls).inc()
+            prepared = await _all_or_nothing(self.media.degrade(p, ticket.decision.frame_scale) for p in prepared)
+        return ticket, prepared
+
+    async def _embed_all(self, request_id: str, prepared: list[Prepared], ticket: Ticket,
+                         deadline: float) -> list[Embedded]:
         try:
             return await _all_or_nothing(
-                self.media.embed(request_id, item, max(0.001, deadline - time.perf_counter())) for item in items)
+                self.media.embed(request_id, p, deadline=deadline, latest_start=ticket.latest_start,
+                                 attempts=self.config.stage_attempts) for p in prepared)
         except grpc.aio.AioRpcError as err:
             raise _stage_error("media", err) from None
+        except NoReplicaError as err:
+            raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+
+    async def _stream_llm(self, llm_request: llm_pb2.LlmRequest, ticket: Ticket, deadline: float,
+                          prepared: list[Prepared]):
+        """The llm's replies; a replica that is unavailable before its first reply is replaced by another."""
+        affinity = prepared[0].digest if prepared else None  # its KV prefix may still be cached there
+        tokens = ticket.prediction.llm.work_ms
+        exclude: frozenset[str] = frozenset()
+        for attempt in range(self.config.stage_attempts):
+            started = False
+            try:
+                async with self.llms.slot(latest_start=ticket.deadline, affinity=affinity, exclude=exclude,
+                                          work_ms=lambda r: tokens + r.costs.step.predict(r.num_in_flight)) as llm:
+                    if affinity is not None:
+                        self.llms.remember(affinity, llm)
+                    stream = llm.stub.Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter()))
+                    first_token = 0.0
+                    try:
+                        async for reply in stream:
+                            started = True
+                            if reply.WhichOneof("event") == "final":
+                                self._observe_llm(llm, reply.final, first_token)
+                            else:
+                                first_token = first_token or time.perf_counter()
+                            yield reply
+                        return
+                    except grpc.aio.AioRpcError as err:
+                        if err.code() != grpc.StatusCode.UNAVAILABLE:
+                            raise _stage_error("llm", err) from None
+                        self.llms.mark_failed(llm)
+                        if started or attempt + 1 == self.config.stage_attempts:
+                            raise _stage_error("llm", err) from None
+                        exclude |= {llm.address}
+                        metrics.RETRIES.labels("llm").inc()
+                        log.warning("%s: llm %s unavailable, retrying elsewhere", llm_request.request_id,
+                                    llm.address)
+            except NoReplicaError as err:
+                raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+
+    def _observe_llm(self, llm, final: llm_pb2.LlmFinal, first_token: float) -> None:
+        """Feeds the replica's cost models: prefill by prompt tokens, decode step by running sequences."""
+        llm.costs.prefill.observe(final.prompt_tokens, final.prefill_ms)
+        if final.completion_tokens > 1 and first_token:
+            tpot_ms = (time.perf_counter() - first_token) * 1e3 / (final.completion_tokens - 1)
+            llm.costs.step.observe(llm.num_in_flight, tpot_ms)
+        metrics.STAGE_SECONDS.labels("prefill").observe(final.prefill_ms / 1e3)
+        metrics.STAGE_SECONDS.labels("llm_queue").observe(final.queue_ms / 1e3)
+
+    def _record_slo(self, ticket: Ticket, timings: api_pb2.Timings) -> None:
+        metrics.TTFT_SECONDS.labels(ticket.cls).observe(timings.ttft_ms / 1e3)
+        metrics.STAGE_SECONDS.labels("total").observe(timings.total_ms / 1e3)
+        met = timings.ttft_ms <= ticket.slo.ttft_ms and timings.tpot_ms <= ticket.slo.tpot_ms
+        outcome = "met" if met else "missed_ttft" if timings.ttft_ms > ticket.slo.ttft_ms else "missed_tpot"
+        metrics.SLO.labels(ticket.cls, outcome).inc()
 
     @staticmethod
     def _llm_request(request: api_pb2.GenerateRequest, request_id: str, embedded) -> llm_pb2.LlmRequest:
@@ -108,7 +202,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
 
     @staticmethod
     def _final(final: llm_pb2.LlmFinal, request_id: str, embedded: list[Embedded], start: float,
-               media_done: float, first_token: float | None) -> api_pb2.Final:
+               media_done: float, first_token: float | None, *, degraded: bool) -> api_pb2.Final:
         end = time.perf_counter()
         ttft = ((first_token or end) - start) * 1e3
         total = (end - start) * 1e3
@@ -118,8 +212,10 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             decode_ms=max((e.decode_ms for e in embedded), default=0.0),
             encode_ms=max((e.encode_ms for e in embedded), default=0.0),
             prefill_ms=final.prefill_ms, ttft_ms=ttft, total_ms=total,
-            tpot_ms=(total - ttft) / (final.completion_tokens - 1) if final.completion_tokens > 1 else 0.0)
+            tpot_ms=(total - ttft) / (final.completion_tokens - 1) if final.completion_tokens > 1 else 0.0,
+            media_wait_ms=max((e.wait_ms for e in embedded), default=0.0))
         return api_pb2.Final(finish_reason=final.finish_reason, prompt_tokens=final.prompt_tokens,
                              completion_tokens=final.completion_tokens, timings=timings,
                              media_cached=bool(embedded) and num_cached == len(embedded),
-                             num_media=len(embedded), num_media_cached=num_cached, request_id=request_id)
+                             num_media=len(embedded), num_media_cached=num_cached, request_id=request_id,
+                             degraded=degraded)

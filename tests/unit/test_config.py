@@ -22,7 +22,8 @@ REQUIRED = {
 CONFIGS = list(REQUIRED)
 # Valid values different from every default, for the string fields that are checked.
 STRINGS = {"dtype": "bfloat16", "log_level": "DEBUG", "host": "0.0.0.0", "redis_url": "redis://10.0.0.1:6380/2",
-           "media_root": "/srv/media files"}
+           "media_root": "/srv/media files", "policy": "fcfs", "registry_url": "redis://10.0.0.2:6379/1",
+           "advertise_address": "decoder-3.internal:50061"}
 
 
 def make(cls, **overrides):
@@ -67,7 +68,9 @@ def test_parse_of_only_the_required_flags_gives_the_defaults():
 def test_flags_are_field_names_with_dashes(cls):
     argv = make(cls).to_argv()
     flags = [a for a in argv if a.startswith("--")]
-    assert flags == ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+    config = make(cls)
+    assert flags == [("--" if getattr(config, f.name) is not False else "--no-") + f.name.replace("_", "-")
+                     for f in dataclasses.fields(cls)]
 
 
 def test_named_flags_parse_into_their_fields():

@@ -1,0 +1,104 @@
+"""Admission: predicts a request's time to first token from the stage cost models and backlogs, and decides."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.router import metrics
+from services.router.costs import MediaShape
+from services.router.policy import Backlog, Decision, Prediction, Slo, SloDefaults, StageTimes, decide
+from services.router.replicas import ReplicaPool
+
+_MERGE = 4  # vision patches per LLM token (2 × 2 spatial merge)
+
+
+@dataclasses.dataclass
+class Ticket:
+    """One admitted request's place in the backlogs; released as its stages finish."""
+
+    cls: str
+    slo: Slo
+    deadline: float  # perf_counter seconds by which the first token is due
+    prediction: Prediction
+    decision: Decision
+    jobs: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def latest_start(self) -> float:
+        """When the media work must start at the latest to meet the deadline."""
+        return self.deadline - self.prediction.ttft_ms / 1e3 + self.prediction.media.wait_ms / 1e3
+
+
+class Controller:
+    """Prices each request against the stage pools; with policy "fcfs" admits everything in arrival order."""
+
+    def __init__(self, decoders: ReplicaPool, encoders: ReplicaPool, llms: ReplicaPool, *,
+                 defaults: SloDefaults, policy: str, headroom: float):
+        self.pools = {"decoder": decoders, "encoder": encoders, "llm": llms}
+        self.defaults = defaults
+        self.policy = policy
+        self.headroom = headroom
+        self.backlogs = {stage: Backlog() for stage in self.pools}
+
+    def admit(self, kinds: list[str], shapes: list[MediaShape], prompt_tokens: float, *, ttft_ms: float,
+              tpot_ms: float, allow_degrade: bool, now: float) -> Ticket:
+        """A ticket saying whether the request may run; an admitted one is entered in the backlogs."""
+        cls, slo = self.defaults.for_request(kinds, ttft_ms, tpot_ms)
+        deadline = now + slo.ttft_ms / 1e3
+        prediction = self.predict(shapes, prompt_tokens, deadline)
+        decision = (Decision(True) if self.policy == "fcfs" else
+                    decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom))
+        ticket = Ticket(cls, slo, deadline, prediction, decision)
+        if decision.admit:
+            scale = decision.frame_scale
+            decode, encode = self._media_work(shapes, scale)
+            for stage, work in (("decoder", decode), ("encoder", encode), ("llm", prediction.llm.work_ms)):
+                ticket.jobs[stage] = self.backlogs[stage].add(deadline, work)
+            self._report()
+        return ticket
+
+    def finish(self, ticket: Ticket, stage: str) -> None:
+        """The ticket's work at this stage is done (or abandoned)."""
+        if (job := ticket.jobs.pop(stage, None)) is not None:
+            self.backlogs[stage].remove(job)
+            self._report()
+
+    def release(self, ticket: Ticket) -> None:
+        for stage in list(ticket.jobs):
+            self.finish(ticket, stage)
+
+    def predict(self, shapes: list[MediaShape], prompt_tokens: float, deadline: float) -> Prediction:
+        decode, encode = self._media_work(shapes)
+        media_wait = 0.0
+        if decode or encode:
+            media_wait = max(self._wait_ms("decoder", deadline), self._wait_ms("encoder", deadline))
+        llm = self._best("llm", lambda r: r.costs.prefill.predict(prompt_tokens))
+        step = self._best("llm", lambda r: r.costs.step.predict(r.num_in_flight + 1))
+        return Prediction(StageTimes(media_wait, decode + encode),
+                          StageTimes(self._wait_ms("llm", deadline), llm), step)
+
+    def _media_work(self, shapes: list[MediaShape], frame_scale: float = 1.0) -> tuple[float, float]:
+        decode = sum(self._best("decoder", lambda r, s=s: r.costs.predict(s.num_frames * frame_scale,
+                                                                        s.num_pixels * frame_scale))
+                     for s in shapes)
+        encode = sum(self._best("encoder", lambda r, s=s: r.costs.predict(s.num_patches * frame_scale))
+                     for s in shapes)
+        return decode, encode
+
+    def _best(self, stage: str, cost) -> float:
+        """The predicted cost on the stage's cheapest healthy replica (0 when none is known)."""
+        return min((cost(r) for r in self.pools[stage].healthy()), default=0.0)
+
+    def _wait_ms(self, stage: str, deadline: float) -> float:
+        """Work due no later than deadline, spread over the stage's healthy replicas."""
+        replicas = max(1, len(self.pools[stage].healthy()))
+        return self.backlogs[stage].work_ahead_ms(deadline) / replicas
+
+    def _report(self) -> None:
+        for stage, backlog in self.backlogs.items():
+            metrics.BACKLOG_MS.labels(stage).set(backlog.total_ms())
+
+
+def estimate_prompt_tokens(num_text_chars: int, shapes: list[MediaShape]) -> float:
+    """Prompt tokens before tokenising: about 3 characters per token plus the merged vision tokens."""
+    return num_text_chars / 3 + sum(s.num_patches / _MERGE for s in shapes) + 8

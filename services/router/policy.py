@@ -1,0 +1,156 @@
+"""SLO policy of the router: request classes, predicted TTFT, admission, least-slack ordering (plain Python)."""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    ttft_ms: float
+    tpot_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SloDefaults:
+    """Default SLOs by request class: the heaviest media item decides the class."""
+
+    video: Slo
+    image: Slo
+    text: Slo
+
+    def for_request(self, kinds: list[str], ttft_ms: float = 0.0, tpot_ms: float = 0.0) -> tuple[str, Slo]:
+        """The request class and its SLO; a request's own nonzero targets win."""
+        cls = "video" if "video" in kinds else "image" if "image" in kinds else "text"
+        default = getattr(self, cls)
+        return cls, Slo(ttft_ms or default.ttft_ms, tpot_ms or default.tpot_ms)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageTimes:
+    """Predicted milliseconds of one stage for one request: waiting behind more urgent work, then working."""
+
+    wait_ms: float = 0.0
+    work_ms: float = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        return self.wait_ms + self.work_ms
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    media: StageTimes  # decode and encode of every media item not in the cache
+    llm: StageTimes  # queue and prefill
+    step_ms: float  # one decode step of the llm at its predicted batch size
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.media.total_ms + self.llm.total_ms
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    admit: bool
+    reason: str = ""
+    retry_after_ms: float = 0.0
+    # Fraction of the requested video frames to keep (1.0: as asked) when degradation was accepted.
+    frame_scale: float = 1.0
+
+
+def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: float = 1.0,
+           min_frame_scale: float = 0.125) -> Decision:
+    """Admit when the request can meet its TTFT and TPOT targets if started now; else refuse or degrade.
+
+    A refused request gets a retry hint: how long until the backlog ahead of it has drained enough.
+    A request that accepts degradation keeps fewer video frames, which shrinks decode and encode.
+    """
+    budget = slo.ttft_ms * headroom
+    if prediction.step_ms > slo.tpot_ms * headroom:
+        return Decision(False, f"predicted time per token {prediction.step_ms:.0f} ms exceeds the "
+                               f"{slo.tpot_ms:.0f} ms target", retry_after_ms=_retry_ms(prediction.llm.wait_ms))
+    if prediction.ttft_ms <= budget:
+        return Decision(True)
+    fixed = prediction.ttft_ms - prediction.media.work_ms
+    if allow_degrade and prediction.media.work_ms > 0 and fixed < budget:
+        scale = (budget - fixed) / prediction.media.work_ms
+        if scale >= min_frame_scale:
+            return Decision(True, "degraded", frame_scale=scale)
+    over = prediction.ttft_ms - budget
+    return Decision(False, f"predicted time to first token {prediction.ttft_ms:.0f} ms exceeds the "
+                           f"{slo.ttft_ms:.0f} ms target", retry_after_ms=_retry_ms(over))
+
+
+def _retry_ms(ms: float) -> float:
+    return float(max(50, math.ceil(ms / 50) * 50))
+
+
+def degraded_frames(max_frames: int, scale: float, *, min_frames: int = 4) -> int:
+    """An even frame cap, scale times the original, never below min_frames."""
+    frames = max(min_frames, int(max_frames * scale))
+    return frames - frames % 2
+
+
+@dataclasses.dataclass
+class Job:
+    """A request's outstanding work at one stage pool."""
+
+    deadline: float  # seconds, monotonic clock: the TTFT deadline
+    work_ms: float
+
+
+class Backlog:
+    """The predicted work outstanding at one stage pool, to price the wait of a new request.
+
+    Work is served least-slack first, so a new request waits only for jobs due no later than it.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, deadline: float, work_ms: float) -> int:
+        job_id = next(self._ids)
+        self._jobs[job_id] = Job(deadline, work_ms)
+        return job_id
+
+    def remove(self, job_id: int) -> None:
+        self._jobs.pop(job_id, None)
+
+    def work_ahead_ms(self, deadline: float) -> float:
+        return sum(j.work_ms for j in self._jobs.values() if j.deadline <= deadline)
+
+    def total_ms(self) -> float:
+        return sum(j.work_ms for j in self._jobs.values())
+
+
+class SlackQueue:
+    """Waiters ordered by latest start time (deadline minus remaining work), then arrival."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, object]] = []
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, latest_start: float, item: object) -> None:
+        heapq.heappush(self._heap, (latest_start, next(self._order), item))
+
+    def pop(self) -> object:
+        return heapq.heappop(self._heap)[2]
+
+    def discard(self, item: object) -> None:
+        """Removes item if present (a waiter that gave up)."""
+        for i, entry in enumerate(self._heap):
+            if entry[2] is item:
+                self._heap[i] = self._heap[-1]
+                self._heap.pop()
+                heapq.heapify(self._heap)
+                return

@@ -1,0 +1,69 @@
+"""The router's three stage pools, filled from static address lists and the Redis registry."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from mmserve.registry import RegistryReader
+from mmserve.v1 import decoder_pb2_grpc, encoder_pb2_grpc, llm_pb2_grpc
+from services.router import metrics
+from services.router.config import RouterConfig
+from services.router.costs import CostSeeds, DecodeCost, LlmCosts, encode_cost
+from services.router.replicas import ReplicaPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Pools:
+    decoders: ReplicaPool
+    encoders: ReplicaPool
+    llms: ReplicaPool
+
+    def __iter__(self):
+        return iter((self.decoders, self.encoders, self.llms))
+
+
+def build_pools(config: RouterConfig, seeds: CostSeeds | None = None) -> Pools:
+    """Pools with one cost model per replica; static addresses are added at once (used once healthy)."""
+    seeds = seeds or CostSeeds()
+    slo = config.policy == "slo"
+    common = dict(max_message_bytes=config.max_message_bytes, policy=config.policy)
+    pools = Pools(
+        ReplicaPool("decoder", decoder_pb2_grpc.DecoderStub, make_costs=lambda: DecodeCost(seeds),
+                    max_in_flight=config.decoder_max_in_flight if slo else 0, **common),
+        ReplicaPool("encoder", encoder_pb2_grpc.EncoderStub, make_costs=lambda: encode_cost(seeds),
+                    max_in_flight=config.encoder_max_in_flight if slo else 0, **common),
+        # The llm batches continuously and orders its own queue by deadline: no slots, only selection.
+        ReplicaPool("llm", llm_pb2_grpc.LlmStub, make_costs=lambda: LlmCosts(seeds), **common))
+    for pool, addresses in zip(pools, (config.decoder_addrs, config.encoder_addrs, config.llm_addrs)):
+        for address in RouterConfig.split(addresses):
+            pool.add(address)
+    return pools
+
+
+async def follow_registry(config: RouterConfig, pools: Pools) -> None:
+    """Keeps each pool equal to its static addresses plus the replicas alive in the registry."""
+    reader = RegistryReader(config.registry_url)
+    static = {pool.stage: RouterConfig.split(a)
+              for pool, a in zip(pools, (config.decoder_addrs, config.encoder_addrs, config.llm_addrs))}
+    try:
+        while True:
+            for pool in pools:
+                members = await reader.members(pool.stage)
+                if members is not None:  # registry unreadable: keep the last view
+                    pool.set_addresses(sorted(set(static[pool.stage]) | set(members)))
+            await asyncio.sleep(config.registry_refresh_s)
+    finally:
+        await reader.close()
+
+
+async def report_health(pools: Pools, interval_s: float = 1.0) -> None:
+    """Publishes the number of healthy replicas per stage."""
+    while True:
+        for pool in pools:
+            metrics.HEALTHY.labels(pool.stage).set(len(pool.healthy()))
+            metrics.WAITING.labels(pool.stage).set(pool.num_waiting)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,70 @@
+"""Warm-up profile: one small image through every decoder and encoder, one short prompt through every llm.
+
+It seeds each replica's cost models with a measurement before real traffic arrives, and warms the
+replicas' lazy paths (worker processes, kernels) so the first user request does not pay for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import grpc
+
+from mmserve import transport
+from mmserve.media import preprocess as pp
+from mmserve.media.samples import make_image
+from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
+from services.router.pools import Pools
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT_S = 60.0
+
+
+async def warm_up(pools: Pools, processing: pp.ImageProcessing) -> None:
+    """Profiles every healthy replica once; failures are logged and ignored (live traffic refines anyway)."""
+    try:
+        for pool in pools:
+            await pool.wait_healthy(_TIMEOUT_S)
+        image = make_image(width=224, height=224, fmt="PNG")
+        decoders = pools.decoders.healthy()
+        for i, encoder in enumerate(pools.encoders.healthy()):
+            frames = await _decode(decoders[i % len(decoders)], image, processing)
+            await _encode(encoder, frames)
+        for llm in pools.llms.healthy():
+            await _prefill(llm)
+        log.info("warm-up profile done")
+    except (grpc.aio.AioRpcError, TimeoutError) as err:
+        log.warning("warm-up profile incomplete: %s", err)
+
+
+async def _decode(decoder, image: bytes, processing: pp.ImageProcessing):
+    request = decoder_pb2.DecodeRequest(request_id="warmup", kind=decoder_pb2.MEDIA_KIND_IMAGE, data=image,
+                                        min_pixels=processing.min_pixels, max_pixels=processing.max_pixels)
+    start = time.perf_counter()
+    chunks = [c async for c in decoder.stub.Decode(request, timeout=_TIMEOUT_S, metadata=transport.caller_metadata())]
+    decoder.costs.observe(1, math.prod(chunks[0].frames.shape[:3]), (time.perf_counter() - start) * 1e3)
+    return chunks[0].frames
+
+
+async def _encode(encoder, frames) -> None:
+    reply = await encoder.stub.Encode(encoder_pb2.EncodeRequest(request_id="warmup", kind=decoder_pb2.MEDIA_KIND_IMAGE,
+                                                                frames=frames),
+                                      timeout=_TIMEOUT_S, metadata=transport.caller_metadata())
+    encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
+
+
+async def _prefill(llm) -> None:
+    request = llm_pb2.LlmRequest(
+        request_id="warmup", messages=[llm_pb2.LlmMessage(role="user", parts=[llm_pb2.LlmPart(text="warm up " * 16)])],
+        sampling=api_pb2.SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0))
+    first_token = 0.0
+    async for reply in llm.stub.Generate(request, timeout=_TIMEOUT_S):
+        if reply.WhichOneof("event") == "final":
+            llm.costs.prefill.observe(reply.final.prompt_tokens, reply.final.prefill_ms)
+            llm.costs.step.observe(1, (time.perf_counter() - first_token) * 1e3 / 7)
+        else:
+            first_token = first_token or time.perf_counter()
+

@@ -1,0 +1,200 @@
+"""Router policy in plain Python: cost models, admission, least-slack ordering, replica slots and selection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.router.costs import CostSeeds, DecodeCost, MediaShape, OnlineLinear, ShapeEstimator, TokenCost
+from services.router.policy import (Backlog, Prediction, SlackQueue, Slo, SloDefaults, StageTimes, decide,
+                                    degraded_frames)
+from services.router.replicas import NoReplicaError, Replica, ReplicaPool
+
+
+# Cost models ---------------------------------------------------------------------------------------
+
+def test_online_linear_starts_at_the_seed_and_converges_to_the_truth():
+    model = OnlineLinear([10.0, 1.0])
+    assert model.predict([1, 100]) == pytest.approx(110.0)
+    for n in range(200):
+        tokens = 50 + (n * 37) % 400
+        model.update([1, tokens], 3.0 + 0.25 * tokens)
+    assert model.predict([1, 1000]) == pytest.approx(253.0, rel=0.02)
+
+
+def test_online_linear_follows_a_replica_that_slows_down():
+    model = TokenCost(1.0, 0.1)
+    for _ in range(100):
+        model.observe(100, 11.0)
+    for _ in range(100):
+        model.observe(100, 33.0)  # three times slower now
+    assert model.predict(100) == pytest.approx(33.0, rel=0.05)
+
+
+def test_predictions_are_never_negative():
+    model = OnlineLinear([-50.0, 0.1])
+    assert model.predict([1, 10]) == 0.0
+
+
+def test_decode_cost_learns_per_frame_and_per_pixel():
+    cost = DecodeCost(CostSeeds())
+    for frames in (4, 8, 16, 32, 64):
+        for mp in (0.1, 0.5, 1.0):
+            cost.observe(frames, frames * mp * 1e6, 20 + 3 * frames + 10 * frames * mp)
+    assert cost.predict(48, 48 * 0.75e6) == pytest.approx(20 + 3 * 48 + 10 * 48 * 0.75, rel=0.05)
+
+
+def test_shape_estimator_is_exact_for_media_seen_before_and_scales_by_size_otherwise():
+    shapes = ShapeEstimator()
+    assert shapes.estimate("video", "a", 2_000_000, max_frames=768, max_pixels=1e6) == MediaShape(0, 0, 0)
+    seen = MediaShape(32, 32 * 200_000, 32 * 1000)
+    shapes.observe("video", "a", 2_000_000, seen)
+    assert shapes.estimate("video", "a", 2_000_000, max_frames=768, max_pixels=1e6) == seen
+    bigger = shapes.estimate("video", "b", 4_000_000, max_frames=768, max_pixels=1e6)
+    assert bigger.num_frames == pytest.approx(64)
+    capped = shapes.estimate("video", "c", 4_000_000, max_frames=40, max_pixels=1e6)
+    assert capped.num_frames == 40
+
+
+# Admission -----------------------------------------------------------------------------------------
+
+def prediction(media_wait=0.0, media_work=0.0, llm_wait=0.0, llm_work=10.0, step=5.0) -> Prediction:
+    return Prediction(StageTimes(media_wait, media_work), StageTimes(llm_wait, llm_work), step)
+
+
+def test_slo_defaults_by_class_and_request_overrides():
+    defaults = SloDefaults(video=Slo(8000, 100), image=Slo(3000, 100), text=Slo(1000, 50))
+    assert defaults.for_request(["image", "video"]) == ("video", Slo(8000, 100))
+    assert defaults.for_request(["image"], ttft_ms=500) == ("image", Slo(500, 100))
+    assert defaults.for_request([], tpot_ms=20) == ("text", Slo(1000, 20))
+
+
+def test_admits_what_fits_and_refuses_with_a_retry_hint_what_does_not():
+    slo = Slo(ttft_ms=1000, tpot_ms=100)
+    assert decide(prediction(media_work=500), slo, allow_degrade=False).admit
+    refused = decide(prediction(media_wait=900, media_work=500), slo, allow_degrade=False)
+    assert not refused.admit
+    assert "time to first token" in refused.reason
+    assert refused.retry_after_ms >= 410  # at least the predicted overrun
+    assert not decide(prediction(step=150), slo, allow_degrade=False).admit
+
+
+def test_degradation_keeps_fewer_frames_when_that_meets_the_target():
+    slo = Slo(ttft_ms=1000, tpot_ms=100)
+    decision = decide(prediction(media_wait=100, media_work=1780, llm_work=10), slo, allow_degrade=True)
+    assert decision.admit and decision.frame_scale == pytest.approx(0.5)
+    # Not even the smallest degradation fits: refused like everyone else.
+    assert not decide(prediction(media_wait=1500, media_work=1000), slo, allow_degrade=True).admit
+    assert degraded_frames(768, 0.5) == 384
+    assert degraded_frames(10, 0.1) == 4
+    assert degraded_frames(33, 0.5) % 2 == 0
+
+
+def test_backlog_counts_only_work_due_no_later():
+    backlog = Backlog()
+    early = backlog.add(deadline=10.0, work_ms=100)
+    backlog.add(deadline=20.0, work_ms=300)
+    assert backlog.work_ahead_ms(15.0) == 100
+    assert backlog.work_ahead_ms(25.0) == 400
+    backlog.remove(early)
+    assert backlog.total_ms() == 300 and len(backlog) == 1
+
+
+def test_slack_queue_serves_least_slack_first_then_arrival():
+    queue = SlackQueue()
+    for latest_start, name in [(5.0, "b"), (1.0, "a"), (5.0, "c"), (9.0, "d")]:
+        queue.push(latest_start, name)
+    queue.discard("d")
+    assert [queue.pop() for _ in range(len(queue))] == ["a", "b", "c"]
+
+
+# Replica pool --------------------------------------------------------------------------------------
+
+def make_pool(num_replicas: int, *, max_in_flight: int = 1, policy: str = "slo") -> ReplicaPool:
+    """A pool of healthy fake replicas (no channels: selection and slots are pure bookkeeping)."""
+    pool = ReplicaPool("encoder", stub_class=None, max_message_bytes=0, make_costs=lambda: TokenCost(1.0, 1.0),
+                       policy=policy, max_in_flight=max_in_flight, unhealthy_wait_s=0.01)
+    for i in range(num_replicas):
+        pool.replicas[f"r{i}"] = Replica(f"r{i}", channel=None, stub=None, costs=TokenCost(1.0, 1.0), healthy=True)
+    return pool
+
+
+async def test_slots_are_handed_out_least_slack_first():
+    pool = make_pool(1)
+    order = []
+
+    async def call(name: str, latest_start: float, hold: asyncio.Event):
+        async with pool.slot(latest_start=latest_start, work_ms=lambda r: 10.0):
+            order.append(name)
+            await hold.wait()
+
+    first = asyncio.Event()
+    tasks = [asyncio.ensure_future(call("first", 0.0, first))]
+    await asyncio.sleep(0)
+    released = asyncio.Event()
+    released.set()
+    for name, latest_start in [("relaxed", 50.0), ("urgent", 1.0), ("middle", 20.0)]:
+        tasks.append(asyncio.ensure_future(call(name, latest_start, released)))
+    await asyncio.sleep(0.01)
+    assert order == ["first"] and pool.num_waiting == 3
+    first.set()
+    await asyncio.gather(*tasks)
+    assert order == ["first", "urgent", "middle", "relaxed"]
+    assert pool.replicas["r0"].num_in_flight == 0 and pool.replicas["r0"].outstanding_ms == 0
+
+
+async def test_a_cancelled_waiter_gives_its_turn_back():
+    pool = make_pool(1)
+    hold = asyncio.Event()
+
+    async def call(latest_start: float):
+        async with pool.slot(latest_start=latest_start, work_ms=lambda r: 1.0):
+            await hold.wait()
+
+    holder = asyncio.ensure_future(call(0.0))
+    await asyncio.sleep(0)
+    waiter = asyncio.ensure_future(call(1.0))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    await asyncio.sleep(0.01)
+    assert pool.num_waiting == 0
+    hold.set()
+    await holder
+    assert pool.replicas["r0"].num_in_flight == 0
+
+
+async def test_power_of_two_choices_prefers_the_less_loaded_replica():
+    pool = make_pool(2, max_in_flight=0)
+    pool.replicas["r0"].outstanding_ms = 1000.0
+    for _ in range(20):
+        assert pool.choose(lambda r: 10.0).address == "r1"
+
+
+async def test_affinity_sticks_unless_that_replica_is_much_worse():
+    pool = make_pool(3, max_in_flight=0)
+    pool.remember("video-1", pool.replicas["r2"])
+    assert pool.choose(lambda r: 10.0, affinity="video-1").address == "r2"
+    pool.replicas["r2"].outstanding_ms = 10_000.0
+    assert pool.choose(lambda r: 10.0, affinity="video-1").address != "r2"
+
+
+async def test_fcfs_is_round_robin_without_slots():
+    pool = make_pool(3, policy="fcfs", max_in_flight=0)
+    picks = [pool.choose(lambda r: 0.0).address for _ in range(6)]
+    assert picks == ["r0", "r1", "r2", "r0", "r1", "r2"]
+
+
+async def test_unhealthy_and_excluded_replicas_get_no_work():
+    pool = make_pool(2, max_in_flight=0)
+    pool.replicas["r0"].healthy = False
+    assert {pool.choose(lambda r: 0.0).address for _ in range(10)} == {"r1"}
+    with pytest.raises(NoReplicaError):
+        async with pool.slot(latest_start=0.0, work_ms=lambda r: 0.0, exclude=frozenset({"r1"})):
+            pass
+
+
+def test_retry_hint_rounds_up_to_50_ms():
+    slo = Slo(1000, 100)
+    assert decide(prediction(media_wait=1001, llm_work=0), slo, allow_degrade=False).retry_after_ms == 50
+    assert decide(prediction(media_wait=1120, llm_work=0), slo, allow_degrade=False).retry_after_ms == 150
