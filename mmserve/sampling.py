@@ -8,6 +8,9 @@ from mmserve.v1 import api_pb2
 
 # What an unset SamplingParams.max_tokens means (documented in api.proto).
 DEFAULT_MAX_TOKENS = 256
+# Stop strings are matched on every delta and the longest one bounds how much text is held back.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,11 @@ class SamplingOptions:
             raise ValueError("sampling.min_tokens: larger than max_tokens")
         if any(not s for s in self.stop):
             raise ValueError("sampling.stop: empty stop string")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"sampling.stop: {len(self.stop)} stop strings, over the limit of {MAX_STOP_STRINGS}")
+        if (longest := max(map(len, self.stop), default=0)) > MAX_STOP_CHARS:
+            raise ValueError(f"sampling.stop: a stop string of {longest} characters, over the limit of "
+                             f"{MAX_STOP_CHARS}")
 
     @property
     def is_greedy(self) -> bool:

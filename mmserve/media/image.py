@@ -16,6 +16,19 @@ MAX_INPUT_PIXELS = 8192 * 8192
 MAX_INPUT_SIDE = 32768
 
 
+def _sniff(data: bytes) -> str | None:
+    """The format a file's magic bytes announce, if one we accept."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB conversion of transformers' convert_to_rgb: transparency is composited onto white."""
     if "A" in img.getbands() or img.info.get("transparency") is not None:
@@ -39,9 +52,11 @@ def decode_image(
     try:
         img = Image.open(io.BytesIO(data), formats=_FORMATS)
     except UnidentifiedImageError:
+        if (fmt := _sniff(data)) is not None:
+            raise MediaError(f"image: corrupt or unsupported {fmt} header") from None
         raise MediaError("image: not a JPEG, PNG, WebP or GIF file") from None
-    except Image.DecompressionBombError as e:
-        raise MediaError(f"image: dimensions too large ({e})") from None
+    except Image.DecompressionBombError as e:  # far beyond our own limit, refused by Pillow from the header
+        raise MediaError(f"image: dimensions too large, over the limit of {max_input_pixels} pixels ({e})") from None
     except Exception as e:  # Pillow raises assorted errors on malformed headers.
         raise MediaError(f"image: unreadable {type(e).__name__}: {e}") from None
     with img:

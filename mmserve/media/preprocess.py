@@ -67,6 +67,9 @@ def smart_nframes(
     """Number of frames to sample (qwen-vl-utils smart_nframes, fps mode)."""
     if not video_fps or video_fps <= 0 or not math.isfinite(video_fps):
         raise MediaError(f"video: invalid frame rate {video_fps}")
+    if total_frames < FRAME_FACTOR:
+        raise MediaError(f"video: cannot sample from a clip of only {total_frames} frame(s); "
+                         f"at least {FRAME_FACTOR} are needed")
     min_frames = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
     max_frames = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
     nframes = total_frames / video_fps * fps
