@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import signal
@@ -31,36 +32,56 @@ def insecure_channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=message_options(max_message_bytes))
 
 
+# The request a log line belongs to: set for every RPC from its request's `request_id` field.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
 def setup_logging(level: str) -> None:
-    """Plain structured-ish logging to stderr."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Logs to stderr as `time level logger [request id]: message`, so one request can be followed."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
-class CallerDomainInterceptor(grpc.aio.ServerInterceptor):
-    """Exposes the caller's declared shared-memory domain to the handler (transport.caller_domain)."""
+class RequestContextInterceptor(grpc.aio.ServerInterceptor):
+    """Sets the RPC's context: the caller's shared-memory domain (transport.caller_domain) and request id."""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         caller = dict(details.invocation_metadata or ()).get(transport.CALLER_DOMAIN_HEADER, "")
-        if handler is None or not caller:
+        if handler is None:
             return handler
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_with_domain(handler.unary_unary, caller))
+            return handler._replace(unary_unary=_in_context(handler.unary_unary, caller))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_with_domain(handler.unary_stream, caller))
+            return handler._replace(unary_stream=_in_context(handler.unary_stream, caller))
         return handler
 
 
-def _with_domain(behavior, caller: str):
+def _enter(request, caller: str) -> None:
+    # Each RPC runs in its own task and context, so these never leak into another request.
+    if caller:
+        transport.caller_domain.set(caller)
+    request_id.set(getattr(request, "request_id", "") or "-")
+
+
+def _in_context(behavior, caller: str):
     if inspect.isasyncgenfunction(behavior):
         async def stream(request, context):
-            transport.caller_domain.set(caller)  # each RPC runs in its own task and context
+            _enter(request, caller)
             async for reply in behavior(request, context):
                 yield reply
         return stream
 
     async def unary(request, context):
-        transport.caller_domain.set(caller)
+        _enter(request, caller)
         return await behavior(request, context)
     return unary
 
@@ -74,7 +95,7 @@ class Service:
             # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
             options=[*message_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=[CallerDomainInterceptor()],
+            interceptors=[RequestContextInterceptor()],
         )
         self.store = transport.TensorStore(config.transport, config.inline_limit_bytes, config.lease_s)
         self.health = health.aio.HealthServicer()

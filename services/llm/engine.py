@@ -172,6 +172,7 @@ class Engine:
     def _step(self) -> None:
         chunks = self.scheduler.schedule()
         if not chunks:
+            self._report_occupancy()  # e.g. the last request was aborted: the gauges must fall to zero
             return
         start = now = time.monotonic()
         for chunk in chunks:
@@ -198,11 +199,14 @@ class Engine:
         metrics.STEP_SECONDS.observe(seconds)
         metrics.STEP_TOKENS.observe(sum(c.num_new_tokens for c in chunks))
         metrics.GENERATED_TOKENS.inc(num_generated)
+        metrics.PREEMPTIONS.inc(self.scheduler.num_preemptions - self._preemptions_seen)
+        self._preemptions_seen = self.scheduler.num_preemptions
+        self._report_occupancy()
+
+    def _report_occupancy(self) -> None:
         metrics.RUNNING.set(len(self.scheduler.running))
         metrics.WAITING.set(len(self.scheduler.waiting))
         metrics.KV_BLOCKS_USED.set(self.block_manager.num_blocks - self.block_manager.num_free_blocks)
-        metrics.PREEMPTIONS.inc(self.scheduler.num_preemptions - self._preemptions_seen)
-        self._preemptions_seen = self.scheduler.num_preemptions
 
     def _emit(self, request: _Request, token: int, now: float) -> None:
         seq = request.seq

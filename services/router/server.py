@@ -9,6 +9,7 @@ import uuid
 
 import grpc
 
+from mmserve import rpc
 from mmserve.media.preprocess import MediaError
 from mmserve.v1 import api_pb2, api_pb2_grpc, llm_pb2
 from services.router import metrics
@@ -62,6 +63,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
     async def Generate(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
+        rpc.request_id.set(request_id)
         remaining = context.time_remaining()
         deadline = start + (remaining if remaining is not None else self.config.request_timeout_s)
         ticket: Ticket | None = None
@@ -112,6 +114,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             if ticket is not None:
                 self.controller.release(ticket)
             metrics.REQUESTS.labels(ticket.cls if ticket else "unknown", code.name).inc()
+            log.info("ended class=%s status=%s ms=%.0f", ticket.cls if ticket else "-", code.name,
+                     (time.perf_counter() - start) * 1e3)
 
     async def _admit(self, request: api_pb2.GenerateRequest, prepared: list[Prepared],
                      now: float) -> tuple[Ticket, list[Prepared]]:

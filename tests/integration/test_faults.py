@@ -27,12 +27,12 @@ pytestmark = pytest.mark.slow
 
 
 def _replica(stage: str, name: str, tiny_model, redis_server) -> Child:
-    port = free_port()
-    common = dict(port=port, registry_url=redis_server.url, log_level="WARNING")
+    port, metrics_port = free_port(), free_port()
+    common = dict(port=port, metrics_port=metrics_port, registry_url=redis_server.url, log_level="WARNING")
     config = {"decoder": lambda: DecoderConfig(**common),
               "encoder": lambda: EncoderConfig(model=str(tiny_model), redis_url=redis_server.url, **common),
               "llm": lambda: LlmConfig(model=str(tiny_model), **common)}[stage]()
-    return Child(name, [*_python(stage), *config.to_argv()], f"127.0.0.1:{port}")
+    return Child(name, [*_python(stage), *config.to_argv()], f"127.0.0.1:{port}", metrics_port)
 
 
 def _python(stage: str) -> list[str]:
@@ -66,10 +66,12 @@ class Cluster:
         for stack in reversed(self.stacks):
             stack.stop()
 
-    def metric(self, name: str, **labels) -> float:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+    def metric(self, name: str, port: int = 0, **labels) -> float:
+        """A sample of the router's metrics (or those of the service with metrics on port)."""
+        url = f"http://127.0.0.1:{port or self.metrics_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
         selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        match = re.search(rf"^{name}{{{selector}}} (\S+)$", body, re.M)
+        match = re.search(rf"^{name}{{{selector}}} (\S+)$" if selector else rf"^{name} (\S+)$", body, re.M)
         return float(match.group(1)) if match else 0.0
 
     def wait_for(self, predicate, timeout_s: float = 30.0) -> None:
@@ -106,6 +108,18 @@ def test_router_finds_every_replica_through_the_registry(cluster, cluster_router
         cluster.wait_for(lambda stage=stage: _healthy(cluster, stage) == 2)
     result = collect(cluster_router, request(image(make_image(width=56, height=56)), text("hi"), num_tokens=4))
     assert result.final.completion_tokens == 4
+
+
+def test_a_client_that_goes_away_frees_its_kv_blocks_in_the_llm(cluster, cluster_router):
+    llms = [cluster.replicas[f"llm-{i}"] for i in range(2)]
+    for i in range(4):
+        stream = cluster_router.Generate(request(text(f"a long answer {i}"), num_tokens=2000), timeout=120)
+        next(stream), next(stream)  # streaming has begun
+        assert sum(cluster.metric("mmserve_llm_running_sequences", port=c.metrics_port) for c in llms) >= 1
+        stream.cancel()
+    for llm in llms:
+        cluster.wait_for(lambda llm=llm: cluster.metric("mmserve_llm_running_sequences", port=llm.metrics_port) == 0
+                         and cluster.metric("mmserve_llm_kv_blocks_used", port=llm.metrics_port) == 0)
 
 
 def _one(router, i: int) -> str:
@@ -157,12 +171,13 @@ def test_kill_9_of_a_replica_per_stage_under_load_loses_nothing(cluster, cluster
 
 
 def test_refused_when_the_ttft_target_cannot_be_met(cluster, cluster_router):
-    req = request(text("hurry"), num_tokens=4)
-    req.slo.ttft_ms = 1  # no prefill is that fast
+    # The router has decoded, encoded and prefilled images by now: it knows they take milliseconds.
+    req = request(image(make_image(width=448, height=448, seed=99)), text("hurry"), num_tokens=4)
+    req.slo.ttft_ms = 1
     with pytest.raises(grpc.RpcError) as caught:
         collect(cluster_router, req)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "time to first token" in caught.value.details()
     hint = dict(caught.value.trailing_metadata())["retry-after-ms"]
     assert int(hint) >= 50
-    assert cluster.metric("mmserve_router_refused_total", cls="text") >= 1
+    assert cluster.metric("mmserve_router_refused_total", cls="image") >= 1
