@@ -83,10 +83,19 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, redis_server):
-    running = Cluster(tiny_model, redis_server)
+    # Free ports are picked before the children bind them; in a busy suite another socket can take one
+    # in between and a child exits at start-up. One fresh set of ports is then tried.
+    for attempt in range(2):
+        running = Cluster(tiny_model, redis_server)
+        try:
+            running.start(list(running.replicas.values()))
+            running.start([running.router])
+            break
+        except RuntimeError:
+            running.stop()
+            if attempt:
+                raise
     try:
-        running.start(list(running.replicas.values()))
-        running.start([running.router])
         yield running
     finally:
         running.stop()
