@@ -16,7 +16,7 @@ from services.router.config import RouterConfig
 from services.router.media import MediaStage
 from services.router.openai_api import OpenAiServer
 from services.router.policy import Slo, SloDefaults
-from services.router.pools import build_pools, follow_registry, report_health
+from services.router.pools import build_pools, export_gauges, follow_registry
 from services.router.server import RouterServicer
 from services.router.warmup import warm_up
 
@@ -31,7 +31,8 @@ async def run_router_process(config: RouterConfig) -> None:
                             defaults=SloDefaults(video=Slo(config.slo_ttft_ms_video, config.slo_tpot_ms),
                                                  image=Slo(config.slo_ttft_ms_image, config.slo_tpot_ms),
                                                  text=Slo(config.slo_ttft_ms_text, config.slo_tpot_ms)))
-    background = [asyncio.ensure_future(report_health(pools))]
+    export_gauges(pools)
+    background: list[asyncio.Task] = []
     if config.registry_url:
         background.append(asyncio.ensure_future(follow_registry(config, pools)))
     cache = EmbeddingCache.from_options(config)

@@ -114,7 +114,8 @@ class ShapeEstimator:
     exact shape replaces it as soon as the item has been decoded once (repeats are the common case).
     """
 
-    def __init__(self, max_entries: int = 4096):
+    def __init__(self, patch_size: int, max_entries: int = 4096):
+        self.patch_size = patch_size
         self._seen: dict[str, MediaShape] = {}
         self._per_mb: dict[str, MediaShape] = {}
         self.max_entries = max_entries
@@ -129,7 +130,7 @@ class ShapeEstimator:
             return MediaShape(0.0, 0.0, 0.0)
         frames = 1.0 if kind == "image" else min(max_frames, max(2.0, rate.num_frames * mb))
         pixels = min(frames * max_pixels, rate.num_pixels * mb)
-        return MediaShape(frames, pixels, min(rate.num_patches * mb, pixels / (14 * 14)))
+        return MediaShape(frames, pixels, min(rate.num_patches * mb, pixels / self.patch_size ** 2))
 
     def observe(self, kind: str, digest: str, num_bytes: int, shape: MediaShape) -> None:
         if len(self._seen) >= self.max_entries:

@@ -74,7 +74,7 @@ class MediaStage:
         self.model_id = model_id
         self.processing = processing
         self.fetch_policy = fetch_policy
-        self.shapes = ShapeEstimator()
+        self.shapes = ShapeEstimator(processing.patch_size)
 
     def params(self, item: MediaItem) -> MediaParams:
         """The effective preprocessing parameters: request overrides, else the model's defaults."""
@@ -119,7 +119,7 @@ class MediaStage:
         hit = await self._lookup(prepared.key) if self.cache is not None else None
         shape = None
         if hit is None:
-            shape = image_shape(prepared.data, prepared.params) if prepared.item.kind == "image" else None
+            shape = image_shape(prepared.data, prepared.params, self.processing.patch_size) if prepared.item.kind == "image" else None
             shape = shape or self.shapes.estimate(prepared.item.kind, prepared.digest, len(prepared.data),
                                                   max_frames=prepared.params.max_frames or 1,
                                                   max_pixels=prepared.params.max_pixels)
@@ -199,7 +199,7 @@ class MediaStage:
 
     async def _encode(self, request: encoder_pb2.EncodeRequest, prepared: Prepared, deadline: float,
                       latest_start: float, exclude: frozenset[str]) -> encoder_pb2.EncodeResponse:
-        num_patches = math.prod(request.frames.shape[:3]) / (14 * 14)
+        num_patches = math.prod(request.frames.shape[:3]) / self.processing.patch_size ** 2
         # Chunk i goes where chunk i of this media went last; different chunks still spread over replicas.
         affinity = f"{prepared.digest}:{request.cache.chunk_index}"
         async with self.encoders.slot(latest_start=latest_start, exclude=exclude, affinity=affinity,
@@ -224,7 +224,7 @@ class MediaStage:
                                       grid_thw=list(entry.grid_thw), second_per_grid_t=entry.second_per_grid_t)
 
 
-def image_shape(data: bytes, params: MediaParams) -> MediaShape | None:
+def image_shape(data: bytes, params: MediaParams, patch_size: int) -> MediaShape | None:
     """An image's exact decode and encode size from its header alone (None when the header is unreadable)."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as image:
@@ -232,7 +232,7 @@ def image_shape(data: bytes, params: MediaParams) -> MediaShape | None:
         h, w = pp.smart_resize(height, width, min_pixels=params.min_pixels, max_pixels=params.max_pixels)
     except (OSError, ValueError, PIL.Image.DecompressionBombError):
         return None  # the decoder names the problem
-    return MediaShape(1, h * w, (h // 14) * (w // 14))
+    return MediaShape(1, h * w, (h // patch_size) * (w // patch_size))
 
 
 class ReplicaDown(Exception):

@@ -60,10 +60,8 @@ async def follow_registry(config: RouterConfig, pools: Pools) -> None:
         await reader.close()
 
 
-async def report_health(pools: Pools, interval_s: float = 1.0) -> None:
-    """Publishes the number of healthy replicas per stage."""
-    while True:
-        for pool in pools:
-            metrics.HEALTHY.labels(pool.stage).set(len(pool.healthy()))
-            metrics.WAITING.labels(pool.stage).set(pool.num_waiting)
-        await asyncio.sleep(interval_s)
+def export_gauges(pools: Pools) -> None:
+    """Healthy replicas and waiting calls per stage, read from the pools whenever metrics are scraped."""
+    for pool in pools:
+        metrics.HEALTHY.labels(pool.stage).set_function(lambda pool=pool: len(pool.healthy()))
+        metrics.WAITING.labels(pool.stage).set_function(lambda pool=pool: pool.num_waiting)

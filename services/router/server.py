@@ -146,13 +146,13 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                           prepared: list[Prepared]):
         """The llm's replies; a replica that is unavailable before its first reply is replaced by another."""
         affinity = prepared[0].digest if prepared else None  # its KV prefix may still be cached there
-        tokens = ticket.prediction.llm.work_ms
+        prefill_ms = ticket.prediction.llm.work_ms
         exclude: frozenset[str] = frozenset()
         for attempt in range(self.config.stage_attempts):
             started = False
             try:
                 async with self.llms.slot(latest_start=ticket.deadline, affinity=affinity, exclude=exclude,
-                                          work_ms=lambda r: tokens + r.costs.step.predict(r.num_in_flight)) as llm:
+                                          work_ms=lambda r: prefill_ms + r.costs.step.predict(r.num_in_flight)) as llm:
                     if affinity is not None:
                         self.llms.remember(affinity, llm)
                     stream = llm.stub.Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter()))

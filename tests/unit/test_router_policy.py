@@ -46,7 +46,7 @@ def test_decode_cost_learns_per_frame_and_per_pixel():
 
 
 def test_shape_estimator_is_exact_for_media_seen_before_and_scales_by_size_otherwise():
-    shapes = ShapeEstimator()
+    shapes = ShapeEstimator(patch_size=14)
     assert shapes.estimate("video", "a", 2_000_000, max_frames=768, max_pixels=1e6) == MediaShape(0, 0, 0)
     seen = MediaShape(32, 32 * 200_000, 32 * 1000)
     shapes.observe("video", "a", 2_000_000, seen)
