@@ -74,17 +74,18 @@ class Cluster:
         match = re.search(rf"^{name}{{{selector}}} (\S+)$" if selector else rf"^{name} (\S+)$", body, re.M)
         return float(match.group(1)) if match else 0.0
 
-    def wait_for(self, predicate, timeout_s: float = 30.0) -> None:
+    def wait_for(self, predicate, timeout_s: float = 30.0, describe=lambda: "") -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
-            assert time.monotonic() < deadline, "condition not reached in time"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not reached in {timeout_s} s {describe()}")
             time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, redis_server):
-    # Free ports are picked before the children bind them; in a busy suite another socket can take one
-    # in between and a child exits at start-up. One fresh set of ports is then tried.
+    # A replica has been seen to abort (SIGABRT, cause not found yet) while starting in a busy suite:
+    # one fresh cluster is then tried, so that the start-up flake does not hide what these tests check.
     for attempt in range(2):
         running = Cluster(tiny_model, redis_server)
         try:
@@ -126,9 +127,10 @@ def test_a_client_that_goes_away_frees_its_kv_blocks_in_the_llm(cluster, cluster
         next(stream), next(stream)  # streaming has begun
         assert sum(cluster.metric("mmserve_llm_running_sequences", port=c.metrics_port) for c in llms) >= 1
         stream.cancel()
+    names = ("mmserve_llm_running_sequences", "mmserve_llm_waiting_sequences", "mmserve_llm_kv_blocks_used")
     for llm in llms:
-        cluster.wait_for(lambda llm=llm: cluster.metric("mmserve_llm_running_sequences", port=llm.metrics_port) == 0
-                         and cluster.metric("mmserve_llm_kv_blocks_used", port=llm.metrics_port) == 0)
+        occupancy = lambda llm=llm: [cluster.metric(n, port=llm.metrics_port) for n in names]  # noqa: E731
+        cluster.wait_for(lambda: not any(occupancy()), describe=lambda: f"{llm.name}: {dict(zip(names, occupancy()))}")
 
 
 def _one(router, i: int) -> str:
