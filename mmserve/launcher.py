@@ -8,8 +8,6 @@ import ctypes
 import dataclasses
 import logging
 import os
-import pathlib
-import random
 import shutil
 import signal
 import socket
@@ -30,33 +28,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-_issued_ports: set[int] = set()
-_PICKER = random.Random()  # its own generator: a test that seeds `random` must not make picks repeat
-
-
-def _ephemeral_floor() -> int:
-    try:
-        return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now, for a child process to bind later.
-
-    It is taken from below the kernel's ephemeral range: outgoing connections draw their local ports
-    from that range, so none can claim the port between this pick and the child's bind (the kernel's
-    own port-0 choice lies inside the range and loses that race on a busy machine). Ports already
-    handed out by this process are not handed out again.
-    """
-    floor = _ephemeral_floor()
-    low = max(1024, floor - 12000)
-    for _ in range(200):
-        port = _PICKER.randrange(low, floor)
-        if port not in _issued_ports and port_is_free(host, port):
-            _issued_ports.add(port)
-            return port
-    with socket.socket() as s:  # the range below is crowded: fall back to the kernel's choice
+    """A port nothing listens on right now."""
+    with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
