@@ -31,6 +31,8 @@ UNSUPPORTED_UNLESS = {
 }
 SAMPLING_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
                              "top_k", "min_tokens", "fps", "max_frames"})
+# mmserve extras mapped to GenerateRequest.slo (targets in ms; 0 or absent: the router's default for the class).
+SLO_FIELDS = frozenset({"ttft_ms", "tpot_ms", "allow_degrade"})
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
@@ -103,7 +105,7 @@ def parse_chat_request(body: Any, *, model_name: str, request_id: str) -> ChatRe
         if name in UNSUPPORTED_UNLESS:
             if value not in UNSUPPORTED_UNLESS[name]:
                 raise bad_request(name, f"{value!r} is not supported")
-        elif name not in HARMLESS_FIELDS and name not in SAMPLING_FIELDS:
+        elif name not in HARMLESS_FIELDS and name not in SAMPLING_FIELDS and name not in SLO_FIELDS:
             raise bad_request(name, "unrecognized request argument")
     model = body.get("model")
     if model is not None and model != model_name:
@@ -113,8 +115,8 @@ def parse_chat_request(body: Any, *, model_name: str, request_id: str) -> ChatRe
     options = _optional(body, "stream_options", dict, "stream_options") or {}
     include_usage = _optional(options, "include_usage", bool, "stream_options.include_usage") or False
     messages = _messages(body.get("messages"), _video_options(body, ""))
-    return ChatRequest(api_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=_sampling(body)),
-                       stream, include_usage)
+    return ChatRequest(api_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=_sampling(body),
+                                               slo=_slo(body)), stream, include_usage)
 
 
 def _optional(obj: dict, key: str, kind: type, where: str) -> Any:
@@ -163,6 +165,14 @@ def _sampling(body: dict) -> api_pb2.SamplingParams:
         raise bad_request("stop", "must be a string or a list of strings")
     s.stop.extend(stop or ())
     return s
+
+
+def _slo(body: dict) -> api_pb2.Slo | None:
+    ttft_ms, tpot_ms = _int(body, "ttft_ms", 0, UINT32, "ttft_ms"), _int(body, "tpot_ms", 0, UINT32, "tpot_ms")
+    allow_degrade = _optional(body, "allow_degrade", bool, "allow_degrade")
+    if ttft_ms is None and tpot_ms is None and allow_degrade is None:
+        return None
+    return api_pb2.Slo(ttft_ms=ttft_ms or 0, tpot_ms=tpot_ms or 0, allow_degrade=allow_degrade or False)
 
 
 def _video_options(obj: dict, where: str) -> dict:

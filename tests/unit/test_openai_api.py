@@ -95,6 +95,15 @@ def test_max_completion_tokens_wins_and_top_k_minus_one_is_off():
     assert not s.HasField("top_k") and not s.HasField("temperature")
 
 
+def test_slo_extras_map_to_the_request_slo_and_absent_ones_leave_it_unset():
+    req = parse(user({"type": "text", "text": "hi"}), ttft_ms=1500, tpot_ms=80, allow_degrade=True).grpc_request
+    assert req.HasField("slo")
+    assert (req.slo.ttft_ms, req.slo.tpot_ms, req.slo.allow_degrade) == (1500, 80, True)
+    only_degrade = parse(user({"type": "text", "text": "hi"}), allow_degrade=True).grpc_request.slo
+    assert (only_degrade.ttft_ms, only_degrade.tpot_ms, only_degrade.allow_degrade) == (0, 0, True)  # 0: default
+    assert not parse(user({"type": "text", "text": "hi"})).grpc_request.HasField("slo")
+
+
 def test_stream_flags_and_harmless_fields():
     chat = parse(user({"type": "text", "text": "hi"}), stream=True, stream_options={"include_usage": True}, n=1,
                  user="u-1", logprobs=False, response_format={"type": "text"}, presence_penalty=0, tools=[],
@@ -144,6 +153,12 @@ BAD = {
     "stop with a number": ({**GOOD, "stop": ["a", 1]}, "stop"),
     "top_k below -1": ({**GOOD, "top_k": -2}, "top_k"),
     "fps a string": ({**GOOD, "fps": "2"}, "fps"),
+    "ttft_ms negative": ({**GOOD, "ttft_ms": -1}, "ttft_ms"),
+    "ttft_ms a float": ({**GOOD, "ttft_ms": 1.5}, "ttft_ms"),
+    "tpot_ms a string": ({**GOOD, "tpot_ms": "50"}, "tpot_ms"),
+    "tpot_ms beyond uint32": ({**GOOD, "tpot_ms": 2**32}, "tpot_ms"),
+    "allow_degrade a string": ({**GOOD, "allow_degrade": "yes"}, "allow_degrade"),
+    "allow_degrade a number": ({**GOOD, "allow_degrade": 1}, "allow_degrade"),
     "stream a string": ({**GOOD, "stream": "yes"}, "stream"),
     "stream_options a list": ({**GOOD, "stream_options": []}, "stream_options"),
     "include_usage a string": ({**GOOD, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
