@@ -5,6 +5,8 @@ Every method returns the frames Qwen2.5-VL needs (2 fps, linspace indices, the m
   pyav         sequential PyAV as users write it: decode every frame, keep the sampled ones, resize
   pyav-frame-threads  the same with FFmpeg frame threading on all cores (a stronger lone-request peer)
   decord       decord VideoReader.get_batch (when installed; it pulls no torch)
+On a machine with NVDEC (a GPU and PyNvVideoCodec) mmserve decodes on the GPUs, and a GPU section follows:
+lone-request latency of the headline clip with 1..N GPUs and throughput per GPU with 8 concurrent requests.
 torchcodec is not run: its wheel pulls no torch, but it needs CUDA's libnvrtc and system FFmpeg libraries,
 which this CPU-only machine lacks.
 
@@ -31,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mmserve.media import nvdec  # noqa: E402
 from mmserve.media import preprocess as pp  # noqa: E402
 from services.decoder.config import DecoderConfig  # noqa: E402
 from services.decoder.oneshot import LocalDecoder  # noqa: E402
@@ -222,7 +225,28 @@ async def main() -> None:
         for method, rate in rates.items():
             print(f"{method:19} {rate:6.3f} req/s  {rate * clips[THROUGHPUT_CLIP][0]:6.1f} video-s/s", flush=True)
         print(f"mmserve vs best peer: {rates['mmserve'] / best_peer:.2f}x")
+    if nvdec.is_available():
+        await gpu_rows(str(paths[clip_name(clips[0])]), args.runs)
     print(f"speedup_vs_pyav={headline:.2f}")
+
+
+async def gpu_rows(path: str, runs: int) -> None:
+    """NVDEC: lone-request latency of one clip with 1..N GPUs, and throughput per GPU under 8 concurrent requests."""
+    print(f"\nNVDEC on {nvdec.num_gpus()} GPU(s), {Path(path).name}")
+    print(f"{'GPUs':>4} {'p50 s':>6} {'p90 s':>6} {'req/s':>6} {'req/s/GPU':>9}")
+    for num_gpus in range(1, nvdec.num_gpus() + 1):
+        async with LocalDecoder(DecoderConfig(device="cuda", nvdec_gpus=num_gpus, log_level="WARNING")) as decoder:
+            await decoder.decode(path)  # warm-up: CUDA context and decoder creation
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                await decoder.decode(path)
+                times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            await asyncio.gather(*(decoder.decode(path) for _ in range(CONCURRENCY)))
+            rate = CONCURRENCY / (time.perf_counter() - start)
+        p50, p90 = _stats(times)
+        print(f"{num_gpus:4} {p50:6.2f} {p90:6.2f} {rate:6.2f} {rate / num_gpus:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

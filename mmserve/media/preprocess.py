@@ -116,7 +116,7 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
         raise ValueError(f"expected uint8 [T,H,W,3] frames, got {frames.dtype} {tuple(frames.shape)}")
     if frames.shape[1] == height and frames.shape[2] == width:
         return frames
-    out = torch.empty((frames.shape[0], height, width, 3), dtype=torch.uint8)
+    out = torch.empty((frames.shape[0], height, width, 3), dtype=torch.uint8, device=frames.device)
     for start in range(0, frames.shape[0], _RESIZE_CHUNK):
         # permute (no copy) then .float() keeps the channels-last strides qwen-vl-utils' TCHW tensor has.
         chunk = frames[start:start + _RESIZE_CHUNK].permute(0, 3, 1, 2).float()

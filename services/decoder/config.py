@@ -24,11 +24,19 @@ class DecoderConfig(ServiceConfig):
     max_video_seconds: float = option(2 * 3600.0, "longest video accepted, from its headers")
     max_video_frames: int = option(2 * 3600 * 60, "most frames a video may have")
     scratch_dir: str = option("", "where request files for the workers go (empty: /dev/shm when present)")
+    device: str = option("auto", "video decoding: auto (NVDEC on every visible GPU when PyNvVideoCodec is "
+                                 "installed, else the CPU workers), cpu, or cuda (refuse to start without NVDEC)")
+    nvdec_sessions_per_gpu: int = option(4, "video chunks one GPU decodes at once (NVDEC sessions)")
+    nvdec_gpus: int = option(0, "GPUs the chunks of a video fan out over (0: every visible one)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if min(self.max_media_bytes, self.ffmpeg_threads, self.chunks_per_worker, self.max_video_frames) < 1:
             raise ValueError("max_media_bytes, ffmpeg_threads, chunks_per_worker, max_video_frames: must be positive")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("device: must be auto, cpu or cuda")
+        if self.nvdec_sessions_per_gpu < 1 or self.nvdec_gpus < 0:
+            raise ValueError("nvdec_sessions_per_gpu: must be positive; nvdec_gpus: not negative")
         if self.num_workers < 0:
             raise ValueError("num_workers: must be 0 (one per core) or positive")
         if min(self.task_timeout_s, self.max_video_seconds) <= 0 or min(self.min_chunk_cost,

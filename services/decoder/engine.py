@@ -6,23 +6,27 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmserve.media import nvdec
 from mmserve.media import preprocess as pp
 from mmserve.media.plan import Chunk, CostModel, PlanError, plan_chunks, workers_for_request
 from mmserve.media.preprocess import MediaError
 from mmserve.media.video import VideoIndex
 from services.decoder.config import DecoderConfig
-from services.decoder.pool import WorkerPool
+from services.decoder.pool import WorkerError, WorkerPool
 from services.decoder.worker import ChunkTask, ImageTask, IndexTask, SequentialTask, WorkerSettings
 
+log = logging.getLogger(__name__)
 
 FAULT_INJECTION_ENV = "MMSERVE_DECODER_FAULT_INJECTION"
 
@@ -96,6 +100,7 @@ class DecodeEngine:
         self.costs = CostModel(min_chunk=config.min_chunk_cost)
         self.scratch_dir = config.scratch_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.num_active = 0  # requests in the decoder, waiting or running: the measured queue
+        self.gpus = _gpu_decoders(config)
 
     async def start(self) -> None:
         await self.pool.start()
@@ -135,9 +140,16 @@ class DecodeEngine:
         """Chunks of a video's sampled frames, in order, each yielded as soon as it and those before it are done."""
         async with self._admitted(source, "video") as (workdir, path):
             c = self.config
+            # The container is indexed (and so first parsed) in a worker process on either path.
             index, _ = await self.pool.run(IndexTask(path, c.max_video_frames, c.max_video_seconds))
-            workers = workers_for_request(self.pool.num_workers, self.num_active)
+            on_gpus = not fault and await self._nvdec_takes(path)
+            num_decoders = self.gpus.num_devices * c.nvdec_sessions_per_gpu if on_gpus else self.pool.num_workers
+            workers = workers_for_request(num_decoders, self.num_active)
             plan = await asyncio.to_thread(plan_video, index, options, workers * c.chunks_per_worker, self.costs)
+            if on_gpus and plan.chunks is not None:
+                async for chunk in self._decode_on_gpus(path, plan):
+                    yield chunk
+                return
             out_path = os.path.join(workdir, "frames")
             out = await _scratch_write(_allocate, out_path, plan.out_shape)
             # Long chunks get a proportional time allowance; only a hung worker runs past it.
@@ -156,6 +168,52 @@ class DecodeEngine:
             finally:
                 for task in tasks:
                     task.cancel()
+
+    async def _nvdec_takes(self, path: str) -> bool:
+        """Whether this video goes to the GPUs: NVDEC is in use and the first GPU decodes its stream."""
+        if self.gpus is None:
+            return False
+        try:
+            await asyncio.to_thread(nvdec.check_supported, path, 0)
+        except nvdec.NvdecUnsupported as err:
+            log.info("decoding on the CPU workers: %s", err)
+            return False
+        return True
+
+    async def _decode_on_gpus(self, path: str, plan: VideoPlan) -> AsyncIterator[DecodedChunk]:
+        """The plan's chunks decoded at once, spread over the GPUs, yielded in order as each is done."""
+        out_hw = plan.out_shape[1:3]
+
+        def decode(chunk: Chunk) -> tuple[torch.Tensor, float]:
+            start = time.perf_counter()
+            try:
+                frames = self.gpus.decode(path, chunk.frame_indices, out_hw, self.gpus.device_for(chunk.index))
+            except MediaError:
+                raise
+            except Exception as err:  # PyNvVideoCodec's own exception types: a failure, not bad input
+                raise WorkerError(f"nvdec: {err}") from err
+            # The tensor transport carries host memory: the frames leave the GPU here, resized (small).
+            return frames.cpu(), (time.perf_counter() - start) * 1e3
+
+        tasks = [asyncio.ensure_future(asyncio.to_thread(decode, chunk)) for chunk in plan.chunks]
+        try:
+            for chunk, task in zip(plan.chunks, tasks):
+                frames, ms = await task
+                yield DecodedChunk(chunk.index, len(plan.chunks), frames, list(chunk.frame_indices),
+                                   plan.sample_fps, ms)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _gpu_decoders(config: DecoderConfig) -> nvdec.GpuDecoders | None:
+    """NVDEC over every visible GPU when the config and the machine allow it, else None (CPU workers)."""
+    if config.device == "cpu" or (config.device == "auto" and not nvdec.is_available()):
+        return None
+    if not nvdec.is_available():
+        raise RuntimeError("device cuda: no CUDA device or PyNvVideoCodec is not installed (pip install '.[gpu]')")
+    num_devices = min(config.nvdec_gpus or nvdec.num_gpus(), nvdec.num_gpus())
+    return nvdec.GpuDecoders(num_devices, config.nvdec_sessions_per_gpu)
 
 
 async def _scratch_write(fn, *args):
