@@ -7,6 +7,8 @@ import pathlib
 import re
 import sys
 
+from mmserve import tls
+
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from mmserve.models.tiny import build_tiny_model
@@ -42,14 +44,26 @@ def _up(args: argparse.Namespace) -> int:
     if (error := model_error(args.model)) is not None:
         print(f"mmserve up: {error}", file=sys.stderr)
         return 2
-    return main_up(StackSpec(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
-                             media_root=args.media_root, log_level=args.log_level,
-                             num_encoders=args.encoder_replicas, metrics=args.metrics, http_port=args.http_port))
+    spec = StackSpec(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
+                     media_root=args.media_root, log_level=args.log_level,
+                     num_encoders=args.encoder_replicas, metrics=args.metrics, http_port=args.http_port,
+                     tls_dir=args.tls_dir, api_tokens_file=args.api_tokens_file)
+    if args.aggregated:
+        from mmserve.aggregated import main_aggregated
+
+        return main_aggregated(spec)
+    return main_up(spec)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from mmserve import auth
     from mmserve.client import build_request, run_generate
 
+    try:
+        client_tls, token = tls.client_tls_from_args(args), auth.client_token(args.token_file)
+    except ValueError as err:
+        print(f"mmserve generate: {err}", file=sys.stderr)
+        return 2
     try:
         request = build_request(args.prompt, args.image, args.video, max_tokens=args.max_tokens,
                                 temperature=args.temperature, seed=args.seed, system=args.system,
@@ -58,7 +72,7 @@ def _generate(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"mmserve generate: {err}", file=sys.stderr)
         return 2
-    return run_generate(args.addr, request, args.timeout, 256 * 1024 * 1024)
+    return run_generate(args.addr, request, args.timeout, 256 * 1024 * 1024, client_tls, token)
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -114,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-replicas", type=int, default=1, help="encoder processes; a video's chunks spread over them")
     p.add_argument("--metrics", action="store_true", help="give every service a Prometheus endpoint (logged)")
     p.add_argument("--http-port", type=int, default=0, help="OpenAI-compatible HTTP API on this port (0: off)")
+    p.add_argument("--tls-dir", default="", help="TLS on the router's ports and mutual TLS between the services, "
+                                                 "from ca.pem, server.pem/.key, client.pem/.key in this directory")
+    p.add_argument("--api-tokens-file", default="", help="bearer tokens the public API requires, one per line "
+                                                         "(or MMSERVE_API_TOKENS=a,b in the environment)")
+    p.add_argument("--aggregated", action="store_true",
+                   help="run all four stages in this one process (one event loop) instead of four processes")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("generate", help="send a prompt with media and stream the answer",
@@ -132,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor for videos")
     p.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap for videos")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds the whole answer may take")
+    p.add_argument("--token-file", default="", help="file holding the bearer token to send (default: "
+                                                    "$MMSERVE_API_TOKEN)")
+    tls.add_client_arguments(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("decode", help="decode one video or image with the decoder's own code path",

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from mmserve import rpc
+from mmserve import rpc, tls
 
 log = logging.getLogger("mmserve.up")
 
@@ -53,6 +53,7 @@ class Child:
     address: str | None  # gRPC address to health-check, None for redis
     metrics_port: int = 0  # Prometheus endpoint on the same host, 0 when disabled
     process: subprocess.Popen | None = None
+    client_tls: tls.ClientTls | None = None  # how the health check reaches it (None: plaintext)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,28 @@ class StackSpec:
     metrics: bool = False  # give every service a Prometheus endpoint on a free port
     http_port: int = 0  # the router's OpenAI-compatible HTTP API (0: off)
     router_args: tuple[str, ...] = ()  # further router flags, e.g. ("--policy", "fcfs", "--slo-tpot-ms", "100")
+    tls_dir: str = ""  # TLS_FILES: TLS on the router's ports, mutual TLS between the services ("": plaintext)
+    api_tokens_file: str = ""  # bearer tokens the router's public API requires ("": $MMSERVE_API_TOKENS or open)
+
+
+# What `mmserve up --tls-dir` reads (`mmserve.tls.make_dev_certs` writes this layout).
+TLS_FILES = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+
+
+def tls_settings(tls_dir: str) -> tuple[dict[str, str], dict[str, str], tls.ClientTls | None]:
+    """Config fields from a TLS directory: for the internal services (mTLS), for the router (TLS on its public
+    port, a client certificate towards the stages), and how a health check reaches them all."""
+    if not tls_dir:
+        return {}, {}, None
+    path = {name: os.path.join(tls_dir, name) for name in TLS_FILES}
+    missing = [p for p in path.values() if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"--tls-dir {tls_dir}: missing {', '.join(missing)} (the layout of {', '.join(TLS_FILES)})")
+    served = dict(tls_cert_file=path["server.pem"], tls_key_file=path["server.key"])
+    internal = dict(served, tls_client_ca_file=path["ca.pem"])
+    router = dict(served, tls_ca_file=path["ca.pem"], tls_client_cert_file=path["client.pem"],
+                  tls_client_key_file=path["client.key"])
+    return internal, router, tls.ClientTls(path["ca.pem"], path["client.pem"], path["client.key"])
 
 
 def plan(spec: StackSpec) -> tuple[list[Child], str]:
@@ -81,6 +104,7 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
     from services.router.config import RouterConfig
 
     host = spec.host
+    internal_tls, router_tls, client_tls = tls_settings(spec.tls_dir)
     ports = {"decoder": [free_port(host)], "encoder": [free_port(host) for _ in range(spec.num_encoders)],
              "llm": [free_port(host)]}
     children: list[Child] = []
@@ -88,7 +112,7 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
     if not redis_url:
         redis_port = free_port(host)
         redis_url = f"redis://{host}:{redis_port}/0"
-        children.append(Child("redis", redis_server_argv(_redis_server(), host, redis_port,
+        children.append(Child("redis", redis_server_argv(redis_server_binary(), host, redis_port,
                                                          maxmemory=spec.redis_maxmemory,
                                                          workdir=tempfile.gettempdir()), None))
 
@@ -99,19 +123,22 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
     def addresses(stage: str) -> str:
         return ",".join(f"{host}:{port}" for port in ports[stage])
 
-    services = [("decoder", DecoderConfig(port=ports["decoder"][0], media_root=spec.media_root, **common()))]
-    services += [("encoder", EncoderConfig(port=port, model=spec.model, redis_url=redis_url, **common()))
+    services = [("decoder", DecoderConfig(port=ports["decoder"][0], media_root=spec.media_root, **common(),
+                                          **internal_tls))]
+    services += [("encoder", EncoderConfig(port=port, model=spec.model, redis_url=redis_url, **common(),
+                                           **internal_tls))
                  for port in ports["encoder"]]
-    services.append(("llm", LlmConfig(port=ports["llm"][0], model=spec.model, **common())))
+    services.append(("llm", LlmConfig(port=ports["llm"][0], model=spec.model, redis_url=redis_url, **common(),
+                                      **internal_tls)))
     services.append(("router", RouterConfig(
         port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
         decoder_addrs=addresses("decoder"), encoder_addrs=addresses("encoder"), llm_addrs=addresses("llm"),
-        http_port=spec.http_port, **common())))
+        http_port=spec.http_port, api_tokens_file=spec.api_tokens_file, **common(), **router_tls)))
     for stage, config in services:
         name = stage if len(ports.get(stage, [0])) == 1 else f"{stage}-{ports[stage].index(config.port)}"
         extra = list(spec.router_args) if stage == "router" else []  # argparse: the last occurrence wins
         children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv(), *extra],
-                              f"{host}:{config.port}", config.metrics_port))
+                              f"{host}:{config.port}", config.metrics_port, client_tls=client_tls))
     return children, f"{host}:{spec.port}"
 
 
@@ -121,7 +148,8 @@ def redis_server_argv(binary: str, host: str, port: int, *, maxmemory: str, work
             "--loglevel", "warning", "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", workdir]
 
 
-def _redis_server() -> str:
+def redis_server_binary() -> str:
+    """The redis-server on PATH; exits with advice when there is none."""
     path = shutil.which("redis-server")
     if path is None:
         raise SystemExit("mmserve up: redis-server not found; install it (apt-get install redis-server) "
@@ -146,7 +174,8 @@ class Stack:
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Returns once every gRPC child reports SERVING; raises if one exits or the time runs out."""
-        all_healthy = asyncio.gather(*(rpc.wait_healthy(c.address, timeout_s) for c in self.children if c.address))
+        all_healthy = asyncio.gather(*(rpc.wait_healthy(c.address, timeout_s, client_tls=c.client_tls)
+                                       for c in self.children if c.address))
         exited = asyncio.create_task(self.wait_any_exit())
         try:
             done, _ = await asyncio.wait([exited, all_healthy], return_when=asyncio.FIRST_COMPLETED)
@@ -195,17 +224,25 @@ class Stack:
                 p.wait()
 
 
+def port_in_use_error(spec: StackSpec) -> str | None:
+    """Why the stack cannot start on its public ports (taken), or None."""
+    if not port_is_free(spec.host, spec.port):
+        return f"port {spec.port} on {spec.host} is already in use (pick another with --port)"
+    if spec.http_port and not port_is_free(spec.host, spec.http_port):
+        return f"HTTP port {spec.http_port} on {spec.host} is already in use (pick another with --http-port)"
+    return None
+
+
 async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
     """Runs the stack until SIGINT/SIGTERM or a child dies; returns the exit code."""
-    if not port_is_free(spec.host, spec.port):
-        print(f"mmserve up: port {spec.port} on {spec.host} is already in use (pick another with --port)",
-              file=sys.stderr)
+    if (error := port_in_use_error(spec)) is not None:
+        print(f"mmserve up: {error}", file=sys.stderr)
         return 2
-    if spec.http_port and not port_is_free(spec.host, spec.http_port):
-        print(f"mmserve up: HTTP port {spec.http_port} on {spec.host} is already in use (pick another with "
-              "--http-port)", file=sys.stderr)
+    try:
+        children, router = plan(spec)
+    except ValueError as err:  # a TLS directory without its files, a setting out of range
+        print(f"mmserve up: {err}", file=sys.stderr)
         return 2
-    children, router = plan(spec)
     stack = Stack(children)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -223,7 +260,8 @@ async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
         starting.result()
         print(f"mmserve: router listening on {router}", flush=True)
         if spec.http_port:
-            print(f"mmserve: OpenAI-compatible API on http://{spec.host}:{spec.http_port}/v1", file=sys.stderr,
+            scheme = "https" if spec.tls_dir else "http"
+            print(f"mmserve: OpenAI-compatible API on {scheme}://{spec.host}:{spec.http_port}/v1", file=sys.stderr,
                   flush=True)
         died = asyncio.create_task(stack.wait_any_exit())
         done, _ = await asyncio.wait([died, stopping], return_when=asyncio.FIRST_COMPLETED)

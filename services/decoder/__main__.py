@@ -5,22 +5,25 @@ from __future__ import annotations
 import asyncio
 
 from mmserve import rpc
+from mmserve.roles import Role
 from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import DecodeEngine
 from services.decoder.server import DecoderServicer
 
 
-async def run_decoder_process(config: DecoderConfig) -> None:
-    """Starts the worker pool, then serves decode requests until SIGTERM."""
+async def build_decoder(config: DecoderConfig) -> Role:
+    """Starts the worker pool and builds the decoder's server (not yet serving)."""
     engine = DecodeEngine(config)
     await engine.start()
     service = rpc.Service(config, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name])
     decoder_pb2_grpc.add_DecoderServicer_to_server(DecoderServicer(config, engine), service.server)
-    try:
-        await rpc.run_until_signalled(service)
-    finally:
-        await engine.close()
+    return Role(service, on_stop=engine.close)
+
+
+async def run_decoder_process(config: DecoderConfig) -> None:
+    """Starts the worker pool, then serves decode requests until SIGTERM."""
+    await (await build_decoder(config)).run_until_signalled()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,14 +10,15 @@ from mmserve import rpc
 from mmserve.cache import EmbeddingCache
 from mmserve.media.preprocess import ImageProcessing
 from mmserve.models import loading
+from mmserve.roles import Role
 from mmserve.v1 import encoder_pb2, encoder_pb2_grpc
 from services.encoder.batcher import Batcher
 from services.encoder.config import EncoderConfig
 from services.encoder.server import EncoderServicer
 
 
-async def run_encoder_process(config: EncoderConfig) -> None:
-    """Loads the vision tower only and serves until SIGTERM; writes embeddings to the cache when it has one."""
+async def build_encoder(config: EncoderConfig) -> Role:
+    """Loads the vision tower only and builds the encoder's server (not yet serving)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = loading.resolve_device(config.device)
@@ -34,7 +35,12 @@ async def run_encoder_process(config: EncoderConfig) -> None:
         if cache is not None:
             await cache.close()
 
-    await rpc.run_until_signalled(service, on_stop=stop)
+    return Role(service, on_stop=stop)
+
+
+async def run_encoder_process(config: EncoderConfig) -> None:
+    """Serves the vision tower until SIGTERM; writes embeddings to the cache when it has one."""
+    await (await build_encoder(config)).run_until_signalled()
 
 
 def main(argv: list[str] | None = None) -> None:

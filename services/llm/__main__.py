@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from mmserve import rpc
+from mmserve.roles import Role
 from mmserve.v1 import llm_pb2, llm_pb2_grpc
 from services.llm.config import LlmConfig
 from services.llm.engine import Engine
 from services.llm.server import LlmServicer
 
 
-async def run_llm_process(config: LlmConfig) -> None:
-    """Loads the language model and serves until SIGTERM."""
+async def build_llm(config: LlmConfig) -> Role:
+    """Loads the language model, starts its engine thread and builds the llm's server (not yet serving)."""
     engine = Engine(config)
     engine.start()
     service = rpc.Service(config, [llm_pb2.DESCRIPTOR.services_by_name["Llm"].full_name])
@@ -21,7 +22,12 @@ async def run_llm_process(config: LlmConfig) -> None:
     async def stop_engine() -> None:
         await asyncio.to_thread(engine.stop)
 
-    await rpc.run_until_signalled(service, on_stop=stop_engine)
+    return Role(service, on_stop=stop_engine)
+
+
+async def run_llm_process(config: LlmConfig) -> None:
+    """Loads the language model and serves until SIGTERM."""
+    await (await build_llm(config)).run_until_signalled()
 
 
 def main(argv: list[str] | None = None) -> None:

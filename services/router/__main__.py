@@ -10,6 +10,7 @@ from mmserve.cache import EmbeddingCache
 from mmserve.cache_keys import model_fingerprint
 from mmserve.media.fetch import FetchPolicy
 from mmserve.media.preprocess import ImageProcessing
+from mmserve.roles import Role
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.admission import Controller
 from services.router.config import RouterConfig
@@ -23,8 +24,8 @@ from services.router.warmup import warm_up
 log = logging.getLogger("services.router")
 
 
-async def run_router_process(config: RouterConfig) -> None:
-    """Connects to the stage replicas and Redis and serves the public API until SIGTERM."""
+async def build_router(config: RouterConfig) -> Role:
+    """Connects to the stage replicas and Redis and builds the router's server (not yet serving)."""
     pools = build_pools(config)
     decoders, encoders, llms = pools
     controller = Controller(decoders, encoders, llms, policy=config.policy, headroom=config.admission_headroom,
@@ -53,7 +54,7 @@ async def run_router_process(config: RouterConfig) -> None:
             log.warning("no healthy %s replica yet; serving anyway", pool.stage)
     if config.warmup:
         background.append(asyncio.ensure_future(warm_up(pools, media.processing)))
-    http = OpenAiServer(config) if config.http_port else None
+    http = OpenAiServer(config, service.add_local_port()) if config.http_port else None
 
     async def close() -> None:
         for task in background:
@@ -67,7 +68,12 @@ async def run_router_process(config: RouterConfig) -> None:
 
     if http is not None:
         await http.start()  # bound first, so a taken HTTP port fails start-up; connect() once gRPC is bound
-    await rpc.run_until_signalled(service, on_stop=close, on_start=http.connect if http is not None else None)
+    return Role(service, on_stop=close, on_start=http.connect if http is not None else None)
+
+
+async def run_router_process(config: RouterConfig) -> None:
+    """Connects to the stage replicas and Redis and serves the public API until SIGTERM."""
+    await (await build_router(config)).run_until_signalled()
 
 
 def main(argv: list[str] | None = None) -> None:
