@@ -1,30 +1,35 @@
 """`mmserve up --aggregated`: the decoder, encoder, llm and router in ONE process and one event loop.
 
-Each stage is built by the same function its own process uses (`services.<role>.__main__.build_<role>`) and
-serves on its own loopback port, so the router reaches the stages through the same gRPC calls, tensor
-transport and policy as in the disaggregated stack; only the process boundaries are gone. The embedding
-cache stays in Redis (a private redis-server child unless --redis-url is given).
+It runs what `mmserve up` plans (`launcher.plan`: the same configs, flags and private redis-server), but
+builds each stage in this process with the function its own process uses (`services.<role>.__main__`'s
+`build_<role>`). Each stage serves on a loopback port of its own, so the router reaches the stages through
+the same gRPC calls, tensor transport and policy as in the disaggregated stack; only the process
+boundaries are gone. The embedding cache stays in Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
-import tempfile
 
 from mmserve import rpc
-from mmserve.launcher import (Child, Stack, StackSpec, free_port, port_in_use_error, redis_server_argv,
-                              redis_server_binary)
+from mmserve.launcher import Child, Stack, StackSpec, free_port, plan, port_in_use_error
 from mmserve.roles import Role
 
 log = logging.getLogger("mmserve.aggregated")
+STAGES = ("decoder", "encoder", "llm")
 
 
-async def start_roles(spec: StackSpec, redis_url: str, roles: list[Role]) -> None:
-    """Builds and starts the stages, then the router pointed at them; appends each role to roles as it is built."""
+def _stage(child: Child) -> str:
+    return child.argv[2].removeprefix("services.")  # the planned argv is [python, -m, services.<stage>, flags...]
+
+
+async def start_roles(spec: StackSpec, children: list[Child], roles: list[Role]) -> None:
+    """Builds and starts the planned stages, then the router pointed at them; appends each role as it is built."""
     from services.decoder.__main__ import build_decoder
     from services.decoder.config import DecoderConfig
     from services.encoder.__main__ import build_encoder
@@ -34,24 +39,21 @@ async def start_roles(spec: StackSpec, redis_url: str, roles: list[Role]) -> Non
     from services.router.__main__ import build_router
     from services.router.config import RouterConfig
 
-    # Stages bind port 0 on the host: the kernel picks, so nothing races for a port picked in advance.
-    common = dict(host=spec.host, port=0, log_level=spec.log_level, transport=spec.transport)
-    stages = [("decoder", build_decoder, DecoderConfig(media_root=spec.media_root, **common))]
-    stages += [("encoder", build_encoder, EncoderConfig(model=spec.model, redis_url=redis_url, **common))
-               for _ in range(spec.num_encoders)]
-    stages.append(("llm", build_llm, LlmConfig(model=spec.model, **common)))
-    addresses: dict[str, list[str]] = {"decoder": [], "encoder": [], "llm": []}
-    for stage, build, config in stages:
+    builders = {"decoder": (build_decoder, DecoderConfig), "encoder": (build_encoder, EncoderConfig),
+                "llm": (build_llm, LlmConfig)}
+    addresses: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for child in (c for c in children if c.address is not None and _stage(c) in STAGES):
+        build, config_class = builders[_stage(child)]
+        # Port 0: the kernel picks as the stage binds, so no port picked in advance can be lost to a race.
+        # One Prometheus registry per process: the router's endpoint has every stage's metrics.
+        config = dataclasses.replace(config_class.parse(child.argv[3:]), port=0, metrics_port=0)
         roles.append(role := await build(config))
-        addresses[stage].append(f"{spec.host}:{await role.start()}")
-    base = RouterConfig(model=spec.model, host=spec.host, port=spec.port, log_level=spec.log_level,
-                        transport=spec.transport, redis_url=redis_url, media_root=spec.media_root,
-                        decoder_addrs=",".join(addresses["decoder"]), encoder_addrs=",".join(addresses["encoder"]),
-                        llm_addrs=",".join(addresses["llm"]), http_port=spec.http_port,
-                        # One Prometheus registry per process: the router's endpoint has every stage's metrics.
-                        metrics_port=free_port(spec.host) if spec.metrics else 0)
-    # Further router flags as `mmserve up` passes them: parsed after ours, so the last occurrence wins.
-    config = RouterConfig.parse([*base.to_argv(), *spec.router_args])
+        addresses[_stage(child)].append(f"{config.host}:{await role.start()}")
+    router_child = next(c for c in children if c.address is not None and _stage(c) == "router")
+    config = dataclasses.replace(RouterConfig.parse(router_child.argv[3:]),
+                                 decoder_addrs=",".join(addresses["decoder"]),
+                                 encoder_addrs=",".join(addresses["encoder"]), llm_addrs=",".join(addresses["llm"]),
+                                 metrics_port=free_port(spec.host) if spec.metrics else 0)
     roles.append(router := await build_router(config))
     await router.start()
     if config.metrics_port:
@@ -63,13 +65,8 @@ async def run_aggregated(spec: StackSpec, ready_timeout_s: float = 300.0) -> int
     if (error := port_in_use_error(spec)) is not None:
         print(f"mmserve up: {error}", file=sys.stderr)
         return 2
-    redis_url, redis = spec.redis_url, None
-    if not redis_url:
-        port = free_port(spec.host)
-        redis_url = f"redis://{spec.host}:{port}/0"
-        redis = Stack([Child("redis", redis_server_argv(redis_server_binary(), spec.host, port,
-                                                        maxmemory=spec.redis_maxmemory,
-                                                        workdir=tempfile.gettempdir()), None)])
+    children, address = plan(spec)
+    redis = Stack([c for c in children if c.address is None])  # the private redis-server, unless --redis-url
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,9 +74,8 @@ async def run_aggregated(spec: StackSpec, ready_timeout_s: float = 300.0) -> int
     roles: list[Role] = []
     code = 0
     try:
-        if redis is not None:
-            redis.start()
-        starting = asyncio.create_task(asyncio.wait_for(start_roles(spec, redis_url, roles), ready_timeout_s))
+        redis.start()
+        starting = asyncio.create_task(asyncio.wait_for(start_roles(spec, children, roles), ready_timeout_s))
         stopping = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if stopping in done:
@@ -88,8 +84,7 @@ async def run_aggregated(spec: StackSpec, ready_timeout_s: float = 300.0) -> int
             return 0
         stopping.cancel()
         starting.result()
-        print(f"mmserve: router listening on {spec.host}:{spec.port} (aggregated: every stage in pid {os.getpid()})",
-              flush=True)
+        print(f"mmserve: router listening on {address} (aggregated: every stage in pid {os.getpid()})", flush=True)
         if spec.http_port:
             print(f"mmserve: OpenAI-compatible API on http://{spec.host}:{spec.http_port}/v1", file=sys.stderr,
                   flush=True)
@@ -103,8 +98,7 @@ async def run_aggregated(spec: StackSpec, ready_timeout_s: float = 300.0) -> int
                 await role.stop()
             except Exception:  # one role failing to stop must not keep the others running
                 log.exception("stopping a role failed")
-        if redis is not None:
-            await asyncio.to_thread(redis.stop)
+        await asyncio.to_thread(redis.stop)
     return code
 
 
