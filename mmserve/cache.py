@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 _MAGIC = b"MMEC"
 _FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sBI")  # magic, format version, JSON header length
+_PEEK_BYTES = 4096  # an entry's header fits: a router reads no tensor bytes
 
 LOOKUPS = prometheus_client.Counter("mmserve_embedding_cache_lookups", "Embedding cache lookups by result",
                                     ["result"])  # local_hit, hit, miss
@@ -31,7 +32,7 @@ ERRORS = prometheus_client.Counter("mmserve_embedding_cache_errors", "Redis fail
 class CachedEmbedding:
     """One temporal chunk's (or a whole image's) vision embeddings and what the LLM needs to place them."""
 
-    embeddings: tensor_pb2.TensorRef  # inline [num_tokens, hidden]
+    embeddings: tensor_pb2.TensorRef  # inline [num_tokens, hidden]; dtype and shape only when peeked
     grid_thw: tuple[int, int, int]  # of this chunk
     second_per_grid_t: float
     chunk_index: int = 0
@@ -74,8 +75,9 @@ def encode_value(item: CachedEmbedding) -> bytes:
     return _HEADER.pack(_MAGIC, _FORMAT_VERSION, len(header)) + header + ref.inline_data
 
 
-def decode_value(blob: bytes) -> CachedEmbedding | None:
-    """Parses an entry; None for anything of another format or version, or corrupt."""
+def decode_value(blob: bytes, header_only: bool = False) -> CachedEmbedding | None:
+    """Parses an entry (or, header_only, a prefix holding its header: the ref then has no bytes); None for
+    anything of another format or version, or corrupt."""
     if len(blob) < _HEADER.size:
         return None
     magic, version, n = _HEADER.unpack_from(blob)
@@ -84,8 +86,9 @@ def decode_value(blob: bytes) -> CachedEmbedding | None:
     try:
         h = json.loads(blob[_HEADER.size:_HEADER.size + n])
         grid = tuple(int(x) for x in h["grid_thw"])
-        ref = tensor_pb2.TensorRef(dtype=h["dtype"], shape=[int(x) for x in h["shape"]],
-                                   inline_data=blob[_HEADER.size + n:])
+        ref = tensor_pb2.TensorRef(dtype=h["dtype"], shape=[int(x) for x in h["shape"]])
+        if not header_only:
+            ref.inline_data = blob[_HEADER.size + n:]
         item = CachedEmbedding(ref, grid, float(h["second_per_grid_t"]), int(h.get("chunk_index", 0)),
                                int(h.get("num_chunks", 1)), int(h.get("first_frame", 0)),
                                int(h.get("num_frames", 0)))
@@ -124,9 +127,14 @@ class EmbeddingCache:
             return None
         return cls(options.redis_url, options.cache_ttl_s, options.cache_timeout_ms / 1e3, options.cache_local_bytes)
 
-    async def get_many(self, keys: list[str]) -> list[CachedEmbedding | None]:
-        """The entries under keys (None for each miss), from the local LRU, else one Redis round trip."""
-        found = [self.local.get(k) for k in keys]
+    async def get_many(self, keys: list[str], header_only: bool = False) -> list[CachedEmbedding | None]:
+        """The entries under keys (None for each miss), from the local LRU, else one Redis round trip.
+
+        header_only reads just each entry's header (the embeddings ref carries dtype and shape, no bytes): what
+        a router needs to tell a hit and send the llm the keys.
+        """
+        local_keys = [f"{k}#header" if header_only else k for k in keys]
+        found = [self.local.get(k) for k in local_keys]
         LOOKUPS.labels("local_hit").inc(sum(f is not None for f in found))
         missing = [i for i, f in enumerate(found) if f is None]
         if not missing:
@@ -134,7 +142,10 @@ class EmbeddingCache:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for i in missing:
-                    pipe.get(keys[i])
+                    if header_only:
+                        pipe.getrange(keys[i], 0, _PEEK_BYTES - 1)
+                    else:
+                        pipe.get(keys[i])
                 blobs = await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as err:
             self._failed("get", err)
@@ -142,11 +153,11 @@ class EmbeddingCache:
             return found
         self._succeeded()
         for i, blob in zip(missing, blobs):
-            item = decode_value(blob) if blob is not None else None
+            item = decode_value(blob, header_only) if blob else None  # GETRANGE of no key is b""
             LOOKUPS.labels("hit" if item is not None else "miss").inc()
             if item is not None:
                 found[i] = item
-                self.local.put(keys[i], item, len(blob))
+                self.local.put(local_keys[i], item, len(blob))
         return found
 
     async def put_many(self, items: list[tuple[str, CachedEmbedding]]) -> bool:

@@ -28,8 +28,9 @@ class ServiceConfig:
     max_concurrent_rpcs: int = option(1024, "RPCs in flight before the server answers RESOURCE_EXHAUSTED")
     grace_s: float = option(5.0, "seconds in-flight RPCs get to finish on SIGTERM")
     log_level: str = option("INFO", "logging level")
-    transport: str = option("auto", "tensors we produce: auto (shared memory for callers on this host, else "
-                                    "inline), shm (shared memory whenever possible) or inline")
+    transport: str = option("auto", "tensors we produce: auto (shared memory for callers on this host, a "
+                                    "remote pull for callers elsewhere), shm (shared memory whenever possible), "
+                                    "remote (consumers pull from us over gRPC) or inline")
     inline_limit_bytes: int = option(64 * 1024, "tensors smaller than this always travel inline")
     lease_s: float = option(120.0, "seconds a shared-memory tensor waits for its consumer before it is freed")
     registry_url: str = option("", "Redis URL of the replica registry this service announces itself in "

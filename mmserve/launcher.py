@@ -67,7 +67,7 @@ class StackSpec:
     media_root: str = ""
     log_level: str = "INFO"
     redis_maxmemory: str = "1gb"
-    transport: str = "auto"  # tensor handoff between the stages: auto, shm or inline
+    transport: str = "auto"  # tensor handoff between the stages: auto, shm, remote or inline
     num_encoders: int = 1  # encoder replicas; the router spreads a video's chunks over them
     metrics: bool = False  # give every service a Prometheus endpoint on a free port
     http_port: int = 0  # the router's OpenAI-compatible HTTP API (0: off)

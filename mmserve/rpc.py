@@ -115,6 +115,9 @@ class Service:
             import prometheus_client
 
             prometheus_client.start_http_server(self.config.metrics_port, addr=self.config.host)
+        # Consumers on other hosts pull our remote refs from this server's TensorStore service.
+        transport.serve(self.store, self.server, registry.advertised_address(
+            self.config.host, self.port, self.config.advertise_address))
         await self.server.start()
         self.store.start()
         transport.install_store(self.store)

@@ -1,4 +1,4 @@
-"""Packing and unpacking TensorRefs: inline bytes, shared-memory segments, concatenations."""
+"""Packing and unpacking TensorRefs: inline bytes, shared-memory segments, concatenations (no gRPC here)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def concat(refs: list[tensor_pb2.TensorRef]) -> tensor_pb2.TensorRef:
 
 def from_ref(ref: tensor_pb2.TensorRef) -> torch.Tensor:
     """Materialises the tensor a TensorRef points at; shared memory is mapped (zero copy) and released."""
-    dtype, shape, nbytes = _check(ref)
+    dtype, shape, nbytes = check(ref)
     location = ref.WhichOneof("location")
     if location == "inline_data":
         if len(ref.inline_data) != nbytes:
@@ -85,10 +85,18 @@ def from_ref(ref: tensor_pb2.TensorRef) -> torch.Tensor:
         if tuple(joined.shape) != shape:
             raise TensorRefError(f"tensor: concat parts make {tuple(joined.shape)}, not {shape}")
         return joined
+    if location == "remote":
+        raise TensorRefError("tensor: a remote ref is pulled with `await transport.resolve(ref)`")
     raise TensorRefError(f"tensor: transport {location!r} not supported here")
 
 
-def _check(ref: tensor_pb2.TensorRef) -> tuple[torch.dtype, tuple[int, ...], int]:
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a one-dimensional uint8 view."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def check(ref: tensor_pb2.TensorRef) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """The dtype, shape and byte size a ref declares; TensorRefError when they are not a valid tensor."""
     dtype = DTYPES.get(ref.dtype)
     if dtype is None:
         raise TensorRefError(f"tensor: unknown dtype {ref.dtype!r}")

@@ -1,4 +1,5 @@
-"""The producer's tensor store: picks the transport, places tensors in shared memory, expires unclaimed leases."""
+"""The producer's tensor store: picks the transport, holds tensors under leases (shared memory or for a remote
+pull), expires unclaimed leases."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextvars
 import itertools
 import logging
 import math
+import secrets
 import threading
 import time
 import weakref
@@ -19,16 +21,18 @@ from mmserve.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("auto", "shm", "inline")
+POLICIES = ("auto", "shm", "remote", "inline")
 # The shared-memory domain of the process that called us; a server interceptor sets it per RPC.
 caller_domain: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_caller_domain", default="")
 
 
 class TensorStore:
-    """One per process. Tensors above inline_limit_bytes go to shared memory under a lease of lease_s seconds.
+    """One per process. Tensors above inline_limit_bytes go to shared memory, or stay here for a remote pull,
+    under a lease of lease_s seconds.
 
-    The consumer maps a segment and unlinks it, which ends the lease; a lease nobody claims expires and the
-    store unlinks the segment; close() unlinks everything left. Thread-safe.
+    The consumer maps a segment and unlinks it, or pulls a held tensor (the pull's end drops it), which ends the
+    lease; a lease nobody claims expires and the store frees it; close() frees everything left. Thread-safe.
+    A held tensor is kept by reference, not copied: producers do not modify a tensor after handing it off.
     """
 
     def __init__(self, policy: str = "auto", inline_limit_bytes: int = 64 * 1024, lease_s: float = 120.0,
@@ -39,12 +43,15 @@ class TensorStore:
         self.inline_limit_bytes = inline_limit_bytes
         self.lease_s = lease_s
         self.clock = clock
-        self.domain = shm.domain() if policy != "inline" else ""
+        self.domain = shm.domain() if policy in ("auto", "shm") else ""
+        self.address = ""  # where consumers pull held tensors: set by serve() once the server has a port
         self.prefix = shm.owner_prefix()
         self.num_expired = 0  # leases that ran out unclaimed
         self._seq = itertools.count()
         self._leases: dict[str, float] = {}  # segment name -> expiry
         self._allocated: dict[int, str] = {}  # data address -> segment made by empty(), not yet handed off
+        self._held: dict[str, tuple[torch.Tensor, float]] = {}  # remote handle -> (tensor, expiry)
+        self._num_pulling = 0  # held tensors claimed by a pull still streaming
         self._cond = threading.Condition(threading.RLock())  # RLock: finalizers may run inside locked code
         self._closed = False
         self._reaper: threading.Thread | None = None
@@ -55,11 +62,24 @@ class TensorStore:
 
     # --- producing ------------------------------------------------------------------------------------------------
 
+    def transport_for(self, nbytes: int) -> str:
+        """How a tensor of nbytes travels to the current caller: "shm", "remote" or "inline".
+
+        auto: shared memory for a caller in our shared-memory domain, a remote pull for a caller that declared
+        another one (another host), inline for an unknown caller; small tensors are always inline.
+        """
+        if nbytes == 0 or nbytes < self.inline_limit_bytes or self.policy == "inline":
+            return "inline"
+        caller = caller_domain.get()
+        if self.domain and (self.policy == "shm" or caller == self.domain):
+            return "shm"
+        if self.address and (self.policy == "remote" or (self.policy == "auto" and caller)):
+            return "remote"
+        return "inline"
+
     def uses_shm(self, nbytes: int) -> bool:
         """Whether a tensor of nbytes handed to the current caller goes to shared memory."""
-        if not self.domain or nbytes == 0 or nbytes < self.inline_limit_bytes:
-            return False
-        return self.policy == "shm" or caller_domain.get() == self.domain
+        return self.transport_for(nbytes) == "shm"
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor, in shared memory when it would travel there: to_ref of it copies nothing."""
@@ -82,11 +102,15 @@ class TensorStore:
         return tensor
 
     def to_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
-        """A TensorRef for tensor: shared memory under a lease when it applies, else inline bytes."""
+        """A TensorRef for tensor: shared memory or a remote pull under a lease when it applies, else inline."""
         tensor = tensor.detach().to("cpu").contiguous()
         name = dtype_name(tensor)
         nbytes = tensor.numel() * tensor.element_size()
-        if not self.uses_shm(nbytes):
+        how = self.transport_for(nbytes)
+        if how == "remote":
+            return tensor_pb2.TensorRef(dtype=name, shape=list(tensor.shape), remote=tensor_pb2.RemoteRef(
+                address=self.address, handle_id=self.hold(tensor), nbytes=nbytes))
+        if how == "inline":
             return to_inline(tensor)
         segment = self._take_allocated(tensor, nbytes)
         if segment is None:
@@ -123,9 +147,43 @@ class TensorStore:
 
     # --- leases ---------------------------------------------------------------------------------------------------
 
+    def hold(self, tensor: torch.Tensor) -> str:
+        """Keeps a (contiguous CPU) tensor for one remote pull under a lease; returns its random handle id."""
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a view would pin the whole storage it belongs to
+        handle = secrets.token_hex(16)  # unguessable: knowing it is the permission to pull
+        with self._cond:
+            was_idle = not self._leases and not self._held
+            self._held[handle] = (tensor, self.clock() + self.lease_s)
+            if was_idle:
+                self._cond.notify_all()  # wake the reaper
+        return handle
+
+    def claim(self, handle: str) -> torch.Tensor | None:
+        """Takes a held tensor for a pull (None if unknown, expired or already claimed); call end_pull() after."""
+        with self._cond:
+            held = self._held.pop(handle, None)
+            if held is None:
+                return None
+            self._num_pulling += 1
+            return held[0]
+
+    def end_pull(self) -> None:
+        """A pull that claim() started is over, complete or cancelled: its lease is gone."""
+        with self._cond:
+            self._num_pulling -= 1
+            self._cond.notify_all()
+
+    def release(self, handles: list[str]) -> int:
+        """Drops held tensors a consumer will not pull; returns how many were still held."""
+        with self._cond:
+            num = sum(self._held.pop(h, None) is not None for h in handles)
+            self._cond.notify_all()
+            return num
+
     def _lease(self, name: str) -> None:
         with self._cond:
-            was_idle = not self._leases
+            was_idle = not self._leases and not self._held
             self._leases[name] = self.clock() + self.lease_s
             if was_idle:
                 self._cond.notify_all()  # the reaper sleeps until the next expiry; there was none
@@ -140,14 +198,20 @@ class TensorStore:
                     if shm.unlink(name):
                         self.num_expired += 1
                         log.debug("lease on %s expired unclaimed", name)
-            return min(self._leases.values()) - now if self._leases else None
+            for handle, (_, expiry) in list(self._held.items()):
+                if expiry <= now:
+                    del self._held[handle]
+                    self.num_expired += 1
+            expiries = [*self._leases.values(), *(expiry for _, expiry in self._held.values())]
+            return min(expiries) - now if expiries else None
 
     def num_live_leases(self) -> int:
-        """Leases whose segment still exists (a consumer unlinks the segment it maps)."""
+        """Leases not yet ended: segments that still exist (a consumer unlinks what it maps), held tensors, and
+        pulls in progress."""
         with self._cond:
             for name in [n for n in self._leases if not shm.exists(n)]:
                 del self._leases[name]
-            return len(self._leases)
+            return len(self._leases) + len(self._held) + self._num_pulling
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Blocks until no lease is live (claimed or expired); False on timeout. Needs the reaper running."""
@@ -174,6 +238,7 @@ class TensorStore:
             names = [*self._leases, *self._allocated.values()]
             self._leases.clear()
             self._allocated.clear()
+            self._held.clear()
             self._cond.notify_all()
         for name in names:
             shm.unlink(name)

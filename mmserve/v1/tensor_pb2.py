@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mmserve/v1/tensor.proto\x12\nmmserve.v1\"\xaf\x01\n\tTensorRef\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x15\n\x0binline_data\x18\n \x01(\x0cH\x00\x12\x34\n\rshared_memory\x18\x0b \x01(\x0b\x32\x1b.mmserve.v1.SharedMemoryRefH\x00\x12+\n\x06\x63oncat\x18\x0e \x01(\x0b\x32\x19.mmserve.v1.TensorRefListH\x00\x42\n\n\x08location\"?\n\x0fSharedMemoryRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\"5\n\rTensorRefList\x12$\n\x05parts\x18\x01 \x03(\x0b\x32\x15.mmserve.v1.TensorRefb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mmserve/v1/tensor.proto\x12\nmmserve.v1\"\x84\x02\n\tTensorRef\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x15\n\x0binline_data\x18\n \x01(\x0cH\x00\x12\x34\n\rshared_memory\x18\x0b \x01(\x0b\x32\x1b.mmserve.v1.SharedMemoryRefH\x00\x12*\n\x08\x63uda_ipc\x18\x0c \x01(\x0b\x32\x16.mmserve.v1.CudaIpcRefH\x00\x12\'\n\x06remote\x18\r \x01(\x0b\x32\x15.mmserve.v1.RemoteRefH\x00\x12+\n\x06\x63oncat\x18\x0e \x01(\x0b\x32\x19.mmserve.v1.TensorRefListH\x00\x42\n\n\x08location\"?\n\x0fSharedMemoryRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\"5\n\rTensorRefList\x12$\n\x05parts\x18\x01 \x03(\x0b\x32\x15.mmserve.v1.TensorRef\"\x8c\x02\n\nCudaIpcRef\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x16\n\x0estorage_nbytes\x18\x03 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x04 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x11\n\thandle_id\x18\x07 \x01(\t\x12\x1a\n\x12ref_counter_handle\x18\x08 \x01(\t\x12\x1a\n\x12ref_counter_offset\x18\t \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\n \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0b \x01(\x08\"?\n\tRemoteRef\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\thandle_id\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\" \n\x0bPullRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\"\x1b\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"$\n\x0eReleaseRequest\x12\x12\n\nhandle_ids\x18\x01 \x03(\t\"\'\n\x0fReleaseResponse\x12\x14\n\x0cnum_released\x18\x01 \x01(\r2\x8d\x01\n\x0bTensorStore\x12:\n\x04Pull\x12\x17.mmserve.v1.PullRequest\x1a\x17.mmserve.v1.TensorChunk0\x01\x12\x42\n\x07Release\x12\x1a.mmserve.v1.ReleaseRequest\x1a\x1b.mmserve.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.v1.tensor_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORREF']._serialized_start=40
-  _globals['_TENSORREF']._serialized_end=215
-  _globals['_SHAREDMEMORYREF']._serialized_start=217
-  _globals['_SHAREDMEMORYREF']._serialized_end=280
-  _globals['_TENSORREFLIST']._serialized_start=282
-  _globals['_TENSORREFLIST']._serialized_end=335
+  _globals['_TENSORREF']._serialized_end=300
+  _globals['_SHAREDMEMORYREF']._serialized_start=302
+  _globals['_SHAREDMEMORYREF']._serialized_end=365
+  _globals['_TENSORREFLIST']._serialized_start=367
+  _globals['_TENSORREFLIST']._serialized_end=420
+  _globals['_CUDAIPCREF']._serialized_start=423
+  _globals['_CUDAIPCREF']._serialized_end=691
+  _globals['_REMOTEREF']._serialized_start=693
+  _globals['_REMOTEREF']._serialized_end=756
+  _globals['_PULLREQUEST']._serialized_start=758
+  _globals['_PULLREQUEST']._serialized_end=790
+  _globals['_TENSORCHUNK']._serialized_start=792
+  _globals['_TENSORCHUNK']._serialized_end=819
+  _globals['_RELEASEREQUEST']._serialized_start=821
+  _globals['_RELEASEREQUEST']._serialized_end=857
+  _globals['_RELEASERESPONSE']._serialized_start=859
+  _globals['_RELEASERESPONSE']._serialized_end=898
+  _globals['_TENSORSTORE']._serialized_start=901
+  _globals['_TENSORSTORE']._serialized_end=1042
 # @@protoc_insertion_point(module_scope)

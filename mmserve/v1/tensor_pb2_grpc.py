@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from mmserve.v1 import tensor_pb2 as mmserve_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,124 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class TensorStoreStub:
+    """Internal, served by every service: hands out the tensors its remote refs name.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Pull = channel.unary_stream(
+                '/mmserve.v1.TensorStore/Pull',
+                request_serializer=mmserve_dot_v1_dot_tensor__pb2.PullRequest.SerializeToString,
+                response_deserializer=mmserve_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/mmserve.v1.TensorStore/Release',
+                request_serializer=mmserve_dot_v1_dot_tensor__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=mmserve_dot_v1_dot_tensor__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+
+
+class TensorStoreServicer:
+    """Internal, served by every service: hands out the tensors its remote refs name.
+    """
+
+    def Pull(self, request, context):
+        """The tensor's bytes in order, in chunks of at most a few MiB (HTTP/2 flow control paces them).
+        The lease ends when the pull ends, complete or cancelled: a tensor is pulled once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Ends a lease without pulling (a consumer that gave up); unknown handles are not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TensorStoreServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Pull': grpc.unary_stream_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=mmserve_dot_v1_dot_tensor__pb2.PullRequest.FromString,
+                    response_serializer=mmserve_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=mmserve_dot_v1_dot_tensor__pb2.ReleaseRequest.FromString,
+                    response_serializer=mmserve_dot_v1_dot_tensor__pb2.ReleaseResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'mmserve.v1.TensorStore', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('mmserve.v1.TensorStore', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TensorStore:
+    """Internal, served by every service: hands out the tensors its remote refs name.
+    """
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmserve.v1.TensorStore/Pull',
+            mmserve_dot_v1_dot_tensor__pb2.PullRequest.SerializeToString,
+            mmserve_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmserve.v1.TensorStore/Release',
+            mmserve_dot_v1_dot_tensor__pb2.ReleaseRequest.SerializeToString,
+            mmserve_dot_v1_dot_tensor__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

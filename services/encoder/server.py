@@ -20,9 +20,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.processing = processing
         self.cache = cache
 
-    def _pixel_values(self, ref):
+    def _pixel_values(self, frames):
         p = self.processing
-        frames = transport.from_ref(ref)  # shared memory: mapped, not copied
         # Normalise and patchify where the tower runs (on a GPU the frames go up once, as uint8).
         return to_pixel_values(frames.to(self.batcher.device), patch_size=p.patch_size,
                                temporal_patch_size=p.temporal_patch_size, merge_size=p.merge_size,
@@ -31,7 +30,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         try:
-            pixel_values, grid = await asyncio.to_thread(self._pixel_values, request.frames)
+            # Shared memory is mapped, not copied; a remote ref is pulled from the decoder that made it.
+            frames = await transport.resolve(request.frames, context.time_remaining())
+            pixel_values, grid = await asyncio.to_thread(self._pixel_values, frames)
             embeddings = await self.batcher.encode(pixel_values, grid)
         except transport.TensorUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"frames: {err}")
@@ -48,7 +49,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def _write_cache(self, slot: encoder_pb2.CacheSlot, embeddings, ref,
                            grid: tuple[int, int, int]) -> None:
         """Best effort: a slow or absent Redis costs at most its short timeout and never fails the request."""
-        # The response's bytes serve when it travels inline; only a shared-memory ref needs a second copy.
+        # The response's bytes serve when it travels inline; a shared-memory or remote ref needs a second copy.
         inline = (ref if ref.WhichOneof("location") == "inline_data"
                   else await asyncio.to_thread(transport.to_inline, embeddings))
         await self.cache.put(slot.key, CachedEmbedding(inline, grid, slot.second_per_grid_t, slot.chunk_index,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmserve.config import ServiceConfig, option
+from mmserve.config import CacheOptions, ServiceConfig, option
 
 
 @dataclasses.dataclass(frozen=True)
-class LlmConfig(ServiceConfig):
-    """LLM service: the language model with continuous batching over a paged KV cache."""
+class LlmConfig(ServiceConfig, CacheOptions):
+    """LLM service: the language model with continuous batching over a paged KV cache; reads cached embeddings."""
 
     model: str = option("", "checkpoint directory or hub id")
     dtype: str = option("float32", "weight and KV dtype: float32, bfloat16 or float16")
@@ -36,3 +36,4 @@ class LlmConfig(ServiceConfig):
             raise ValueError("max_model_len: must be at least 2")
         if self.kv_cache_bytes < 1:
             raise ValueError("kv_cache_bytes: must be positive")
+        self.check_cache_options()

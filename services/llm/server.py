@@ -1,4 +1,4 @@
-"""The Llm gRPC servicer: protobuf in, engine events out."""
+"""The Llm gRPC servicer: protobuf in (embeddings by ref or by cache key), engine events out."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import grpc
 
 from mmserve import transport
+from mmserve.cache import EmbeddingCache, join_chunks
 from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import Engine, EngineOverloaded, Finished
@@ -16,22 +17,55 @@ _KINDS = {decoder_pb2.MEDIA_KIND_IMAGE: "image", decoder_pb2.MEDIA_KIND_VIDEO: "
 _ROLES = ("system", "user", "assistant")
 
 
-def messages_from_proto(messages) -> list[ChatMessage]:
-    """Internal chat messages with media embeddings materialised."""
-    out = []
+class EmbeddingsEvicted(Exception):
+    """A cache key the router sent has no entry (any more): NOT_FOUND, and the router computes it again."""
+
+
+def check_messages(messages) -> list[llm_pb2.MediaEmbedding]:
+    """The media of messages in prompt order; ValueError naming the first malformed role or media part."""
+    media = []
     for i, m in enumerate(messages):
         if m.role not in _ROLES:
             raise ValueError(f"messages[{i}].role: unknown role {m.role!r}")
+        for part in m.parts:
+            if part.WhichOneof("content") != "media":
+                continue
+            if part.media.kind not in _KINDS or len(part.media.grid_thw) != 3:
+                raise ValueError(f"messages[{i}]: media without a kind or a (t, h, w) grid")
+            media.append(part.media)
+    return media
+
+
+async def cached_refs(cache: EmbeddingCache | None, media: list[llm_pb2.MediaEmbedding]) -> list:
+    """Each item's embeddings ref: its own, or joined from its cache entries (one round trip for all keys)."""
+    keys = [k for m in media for k in m.cache_keys]
+    if keys and cache is None:
+        raise EmbeddingsEvicted("embedding cache: this llm has none (--redis-url), so it cannot read cache keys")
+    entries = iter(await cache.get_many(keys) if keys else [])
+    refs = []
+    for i, m in enumerate(media):
+        if not m.cache_keys:
+            refs.append(m.embeddings)
+            continue
+        joined = join_chunks([next(entries) for _ in m.cache_keys])
+        if joined is None or list(joined.grid_thw) != list(m.grid_thw):
+            raise EmbeddingsEvicted(f"embedding cache: media item {i} is no longer cached (evicted)")
+        refs.append(joined.embeddings)
+    return refs
+
+
+def messages_from_proto(messages, embeddings: list) -> list[ChatMessage]:
+    """Internal chat messages, the media parts taking embeddings (tensors, in prompt order)."""
+    tensors = iter(embeddings)
+    out = []
+    for m in messages:
         parts: list[str | MediaInput] = []
         for part in m.parts:
             if part.WhichOneof("content") == "text":
                 parts.append(part.text)
-                continue
-            media = part.media
-            if media.kind not in _KINDS or len(media.grid_thw) != 3:
-                raise ValueError(f"messages[{i}]: media without a kind or a (t, h, w) grid")
-            parts.append(MediaInput(_KINDS[media.kind], transport.from_ref(media.embeddings),
-                                    tuple(media.grid_thw), media.second_per_grid_t))
+            else:
+                parts.append(MediaInput(_KINDS[part.media.kind], next(tensors), tuple(part.media.grid_thw),
+                                        part.media.second_per_grid_t))
         out.append(ChatMessage(m.role, parts))
     return out
 
@@ -39,11 +73,20 @@ def messages_from_proto(messages) -> list[ChatMessage]:
 class LlmServicer(llm_pb2_grpc.LlmServicer):
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.cache = EmbeddingCache.from_options(engine.config)
+
+    async def _messages(self, request: llm_pb2.LlmRequest, context) -> list[ChatMessage]:
+        """The request's messages with every embedding materialised: mapped, pulled or read from the cache."""
+        media = check_messages(request.messages)
+        refs = await cached_refs(self.cache, media)
+        return messages_from_proto(request.messages, await transport.resolve_all(refs, context.time_remaining()))
 
     async def Generate(self, request: llm_pb2.LlmRequest, context: grpc.aio.ServicerContext):
+        resolving = True
         try:
             options = sampling_from_proto(request.sampling)
-            messages = messages_from_proto(request.messages)
+            messages = await self._messages(request, context)
+            resolving = False
             priority = request.priority or float("inf")
             seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority)
             events = self.engine.generate(seq)
@@ -61,3 +104,9 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except transport.TensorUnavailable as err:  # the producer of an embedding went away
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except EmbeddingsEvicted as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        finally:
+            if resolving:  # refused or cancelled before the embeddings were taken: free the producers' leases
+                await transport.release([p.media.embeddings for m in request.messages for p in m.parts
+                                         if p.WhichOneof("content") == "media"])

@@ -1,4 +1,8 @@
-"""The media half of a request: cache lookup per chunk, else decode → encode (the encoder writes the cache)."""
+"""The media half of a request: cache lookup per chunk, else decode → encode (the encoder writes the cache).
+
+A hit is passed on as cache keys (the llm reads the embeddings from the cache itself): the router moves
+handles, never tensor bytes.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +59,8 @@ class Prepared:
     digest: str  # sha256 of the bytes
     model_id: str
     params: MediaParams
-    hit: CachedEmbedding | None = None
+    hit: CachedEmbedding | None = None  # the joined chunk entries' headers (no tensor bytes)
+    num_hit_chunks: int = 0
     shape: MediaShape | None = None
     degraded: bool = False
 
@@ -116,14 +121,21 @@ class MediaStage:
         return await self._lookup_item(dataclasses.replace(prepared, params=params, degraded=True))
 
     async def _lookup_item(self, prepared: Prepared) -> Prepared:
-        hit = await self._lookup(prepared.key) if self.cache is not None else None
+        hit, num_chunks = await self._lookup(prepared.key) if self.cache is not None else (None, 0)
+        return self._with_hit(prepared, hit, num_chunks)
+
+    def without_hit(self, prepared: Prepared) -> Prepared:
+        """The item to compute again (its cache entries went away after the lookup)."""
+        return self._with_hit(prepared, None, 0)
+
+    def _with_hit(self, prepared: Prepared, hit: CachedEmbedding | None, num_chunks: int) -> Prepared:
         shape = None
         if hit is None:
             shape = image_shape(prepared.data, prepared.params, self.processing.patch_size) if prepared.item.kind == "image" else None
             shape = shape or self.shapes.estimate(prepared.item.kind, prepared.digest, len(prepared.data),
                                                   max_frames=prepared.params.max_frames or 1,
                                                   max_pixels=prepared.params.max_pixels)
-        return dataclasses.replace(prepared, hit=hit, shape=shape)
+        return dataclasses.replace(prepared, hit=hit, num_hit_chunks=num_chunks, shape=shape)
 
     async def embed(self, request_id: str, prepared: Prepared, *, deadline: float, latest_start: float,
                     attempts: int) -> Embedded:
@@ -132,7 +144,10 @@ class MediaStage:
         A replica found unavailable is withdrawn and the item is redone on others, up to attempts tries.
         """
         if prepared.hit is not None:
-            return Embedded(self._embedding(prepared.item.kind, prepared.hit), cached=True)
+            embedding = self._embedding(prepared.item.kind, prepared.hit)
+            embedding.ClearField("embeddings")  # the llm reads them from the cache
+            embedding.cache_keys.extend(prepared.key(i) for i in range(prepared.num_hit_chunks))
+            return Embedded(embedding, cached=True)
         exclude: dict[str, frozenset[str]] = {"decoder": frozenset(), "encoder": frozenset()}
         for attempt in range(attempts):
             try:
@@ -210,13 +225,15 @@ class MediaStage:
             encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
             return reply
 
-    async def _lookup(self, key: Callable[[int], str]) -> CachedEmbedding | None:
-        """The whole item from its chunk entries: chunk 0 says how many there are, the rest come in one trip."""
-        (first,) = await self.cache.get_many([key(0)])
+    async def _lookup(self, key: Callable[[int], str]) -> tuple[CachedEmbedding | None, int]:
+        """The whole item's entry headers joined, and its number of chunks: chunk 0 says how many there are, the
+        rest come in one trip. Only headers are read: the llm fetches the tensors by key."""
+        (first,) = await self.cache.get_many([key(0)], header_only=True)
         if first is None:
-            return None
-        rest = await self.cache.get_many([key(i) for i in range(1, first.num_chunks)]) if first.num_chunks > 1 else []
-        return join_chunks([first, *rest])
+            return None, 0
+        rest = (await self.cache.get_many([key(i) for i in range(1, first.num_chunks)], header_only=True)
+                if first.num_chunks > 1 else [])
+        return join_chunks([first, *rest]), first.num_chunks
 
     @staticmethod
     def _embedding(kind: str, entry: CachedEmbedding) -> llm_pb2.MediaEmbedding:

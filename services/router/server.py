@@ -22,6 +22,10 @@ from services.router.validation import ValidationError, validate_request
 log = logging.getLogger(__name__)
 
 
+class EmbeddingsEvicted(Exception):
+    """The llm found a cache key's entry gone (evicted after our lookup) before it produced anything."""
+
+
 class StageError(Exception):
     """A stage failed; carries the status the client should see."""
 
@@ -93,7 +97,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             llm_request.priority = time.time() + (ticket.deadline - time.perf_counter()
                                                   if self.config.policy == "slo" else 0.0)
             first_token = None
-            async for reply in self._stream_llm(llm_request, ticket, deadline, prepared):
+            async for reply in self._stream_llm_or_recompute(request, request_id, llm_request, embedded, ticket,
+                                                             deadline, prepared):
                 if reply.WhichOneof("event") == "delta":
                     if first_token is None:
                         first_token = time.perf_counter()
@@ -142,6 +147,26 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         except NoReplicaError as err:
             raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
 
+    async def _stream_llm_or_recompute(self, request: api_pb2.GenerateRequest, request_id: str,
+                                       llm_request: llm_pb2.LlmRequest, embedded: list[Embedded], ticket: Ticket,
+                                       deadline: float, prepared: list[Prepared]):
+        """The llm's replies; when it found cached embeddings evicted since our lookup, the media is computed
+        again (embedded and prepared are updated in place) and the llm asked once more."""
+        try:
+            async for reply in self._stream_llm(llm_request, ticket, deadline, prepared):
+                yield reply
+            return
+        except EmbeddingsEvicted as evicted:
+            log.info("%s: %s; computing the media again", request_id, evicted)
+            metrics.RETRIES.labels("evicted").inc()
+        # The llm dropped every ref of the request, so all of its media is computed again.
+        prepared[:] = [self.media.without_hit(p) for p in prepared]
+        embedded[:] = await self._embed_all(request_id, prepared, ticket, deadline)
+        retry = self._llm_request(request, request_id, iter(embedded))
+        retry.priority = llm_request.priority
+        async for reply in self._stream_llm(retry, ticket, deadline, prepared):
+            yield reply
+
     async def _stream_llm(self, llm_request: llm_pb2.LlmRequest, ticket: Ticket, deadline: float,
                           prepared: list[Prepared]):
         """The llm's replies; a replica that is unavailable before its first reply is replaced by another."""
@@ -167,6 +192,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                             yield reply
                         return
                     except grpc.aio.AioRpcError as err:
+                        if err.code() == grpc.StatusCode.NOT_FOUND and not started:
+                            raise EmbeddingsEvicted(err.details()) from None
                         if err.code() != grpc.StatusCode.UNAVAILABLE:
                             raise _stage_error("llm", err) from None
                         self.llms.mark_failed(llm)

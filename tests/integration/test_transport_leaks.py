@@ -1,8 +1,10 @@
-"""Shared-memory handoffs between real processes: cancellations, a killed consumer and a stopped producer leak
-nothing (no segment in /dev/shm, no live lease, flat RSS), and a ref to a stopped producer reads UNAVAILABLE."""
+"""Shared-memory and remote-pull handoffs between real processes: cancellations, a killed consumer and a stopped
+producer leak nothing (no segment in /dev/shm, no live lease, flat RSS), and a ref to a stopped producer reads
+UNAVAILABLE."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,9 +26,10 @@ PEER = [sys.executable, "-m", "tests.integration.transport_peer"]
 
 
 class Producer:
-    def __init__(self, lease_s: float = 0.5):
-        self.process = subprocess.Popen([*PEER, "producer", "--lease-s", str(lease_s)], stdout=subprocess.PIPE,
-                                        text=True)
+    def __init__(self, lease_s: float = 0.5, policy: str = "shm"):
+        self.policy = policy
+        self.process = subprocess.Popen([*PEER, "producer", "--lease-s", str(lease_s), "--transport", policy],
+                                        stdout=subprocess.PIPE, text=True)
         self.address = f"127.0.0.1:{json.loads(self.process.stdout.readline())['port']}"
         self.prefix = shm.owner_prefix(self.process.pid)
         self.channel = grpc.insecure_channel(self.address)
@@ -56,8 +59,15 @@ class Producer:
         self.process.wait(timeout=30)
 
 
+@pytest.fixture(params=["shm", "remote"])
+def producer(request):
+    p = Producer(policy=request.param)
+    yield p
+    p.stop()
+
+
 @pytest.fixture
-def producer():
+def shm_producer():
     p = Producer()
     yield p
     p.stop()
@@ -65,8 +75,8 @@ def producer():
 
 def consume(producer: Producer, num_handoffs: int, cancel_fraction: float = 0.1) -> dict:
     out = subprocess.run([*PEER, "consumer", "--address", producer.address, "--num-handoffs", str(num_handoffs),
-                          "--cancel-fraction", str(cancel_fraction)], check=True, capture_output=True, text=True,
-                         timeout=300)
+                          "--cancel-fraction", str(cancel_fraction), "--transport", producer.policy], check=True,
+                         capture_output=True, text=True, timeout=300)
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -77,10 +87,12 @@ def test_thousand_handoffs_with_cancellations_and_a_killed_consumer_leak_nothing
     # The consumer measures itself after its first 200 handoffs (warm) and at the end.
     assert result["rss_end"] - result["rss_warm"] < 50 * MB, result
 
-    holder = subprocess.Popen([*PEER, "consumer", "--address", producer.address, "--hold", "8"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([*PEER, "consumer", "--address", producer.address, "--hold", "8", "--transport",
+                               producer.policy], stdout=subprocess.PIPE, text=True)
     held = json.loads(holder.stdout.readline())["holding"]
-    assert len(held) == 8 and all(os.path.exists(shm.SHM_DIR / name) for name in held)
+    assert len(held) == 8
+    if producer.policy == "shm":
+        assert all(os.path.exists(shm.SHM_DIR / name) for name in held)
     holder.kill()  # dies holding eight refs it never mapped
     holder.wait()
 
@@ -91,7 +103,8 @@ def test_thousand_handoffs_with_cancellations_and_a_killed_consumer_leak_nothing
     assert producer.rss() - producer_rss_start < 50 * MB
 
 
-def test_ref_to_a_stopped_producer_is_unavailable_and_nothing_is_left(producer):
+def test_ref_to_a_stopped_producer_is_unavailable_and_nothing_is_left(shm_producer):
+    producer = shm_producer
     refs = [producer.produce(256 * 1024, seed) for seed in range(3)]
     assert all(r.WhichOneof("location") == "shared_memory" for r in refs)
     assert transport.from_ref(refs[0])[:4].tolist() == [0, 1, 2, 3]
@@ -102,7 +115,8 @@ def test_ref_to_a_stopped_producer_is_unavailable_and_nothing_is_left(producer):
         transport.from_ref(refs[1])
 
 
-def test_orphans_of_a_killed_producer_are_reaped_by_the_next_store(producer):
+def test_orphans_of_a_killed_producer_are_reaped_by_the_next_store(shm_producer):
+    producer = shm_producer
     ref = producer.produce(256 * 1024)
     producer.process.kill()  # no chance to clean up
     producer.process.wait()
@@ -110,3 +124,18 @@ def test_orphans_of_a_killed_producer_are_reaped_by_the_next_store(producer):
     store = transport.TensorStore("shm")  # any new store on the host runs the janitor
     store.close()
     assert producer.segments() == []
+
+
+def test_remote_ref_to_a_killed_producer_is_unavailable_naming_it():
+    producer = Producer(policy="remote")
+    try:
+        ref = producer.produce(256 * 1024)
+        assert ref.WhichOneof("location") == "remote" and ref.remote.address == producer.address
+        assert asyncio.run(transport.resolve(ref))[:4].tolist() == [0, 1, 2, 3]
+        ref = producer.produce(256 * 1024, seed=1)
+        producer.process.kill()  # before the pull
+        producer.process.wait()
+        with pytest.raises(transport.TensorUnavailable, match=f"producer {producer.address} unavailable"):
+            asyncio.run(transport.resolve(ref, timeout_s=30))
+    finally:
+        producer.stop()

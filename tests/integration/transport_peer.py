@@ -1,4 +1,5 @@
-"""Producer and consumer processes for the transport leak test: real gRPC, real shared memory, no model."""
+"""Producer and consumer processes for the transport leak test: real gRPC, real shared memory or remote pulls,
+no model."""
 
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def _stats(store: transport.TensorStore, idle: bool = True) -> struct_pb2.Struct
     return stats
 
 
-async def run_producer(lease_s: float) -> None:
+async def run_producer(lease_s: float, policy: str) -> None:
     """Serves Produce (a tensor of the asked size) and WaitIdle (blocks until no lease is live)."""
-    service = rpc.Service(ServiceConfig(transport="shm", inline_limit_bytes=1, lease_s=lease_s), [SERVICE])
+    service = rpc.Service(ServiceConfig(transport=policy, inline_limit_bytes=1, lease_s=lease_s), [SERVICE])
 
     async def wait_idle(request: struct_pb2.Struct, context) -> struct_pb2.Struct:
         idle = await asyncio.to_thread(service.store.wait_idle, request["timeout_s"])
@@ -62,14 +63,14 @@ def produce_call(channel: grpc.aio.Channel):
                                response_deserializer=tensor_pb2.TensorRef.FromString)
 
 
-async def run_consumer(address: str, num_handoffs: int, cancel_fraction: float, hold: int) -> None:
+async def run_consumer(address: str, num_handoffs: int, cancel_fraction: float, hold: int, location: str) -> None:
     """Runs handoffs (some cancelled mid-flight), checking every tensor; or holds refs unmapped until killed."""
     rng = random.Random(0)
     async with grpc.aio.insecure_channel(address) as channel:
         produce = produce_call(channel)
         if hold:
             refs = [await produce(tensor_pb2.TensorRef(shape=[256 * 1024, i])) for i in range(hold)]
-            print(json.dumps({"holding": [r.shared_memory.name for r in refs]}), flush=True)
+            print(json.dumps({"holding": [r.shared_memory.name or r.remote.handle_id for r in refs]}), flush=True)
             await asyncio.Event().wait()  # until SIGKILL
         rss = {}
         counts = {"mapped": 0, "cancelled": 0}
@@ -85,8 +86,18 @@ async def run_consumer(address: str, num_handoffs: int, cancel_fraction: float, 
                     counts["cancelled"] += 1
                     return
                 ref = await call
-            assert ref.WhichOneof("location") == "shared_memory", ref.WhichOneof("location")
-            tensor = await asyncio.to_thread(transport.from_ref, ref)
+            assert ref.WhichOneof("location") == location, ref.WhichOneof("location")
+            if rng.random() < cancel_fraction:  # a consumer that gives up while the bytes arrive
+                pull = asyncio.ensure_future(transport.resolve(ref))
+                await asyncio.sleep(rng.choice([0, 0.0005]))
+                pull.cancel()
+                try:
+                    tensor = await pull  # it may have finished first
+                except asyncio.CancelledError:
+                    counts["cancelled"] += 1
+                    return
+            else:
+                tensor = await transport.resolve(ref)
             assert tensor.shape == (nbytes,) and tensor[:5].tolist() == [0, 1, 2, 3, seed % 251]
             assert int(tensor[-1]) == seed % 251
             counts["mapped"] += 1
@@ -107,11 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-handoffs", type=int, default=1000)
     parser.add_argument("--cancel-fraction", type=float, default=0.1)
     parser.add_argument("--hold", type=int, default=0)
+    parser.add_argument("--transport", choices=["shm", "remote"], default="shm")
     args = parser.parse_args(argv)
     if args.role == "producer":
-        asyncio.run(run_producer(args.lease_s))
+        asyncio.run(run_producer(args.lease_s, args.transport))
     else:
-        asyncio.run(run_consumer(args.address, args.num_handoffs, args.cancel_fraction, args.hold))
+        location = "shared_memory" if args.transport == "shm" else "remote"
+        asyncio.run(run_consumer(args.address, args.num_handoffs, args.cancel_fraction, args.hold, location))
 
 
 if __name__ == "__main__":

@@ -177,3 +177,13 @@ async def test_unreachable_redis_reads_as_a_miss_and_puts_fail():
         assert cache.num_errors == 3
     finally:
         await cache.close()
+
+
+def test_header_only_decoding_reads_no_tensor_bytes():
+    item = CachedEmbedding(to_ref(torch.randn(40, 8)), (1, 10, 16), 0.5)
+    blob = encode_value(item)
+    header = decode_value(blob[:len(blob) - 40 * 8 * 4], header_only=True)
+    assert header is not None and header.grid_thw == item.grid_thw
+    assert header.embeddings.dtype == "float32" and list(header.embeddings.shape) == [40, 8]
+    assert header.embeddings.WhichOneof("location") is None
+    assert decode_value(blob[:10], header_only=True) is None

@@ -246,3 +246,104 @@ def test_concat_with_a_lying_shape_is_invalid():
     ref.shape[0] = 5
     with pytest.raises(TensorRefError, match="concat"):
         from_ref(ref)
+
+
+# --- remote pull: the producer side ----------------------------------------------------------------------------
+
+@pytest.fixture
+def served(clock):
+    s = TensorStore("auto", inline_limit_bytes=1024, lease_s=10.0, clock=clock)
+    s.address = "producer.example:50051"  # as transport.serve() sets it
+    yield s
+    s.close()
+
+
+def test_auto_uses_remote_only_for_our_callers_elsewhere(served):
+    def location(caller: str) -> str:
+        token = transport.caller_domain.set(caller)
+        try:
+            return served.to_ref(big()).WhichOneof("location")
+        finally:
+            transport.caller_domain.reset(token)
+
+    assert location("") == "inline_data"  # an unknown caller may not speak our pull protocol
+    assert location("another-host:1") == "remote"
+    assert location(shm.domain()) == ("shared_memory" if shm.domain() else "remote")
+    assert served.to_ref(torch.zeros(16)).WhichOneof("location") == "inline_data"  # small
+
+
+def test_auto_without_an_address_stays_inline_for_callers_elsewhere():
+    s = TensorStore("auto", inline_limit_bytes=0)
+    token = transport.caller_domain.set("another-host:1")
+    try:
+        assert s.to_ref(big()).WhichOneof("location") == "inline_data"
+    finally:
+        transport.caller_domain.reset(token)
+        s.close()
+
+
+def test_policy_remote_forces_remote_even_on_this_host(clock):
+    s = TensorStore("remote", inline_limit_bytes=1024, clock=clock)
+    s.address = "127.0.0.1:1"
+    token = transport.caller_domain.set(shm.domain())
+    try:
+        x = big()
+        ref = s.to_ref(x)
+        assert ref.WhichOneof("location") == "remote"
+        assert ref.remote.address == "127.0.0.1:1" and ref.remote.nbytes == x.numel() * 4
+        assert len(ref.remote.handle_id) == 32 and s.num_live_leases() == 1
+        assert s.empty((64, 33), torch.float32).untyped_storage().nbytes() == 64 * 33 * 4
+        assert shm.list_segments(s.prefix) == []
+    finally:
+        transport.caller_domain.reset(token)
+        s.close()
+
+
+def test_a_held_tensor_is_claimed_once_and_its_lease_ends_with_the_pull(served):
+    token = transport.caller_domain.set("another-host:1")
+    x = big()
+    ref = served.to_ref(x)
+    transport.caller_domain.reset(token)
+    held = served.claim(ref.remote.handle_id)
+    assert torch.equal(held, x)
+    assert served.claim(ref.remote.handle_id) is None
+    assert served.num_live_leases() == 1  # the pull is still streaming
+    served.end_pull()
+    assert served.num_live_leases() == 0 and served.num_expired == 0
+
+
+def test_unpulled_remote_lease_expires(served, clock):
+    handle = served.hold(big())
+    clock.now += 9.9
+    assert served.reap() == pytest.approx(0.1)
+    clock.now += 0.1
+    assert served.reap() is None
+    assert served.num_live_leases() == 0 and served.num_expired == 1
+    assert served.claim(handle) is None
+
+
+def test_release_ends_leases_and_ignores_unknown_handles(served):
+    handles = [served.hold(big()) for _ in range(3)]
+    assert served.release([handles[0], handles[2], "not-a-handle"]) == 2
+    assert served.num_live_leases() == 1
+    served.close()
+    assert served.num_live_leases() == 0 and served.claim(handles[1]) is None
+
+
+def test_a_held_view_does_not_pin_its_whole_storage(served):
+    whole = torch.zeros(1024, 1024)
+    handle = served.hold(whole[:2])
+    assert served.claim(handle).untyped_storage().nbytes() == 2 * 1024 * 4
+    served.end_pull()
+
+
+def test_wait_idle_wakes_when_a_held_tensor_is_released():
+    s = TensorStore("remote", inline_limit_bytes=0, lease_s=600)
+    s.start()
+    try:
+        handle = s.hold(big())
+        assert not s.wait_idle(timeout_s=0)
+        s.release([handle])
+        assert s.wait_idle(timeout_s=30)
+    finally:
+        s.close()
