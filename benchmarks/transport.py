@@ -1,10 +1,13 @@
-"""Tensor handoff between two real processes: shared memory vs inline gRPC bytes, 1 MB to 256 MB; cache latency.
+"""Tensor handoff between two real processes: shared memory and remote pull vs inline gRPC bytes, 1 MB to 256 MB;
+cache latency.
 
 Run: python benchmarks/transport.py [--sizes-mb 1,4,16,64,256]. The producer is this script in a second process.
 Each handoff is timed from the consumer's request until it holds the tensor with every page touched:
   inline      the tensor's bytes inside the gRPC reply (the baseline)
   shm-copy    the producer copies its tensor into a fresh shared-memory segment; the consumer maps it
   shm         the producer computed its tensor straight into shared memory (TensorStore.empty); nothing is copied
+  remote      the producer holds its tensor under a lease; the consumer pulls it from the producer's TensorStore
+              service in 1 MiB chunks into one preallocated tensor (the transport between hosts)
 Last line: shm_speedup_vs_inline_64MB=X (median inline latency / median shm latency at 64 MB).
 """
 
@@ -34,7 +37,7 @@ from mmserve.v1 import tensor_pb2  # noqa: E402
 SERVICE = "mmserve.bench.Producer"
 MB = 1024 * 1024
 CAP = 1024 * MB  # inline 256 MB needs more than the default 256 MB message cap
-MODES = ("inline", "shm-copy", "shm")
+MODES = ("inline", "shm-copy", "shm", "remote")
 
 
 async def serve() -> None:
@@ -64,6 +67,9 @@ async def serve() -> None:
             return transport.to_inline(source(nbytes))
         if mode == "shm-copy":
             return service.store.to_ref(source(nbytes))
+        if mode == "remote":
+            return tensor_pb2.TensorRef(dtype="uint8", shape=[nbytes], remote=tensor_pb2.RemoteRef(
+                address=service.store.address, handle_id=service.store.hold(source(nbytes)), nbytes=nbytes))
         return service.store.to_ref(prepared.pop(nbytes))
 
     service.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
@@ -81,9 +87,9 @@ def struct(**fields) -> struct_pb2.Struct:
     return s
 
 
-def handoffs(address: str, sizes_mb: list[int], budget_s: float) -> dict[tuple[int, str], list[float]]:
+async def handoffs(address: str, sizes_mb: list[int], budget_s: float) -> dict[tuple[int, str], list[float]]:
     """Median-ready latencies (seconds) per (size, mode); repetitions shrink with size to fit the budget."""
-    channel = grpc.insecure_channel(address, options=rpc.message_options(CAP))
+    channel = grpc.aio.insecure_channel(address, options=rpc.message_options(CAP))
     prepare = channel.unary_unary(f"/{SERVICE}/Prepare", struct_pb2.Struct.SerializeToString,
                                   struct_pb2.Struct.FromString)
     fetch = channel.unary_unary(f"/{SERVICE}/Fetch", struct_pb2.Struct.SerializeToString,
@@ -95,14 +101,15 @@ def handoffs(address: str, sizes_mb: list[int], budget_s: float) -> dict[tuple[i
             times = []
             for _ in range(reps + 1):  # the first is a warm-up
                 if mode == "shm":
-                    prepare(struct(nbytes=size * MB), timeout=120)
+                    await prepare(struct(nbytes=size * MB), timeout=120)
                 start = time.perf_counter()
-                tensor = transport.from_ref(fetch(struct(nbytes=size * MB, mode=mode), timeout=120))
+                ref = await fetch(struct(nbytes=size * MB, mode=mode), timeout=120)
+                tensor = await transport.resolve(ref) if mode == "remote" else transport.from_ref(ref)
                 tensor[::4096].sum()  # touch every page
                 times.append(time.perf_counter() - start)
                 del tensor
             results[size, mode] = times[1:]
-    channel.close()
+    await channel.close()
     return results
 
 
@@ -158,23 +165,25 @@ def main() -> None:
     producer = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
     try:
         address = f"127.0.0.1:{producer.stdout.readline().strip()}"
-        results = handoffs(address, sizes, args.budget_s)
+        results = asyncio.run(handoffs(address, sizes, args.budget_s))
     finally:
         producer.terminate()
         producer.wait()
     print(f"handoff between two processes, {os.cpu_count()} CPUs; median ms (GB/s), consumer touches every page")
-    print(f"{'size':>8} " + " ".join(f"{m:>20}" for m in MODES) + f" {'shm-copy x':>11} {'shm x':>7}")
+    print(f"{'size':>8} " + " ".join(f"{m:>20}" for m in MODES) + f" {'shm-copy x':>11} {'shm x':>7} {'remote x':>9}")
     for size in sizes:
         med = {m: statistics.median(results[size, m]) for m in MODES}
         cells = " ".join(f"{med[m] * 1e3:>10.2f} ({size / 1024 / med[m]:>6.2f})".rjust(20) for m in MODES)
-        print(f"{size:>5} MB {cells} {med['inline'] / med['shm-copy']:>11.1f} {med['inline'] / med['shm']:>7.1f}")
+        print(f"{size:>5} MB {cells} {med['inline'] / med['shm-copy']:>11.1f} {med['inline'] / med['shm']:>7.1f} "
+              f"{med['inline'] / med['remote']:>9.1f}")
     cache = asyncio.run(cache_latency([s for s in sizes if s <= 16]))
     if cache:
         print("embedding cache (Redis, pipelined, local LRU off): median ms")
         for size, (put, get) in cache.items():
             print(f"{size:>5} MB put {put * 1e3:8.2f} get {get * 1e3:8.2f}")
     if 64 in sizes:
-        inline, copy, shm = (statistics.median(results[64, m]) for m in MODES)
+        inline, copy, shm, pulled = (statistics.median(results[64, m]) for m in MODES)
+        print(f"remote_speedup_vs_inline_64MB={inline / pulled:.2f}")
         print(f"shm_copy_speedup_vs_inline_64MB={inline / copy:.1f}")
         print(f"shm_speedup_vs_inline_64MB={inline / shm:.1f}")
 
