@@ -8,7 +8,7 @@ import urllib.parse
 
 import grpc
 
-from mmserve import rpc
+from mmserve import rpc, tls
 from mmserve.v1 import api_pb2, api_pb2_grpc
 
 
@@ -46,12 +46,22 @@ def format_final(final: api_pb2.Final) -> str:
     return "\n".join(lines)
 
 
-def run_generate(addr: str, request: api_pb2.GenerateRequest, timeout_s: float, max_message_bytes: int) -> int:
+def open_channel(addr: str, max_message_bytes: int, client_tls: tls.ClientTls | None = None) -> grpc.Channel:
+    """A blocking channel to the router: TLS when client_tls is given, else plaintext."""
+    options = rpc.message_options(max_message_bytes)
+    if client_tls is None:
+        return grpc.insecure_channel(addr, options=options)
+    return grpc.secure_channel(addr, client_tls.credentials(), options=[*options, *client_tls.options()])
+
+
+def run_generate(addr: str, request: api_pb2.GenerateRequest, timeout_s: float, max_message_bytes: int,
+                 client_tls: tls.ClientTls | None = None, token: str | None = None) -> int:
     """Streams the answer to stdout and the timing table after it; returns the exit code."""
-    with grpc.insecure_channel(addr, options=rpc.message_options(max_message_bytes)) as channel:
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    with open_channel(addr, max_message_bytes, client_tls) as channel:
         stub = api_pb2_grpc.RouterStub(channel)
         try:
-            for reply in stub.Generate(request, timeout=timeout_s):
+            for reply in stub.Generate(request, timeout=timeout_s, metadata=metadata):
                 if reply.WhichOneof("event") == "delta":
                     sys.stdout.write(reply.delta.text)
                     sys.stdout.flush()

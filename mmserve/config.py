@@ -36,6 +36,17 @@ class ServiceConfig:
     registry_url: str = option("", "Redis URL of the replica registry this service announces itself in "
                                    "(empty: not registered; the router then needs static addresses)")
     advertise_address: str = option("", "host:port other services reach this one at (default: host:port)")
+    # TLS settings are file paths only: secrets never appear on a command line.
+    tls_cert_file: str = option("", "PEM certificate (chain) this server presents; with tls_key_file the port "
+                                    "speaks TLS (empty: plaintext)")
+    tls_key_file: str = option("", "PEM private key of tls_cert_file")
+    tls_client_ca_file: str = option("", "PEM CA bundle: clients must present a certificate it signed (mutual TLS; "
+                                         "needs tls_cert_file)")
+    tls_ca_file: str = option("", "PEM CA bundle that verifies the services this one calls; set, its channels to "
+                                  "them use TLS")
+    tls_client_cert_file: str = option("", "PEM certificate this service presents to the services it calls "
+                                           "(mutual TLS; needs tls_ca_file)")
+    tls_client_key_file: str = option("", "PEM private key of tls_client_cert_file")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
@@ -50,6 +61,18 @@ class ServiceConfig:
             raise ValueError("max_concurrent_rpcs: must be positive")
         if self.grace_s < 0:
             raise ValueError("grace_s: must not be negative")
+        self.check_tls_options()
+
+    def check_tls_options(self) -> None:
+        """Raises ValueError naming the TLS setting that lacks its partner."""
+        for cert, key in (("tls_cert_file", "tls_key_file"), ("tls_client_cert_file", "tls_client_key_file")):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                given, missing = (cert, key) if getattr(self, cert) else (key, cert)
+                raise ValueError(f"{given}: needs {missing} too")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file: needs tls_cert_file (client certificates are checked over TLS)")
+        if self.tls_client_cert_file and not self.tls_ca_file:
+            raise ValueError("tls_client_cert_file: needs tls_ca_file (a client certificate is presented over TLS)")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -86,6 +109,14 @@ class ServiceConfig:
             else:
                 argv += [_flag(f.name), str(value)]
         return argv
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthOptions:
+    """Bearer tokens of a public API (mix in after ServiceConfig); the server requires one when any is configured."""
+
+    api_tokens_file: str = option("", "file of bearer tokens the API accepts, one per line (# comments and blank "
+                                      "lines skipped); MMSERVE_API_TOKENS (comma-separated) adds more; none: open")
 
 
 @dataclasses.dataclass(frozen=True)

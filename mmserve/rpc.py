@@ -6,15 +6,19 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmserve import registry, transport
-from mmserve.config import ServiceConfig
+from mmserve import auth, registry, tls, transport
+from mmserve.config import AuthOptions, ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,14 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def insecure_channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
     """An asyncio channel to another service with our message size cap."""
     return grpc.aio.insecure_channel(address, options=message_options(max_message_bytes))
+
+
+def channel(address: str, max_message_bytes: int, client_tls: tls.ClientTls | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to another service: TLS (mutual when client_tls has a certificate), else plaintext."""
+    if client_tls is None:
+        return insecure_channel(address, max_message_bytes)
+    return grpc.aio.secure_channel(address, client_tls.credentials(),
+                                   options=[*message_options(max_message_bytes), *client_tls.options()])
 
 
 # The request a log line belongs to: set for every RPC from its request's `request_id` field.
@@ -65,6 +77,43 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+AUTH_REFUSALS = prometheus_client.Counter("mmserve_auth_refusals", "Requests refused for a missing or invalid "
+                                          "bearer token", ["reason"])
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on the methods of the given services (health, reflection stay open)."""
+
+    def __init__(self, checker: auth.TokenChecker, services: Iterable[str]):
+        self.checker = checker
+        self.prefixes = tuple(f"/{name}/" for name in services)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self.prefixes):
+            return handler
+        headers = dict(details.invocation_metadata or ())
+        refusal = self.checker.refusal(headers.get("authorization"))
+        if refusal is None:
+            return handler
+        AUTH_REFUSALS.labels("missing" if refusal == auth.MISSING else "invalid").inc()
+        return _refusing(handler, refusal)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """The handler with its behaviour replaced by an UNAUTHENTICATED answer (its (de)serializers are kept)."""
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # an async generator, as streaming handlers are
+
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                if getattr(handler, k) is not None)
+    return handler._replace(**{kind: refuse_stream if kind.endswith("_stream") else refuse})
+
+
 def _enter(request, caller: str) -> None:
     # Each RPC runs in its own task and context, so these never leak into another request.
     if caller:
@@ -91,24 +140,44 @@ class Service:
 
     def __init__(self, config: ServiceConfig, service_names: Iterable[str]):
         self.config = config
+        self.service_names = list(service_names)
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
+        # Files are read now, so bad TLS or token settings fail start-up with a message naming the setting.
+        self.credentials = tls.server_credentials(config)
+        if isinstance(config, AuthOptions):
+            checker = auth.TokenChecker(auth.load_tokens(config.api_tokens_file))
+            if checker.is_enabled:
+                interceptors.insert(0, BearerTokenInterceptor(checker, self.service_names))
         self.server = grpc.aio.server(
             # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
             options=[*message_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=[RequestContextInterceptor()],
+            interceptors=interceptors,
         )
         self.store = transport.TensorStore(config.transport, config.inline_limit_bytes, config.lease_s)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.service_names = list(service_names)
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME],
                                             self.server)
         self.port = 0
         self.registration: registry.Registration | None = None
+        self.local_dir: str | None = None
+
+    def add_local_port(self) -> str:
+        """Also serves on a unix socket in a private directory, for clients inside this process (the HTTP front
+        end): plaintext whatever the TCP port speaks, reachable by this user only; returns the channel target."""
+        self.local_dir = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700
+        target = f"unix:{os.path.join(self.local_dir, 'grpc.sock')}"
+        self.server.add_insecure_port(target)
+        return target
 
     async def start(self) -> int:
         """Binds, starts and marks every service SERVING; returns the bound port."""
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         if self.config.metrics_port:
@@ -140,6 +209,8 @@ class Service:
         if transport.current_store() is self.store:
             transport.install_store(None)
         self.store.close()  # unlinks every segment no consumer claimed
+        if self.local_dir is not None:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
 async def run_until_signalled(service: Service, on_stop: Callable[[], Awaitable[None]] | None = None,
@@ -160,12 +231,13 @@ async def run_until_signalled(service: Service, on_stop: Callable[[], Awaitable[
             await on_stop()
 
 
-async def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
+async def wait_healthy(address: str, timeout_s: float, service: str = "",
+                       client_tls: tls.ClientTls | None = None) -> None:
     """Blocks until the server at address reports SERVING, or raises TimeoutError."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channel(address, 4 * 1024 * 1024, client_tls) as health_channel:
         async with asyncio.timeout(timeout_s):
-            await channel.channel_ready()
-            stub = health_pb2_grpc.HealthStub(channel)
+            await health_channel.channel_ready()
+            stub = health_pb2_grpc.HealthStub(health_channel)
             # Watch streams status changes, so nothing polls.
             async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service)):
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

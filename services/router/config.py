@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmserve.config import CacheOptions, ServiceConfig, option
+from mmserve.config import AuthOptions, CacheOptions, ServiceConfig, option
 
 
 @dataclasses.dataclass(frozen=True)
-class RouterConfig(ServiceConfig, CacheOptions):
+class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     """Router service: the public API; validates, consults the cache, orchestrates decode → encode → llm."""
 
     model: str = option("", "checkpoint directory or hub id (preprocessing defaults, cache keys)")

@@ -13,7 +13,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mmserve import rpc
+from mmserve import auth, rpc, tls
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.config import RouterConfig
 from services.router.openai_protocol import (ApiError, ChatRequest, chunk_json, completion_json, dumps,
@@ -54,11 +54,23 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         return error_response(ApiError(err.status, f"{request.method} {request.path}: {err.reason}", code=code))
 
 
-class OpenAiServer:
-    """The HTTP endpoint: binds at start-up, then forwards to the router's gRPC port over loopback."""
+def unauthorized(refusal: str) -> ApiError:
+    """OpenAI's answer to a missing or wrong API key."""
+    return ApiError(401, refusal, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    def __init__(self, config: RouterConfig):
+
+class OpenAiServer:
+    """The HTTP endpoint: binds at start-up, then forwards to the router's gRPC server in this process.
+
+    local_target is a private plaintext port of that server (rpc.Service.add_local_port), so the hop works
+    whatever the public port speaks; without one, the endpoint dials the public port over loopback (plaintext).
+    """
+
+    def __init__(self, config: RouterConfig, local_target: str | None = None):
         self.config = config
+        self.local_target = local_target
+        # The same tokens as the gRPC API: /v1/models never reaches the router, so the check happens here too.
+        self.tokens = auth.TokenChecker(auth.load_tokens(config.api_tokens_file))
         self.model_name = served_model_name(config)
         self.created = int(time.time())
         self.channel: grpc.aio.Channel | None = None
@@ -69,7 +81,7 @@ class OpenAiServer:
     def app(self) -> web.Application:
         # A body carries base64 media: 4/3 of the bytes the gRPC message may hold.
         app = web.Application(client_max_size=self.config.max_message_bytes * 4 // 3 + (1 << 20),
-                              middlewares=[_json_errors])
+                              middlewares=[_json_errors, self._authorize])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
@@ -82,14 +94,15 @@ class OpenAiServer:
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
                                     shutdown_timeout=self.config.grace_s)
         await self.runner.setup()
-        await web.TCPSite(self.runner, self.config.host, self.config.http_port).start()
-        log.info("OpenAI-compatible API on http://%s:%d/v1 (model %r)", self.config.host, self.config.http_port,
-                 self.model_name)
+        ssl_context = tls.http_ssl_context(self.config)  # HTTPS with the gRPC port's certificate, when it has one
+        await web.TCPSite(self.runner, self.config.host, self.config.http_port, ssl_context=ssl_context).start()
+        log.info("OpenAI-compatible API on %s://%s:%d/v1 (model %r)", "https" if ssl_context else "http",
+                 self.config.host, self.config.http_port, self.model_name)
 
     def connect(self, grpc_port: int) -> None:
         """Points the endpoint at the router's gRPC server once its port is bound."""
-        self.channel = rpc.insecure_channel(loopback_address(self.config.host, grpc_port),
-                                            self.config.max_message_bytes)
+        target = self.local_target or loopback_address(self.config.host, grpc_port)
+        self.channel = rpc.insecure_channel(target, self.config.max_message_bytes)
         self.router = api_pb2_grpc.RouterStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -99,6 +112,16 @@ class OpenAiServer:
             await self.runner.cleanup()
         if self.channel is not None:
             await self.channel.close()
+
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every /v1/ route needs a valid bearer token when tokens are configured; /health stays open."""
+        if request.path.startswith("/v1/"):
+            refusal = self.tokens.refusal(request.headers.get("Authorization"))
+            if refusal is not None:
+                rpc.AUTH_REFUSALS.labels("missing" if refusal == auth.MISSING else "invalid").inc()
+                return error_response(unauthorized(refusal))
+        return await handler(request)
 
     async def health(self, request: web.Request) -> web.Response:
         serving = False

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 
+from mmserve import tls
 from mmserve.registry import RegistryReader
 from mmserve.v1 import decoder_pb2_grpc, encoder_pb2_grpc, llm_pb2_grpc
 from services.router import metrics
@@ -30,7 +31,7 @@ def build_pools(config: RouterConfig, seeds: CostSeeds | None = None) -> Pools:
     """Pools with one cost model per replica; static addresses are added at once (used once healthy)."""
     seeds = seeds or CostSeeds()
     slo = config.policy == "slo"
-    common = dict(max_message_bytes=config.max_message_bytes, policy=config.policy)
+    common = dict(max_message_bytes=config.max_message_bytes, policy=config.policy, client_tls=tls.client_tls(config))
     pools = Pools(
         ReplicaPool("decoder", decoder_pb2_grpc.DecoderStub, make_costs=lambda: DecodeCost(seeds),
                     max_in_flight=config.decoder_max_in_flight if slo else 0, **common),

@@ -48,8 +48,9 @@ class ReplicaPool:
 
     def __init__(self, stage: str, stub_class, *, max_message_bytes: int, make_costs: Callable[[], Any],
                  policy: str = "slo", max_in_flight: int = 0, affinity_slack: float = 1.5,
-                 affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0):
+                 affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0, client_tls: Any = None):
         self.stage = stage
+        self.client_tls = client_tls  # rpc.channel's TLS for the replicas (None: plaintext)
         self.stub_class = stub_class
         self.max_message_bytes = max_message_bytes
         self.make_costs = make_costs
@@ -70,7 +71,7 @@ class ReplicaPool:
         """Starts using a replica as soon as its health service reports SERVING."""
         if address in self.replicas and not self.replicas[address].removed:
             return
-        channel = rpc.insecure_channel(address, self.max_message_bytes)
+        channel = rpc.channel(address, self.max_message_bytes, self.client_tls)
         replica = Replica(address, channel, self.stub_class(channel), self.make_costs())
         replica.watcher = asyncio.ensure_future(self._watch(replica))
         self.replicas[address] = replica

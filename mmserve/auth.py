@@ -1,0 +1,111 @@
+"""Bearer tokens of the public API: where they come from, and a constant-time check of a request's header."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import pathlib
+import re
+
+# Comma-separated tokens in the environment, so none needs to appear on a command line (visible in `ps`).
+TOKENS_ENV = "MMSERVE_API_TOKENS"
+# The one token our command-line clients send, when no --token-file names it.
+CLIENT_TOKEN_ENV = "MMSERVE_API_TOKEN"
+MISSING = "missing bearer token"
+INVALID = "invalid bearer token"
+
+# RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def parse_tokens_file(text: str, source: str) -> list[str]:
+    """The tokens of a file: one per line; blank lines and lines starting with # are skipped."""
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not _TOKEN.fullmatch(line):  # the token itself is never echoed: it may be a real secret
+            raise ValueError(f"{source}:{number}: not a bearer token (letters, digits and -._~+/ only, "
+                             "one token per line)")
+        tokens.append(line)
+    return tokens
+
+
+def parse_tokens_env(value: str, source: str = TOKENS_ENV) -> list[str]:
+    """The tokens of a comma-separated list (the environment variable)."""
+    tokens = [t.strip() for t in value.split(",") if t.strip()]
+    for index, token in enumerate(tokens, 1):
+        if not _TOKEN.fullmatch(token):
+            raise ValueError(f"{source}: entry {index} is not a bearer token (letters, digits and -._~+/ only)")
+    return tokens
+
+
+def load_tokens(tokens_file: str, environ: dict[str, str] | None = None) -> frozenset[str]:
+    """Tokens from the file (if named) and the environment variable together; empty means the API is open.
+
+    A file that is named but holds no token is an error: an empty secret file must never open the API.
+    """
+    environ = os.environ if environ is None else environ
+    tokens = parse_tokens_env(environ.get(TOKENS_ENV, ""))
+    if tokens_file:
+        try:
+            text = pathlib.Path(tokens_file).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"api_tokens_file: cannot read {tokens_file}: {err}") from None
+        from_file = parse_tokens_file(text, tokens_file)
+        if not from_file:
+            raise ValueError(f"api_tokens_file: {tokens_file} holds no token")
+        tokens += from_file
+    return frozenset(tokens)
+
+
+def client_token(token_file: str, environ: dict[str, str] | None = None) -> str | None:
+    """The token a client sends: the first one in token_file if named, else $MMSERVE_API_TOKEN, else None."""
+    environ = os.environ if environ is None else environ
+    if token_file:
+        try:
+            tokens = parse_tokens_file(pathlib.Path(token_file).read_text(), token_file)
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--token-file: cannot read {token_file}: {err}") from None
+        if not tokens:
+            raise ValueError(f"--token-file: {token_file} holds no token")
+        return tokens[0]
+    return environ.get(CLIENT_TOKEN_ENV, "").strip() or None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive), else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+class TokenChecker:
+    """Checks a request's Authorization value against the configured tokens in constant time."""
+
+    def __init__(self, tokens: frozenset[str] | set[str]):
+        self._tokens = [t.encode() for t in sorted(tokens)]
+
+    @property
+    def is_enabled(self) -> bool:
+        """Whether any token is configured (no tokens: the API is open)."""
+        return bool(self._tokens)
+
+    def refusal(self, authorization: str | None) -> str | None:
+        """None when the request may pass, else why not (MISSING or INVALID; never which tokens exist)."""
+        if not self._tokens:
+            return None
+        token = bearer_token(authorization)
+        if token is None:
+            return MISSING
+        presented = token.encode()
+        # Every configured token is compared, so the time taken does not say which one came close.
+        matched = False
+        for expected in self._tokens:
+            matched |= hmac.compare_digest(presented, expected)
+        return None if matched else INVALID

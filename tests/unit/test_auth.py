@@ -1,0 +1,260 @@
+"""Bearer tokens (files, environment, constant-time check), TLS settings and the token interceptor on a real server."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+import prometheus_client
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmserve import auth, rpc, tls
+from mmserve.config import AuthOptions, ServiceConfig
+from mmserve.launcher import TLS_FILES, StackSpec, plan, tls_settings
+from mmserve.v1 import api_pb2, api_pb2_grpc
+from services.decoder.config import DecoderConfig
+from services.router.config import RouterConfig
+
+ROUTER = api_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+# --- tokens ----------------------------------------------------------------------------------------------------
+
+
+def test_tokens_file_skips_comments_and_blank_lines():
+    text = "# production keys\n\nsk-alpha\n   sk-beta  \n# sk-retired\nQUJD+/x_y.z~w==\n"
+    assert auth.parse_tokens_file(text, "keys") == ["sk-alpha", "sk-beta", "QUJD+/x_y.z~w=="]
+
+
+@pytest.mark.parametrize("line", ["two tokens", "sk-é", "Bearer\tx", "a,b"])
+def test_a_line_that_is_no_token_is_refused_without_echoing_it(line):
+    with pytest.raises(ValueError, match=r"^keys:2: not a bearer token") as info:
+        auth.parse_tokens_file(f"ok\n{line}\n", "keys")
+    assert line not in str(info.value)
+
+
+def test_tokens_come_from_the_file_and_the_environment(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("file-token\n")
+    assert auth.load_tokens(str(path), {auth.TOKENS_ENV: " env-1, env-2 ,"}) == {"file-token", "env-1", "env-2"}
+    assert auth.load_tokens("", {auth.TOKENS_ENV: "env-1"}) == {"env-1"}
+    assert auth.load_tokens("", {}) == frozenset()  # no tokens: the API stays open
+
+
+def test_a_named_file_without_tokens_or_unreadable_is_an_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing yet\n\n")
+    with pytest.raises(ValueError, match="api_tokens_file: .* holds no token"):
+        auth.load_tokens(str(empty), {})
+    with pytest.raises(ValueError, match="api_tokens_file: cannot read"):
+        auth.load_tokens(str(tmp_path / "absent"), {})
+    with pytest.raises(ValueError, match=f"{auth.TOKENS_ENV}: entry 2 is not a bearer token"):
+        auth.load_tokens("", {auth.TOKENS_ENV: "good,bad token"})
+
+
+@pytest.mark.parametrize("header, token", [("Bearer abc", "abc"), ("bearer abc", "abc"), ("BEARER  abc ", "abc"),
+                                           ("Basic abc", None), ("Bearer", None), ("Bearer ", None), ("", None),
+                                           (None, None), ("abc", None)])
+def test_bearer_token_of_a_header(header, token):
+    assert auth.bearer_token(header) == token
+
+
+def test_checker_answers_missing_invalid_or_pass():
+    checker = auth.TokenChecker({"sk-one", "sk-two"})
+    assert checker.is_enabled
+    assert checker.refusal("Bearer sk-two") is None and checker.refusal("bearer sk-one") is None
+    assert checker.refusal(None) == checker.refusal("Basic sk-one") == auth.MISSING
+    for wrong in ("Bearer sk-on", "Bearer sk-one2", "Bearer SK-ONE", "Bearer sk-one sk-two"):
+        assert checker.refusal(wrong) == auth.INVALID
+    assert auth.MISSING == "missing bearer token" and "sk-" not in auth.INVALID
+
+
+def test_checker_without_tokens_lets_everything_pass():
+    checker = auth.TokenChecker(frozenset())
+    assert not checker.is_enabled and checker.refusal(None) is None and checker.refusal("Bearer x") is None
+
+
+def test_client_token_from_a_file_or_the_environment(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("# mine\nsk-client\nsk-other\n")
+    assert auth.client_token(str(path), {auth.CLIENT_TOKEN_ENV: "ignored"}) == "sk-client"
+    assert auth.client_token("", {auth.CLIENT_TOKEN_ENV: " sk-env "}) == "sk-env"
+    assert auth.client_token("", {}) is None
+    with pytest.raises(ValueError, match="--token-file: cannot read"):
+        auth.client_token(str(tmp_path / "absent"), {})
+
+
+# --- TLS settings ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, message", [
+    ({"tls_cert_file": "c.pem"}, "tls_cert_file: needs tls_key_file too"),
+    ({"tls_key_file": "k.pem"}, "tls_key_file: needs tls_cert_file too"),
+    ({"tls_ca_file": "ca.pem", "tls_client_cert_file": "c.pem"}, "tls_client_cert_file: needs tls_client_key_file"),
+    ({"tls_ca_file": "ca.pem", "tls_client_key_file": "k.pem"}, "tls_client_key_file: needs tls_client_cert_file"),
+    ({"tls_client_ca_file": "ca.pem"}, "tls_client_ca_file: needs tls_cert_file"),
+    ({"tls_client_cert_file": "c.pem", "tls_client_key_file": "k.pem"}, "tls_client_cert_file: needs tls_ca_file"),
+])
+def test_tls_settings_without_their_partner_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DecoderConfig(**fields)
+
+
+def test_tls_flags_are_file_paths_on_every_service():
+    config = DecoderConfig.parse(["--tls-cert-file", "/tls/server.pem", "--tls-key-file", "/tls/server.key",
+                                  "--tls-client-ca-file", "/tls/ca.pem"])
+    assert (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file) == (
+        "/tls/server.pem", "/tls/server.key", "/tls/ca.pem")
+    assert tls.client_tls(config) is None  # serving TLS says nothing about the channels it opens
+    router = RouterConfig.parse(["--model", "/m", "--decoder-addrs", "d:1", "--encoder-addrs", "e:1",
+                                 "--llm-addrs", "l:1", "--api-tokens-file", "/run/secrets/tokens",
+                                 "--tls-ca-file", "/tls/ca.pem", "--tls-client-cert-file", "/tls/client.pem",
+                                 "--tls-client-key-file", "/tls/client.key"])
+    assert router.api_tokens_file == "/run/secrets/tokens"
+    assert tls.client_tls(router) == tls.ClientTls("/tls/ca.pem", "/tls/client.pem", "/tls/client.key")
+    assert not hasattr(DecoderConfig(), "api_tokens_file")  # tokens guard the public API only
+
+
+def test_unreadable_or_non_pem_files_name_the_setting(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(ValueError, match="tls_key_file: cannot read"):
+        tls.server_credentials(DecoderConfig(tls_cert_file=str(junk), tls_key_file=str(tmp_path / "absent")))
+    with pytest.raises(ValueError, match="tls_ca_file: .* is not a PEM file"):
+        tls.ClientTls(str(junk)).credentials()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return tls.make_dev_certs(tmp_path_factory.mktemp("tls"))
+
+
+def test_dev_certs_have_the_up_layout_and_private_keys(certs):
+    assert sorted(p.name for p in certs.iterdir()) == sorted(TLS_FILES)
+    assert (certs / "server.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_up_plans_mutual_tls_inside_and_tls_on_the_public_port(certs, tmp_path):
+    children, _ = plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0", tls_dir=str(certs),
+                                 api_tokens_file="/run/tokens"))
+    by_name = {c.name: c for c in children}
+    assert set(by_name) == {"decoder", "encoder", "llm", "router"}
+    for name in ("decoder", "encoder", "llm"):
+        argv = by_name[name].argv
+        assert argv[argv.index("--tls-client-ca-file") + 1] == str(certs / "ca.pem"), name
+        assert "--api-tokens-file" not in argv
+    router = by_name["router"].argv
+    assert router[router.index("--tls-client-ca-file") + 1] == ""  # public clients need no certificate
+    assert router[router.index("--tls-client-cert-file") + 1] == str(certs / "client.pem")
+    assert router[router.index("--api-tokens-file") + 1] == "/run/tokens"
+    assert all(c.client_tls == tls.ClientTls(str(certs / "ca.pem"), str(certs / "client.pem"),
+                                             str(certs / "client.key")) for c in children)
+    with pytest.raises(ValueError, match="missing .*ca.pem"):
+        tls_settings(str(tmp_path))
+
+
+# --- the interceptor on a real server ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _PublicConfig(ServiceConfig, AuthOptions):
+    pass
+
+
+class _EchoRouter(api_pb2_grpc.RouterServicer):
+    async def Generate(self, request, context):
+        yield api_pb2.GenerateResponse(delta=api_pb2.Delta(text="hello"))
+
+
+async def _serve(config: ServiceConfig) -> rpc.Service:
+    service = rpc.Service(config, [ROUTER])
+    api_pb2_grpc.add_RouterServicer_to_server(_EchoRouter(), service.server)
+    await service.start()
+    return service
+
+
+def _refusals(reason: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value("mmserve_auth_refusals_total", {"reason": reason}) or 0.0
+
+
+async def _generate(channel, metadata=None) -> list[str]:
+    stub = api_pb2_grpc.RouterStub(channel)
+    return [r.delta.text async for r in stub.Generate(api_pb2.GenerateRequest(), metadata=metadata, timeout=30)]
+
+
+async def test_tokens_guard_the_public_service_but_not_health(tmp_path, monkeypatch):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("sk-file\n")
+    monkeypatch.setenv(auth.TOKENS_ENV, "sk-env")
+    service = await _serve(_PublicConfig(api_tokens_file=str(tokens)))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            assert await _generate(channel, (("authorization", "Bearer sk-file"),)) == ["hello"]
+            assert await _generate(channel, (("authorization", "Bearer sk-env"),)) == ["hello"]
+            before = _refusals("missing"), _refusals("invalid")
+            for metadata, message in ((None, "missing bearer token"),
+                                      ((("authorization", "Bearer sk-nope"),), "invalid bearer token")):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await _generate(channel, metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert info.value.details() == message
+            assert (_refusals("missing"), _refusals("invalid")) == (before[0] + 1, before[1] + 1)
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=ROUTER),
+                                                                     timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await service.stop()
+
+
+async def test_without_tokens_the_api_is_open_and_a_service_without_auth_ignores_the_env(monkeypatch):
+    monkeypatch.setenv(auth.TOKENS_ENV, "sk-env")
+    service = await _serve(ServiceConfig())  # not a public service: no AuthOptions, the variable is not read
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            assert await _generate(channel) == ["hello"]
+    finally:
+        await service.stop()
+
+
+async def test_a_named_empty_tokens_file_fails_start_up(tmp_path):
+    empty = tmp_path / "tokens"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no token"):
+        rpc.Service(_PublicConfig(api_tokens_file=str(empty)), [ROUTER])
+
+
+# --- TLS and mutual TLS on a real server ---------------------------------------------------------------------------
+
+def _tls_config(certs, **extra) -> ServiceConfig:
+    return ServiceConfig(tls_cert_file=str(certs / "server.pem"), tls_key_file=str(certs / "server.key"), **extra)
+
+
+async def test_a_tls_port_answers_a_client_with_the_ca_and_refuses_plaintext(certs):
+    service = await _serve(_tls_config(certs))
+    address = f"127.0.0.1:{service.port}"
+    try:
+        async with rpc.channel(address, 1 << 20, tls.ClientTls(str(certs / "ca.pem"))) as channel:
+            assert await _generate(channel) == ["hello"]
+        await rpc.wait_healthy(address, 30, client_tls=tls.ClientTls(str(certs / "ca.pem")))
+        async with grpc.aio.insecure_channel(address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _generate(channel)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await service.stop()
+
+
+async def test_mutual_tls_refuses_a_client_without_a_certificate(certs, tmp_path):
+    service = await _serve(_tls_config(certs, tls_client_ca_file=str(certs / "ca.pem")))
+    address = f"127.0.0.1:{service.port}"
+    other = tls.make_dev_certs(tmp_path / "other")  # a certificate from a CA the server does not trust
+    try:
+        full = tls.ClientTls(str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client.key"))
+        async with rpc.channel(address, 1 << 20, full) as channel:
+            assert await _generate(channel) == ["hello"]
+        untrusted = tls.ClientTls(str(certs / "ca.pem"), str(other / "client.pem"), str(other / "client.key"))
+        for client_tls in (tls.ClientTls(str(certs / "ca.pem")), untrusted):
+            async with rpc.channel(address, 1 << 20, client_tls) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await _generate(channel)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await service.stop()
