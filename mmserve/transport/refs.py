@@ -87,6 +87,8 @@ def from_ref(ref: tensor_pb2.TensorRef) -> torch.Tensor:
         return joined
     if location == "remote":
         raise TensorRefError("tensor: a remote ref is pulled with `await transport.resolve(ref)`")
+    if location == "cuda_ipc":
+        raise TensorRefError("tensor: a CUDA IPC ref is opened with `await transport.resolve(ref)`")
     raise TensorRefError(f"tensor: transport {location!r} not supported here")
 
 

@@ -74,6 +74,8 @@ class StoreServicer:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.handle_id[:8]}… is gone (expired, "
                                                            "already pulled, or the producer restarted)")
         try:
+            if tensor.is_cuda:  # a CUDA IPC ref whose consumer does not see the GPU pulls instead
+                tensor = await asyncio.to_thread(tensor.cpu)
             data = as_bytes(tensor)
             for start in range(0, len(data), self.chunk_bytes):
                 yield encode_chunk(data[start:start + self.chunk_bytes])
@@ -112,8 +114,9 @@ def _unavailable(address: str, err: grpc.aio.AioRpcError) -> TensorUnavailable:
     return TensorUnavailable(f"tensor: producer {address} unavailable ({err.code().name}: {err.details()})")
 
 
-async def pull_into(ref: tensor_pb2.RemoteRef, out: torch.Tensor, timeout_s: float | None = None) -> None:
-    """Streams a remote tensor's bytes into out (uint8, one dimension, exactly ref.nbytes), chunk by chunk."""
+async def pull_into(ref: tensor_pb2.RemoteRef | tensor_pb2.CudaIpcRef, out: torch.Tensor,
+                    timeout_s: float | None = None) -> None:
+    """Streams a held tensor's bytes into out (uint8, one dimension, exactly its size), chunk by chunk."""
     dest = out.numpy()
     pull = _channel(ref.address).unary_stream(f"/{SERVICE}/Pull", tensor_pb2.PullRequest.SerializeToString,
                                               decode_chunk)
@@ -122,7 +125,7 @@ async def pull_into(ref: tensor_pb2.RemoteRef, out: torch.Tensor, timeout_s: flo
     try:
         async for data in call:
             if offset + len(data) > len(dest):
-                raise TensorUnavailable(f"tensor: producer {ref.address} sent more than {ref.nbytes} bytes")
+                raise TensorUnavailable(f"tensor: producer {ref.address} sent more than {len(dest)} bytes")
             dest[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
             offset += len(data)
     except grpc.aio.AioRpcError as err:
@@ -130,10 +133,10 @@ async def pull_into(ref: tensor_pb2.RemoteRef, out: torch.Tensor, timeout_s: flo
     finally:
         call.cancel()  # no-op when the stream ended; otherwise the producer's pull ends and drops the tensor
     if offset != len(dest):
-        raise TensorUnavailable(f"tensor: producer {ref.address} sent {offset} of {ref.nbytes} bytes")
+        raise TensorUnavailable(f"tensor: producer {ref.address} sent {offset} of {len(dest)} bytes")
 
 
-async def release(refs: list[tensor_pb2.RemoteRef], timeout_s: float = 5.0) -> None:
+async def release(refs: list[tensor_pb2.RemoteRef | tensor_pb2.CudaIpcRef], timeout_s: float = 5.0) -> None:
     """Best effort: tells the producers of refs nobody will pull them (an unreachable one lets them expire)."""
     by_address: dict[str, list[str]] = collections.defaultdict(list)
     for ref in refs:

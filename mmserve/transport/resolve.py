@@ -1,31 +1,36 @@
-"""The consumer's async path: a TensorRef of any transport into one tensor, remote parts pulled concurrently."""
+"""The consumer's async path: a TensorRef of any transport into one tensor, remote parts pulled concurrently,
+CUDA IPC parts opened (or pulled by a consumer that does not see their GPU)."""
 
 from __future__ import annotations
 
 import asyncio
 import torch
 
-from mmserve.transport import remote
+from mmserve.transport import cuda_ipc, remote
 from mmserve.transport.refs import TensorRefError, check, flat_bytes, from_ref
 from mmserve.v1 import tensor_pb2
 
 
-def remote_parts(ref: tensor_pb2.TensorRef) -> list[tensor_pb2.RemoteRef]:
-    """The remote refs inside ref (itself, or parts of a concatenation)."""
+def leased_parts(ref: tensor_pb2.TensorRef) -> list[tensor_pb2.RemoteRef | tensor_pb2.CudaIpcRef]:
+    """The refs inside ref (itself, or parts of a concatenation) held under a lease their consumer releases:
+    remote and CUDA IPC."""
     location = ref.WhichOneof("location")
-    if location == "remote":
-        return [ref.remote]
+    if location in ("remote", "cuda_ipc"):
+        return [getattr(ref, location)]
     if location == "concat":
-        return [r for part in ref.concat.parts for r in remote_parts(part)]
+        return [r for part in ref.concat.parts for r in leased_parts(part)]
     return []
 
 
 async def resolve(ref: tensor_pb2.TensorRef, timeout_s: float | None = None) -> torch.Tensor:
     """The tensor ref points at. Without remote parts it is from_ref's (shared memory mapped, zero copy);
-    remote parts are pulled from their producers straight into one preallocated tensor."""
-    if not remote_parts(ref):
+    remote parts are pulled from their producers straight into one preallocated tensor; a CUDA IPC ref whose GPU
+    we see comes back on that GPU."""
+    if not leased_parts(ref):
         return await asyncio.to_thread(from_ref, ref)
     dtype, shape, _ = check(ref)
+    if ref.WhichOneof("location") == "cuda_ipc" and cuda_ipc.can_open(ref.cuda_ipc):
+        return await _open(ref, dtype, shape)
     out = torch.empty(shape, dtype=dtype)
     await _fill(ref, flat_bytes(out), timeout_s)
     return out
@@ -42,7 +47,7 @@ async def resolve_all(refs: list[tensor_pb2.TensorRef], timeout_s: float | None 
 
 async def release(refs: list[tensor_pb2.TensorRef]) -> None:
     """Ends the leases of remote refs nobody will resolve (shared memory needs nothing: unclaimed leases expire)."""
-    parts = [r for ref in refs for r in remote_parts(ref)]
+    parts = [r for ref in refs for r in leased_parts(ref)]
     if parts:
         await asyncio.shield(remote.release(parts))
 
@@ -60,6 +65,14 @@ async def _fill(ref: tensor_pb2.TensorRef, dest: torch.Tensor, timeout_s: float 
         if nbytes:
             await remote.pull_into(ref.remote, dest, timeout_s)
         return
+    if location == "cuda_ipc":
+        if not ref.cuda_ipc.address or not ref.cuda_ipc.handle_id:
+            raise TensorRefError("tensor: CUDA IPC ref without its producer's address and lease")
+        if cuda_ipc.can_open(ref.cuda_ipc):
+            dest.copy_(flat_bytes((await _open(ref, dtype, shape)).cpu()))
+        else:
+            await remote.pull_into(ref.cuda_ipc, dest, timeout_s)
+        return
     if location == "concat":
         parts = list(ref.concat.parts)
         if (not shape or not parts or any(p.dtype != ref.dtype or list(p.shape[1:]) != list(shape[1:]) for p in parts)
@@ -72,6 +85,14 @@ async def _fill(ref: tensor_pb2.TensorRef, dest: torch.Tensor, timeout_s: float 
         return
     tensor = await asyncio.to_thread(from_ref, ref)
     dest.copy_(flat_bytes(tensor))
+
+
+async def _open(ref: tensor_pb2.TensorRef, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The CUDA IPC ref's tensor copied on its GPU; the producer's lease ends right after."""
+    try:
+        return await asyncio.to_thread(cuda_ipc.open_copy, ref, dtype, shape)
+    finally:
+        await release([ref])
 
 
 async def _all(coroutines) -> list:

@@ -113,7 +113,8 @@ def map_and_release(name: str, nbytes: int, segment_domain: str) -> mmap.mmap:
     """Maps a segment copy-on-write (writes stay private) and unlinks it, which releases the producer's lease."""
     path = _path(name)
     if not segment_domain or segment_domain != domain():
-        raise ForeignDomain(f"segment {name} is on another host or /dev/shm (remote pull is not implemented)")
+        raise ForeignDomain(f"segment {name} is on another host or /dev/shm (its producer should have sent a "
+                            "remote ref: was our caller on another host?)")
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:

@@ -15,15 +15,22 @@ from collections.abc import Callable
 
 import torch
 
-from mmserve.transport import shm
+from mmserve.transport import cuda_ipc, shm
 from mmserve.transport.refs import as_bytes, dtype_name, to_inline
 from mmserve.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "shm", "remote", "inline")
-# The shared-memory domain of the process that called us; a server interceptor sets it per RPC.
+# The shared-memory domain of the process that called us, then "|" and the UUIDs of the GPUs it sees (if any);
+# a server interceptor sets it per RPC from the header transport.caller_metadata() sends.
 caller_domain: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_caller_domain", default="")
+
+
+def caller_gpus() -> set[str]:
+    """UUIDs of the GPUs the current caller sees."""
+    gpus = caller_domain.get().partition("|")[2]
+    return set(gpus.split(",")) if gpus else set()
 
 
 class TensorStore:
@@ -70,7 +77,7 @@ class TensorStore:
         """
         if nbytes == 0 or nbytes < self.inline_limit_bytes or self.policy == "inline":
             return "inline"
-        caller = caller_domain.get()
+        caller = caller_domain.get().partition("|")[0]
         if self.domain and (self.policy == "shm" or caller == self.domain):
             return "shm"
         if self.address and (self.policy == "remote" or (self.policy == "auto" and caller)):
@@ -102,7 +109,10 @@ class TensorStore:
         return tensor
 
     def to_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
-        """A TensorRef for tensor: shared memory or a remote pull under a lease when it applies, else inline."""
+        """A TensorRef for tensor: CUDA IPC, shared memory or a remote pull under a lease when it applies, else
+        inline bytes."""
+        if tensor.is_cuda and self._shares_gpu(tensor):
+            return self._cuda_ref(tensor.detach().contiguous())
         tensor = tensor.detach().to("cpu").contiguous()
         name = dtype_name(tensor)
         nbytes = tensor.numel() * tensor.element_size()
@@ -123,6 +133,18 @@ class TensorStore:
         self._lease(segment)
         return tensor_pb2.TensorRef(dtype=name, shape=list(tensor.shape), shared_memory=tensor_pb2.SharedMemoryRef(
             name=segment, nbytes=nbytes, domain=self.domain))
+
+    def _shares_gpu(self, tensor: torch.Tensor) -> bool:
+        """auto: a large CUDA tensor stays on its GPU when the caller sees that GPU too (and can release it here)."""
+        return (self.policy == "auto" and bool(self.address) and tensor.numel() * tensor.element_size()
+                >= max(self.inline_limit_bytes, 1) and cuda_ipc.device_uuid(tensor) in caller_gpus())
+
+    def _cuda_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # share exactly the tensor, not the storage around it
+        handle = self.hold(tensor)
+        return tensor_pb2.TensorRef(dtype=dtype_name(tensor), shape=list(tensor.shape),
+                                    cuda_ipc=cuda_ipc.share(tensor, self.address, handle))
 
     def _new_name(self) -> str:
         return f"{self.prefix}{next(self._seq)}"
@@ -148,7 +170,8 @@ class TensorStore:
     # --- leases ---------------------------------------------------------------------------------------------------
 
     def hold(self, tensor: torch.Tensor) -> str:
-        """Keeps a (contiguous CPU) tensor for one remote pull under a lease; returns its random handle id."""
+        """Keeps a contiguous tensor for one remote pull (or CUDA IPC open) under a lease; returns its random
+        handle id."""
         if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone()  # a view would pin the whole storage it belongs to
         handle = secrets.token_hex(16)  # unguessable: knowing it is the permission to pull

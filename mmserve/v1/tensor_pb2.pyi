@@ -60,11 +60,11 @@ class CudaIpcRef(_message.Message):
     offset_bytes: int
     address: str
     handle_id: str
-    ref_counter_handle: str
+    ref_counter_handle: bytes
     ref_counter_offset: int
     event_handle: bytes
     event_sync_required: bool
-    def __init__(self, device_uuid: _Optional[str] = ..., handle: _Optional[bytes] = ..., storage_nbytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., address: _Optional[str] = ..., handle_id: _Optional[str] = ..., ref_counter_handle: _Optional[str] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+    def __init__(self, device_uuid: _Optional[str] = ..., handle: _Optional[bytes] = ..., storage_nbytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., address: _Optional[str] = ..., handle_id: _Optional[str] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class RemoteRef(_message.Message):
     __slots__ = ("address", "handle_id", "nbytes")

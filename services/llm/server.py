@@ -79,7 +79,9 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
         """The request's messages with every embedding materialised: mapped, pulled or read from the cache."""
         media = check_messages(request.messages)
         refs = await cached_refs(self.cache, media)
-        return messages_from_proto(request.messages, await transport.resolve_all(refs, context.time_remaining()))
+        tensors = await transport.resolve_all(refs, context.time_remaining())
+        # A CUDA IPC ref arrives on its GPU; the engine's prefix-cache digest hashes embeddings on the host.
+        return messages_from_proto(request.messages, [t.cpu() for t in tensors])
 
     async def Generate(self, request: llm_pb2.LlmRequest, context: grpc.aio.ServicerContext):
         resolving = True

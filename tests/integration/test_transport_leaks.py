@@ -26,18 +26,18 @@ PEER = [sys.executable, "-m", "tests.integration.transport_peer"]
 
 
 class Producer:
-    def __init__(self, lease_s: float = 0.5, policy: str = "shm"):
+    def __init__(self, lease_s: float = 0.5, policy: str = "shm", device: str = "cpu"):
         self.policy = policy
-        self.process = subprocess.Popen([*PEER, "producer", "--lease-s", str(lease_s), "--transport", policy],
-                                        stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen([*PEER, "producer", "--lease-s", str(lease_s), "--transport", policy,
+                                         "--device", device], stdout=subprocess.PIPE, text=True)
         self.address = f"127.0.0.1:{json.loads(self.process.stdout.readline())['port']}"
         self.prefix = shm.owner_prefix(self.process.pid)
         self.channel = grpc.insecure_channel(self.address)
 
-    def produce(self, nbytes: int, seed: int = 0) -> tensor_pb2.TensorRef:
+    def produce(self, nbytes: int, seed: int = 0, metadata=()) -> tensor_pb2.TensorRef:
         call = self.channel.unary_unary(f"/{SERVICE}/Produce", tensor_pb2.TensorRef.SerializeToString,
                                         tensor_pb2.TensorRef.FromString)
-        return call(tensor_pb2.TensorRef(shape=[nbytes, seed]), timeout=30)
+        return call(tensor_pb2.TensorRef(shape=[nbytes, seed]), timeout=30, metadata=metadata)
 
     def wait_idle(self) -> dict:
         call = self.channel.unary_unary(f"/{SERVICE}/WaitIdle", struct_pb2.Struct.SerializeToString,

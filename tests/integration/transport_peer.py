@@ -20,6 +20,7 @@ from mmserve.config import ServiceConfig
 from mmserve.v1 import tensor_pb2
 
 SERVICE = "mmserve.test.Producer"
+DEVICE = "cpu"  # where produced tensors live: cuda for the CUDA IPC test
 
 
 def pattern(nbytes: int, seed: int) -> torch.Tensor:
@@ -31,7 +32,7 @@ def pattern(nbytes: int, seed: int) -> torch.Tensor:
 
 async def _produce(request: tensor_pb2.TensorRef, context) -> tensor_pb2.TensorRef:
     nbytes, seed = request.shape
-    return await asyncio.to_thread(transport.to_ref, pattern(nbytes, seed))
+    return await asyncio.to_thread(transport.to_ref, pattern(nbytes, seed).to(DEVICE))
 
 
 def _stats(store: transport.TensorStore, idle: bool = True) -> struct_pb2.Struct:
@@ -118,9 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-handoffs", type=int, default=1000)
     parser.add_argument("--cancel-fraction", type=float, default=0.1)
     parser.add_argument("--hold", type=int, default=0)
-    parser.add_argument("--transport", choices=["shm", "remote"], default="shm")
+    parser.add_argument("--transport", choices=["shm", "remote", "auto"], default="shm")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.role == "producer":
+        global DEVICE
+        DEVICE = args.device
         asyncio.run(run_producer(args.lease_s, args.transport))
     else:
         location = "shared_memory" if args.transport == "shm" else "remote"

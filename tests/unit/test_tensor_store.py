@@ -347,3 +347,23 @@ def test_wait_idle_wakes_when_a_held_tensor_is_released():
         assert s.wait_idle(timeout_s=30)
     finally:
         s.close()
+
+
+def test_the_callers_gpus_ride_after_its_domain_and_do_not_hide_it(served):
+    from mmserve.transport import store as store_module
+
+    token = transport.caller_domain.set(f"{shm.domain()}|GPU-a,GPU-b")
+    try:
+        assert store_module.caller_gpus() == {"GPU-a", "GPU-b"}
+        assert served.to_ref(big()).WhichOneof("location") == ("shared_memory" if shm.domain() else "remote")
+    finally:
+        transport.caller_domain.reset(token)
+    assert store_module.caller_gpus() == set()
+
+
+def test_a_cpu_process_declares_no_gpus():
+    from mmserve.transport import cuda_ipc
+
+    (header,) = transport.caller_metadata()
+    assert header[0] == transport.CALLER_DOMAIN_HEADER
+    assert ("|" in header[1]) == bool(cuda_ipc.visible_gpus())
