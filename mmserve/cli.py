@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+import subprocess
 import sys
 
 from mmserve import tls
@@ -73,6 +74,15 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"mmserve generate: {err}", file=sys.stderr)
         return 2
     return run_generate(args.addr, request, args.timeout, 256 * 1024 * 1024, client_tls, token)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    try:
+        print(tls.make_dev_certs(args.out, tuple(args.name) or ("localhost", "127.0.0.1"), days=args.days))
+    except (OSError, subprocess.CalledProcessError) as err:
+        print(f"mmserve certs: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -156,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "$MMSERVE_API_TOKEN)")
     tls.add_client_arguments(p)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("certs", help="write a development CA and server and client certificates",
+                       description="Write a private CA (ca.pem; its key is discarded) and a server and a client "
+                                   "certificate signed by it (server.pem/.key, client.pem/.key), the layout "
+                                   "`mmserve up --tls-dir` reads; for development and tests, with the openssl CLI.")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--name", action="append", default=[], help="DNS name or IP address the certificates are valid "
+                                                               "for (repeatable; default: localhost and 127.0.0.1)")
+    p.add_argument("--days", type=int, default=825, help="validity in days")
+    p.set_defaults(func=_certs)
 
     p = sub.add_parser("decode", help="decode one video or image with the decoder's own code path",
                        description="Decode one local video or image in this process with the decoder service's code "

@@ -90,9 +90,10 @@ def tls_settings(tls_dir: str) -> tuple[dict[str, str], dict[str, str], tls.Clie
     if missing:
         raise ValueError(f"--tls-dir {tls_dir}: missing {', '.join(missing)} (the layout of {', '.join(TLS_FILES)})")
     served = dict(tls_cert_file=path["server.pem"], tls_key_file=path["server.key"])
-    internal = dict(served, tls_client_ca_file=path["ca.pem"])
-    router = dict(served, tls_ca_file=path["ca.pem"], tls_client_cert_file=path["client.pem"],
-                  tls_client_key_file=path["client.key"])
+    calling = dict(tls_ca_file=path["ca.pem"], tls_client_cert_file=path["client.pem"],
+                   tls_client_key_file=path["client.key"])  # stages call each other too (remote tensor pulls)
+    internal = dict(served, tls_client_ca_file=path["ca.pem"], **calling)
+    router = dict(served, **calling)
     return internal, router, tls.ClientTls(path["ca.pem"], path["client.pem"], path["client.key"])
 
 

@@ -144,6 +144,7 @@ class Service:
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
         # Files are read now, so bad TLS or token settings fail start-up with a message naming the setting.
         self.credentials = tls.server_credentials(config)
+        tls.install_client(tls.client_tls(config))
         if isinstance(config, AuthOptions):
             checker = auth.TokenChecker(auth.load_tokens(config.api_tokens_file))
             if checker.is_enabled:

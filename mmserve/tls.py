@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import ssl
 import subprocess
@@ -53,6 +54,20 @@ def client_tls(config) -> ClientTls | None:
     if not config.tls_ca_file:
         return None
     return ClientTls(config.tls_ca_file, config.tls_client_cert_file, config.tls_client_key_file)
+
+
+_installed: ClientTls | None = None
+
+
+def install_client(client: ClientTls | None) -> None:
+    """Makes client the process's TLS for channels opened deep inside (remote tensor pulls); rpc.Service does it."""
+    global _installed
+    _installed = client
+
+
+def installed_client() -> ClientTls | None:
+    """The process's TLS for channels to other services (None: plaintext)."""
+    return _installed
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +127,8 @@ def make_dev_certs(directory: str | pathlib.Path, names: tuple[str, ...] = ("loc
     san = ",".join(f"IP:{n}" if n.replace(".", "").isdigit() or ":" in n else f"DNS:{n}" for n in names)
 
     def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=out)
+        # umask 077: a private key is never readable by others, not even for a moment.
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=out, preexec_fn=lambda: os.umask(0o077))
 
     key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", str(days),
@@ -126,6 +142,6 @@ def make_dev_certs(directory: str | pathlib.Path, names: tuple[str, ...] = ("loc
                 "-out", f"{role}.pem", "-days", str(days), "-extfile", f"{role}.ext")
     for leftover in ("ca.key", "ca.srl", "server.csr", "client.csr", "server.ext", "client.ext"):
         (out / leftover).unlink(missing_ok=True)
-    for private in ("server.key", "client.key"):
-        (out / private).chmod(0o600)
+    for public in ("ca.pem", "server.pem", "client.pem"):
+        (out / public).chmod(0o644)
     return out

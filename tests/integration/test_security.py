@@ -64,7 +64,10 @@ def _stage_addresses(up: subprocess.Popen) -> dict[str, str]:
 def secure(tiny_model, tmp_path_factory):
     """`mmserve up` with TLS everywhere, mutual TLS inside, and tokens from a file and the environment."""
     root = tmp_path_factory.mktemp("security")
-    certs = tls.make_dev_certs(root / "tls")
+    made = subprocess.run([sys.executable, "-m", "mmserve.cli", "certs", "--out", str(root / "tls")],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    certs = pathlib.Path(made.stdout.strip())
     tokens_file = root / "tokens"
     tokens_file.write_text(f"# API keys\n{FILE_TOKEN}\n")
     port, http_port = free_port(), free_port()

@@ -141,6 +141,7 @@ def test_up_plans_mutual_tls_inside_and_tls_on_the_public_port(certs, tmp_path):
     for name in ("decoder", "encoder", "llm"):
         argv = by_name[name].argv
         assert argv[argv.index("--tls-client-ca-file") + 1] == str(certs / "ca.pem"), name
+        assert argv[argv.index("--tls-client-cert-file") + 1] == str(certs / "client.pem"), name  # tensor pulls
         assert "--api-tokens-file" not in argv
     router = by_name["router"].argv
     assert router[router.index("--tls-client-ca-file") + 1] == ""  # public clients need no certificate
@@ -219,6 +220,17 @@ async def test_a_named_empty_tokens_file_fails_start_up(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="holds no token"):
         rpc.Service(_PublicConfig(api_tokens_file=str(empty)), [ROUTER])
+
+
+def test_a_service_installs_its_client_tls_for_channels_opened_deep_inside(certs):
+    config = ServiceConfig(tls_ca_file=str(certs / "ca.pem"), tls_client_cert_file=str(certs / "client.pem"),
+                           tls_client_key_file=str(certs / "client.key"))
+    try:
+        rpc.Service(config, [ROUTER])
+        assert tls.installed_client() == tls.ClientTls(str(certs / "ca.pem"), str(certs / "client.pem"),
+                                                       str(certs / "client.key"))
+    finally:
+        tls.install_client(None)
 
 
 # --- TLS and mutual TLS on a real server ---------------------------------------------------------------------------

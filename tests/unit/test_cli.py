@@ -17,7 +17,7 @@ from mmserve import probe
 from mmserve.cli import build_parser, model_error
 from mmserve.launcher import free_port
 
-COMMANDS = ("tiny-model", "up", "generate", "decode")
+COMMANDS = ("tiny-model", "up", "generate", "decode", "certs")
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
