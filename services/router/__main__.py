@@ -14,9 +14,11 @@ from mmserve.roles import Role
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.admission import Controller
 from services.router.config import RouterConfig
+from services.router.flex import FlexReplica, RoleSwitcher
 from services.router.media import MediaStage
 from services.router.openai_api import OpenAiServer
 from services.router.policy import Slo, SloDefaults
+from services.router.rebalance import RoleBalancer
 from services.router.pools import build_pools, export_gauges, follow_registry
 from services.router.server import RouterServicer
 from services.router.warmup import warm_up
@@ -34,6 +36,12 @@ async def build_router(config: RouterConfig) -> Role:
                                                  text=Slo(config.slo_ttft_ms_text, config.slo_tpot_ms)))
     export_gauges(pools)
     background: list[asyncio.Task] = []
+    if config.flex_pairs():
+        balancer = RoleBalancer(ratio=config.role_switch_ratio, min_backlog_ms=config.role_switch_min_backlog_ms,
+                                sustain_s=config.role_switch_sustain_s, dwell_s=config.role_switch_dwell_s)
+        switcher = RoleSwitcher(pools, lambda stage: controller.backlogs[stage].total_ms(),
+                                [FlexReplica(*pair) for pair in config.flex_pairs()], balancer)
+        background.append(asyncio.ensure_future(switcher.run()))
     if config.registry_url:
         background.append(asyncio.ensure_future(follow_registry(config, pools)))
     cache = EmbeddingCache.from_options(config)

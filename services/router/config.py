@@ -15,6 +15,14 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     decoder_addrs: str = option("", "comma-separated decoder replica addresses")
     encoder_addrs: str = option("", "comma-separated encoder replica addresses")
     llm_addrs: str = option("", "comma-separated llm replica addresses")
+    flex_addrs: str = option("", "flex replicas (python -m mmserve.flex: vision tower and language model in one "
+                                 "process) as encoder_address/llm_address, comma-separated; each serves in one "
+                                 "pool at a time and is moved to the stage that backs up")
+    role_switch_ratio: float = option(3.0, "move a flex replica when one stage's backlog per replica exceeds "
+                                           "this times the other's")
+    role_switch_min_backlog_ms: float = option(200.0, "and that backlog per replica is at least this")
+    role_switch_sustain_s: float = option(2.0, "and the imbalance has lasted this long")
+    role_switch_dwell_s: float = option(10.0, "a flex replica stays at least this long in a pool")
     media_root: str = option("", "directory file:// URIs may read from (empty disables file://)")
     max_media_bytes: int = option(200 * 1024 * 1024, "largest encoded media file accepted")
     max_media_per_request: int = option(16, "images plus videos in one request")
@@ -64,10 +72,25 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
         for name in ("decoder_max_in_flight", "encoder_max_in_flight", "stage_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
+        self.flex_pairs()  # raises ValueError naming a malformed entry
+        if self.role_switch_ratio <= 1.0 or min(self.role_switch_min_backlog_ms, self.role_switch_sustain_s,
+                                                self.role_switch_dwell_s) < 0:
+            raise ValueError("role_switch_ratio: must exceed 1; role_switch_min_backlog_ms, role_switch_sustain_s, "
+                             "role_switch_dwell_s: not negative")
         if not self.registry_url:
             for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
                 if not getattr(self, name):
                     raise ValueError(f"{name}: at least one address is required without a registry")
+
+    def flex_pairs(self) -> list[tuple[str, str]]:
+        """The flex replicas as (encoder address, llm address) pairs."""
+        pairs = []
+        for entry in self.split(self.flex_addrs):
+            encoder, sep, llm = (part.strip() for part in entry.partition("/"))
+            if not sep or not encoder or not llm or "/" in llm:
+                raise ValueError(f"flex_addrs: {entry!r} is not encoder_address/llm_address")
+            pairs.append((encoder, llm))
+        return pairs
 
     @staticmethod
     def split(addresses: str) -> list[str]:

@@ -18,3 +18,7 @@ RETRIES = Counter("mmserve_router_retries_total", "Stage calls retried on anothe
 WAITING = Gauge("mmserve_router_waiting_calls", "Stage calls waiting for a replica slot", ["stage"])
 HEALTHY = Gauge("mmserve_router_healthy_replicas", "Replicas reporting SERVING", ["stage"])
 BACKLOG_MS = Gauge("mmserve_router_backlog_ms", "Predicted work outstanding per stage", ["stage"])
+ROLE_SWITCHES = Counter("mmserve_router_role_switches_total", "Flex replicas moved, by the stage they moved to",
+                        ["stage"])
+FLEX_ROLE = Gauge("mmserve_router_flex_role", "1 for the stage pool a flex replica serves in now",
+                  ["replica", "stage"])

@@ -50,6 +50,9 @@ async def follow_registry(config: RouterConfig, pools: Pools) -> None:
     reader = RegistryReader(config.registry_url)
     static = {pool.stage: RouterConfig.split(a)
               for pool, a in zip(pools, (config.decoder_addrs, config.encoder_addrs, config.llm_addrs))}
+    for encoder, llm in config.flex_pairs():  # flex replicas stay in both pools (enabled in one)
+        static["encoder"].append(encoder)
+        static["llm"].append(llm)
     try:
         while True:
             for pool in pools:

@@ -31,10 +31,12 @@ class Replica:
     stub: Any
     costs: Any  # the stage's cost model for this replica
     healthy: bool = False
+    enabled: bool = True  # False: a flex replica serving in the other stage's pool (no new work here)
     removed: bool = False  # left the registry: no new work, closed once idle
     num_in_flight: int = 0
     outstanding_ms: float = 0.0  # predicted work handed to it and not yet done
     watcher: asyncio.Task | None = None
+    idle: asyncio.Event | None = None  # set when its last call ends, for draining before a role switch
 
 
 class ReplicaPool:
@@ -67,12 +69,12 @@ class ReplicaPool:
 
     # Membership -----------------------------------------------------------------------------------
 
-    def add(self, address: str) -> None:
-        """Starts using a replica as soon as its health service reports SERVING."""
+    def add(self, address: str, enabled: bool = True) -> None:
+        """Starts using a replica as soon as its health service reports SERVING (and it is enabled)."""
         if address in self.replicas and not self.replicas[address].removed:
             return
         channel = rpc.channel(address, self.max_message_bytes, self.client_tls)
-        replica = Replica(address, channel, self.stub_class(channel), self.make_costs())
+        replica = Replica(address, channel, self.stub_class(channel), self.make_costs(), enabled=enabled)
         replica.watcher = asyncio.ensure_future(self._watch(replica))
         self.replicas[address] = replica
 
@@ -100,7 +102,22 @@ class ReplicaPool:
         return len(self._waiters)
 
     def healthy(self) -> list[Replica]:
-        return [r for r in self.replicas.values() if r.healthy]
+        return [r for r in self.replicas.values() if r.healthy and r.enabled]
+
+    def set_enabled(self, address: str, enabled: bool) -> None:
+        """Lets a replica take new work here, or stops it (its calls in flight go on): role switching."""
+        replica = self.replicas[address]
+        replica.enabled = enabled
+        if enabled:
+            self._set_healthy(replica, replica.healthy)  # wakes waiters when it can take work at once
+
+    async def drained(self, address: str, timeout_s: float) -> None:
+        """Returns once the replica has no call in flight here; TimeoutError after timeout_s."""
+        replica = self.replicas[address]
+        async with asyncio.timeout(timeout_s):
+            while replica.num_in_flight:
+                replica.idle = asyncio.Event()
+                await replica.idle.wait()
 
     def mark_failed(self, replica: Replica) -> None:
         """A call found the replica unreachable: no work until its health service says SERVING again."""
@@ -150,7 +167,8 @@ class ReplicaPool:
     # Selection ------------------------------------------------------------------------------------
 
     def _has_room(self, replica: Replica) -> bool:
-        return replica.healthy and (self.max_in_flight == 0 or replica.num_in_flight < self.max_in_flight)
+        return (replica.healthy and replica.enabled
+                and (self.max_in_flight == 0 or replica.num_in_flight < self.max_in_flight))
 
     def choose(self, predict_ms: Callable[[Replica], float], affinity: str | None = None,
                exclude: frozenset[str] = frozenset()) -> Replica | None:
@@ -180,7 +198,7 @@ class ReplicaPool:
     async def slot(self, *, latest_start: float, work_ms: Callable[[Replica], float],
                    affinity: str | None = None, exclude: frozenset[str] = frozenset()):
         """A replica to call, held for the duration of the call; waits least-slack first when all are busy."""
-        if not any(r.healthy and r.address not in exclude for r in self.replicas.values()):
+        if not any(r.healthy and r.enabled and r.address not in exclude for r in self.replicas.values()):
             try:  # a replica that is restarting, or just registered, gets a moment to report SERVING
                 await self.wait_healthy(self.unhealthy_wait_s, exclude)
             except TimeoutError:
@@ -220,6 +238,8 @@ class ReplicaPool:
         replica.outstanding_ms = max(0.0, replica.outstanding_ms - predicted_ms)
         if replica.removed and replica.num_in_flight == 0:
             asyncio.ensure_future(replica.channel.close())
+        if replica.num_in_flight == 0 and replica.idle is not None:
+            replica.idle.set()
         self._dispatch()
 
     def _dispatch(self) -> None:

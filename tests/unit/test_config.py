@@ -23,7 +23,8 @@ CONFIGS = list(REQUIRED)
 # Valid values different from every default, for the string fields that are checked.
 STRINGS = {"dtype": "bfloat16", "log_level": "DEBUG", "host": "0.0.0.0", "redis_url": "redis://10.0.0.1:6380/2",
            "media_root": "/srv/media files", "policy": "fcfs", "registry_url": "redis://10.0.0.2:6379/1",
-           "advertise_address": "decoder-3.internal:50061", "device": "cpu"}
+           "advertise_address": "decoder-3.internal:50061", "device": "cpu",
+           "flex_addrs": "127.0.0.1:5101/127.0.0.1:5102"}
 
 
 def make(cls, **overrides):
