@@ -86,15 +86,21 @@ def tls_settings(tls_dir: str) -> tuple[dict[str, str], dict[str, str], tls.Clie
     if not tls_dir:
         return {}, {}, None
     path = {name: os.path.join(tls_dir, name) for name in TLS_FILES}
-    missing = [p for p in path.values() if not os.path.isfile(p)]
-    if missing:
-        raise ValueError(f"--tls-dir {tls_dir}: missing {', '.join(missing)} (the layout of {', '.join(TLS_FILES)})")
     served = dict(tls_cert_file=path["server.pem"], tls_key_file=path["server.key"])
     calling = dict(tls_ca_file=path["ca.pem"], tls_client_cert_file=path["client.pem"],
                    tls_client_key_file=path["client.key"])  # stages call each other too (remote tensor pulls)
     internal = dict(served, tls_client_ca_file=path["ca.pem"], **calling)
     router = dict(served, **calling)
     return internal, router, tls.ClientTls(path["ca.pem"], path["client.pem"], path["client.key"])
+
+
+def tls_dir_error(tls_dir: str) -> str | None:
+    """Why a TLS directory cannot serve the stack (files missing), or None."""
+    missing = [name for name in TLS_FILES if tls_dir and not os.path.isfile(os.path.join(tls_dir, name))]
+    if missing:
+        return (f"--tls-dir {tls_dir}: missing {', '.join(missing)} (`mmserve certs --out {tls_dir}` writes a "
+                "development set)")
+    return None
 
 
 def plan(spec: StackSpec) -> tuple[list[Child], str]:
@@ -236,7 +242,7 @@ def port_in_use_error(spec: StackSpec) -> str | None:
 
 async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
     """Runs the stack until SIGINT/SIGTERM or a child dies; returns the exit code."""
-    if (error := port_in_use_error(spec)) is not None:
+    if (error := port_in_use_error(spec) or tls_dir_error(spec.tls_dir)) is not None:
         print(f"mmserve up: {error}", file=sys.stderr)
         return 2
     try:

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import auth, rpc, tls
 from mmserve.config import AuthOptions, ServiceConfig
-from mmserve.launcher import TLS_FILES, StackSpec, plan, tls_settings
+from mmserve.launcher import TLS_FILES, StackSpec, plan, tls_dir_error, tls_settings
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.router.config import RouterConfig
@@ -149,8 +149,10 @@ def test_up_plans_mutual_tls_inside_and_tls_on_the_public_port(certs, tmp_path):
     assert router[router.index("--api-tokens-file") + 1] == "/run/tokens"
     assert all(c.client_tls == tls.ClientTls(str(certs / "ca.pem"), str(certs / "client.pem"),
                                              str(certs / "client.key")) for c in children)
-    with pytest.raises(ValueError, match="missing .*ca.pem"):
-        tls_settings(str(tmp_path))
+    assert tls_dir_error(str(certs)) is None and tls_dir_error("") is None
+    assert tls_dir_error(str(tmp_path)) == (f"--tls-dir {tmp_path}: missing {', '.join(TLS_FILES)} (`mmserve certs "
+                                            f"--out {tmp_path}` writes a development set)")
+    assert tls_settings("/absent")[2] == tls.ClientTls("/absent/ca.pem", "/absent/client.pem", "/absent/client.key")
 
 
 # --- the interceptor on a real server ----------------------------------------------------------------------------
