@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import pathlib
@@ -89,23 +90,28 @@ class TokenChecker:
     """Checks a request's Authorization value against the configured tokens in constant time."""
 
     def __init__(self, tokens: frozenset[str] | set[str]):
-        self._tokens = [t.encode() for t in sorted(tokens)]
+        # Digests, so every comparison has one length and the time taken says nothing about a token's length.
+        self._digests = [_digest(t) for t in sorted(tokens)]
 
     @property
     def is_enabled(self) -> bool:
         """Whether any token is configured (no tokens: the API is open)."""
-        return bool(self._tokens)
+        return bool(self._digests)
 
     def refusal(self, authorization: str | None) -> str | None:
         """None when the request may pass, else why not (MISSING or INVALID; never which tokens exist)."""
-        if not self._tokens:
+        if not self._digests:
             return None
         token = bearer_token(authorization)
         if token is None:
             return MISSING
-        presented = token.encode()
-        # Every configured token is compared, so the time taken does not say which one came close.
+        presented = _digest(token)
+        # Every configured token is compared, so the time taken does not say which one matched.
         matched = False
-        for expected in self._tokens:
+        for expected in self._digests:
             matched |= hmac.compare_digest(presented, expected)
         return None if matched else INVALID
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
