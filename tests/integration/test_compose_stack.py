@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+import redis
 
 from mmserve import rpc
 from mmserve.launcher import Child, Stack, free_port
@@ -34,12 +35,12 @@ def rewrite(argv: list[str], ports: dict[str, int], compose_ports: dict[str, str
             out[i + 1] = str(ports[argv[0].removeprefix("services.")])
         elif flag.endswith("-port") and value != "0":
             out[i + 1] = str(free_port())
-        elif flag == "--redis-url":
+        elif flag in ("--redis-url", "--registry-url"):
             assert value.startswith("redis://redis:"), value  # compose's redis service
             out[i + 1] = redis_url
         elif value in mounts:
             out[i + 1] = mounts[value]
-        elif flag.endswith("-addrs"):
+        elif flag.endswith("-addrs") or flag == "--advertise-address":  # compose service names
             addresses = []
             for address in value.split(","):
                 service, port = address.split(":")
@@ -107,6 +108,13 @@ def test_compose_commands_serve_a_request(tiny_model, redis_server, media_root):
             result = collect(api_pb2_grpc.RouterStub(channel), request(picture, text("What is this?"), num_tokens=8))
         assert result.final.completion_tokens == 8 and result.final.finish_reason == "length"
         assert result.final.num_media == 1 and len(result.token_ids) == 8
+        # Every service announced itself in the registry at the address compose gives it (here, loopback).
+        wanted = {f"mmserve:replica:{name}:127.0.0.1:{ports[name]}" for name in mmserve}
+        registry = redis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 30  # a hang guard: heartbeats start as each service starts serving
+        while not wanted <= {k.decode() for k in registry.scan_iter("mmserve:replica:*")}:
+            assert time.monotonic() < deadline, f"not registered: {wanted}"
+            time.sleep(0.2)
     finally:
         stack.stop()
     assert {c.name: c.process.returncode for c in started} == {name: 0 for name in mmserve}, "unclean stop"

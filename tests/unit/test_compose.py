@@ -25,9 +25,15 @@ K8S = ROOT / "deploy" / "k8s"
 CONFIGS: dict[str, type[ServiceConfig]] = {"decoder": DecoderConfig, "encoder": EncoderConfig, "llm": LlmConfig,
                                            "router": RouterConfig}
 GPU_SERVICES = ("decoder", "encoder", "llm")
-# Flags compose passes that `mmserve up` leaves at their defaults: GPU tuning, by design. Nothing the other way.
-COMPOSE_ONLY = {"decoder": set(), "encoder": {"dtype"}, "llm": {"dtype", "kv_cache_bytes"}, "router": set()}
+# Scale-out: deployments register every service in the Redis registry under an address others can reach;
+# `mmserve up` (one host, loopback) needs neither, its router has every address from the start.
+REGISTRY = {"registry_url", "advertise_address"}
+# Flags compose passes that `mmserve up` leaves at their defaults: GPU tuning and the registry, by design.
+COMPOSE_ONLY = {"decoder": REGISTRY, "encoder": {"dtype"} | REGISTRY, "llm": {"dtype", "kv_cache_bytes"} | REGISTRY,
+                "router": REGISTRY}
 PLAN_ONLY: dict[str, set[str]] = {"decoder": set(), "encoder": set(), "llm": set(), "router": set()}
+# On Kubernetes the router finds the stages in the registry only: a Service's address would alias one of its pods.
+K8S_ROUTER_UNLISTED = {"decoder_addrs", "encoder_addrs", "llm_addrs"}
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; $$ is a literal $.
 _VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$\$")
@@ -126,8 +132,9 @@ def planned_flags() -> dict[str, set[str]]:
     spec = dict(model="/model", host="0.0.0.0", port=50051, redis_url="redis://redis:6379/0", media_root="/media",
                 log_level="WARNING", redis_maxmemory="2gb", transport="shm", num_encoders=1, metrics=True,
                 http_port=8000)
-    # router_args passes further router flags through verbatim: no setting of its own to mirror here.
-    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args"}
+    # router_args passes further router flags through verbatim: no setting of its own to mirror here. TLS and
+    # bearer tokens are off unless configured, and compose.yaml does not wire them yet (no certificates to mount).
+    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args", "tls_dir", "api_tokens_file"}
     assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
     children, _ = plan(StackSpec(**spec))
     flags = {}
@@ -245,6 +252,27 @@ def test_redis_is_bounded_and_evicts_lru(compose):
             assert option_value(argv, "--redis-url") == "redis://redis:6379/0", name
 
 
+def test_every_service_registers_under_its_compose_name(compose):
+    raw = {name: service["command"] for name, service in mmserve_services(yaml.load(COMPOSE.read_text(),
+                                                                                   Loader=_Loader)).items()}
+    assert {option_value(argv, "--registry-url") for argv in raw.values()} == {"${REGISTRY_URL:-redis://redis:6379/0}"}
+    for name, service in mmserve_services(compose).items():
+        argv = service["command"]
+        # Reachable on the compose network: the service name and the port it binds.
+        assert option_value(argv, "--advertise-address") == f"{name}:{option_value(argv, '--port')}", name
+    router = compose["services"]["router"]["command"]
+    for stage in GPU_SERVICES:  # the static lists stay: the same names, so the registry adds no duplicate
+        advertised = option_value(compose["services"][stage]["command"], "--advertise-address")
+        assert option_value(router, f"--{stage}-addrs") == advertised, stage
+    registry = load_compose(env={"REGISTRY_URL": "redis://registry:6379/2"})["services"]
+    assert all(option_value(s["command"], "--registry-url") == "redis://registry:6379/2"
+               for s in mmserve_services({"services": registry}).values())
+
+
+def test_env_file_is_ignored_by_git():
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_model_and_media_are_mounted_read_only(compose):
     for name, service in mmserve_services(compose).items():
         mounts = {volume.split(":")[1]: volume.split(":")[2:] for volume in service["volumes"]}
@@ -333,11 +361,16 @@ def test_k8s_args_are_real_flags_and_probes_use_mmserve_probe():
         name = doc["metadata"]["name"]
         pod = doc["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        # Kubernetes expands $(VAR) in args from the container's environment (here the ConfigMap).
-        args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+        # Kubernetes expands $(VAR) in args from the container's environment (the ConfigMap, the downward API).
+        fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container.get("env", [])}
+        pod_env = env | {var: {"status.podIP": "10.1.2.3"}[path] for var, path in fields.items()}
+        args = [re.sub(r"\$\((\w+)\)", lambda m: pod_env[m.group(1)], a) for a in container["args"]]
         config = parse_command(args)
         assert type(config) is CONFIGS[name] and config.host == "0.0.0.0"
-        passed, wanted = flag_names(args) - COMPOSE_ONLY[name], planned[name] - PLAN_ONLY[name]
+        assert config.registry_url == "redis://redis:6379/0", name
+        assert config.advertise_address == f"10.1.2.3:{config.port}", f"{name}: advertise the pod IP and port"
+        unlisted = K8S_ROUTER_UNLISTED if name == "router" else set()
+        passed, wanted = flag_names(args) - COMPOSE_ONLY[name], planned[name] - PLAN_ONLY[name] - unlisted
         assert passed == wanted, f"{name}: the manifest lacks {wanted - passed}, adds {passed - wanted}"
         for probe in ("readinessProbe", "livenessProbe"):
             command = container[probe]["exec"]["command"]
