@@ -10,6 +10,8 @@ import struct
 import prometheus_client
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from mmserve import transport
 from mmserve.lru import ByteLRU
@@ -102,8 +104,12 @@ class EmbeddingCache:
 
     def __init__(self, url: str, ttl_s: int = 24 * 3600, timeout_s: float = 0.05, local_bytes: int = 0):
         self.ttl_s = ttl_s
+        # One immediate retry on a broken connection only: after a Redis restart the pooled socket is dead, and
+        # a reader that saw no outage (an llm serving from its LRU) would otherwise miss once. A timeout (Redis
+        # slow or paused) is never retried: it stays a fast miss.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=None)
+                                              retry=retry)
         self.local: ByteLRU[CachedEmbedding] = ByteLRU(local_bytes)
         self.num_errors = 0
         self._failing = False

@@ -199,6 +199,11 @@ class MediaStage:
             if not encodes:
                 raise pp.MediaError(f"{item.where}: the decoder returned no frames")
             replies = await asyncio.gather(*encodes)
+        except BaseException:
+            # Chunks already encoded will not be used: their producers may free them now, not at lease expiry.
+            await transport.release([t.result().embeddings for t in encodes
+                                     if t.done() and not t.cancelled() and t.exception() is None])
+            raise
         finally:
             for task in encodes:
                 task.cancel()  # on failure or cancellation; unclaimed tensors expire with their leases
