@@ -95,6 +95,12 @@ def test_thousand_handoffs_with_cancellations_and_a_killed_consumer_leak_nothing
         assert all(os.path.exists(shm.SHM_DIR / name) for name in held)
     holder.kill()  # dies holding eight refs it never mapped
     holder.wait()
+    if producer.policy == "remote":  # and one that dies in the middle of pulling 256 MB
+        staller = subprocess.Popen([*PEER, "consumer", "--address", producer.address, "--stall", "--transport",
+                                    "remote"], stdout=subprocess.PIPE, text=True)
+        assert json.loads(staller.stdout.readline())["pulling"]
+        staller.kill()
+        staller.wait()
 
     stats = producer.wait_idle()  # returns once the unclaimed leases (held + cancelled) have expired
     assert stats["idle"] and stats["live_leases"] == 0, stats

@@ -64,11 +64,21 @@ def produce_call(channel: grpc.aio.Channel):
                                response_deserializer=tensor_pb2.TensorRef.FromString)
 
 
-async def run_consumer(address: str, num_handoffs: int, cancel_fraction: float, hold: int, location: str) -> None:
-    """Runs handoffs (some cancelled mid-flight), checking every tensor; or holds refs unmapped until killed."""
+async def run_consumer(address: str, num_handoffs: int, cancel_fraction: float, hold: int, location: str,
+                       stall: bool = False) -> None:
+    """Runs handoffs (some cancelled mid-flight), checking every tensor; or holds refs unmapped until killed; or
+    (stall) starts pulling a large remote tensor, reads one chunk and stops reading until killed."""
     rng = random.Random(0)
     async with grpc.aio.insecure_channel(address) as channel:
         produce = produce_call(channel)
+        if stall:
+            ref = await produce(tensor_pb2.TensorRef(shape=[256 * 1024 * 1024, 0]))
+            pull = channel.unary_stream(f"/{transport.remote.SERVICE}/Pull", tensor_pb2.PullRequest.SerializeToString,
+                                        transport.remote.decode_chunk)(tensor_pb2.PullRequest(
+                                            handle_id=ref.remote.handle_id))
+            await pull.read()
+            print(json.dumps({"pulling": ref.remote.handle_id}), flush=True)
+            await asyncio.Event().wait()  # flow control stops the producer; until SIGKILL
         if hold:
             refs = [await produce(tensor_pb2.TensorRef(shape=[256 * 1024, i])) for i in range(hold)]
             print(json.dumps({"holding": [r.shared_memory.name or r.remote.handle_id for r in refs]}), flush=True)
@@ -121,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hold", type=int, default=0)
     parser.add_argument("--transport", choices=["shm", "remote", "auto"], default="shm")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stall", action="store_true")
     args = parser.parse_args(argv)
     if args.role == "producer":
         global DEVICE
@@ -128,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(run_producer(args.lease_s, args.transport))
     else:
         location = "shared_memory" if args.transport == "shm" else "remote"
-        asyncio.run(run_consumer(args.address, args.num_handoffs, args.cancel_fraction, args.hold, location))
+        asyncio.run(run_consumer(args.address, args.num_handoffs, args.cancel_fraction, args.hold, location,
+                                 args.stall))
 
 
 if __name__ == "__main__":
