@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import pathlib
 import re
@@ -14,6 +15,8 @@ TOKENS_ENV = "MMSERVE_API_TOKENS"
 CLIENT_TOKEN_ENV = "MMSERVE_API_TOKEN"
 MISSING = "missing bearer token"
 INVALID = "invalid bearer token"
+
+log = logging.getLogger(__name__)
 
 # RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
 _TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -90,6 +93,10 @@ class TokenChecker:
     """Checks a request's Authorization value against the configured tokens in constant time."""
 
     def __init__(self, tokens: frozenset[str] | set[str]):
+        self.replace(tokens)
+
+    def replace(self, tokens: frozenset[str] | set[str]) -> None:
+        """Accepts exactly these tokens from now on (rotation)."""
         # Digests, so every comparison has one length and the time taken says nothing about a token's length.
         self._digests = [_digest(t) for t in sorted(tokens)]
 
@@ -115,3 +122,30 @@ class TokenChecker:
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+# The process's checkers by tokens file: the gRPC API and the HTTP API of one router share one, so one reload
+# rotates both.
+_checkers: dict[str, TokenChecker] = {}
+
+
+def shared_checker(tokens_file: str) -> TokenChecker:
+    """The process's checker for tokens_file (and the environment), loaded on first use."""
+    if tokens_file not in _checkers:
+        _checkers[tokens_file] = TokenChecker(load_tokens(tokens_file))
+    return _checkers[tokens_file]
+
+
+def reload_tokens() -> None:
+    """Re-reads every tokens file in use (SIGHUP); a file that became unreadable or empty keeps the old tokens."""
+    for tokens_file, checker in _checkers.items():
+        try:
+            tokens = load_tokens(tokens_file)
+        except ValueError as err:
+            log.error("tokens not reloaded, the previous ones stay: %s", err)
+            continue
+        if checker.is_enabled and not tokens:  # e.g. MMSERVE_API_TOKENS alone, and the file is not read
+            log.error("tokens not reloaded: none left, and a reload never opens an API that had tokens")
+            continue
+        checker.replace(tokens)
+        log.info("reloaded %d API token(s)", len(tokens))

@@ -145,10 +145,9 @@ class Service:
         # Files are read now, so bad TLS or token settings fail start-up with a message naming the setting.
         self.credentials = tls.server_credentials(config)
         tls.install_client(tls.client_tls(config))
-        if isinstance(config, AuthOptions):
-            checker = auth.TokenChecker(auth.load_tokens(config.api_tokens_file))
-            if checker.is_enabled:
-                interceptors.insert(0, BearerTokenInterceptor(checker, self.service_names))
+        if isinstance(config, AuthOptions):  # installed even without tokens: a reload (SIGHUP) may bring some
+            interceptors.insert(0, BearerTokenInterceptor(auth.shared_checker(config.api_tokens_file),
+                                                          self.service_names))
         self.server = grpc.aio.server(
             # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
             options=[*message_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
@@ -221,6 +220,7 @@ async def run_until_signalled(service: Service, on_stop: Callable[[], Awaitable[
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, auth.reload_tokens)  # token rotation without a restart
     port = await service.start()
     if on_start is not None:
         on_start(port)

@@ -70,7 +70,7 @@ class OpenAiServer:
         self.config = config
         self.local_target = local_target
         # The same tokens as the gRPC API: /v1/models never reaches the router, so the check happens here too.
-        self.tokens = auth.TokenChecker(auth.load_tokens(config.api_tokens_file))
+        self.tokens = auth.shared_checker(config.api_tokens_file)
         self.model_name = served_model_name(config)
         self.created = int(time.time())
         self.channel: grpc.aio.Channel | None = None

@@ -12,6 +12,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -41,6 +42,7 @@ class SecureStack:
     certs: pathlib.Path
     tokens_file: pathlib.Path
     stage_addresses: dict[str, str]  # services.<stage> → host:port
+    router_pid: int
 
     @property
     def ca(self) -> tls.ClientTls:
@@ -50,14 +52,17 @@ class SecureStack:
         return grpc.secure_channel(self.address, self.ca.credentials(), options=rpc.message_options(64 << 20))
 
 
-def _stage_addresses(up: subprocess.Popen) -> dict[str, str]:
-    found = {}
+def _children(up: subprocess.Popen) -> tuple[dict[str, str], int]:
+    """The stages' addresses (services.<stage> → host:port) and the router's pid."""
+    found, router = {}, 0
     for child in psutil.Process(up.pid).children(recursive=True):
         argv = child.cmdline()
         for stage in STAGES:
             if stage in argv:
                 found[stage] = f"127.0.0.1:{argv[argv.index('--port') + 1]}"
-    return found
+        if "services.router" in argv:
+            router = child.pid
+    return found, router
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +84,7 @@ def secure(tiny_model, tmp_path_factory):
     try:
         line = up.stdout.readline()  # blocks until every service is healthy over mTLS (or the launcher exits)
         assert f"router listening on 127.0.0.1:{port}" in line, line
-        yield SecureStack(f"127.0.0.1:{port}", http_port, certs, tokens_file, _stage_addresses(up))
+        yield SecureStack(f"127.0.0.1:{port}", http_port, certs, tokens_file, *_children(up))
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
@@ -258,3 +263,43 @@ async def test_plain_http_checks_tokens_and_reaches_the_router_over_its_private_
         await http.close()
         await service.stop()
     assert not os.path.exists(os.path.dirname(local.removeprefix("unix:")))  # the private directory is gone
+
+
+# --- rotation -----------------------------------------------------------------------------------------------------
+
+def _accepts(secure: SecureStack, token: str) -> tuple[bool, bool]:
+    """Whether the gRPC API and the HTTP API accept token."""
+    with secure.channel() as channel:
+        try:
+            collect(_Authorized(channel, token), request(text("hi"), num_tokens=1))
+            grpc_ok = True
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            grpc_ok = False
+    try:
+        _openai(secure, token).models.list()
+        http_ok = True
+    except openai.AuthenticationError:
+        http_ok = False
+    return grpc_ok, http_ok
+
+
+def _wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 60  # a hang guard: SIGHUP is handled within a moment
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_sighup_rotates_the_tokens_of_both_apis_without_a_restart(secure):
+    new, original = "sk-rotated-in", secure.tokens_file.read_text()
+    assert _accepts(secure, new) == (False, False)
+    try:
+        secure.tokens_file.write_text(original + new + "\n")
+        os.kill(secure.router_pid, signal.SIGHUP)
+        _wait_until(lambda: _accepts(secure, new) == (True, True), "the new token was never accepted")
+    finally:
+        secure.tokens_file.write_text(original)
+        os.kill(secure.router_pid, signal.SIGHUP)
+    _wait_until(lambda: _accepts(secure, new) == (False, False), "the removed token is still accepted")
+    assert _accepts(secure, FILE_TOKEN) == _accepts(secure, ENV_TOKEN) == (True, True)

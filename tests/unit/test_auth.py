@@ -272,3 +272,24 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(certs, tmp_path
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await service.stop()
+
+
+# --- rotation ------------------------------------------------------------------------------------------------------
+
+def test_reload_rotates_tokens_and_never_opens_the_api(tmp_path, monkeypatch):
+    monkeypatch.delenv(auth.TOKENS_ENV, raising=False)
+    path = tmp_path / "tokens"
+    path.write_text("sk-old\n")
+    checker = auth.shared_checker(str(path))
+    assert auth.shared_checker(str(path)) is checker  # the gRPC and HTTP APIs share it
+    assert checker.refusal("Bearer sk-old") is None
+    path.write_text("sk-new\n")
+    auth.reload_tokens()
+    assert checker.refusal("Bearer sk-old") == auth.INVALID and checker.refusal("Bearer sk-new") is None
+    for broken in ("# emptied by mistake\n", "not one token\n"):
+        path.write_text(broken)
+        auth.reload_tokens()
+        assert checker.refusal("Bearer sk-new") is None, broken  # the previous tokens stay
+    path.unlink()
+    auth.reload_tokens()
+    assert checker.refusal("Bearer sk-new") is None and checker.refusal(None) == auth.MISSING
