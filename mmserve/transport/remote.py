@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import torch
 
+from mmserve import tls
 from mmserve.transport.refs import TensorUnavailable, as_bytes
 from mmserve.transport.store import TensorStore
 from mmserve.v1 import tensor_pb2
@@ -104,7 +105,9 @@ _channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, grpc.a
 def _channel(address: str) -> grpc.aio.Channel:
     channels = _channels.setdefault(asyncio.get_running_loop(), {})
     if address not in channels:
-        channels[address] = grpc.aio.insecure_channel(address)
+        client = tls.installed_client()  # under mutual TLS, the producer wants our certificate here too
+        channels[address] = (grpc.aio.insecure_channel(address) if client is None else
+                             grpc.aio.secure_channel(address, client.credentials(), options=client.options()))
     return channels[address]
 
 

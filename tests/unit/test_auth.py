@@ -293,3 +293,34 @@ def test_reload_rotates_tokens_and_never_opens_the_api(tmp_path, monkeypatch):
     path.unlink()
     auth.reload_tokens()
     assert checker.refusal("Bearer sk-new") is None and checker.refusal(None) == auth.MISSING
+
+
+async def test_remote_tensor_pulls_present_the_process_certificate(certs):
+    import torch
+
+    from mmserve.transport import TensorUnavailable, remote
+    from mmserve.v1 import tensor_pb2
+
+    def mtls(with_client: bool) -> ServiceConfig:
+        client = dict(tls_ca_file=str(certs / "ca.pem"), tls_client_cert_file=str(certs / "client.pem"),
+                      tls_client_key_file=str(certs / "client.key")) if with_client else {}
+        return _tls_config(certs, tls_client_ca_file=str(certs / "ca.pem"), **client)
+
+    tensor = torch.arange(3 * 1024 * 1024, dtype=torch.uint8)  # several 1 MiB chunks
+    try:
+        for with_client in (True, False):
+            service = await _serve(mtls(with_client))  # installs its client TLS (or none) for the process
+            try:
+                ref = tensor_pb2.RemoteRef(address=f"127.0.0.1:{service.port}", handle_id=service.store.hold(tensor),
+                                           nbytes=tensor.numel())
+                out = torch.empty(tensor.numel(), dtype=torch.uint8)
+                if with_client:
+                    await remote.pull_into(ref, out, timeout_s=30)
+                    assert torch.equal(out, tensor)
+                else:
+                    with pytest.raises(TensorUnavailable, match="UNAVAILABLE"):
+                        await remote.pull_into(ref, out, timeout_s=30)
+            finally:
+                await service.stop()
+    finally:
+        tls.install_client(None)
