@@ -31,17 +31,18 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def insecure_channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
-    """An asyncio channel to another service with our message size cap."""
-    return grpc.aio.insecure_channel(address, options=message_options(max_message_bytes))
+def insecure_channel(address: str, max_message_bytes: int, options: Iterable[tuple[str, int]] = ()) -> grpc.aio.Channel:
+    """An asyncio channel to another service with our message size cap (and further channel options)."""
+    return grpc.aio.insecure_channel(address, options=[*message_options(max_message_bytes), *options])
 
 
-def channel(address: str, max_message_bytes: int, client_tls: tls.ClientTls | None = None) -> grpc.aio.Channel:
+def channel(address: str, max_message_bytes: int, client_tls: tls.ClientTls | None = None,
+            options: Iterable[tuple[str, int]] = ()) -> grpc.aio.Channel:
     """An asyncio channel to another service: TLS (mutual when client_tls has a certificate), else plaintext."""
     if client_tls is None:
-        return insecure_channel(address, max_message_bytes)
+        return insecure_channel(address, max_message_bytes, options)
     return grpc.aio.secure_channel(address, client_tls.credentials(),
-                                   options=[*message_options(max_message_bytes), *client_tls.options()])
+                                   options=[*message_options(max_message_bytes), *client_tls.options(), *options])
 
 
 # The request a log line belongs to: set for every RPC from its request's `request_id` field.
@@ -150,7 +151,11 @@ class Service:
                                                           self.service_names))
         self.server = grpc.aio.server(
             # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
-            options=[*message_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
+            options=[*message_options(config.max_message_bytes), ("grpc.so_reuseport", 0),
+                     # The router pings its replicas every second to notice a stalled one (RouterConfig);
+                     # gRPC's default answers pings more frequent than 5 minutes with GOAWAY too_many_pings.
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 500), ("grpc.keepalive_permit_without_calls", 1)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             interceptors=interceptors,
         )

@@ -38,6 +38,14 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     decoder_max_in_flight: int = option(2, "decode calls one decoder replica gets at once (slo policy)")
     encoder_max_in_flight: int = option(4, "encode calls one encoder replica gets at once (slo policy)")
     stage_attempts: int = option(3, "tries of a stage on different replicas when one is unavailable")
+    replica_keepalive_ms: int = option(1000, "HTTP/2 ping interval on the channels to the replicas, to notice one that "
+                                             "stalls (stopped, wedged) while its TCP connection stays up; at least "
+                                             "500, the most frequent pings the services accept")
+    replica_keepalive_timeout_ms: int = option(2000, "a replica that leaves a ping unanswered this long has its "
+                                                     "calls failed (UNAVAILABLE, retried elsewhere when nothing was "
+                                                     "streamed) and gets no work until its health says SERVING")
+    replica_reconnect_max_ms: int = option(2000, "longest pause between reconnection attempts to a replica that went "
+                                                 "away, so one that resumes is used again soon")
     registry_refresh_s: float = option(1.0, "seconds between reads of the replica registry")
     startup_wait_s: float = option(60.0, "at start, seconds to wait for a healthy replica of each stage")
     warmup: bool = option(True, "profile every replica with a small image and text request at start")
@@ -69,6 +77,9 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                      "admission_headroom", "registry_refresh_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive")
+        if self.replica_keepalive_ms < 500 or min(self.replica_keepalive_timeout_ms, self.replica_reconnect_max_ms) < 1:
+            raise ValueError("replica_keepalive_ms: must be at least 500; replica_keepalive_timeout_ms, "
+                             "replica_reconnect_max_ms: must be positive")
         for name in ("decoder_max_in_flight", "encoder_max_in_flight", "stage_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")

@@ -12,7 +12,7 @@ from mmserve.v1 import decoder_pb2_grpc, encoder_pb2_grpc, llm_pb2_grpc
 from services.router import metrics
 from services.router.config import RouterConfig
 from services.router.costs import CostSeeds, DecodeCost, LlmCosts, encode_cost
-from services.router.replicas import ReplicaPool
+from services.router.replicas import ReplicaPool, keepalive_options
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ def build_pools(config: RouterConfig, seeds: CostSeeds | None = None) -> Pools:
     """Pools with one cost model per replica; static addresses are added at once (used once healthy)."""
     seeds = seeds or CostSeeds()
     slo = config.policy == "slo"
-    common = dict(max_message_bytes=config.max_message_bytes, policy=config.policy, client_tls=tls.client_tls(config))
+    common = dict(max_message_bytes=config.max_message_bytes, policy=config.policy, client_tls=tls.client_tls(config),
+                  channel_options=keepalive_options(config.replica_keepalive_ms, config.replica_keepalive_timeout_ms,
+                                                    config.replica_reconnect_max_ms))
     pools = Pools(
         ReplicaPool("decoder", decoder_pb2_grpc.DecoderStub, make_costs=lambda: DecodeCost(seeds),
                     max_in_flight=config.decoder_max_in_flight if slo else 0, **common),

@@ -50,8 +50,10 @@ class ReplicaPool:
 
     def __init__(self, stage: str, stub_class, *, max_message_bytes: int, make_costs: Callable[[], Any],
                  policy: str = "slo", max_in_flight: int = 0, affinity_slack: float = 1.5,
-                 affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0, client_tls: Any = None):
+                 affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0, client_tls: Any = None,
+                 channel_options: tuple[tuple[str, int], ...] = ()):
         self.stage = stage
+        self.channel_options = channel_options  # e.g. keepalive_options(): how a stalled replica is noticed
         self.client_tls = client_tls  # rpc.channel's TLS for the replicas (None: plaintext)
         self.stub_class = stub_class
         self.max_message_bytes = max_message_bytes
@@ -73,7 +75,7 @@ class ReplicaPool:
         """Starts using a replica as soon as its health service reports SERVING (and it is enabled)."""
         if address in self.replicas and not self.replicas[address].removed:
             return
-        channel = rpc.channel(address, self.max_message_bytes, self.client_tls)
+        channel = rpc.channel(address, self.max_message_bytes, self.client_tls, self.channel_options)
         replica = Replica(address, channel, self.stub_class(channel), self.make_costs(), enabled=enabled)
         replica.watcher = asyncio.ensure_future(self._watch(replica))
         self.replicas[address] = replica
@@ -132,15 +134,22 @@ class ReplicaPool:
         stub = health_pb2_grpc.HealthStub(replica.channel)
         delay = 0.05
         while True:
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
             try:
-                async for reply in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                async for reply in call:
                     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
                     if serving != replica.healthy:
                         log.info("%s %s %s", self.stage, replica.address, "healthy" if serving else "not serving")
                     self._set_healthy(replica, serving)
+                    if not serving:
+                        # A draining server exits once its calls end, open streams included: ours must not
+                        # hold it for its whole grace period. Asked again after the pause below.
+                        break
                     delay = 0.05
             except grpc.aio.AioRpcError:
                 pass
+            finally:
+                call.cancel()
             self._set_healthy(replica, False)
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
@@ -267,6 +276,21 @@ class _Waiter:
     work_ms: Callable[[Replica], float]
     affinity: str | None
     exclude: frozenset[str]
+
+
+def keepalive_options(keepalive_ms: int, timeout_ms: int, reconnect_max_ms: int) -> tuple[tuple[str, int], ...]:
+    """Channel options that notice a replica that stops answering while its TCP connection stays up.
+
+    A stopped or wedged process keeps its socket open (the kernel still acknowledges), so neither the
+    health Watch stream nor the calls on it would end before their deadlines. HTTP/2 pings every
+    keepalive_ms, unanswered for timeout_ms, close the connection: every call on it ends UNAVAILABLE at
+    once (and is retried elsewhere when nothing was streamed yet), the Watch ends, and the replica is
+    withdrawn until a fresh Watch sees SERVING. Pings cost no RPC and nothing polls.
+    """
+    return (("grpc.keepalive_time_ms", keepalive_ms), ("grpc.keepalive_timeout_ms", timeout_ms),
+            ("grpc.http2.ping_timeout_ms", timeout_ms),  # what gRPC 1.85 enforces on an unanswered ping
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_reconnect_backoff_ms", reconnect_max_ms))
 
 
 def is_client_error(err: grpc.aio.AioRpcError) -> bool:

@@ -2,100 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import re
 import signal
 import time
-import urllib.request
 
 import grpc
 import pytest
 
-from mmserve import rpc
-from mmserve.launcher import Child, Stack, free_port
 from mmserve.media.samples import make_image
 from mmserve.transport import shm
-from mmserve.v1 import api_pb2_grpc
-from services.decoder.config import DecoderConfig
-from services.encoder.config import EncoderConfig
-from services.llm.config import LlmConfig
-from services.router.config import RouterConfig
+from tests.integration.cluster import Cluster, replica, started_cluster
 from tests.integration.helpers import collect, image, request, text
 
 pytestmark = pytest.mark.slow
 
 
-def _replica(stage: str, name: str, tiny_model, redis_server) -> Child:
-    port, metrics_port = free_port(), free_port()
-    common = dict(port=port, metrics_port=metrics_port, registry_url=redis_server.url, log_level="WARNING")
-    config = {"decoder": lambda: DecoderConfig(**common),
-              "encoder": lambda: EncoderConfig(model=str(tiny_model), redis_url=redis_server.url, **common),
-              "llm": lambda: LlmConfig(model=str(tiny_model), **common)}[stage]()
-    return Child(name, [*_python(stage), *config.to_argv()], f"127.0.0.1:{port}", metrics_port)
-
-
-def _python(stage: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", f"services.{stage}"]
-
-
-class Cluster:
-    """Two replicas of each stage that register themselves, and a router that knows only the registry."""
-
-    def __init__(self, tiny_model, redis_server):
-        self.tiny_model, self.redis_server = tiny_model, redis_server
-        self.replicas = {f"{stage}-{i}": _replica(stage, f"{stage}-{i}", tiny_model, redis_server)
-                         for stage in ("decoder", "encoder", "llm") for i in range(2)}
-        port, self.metrics_port = free_port(), free_port()
-        config = RouterConfig(port=port, metrics_port=self.metrics_port, model=str(tiny_model),
-                              redis_url=redis_server.url, registry_url=redis_server.url, registry_refresh_s=0.2,
-                              log_level="WARNING", slo_ttft_ms_text=600_000, slo_ttft_ms_image=600_000,
-                              slo_tpot_ms=600_000)  # faults are the subject here, not admission
-        self.router = Child("router", [*_python("router"), *config.to_argv()], f"127.0.0.1:{port}")
-        self.stacks: list[Stack] = []
-
-    def start(self, children: list[Child]) -> None:
-        stack = Stack(children, grace_s=5)
-        stack.start()
-        self.stacks.append(stack)
-        asyncio.run(stack.wait_healthy(180))
-
-    def stop(self) -> None:
-        for stack in reversed(self.stacks):
-            stack.stop()
-
-    def metric(self, name: str, port: int = 0, **labels) -> float:
-        """A sample of the router's metrics (or those of the service with metrics on port)."""
-        url = f"http://127.0.0.1:{port or self.metrics_port}/metrics"
-        body = urllib.request.urlopen(url, timeout=10).read().decode()
-        selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        match = re.search(rf"^{name}{{{selector}}} (\S+)$" if selector else rf"^{name} (\S+)$", body, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def wait_for(self, predicate, timeout_s: float = 30.0, describe=lambda: "") -> None:
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not reached in {timeout_s} s {describe()}")
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def cluster(tiny_model, redis_server):
-    # A replica has been seen to abort (SIGABRT, cause not found yet) while starting in a busy suite:
-    # one fresh cluster is then tried, so that the start-up flake does not hide what these tests check.
-    for attempt in range(2):
-        running = Cluster(tiny_model, redis_server)
-        try:
-            running.start(list(running.replicas.values()))
-            running.start([running.router])
-            break
-        except RuntimeError:
-            running.stop()
-            if attempt:
-                raise
+    running = started_cluster(tiny_model, redis_server)
     try:
         yield running
     finally:
@@ -104,13 +28,13 @@ def cluster(tiny_model, redis_server):
 
 @pytest.fixture(scope="module")
 def cluster_router(cluster):
-    channel = grpc.insecure_channel(cluster.router.address, options=rpc.message_options(64 * 1024 * 1024))
-    yield api_pb2_grpc.RouterStub(channel)
+    stub, channel = cluster.stub()
+    yield stub
     channel.close()
 
 
 def _healthy(cluster: Cluster, stage: str) -> float:
-    return cluster.metric("mmserve_router_healthy_replicas", stage=stage)
+    return cluster.healthy(stage)
 
 
 def test_router_finds_every_replica_through_the_registry(cluster, cluster_router):
@@ -170,7 +94,7 @@ def test_kill_9_of_a_replica_per_stage_under_load_loses_nothing(cluster, cluster
     for victim in victims:
         victim.process.wait()
     stage_of = {"encoder-0": "encoder", "decoder-0": "decoder", "llm-0": "llm"}
-    replacements = [_replica(stage_of[name], f"{name}-new", cluster.tiny_model, cluster.redis_server)
+    replacements = [replica(stage_of[name], f"{name}-new", cluster.tiny_model, cluster.redis_server)
                     for name in stage_of]
     cluster.start(replacements)
     for stage in ("decoder", "encoder", "llm"):
