@@ -77,8 +77,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "system's roots)")
     parser.add_argument("--tls-cert-file", default="", help="PEM client certificate, for servers that require one")
     parser.add_argument("--tls-key-file", default="", help="PEM private key of --tls-cert-file")
-    parser.add_argument("--tls-server-name", default="", help="name the server's certificate must carry, when the "
-                                                              "address does not (e.g. probing 127.0.0.1 in a container)")
+    parser.add_argument("--tls-server-name", default="",
+                        help="name the server's certificate must carry, when the address does not (e.g. probing "
+                             "127.0.0.1 in a container)")
 
 
 def client_tls_from_args(args: argparse.Namespace) -> ClientTls | None:
