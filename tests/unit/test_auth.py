@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import grpc
@@ -324,3 +325,21 @@ async def test_remote_tensor_pulls_present_the_process_certificate(certs):
                 await service.stop()
     finally:
         tls.install_client(None)
+
+
+async def test_probe_reaches_a_server_whose_certificate_names_another_host(tmp_path):
+    from mmserve import probe
+
+    named = tls.make_dev_certs(tmp_path / "named", names=("decoder",))  # as in a container, probed on 127.0.0.1
+    service = await _serve(_tls_config(named))
+    address = f"127.0.0.1:{service.port}"
+    try:
+        args = probe.build_parser().parse_args([address, "--tls-ca-file", str(named / "ca.pem"), "--timeout", "10"])
+        serving, why = await asyncio.to_thread(probe.check, address, "", 10, tls.client_tls_from_args(args))
+        assert not serving and "UNAVAILABLE" in why
+        args = probe.build_parser().parse_args([address, "--tls-ca-file", str(named / "ca.pem"),
+                                                "--tls-server-name", "decoder"])
+        assert await asyncio.to_thread(probe.check, address, "", 10, tls.client_tls_from_args(args)) == (
+            True, f"{address}: SERVING")
+    finally:
+        await service.stop()
