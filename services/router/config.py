@@ -38,6 +38,8 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     decoder_max_in_flight: int = option(2, "decode calls one decoder replica gets at once (slo policy)")
     encoder_max_in_flight: int = option(4, "encode calls one encoder replica gets at once (slo policy)")
     stage_attempts: int = option(3, "tries of a stage on different replicas when one is unavailable")
+    stage_max_waiting: int = option(256, "decode or encode calls that may wait for a replica slot; beyond it a "
+                                         "request gets RESOURCE_EXHAUSTED at once (slo policy)")
     replica_keepalive_ms: int = option(1000, "HTTP/2 ping interval on the channels to the replicas, to notice one that "
                                              "stalls (stopped, wedged) while its TCP connection stays up; at least "
                                              "500, the most frequent pings the services accept")
@@ -80,7 +82,7 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
         if self.replica_keepalive_ms < 500 or min(self.replica_keepalive_timeout_ms, self.replica_reconnect_max_ms) < 1:
             raise ValueError("replica_keepalive_ms: must be at least 500; replica_keepalive_timeout_ms, "
                              "replica_reconnect_max_ms: must be positive")
-        for name in ("decoder_max_in_flight", "encoder_max_in_flight", "stage_attempts"):
+        for name in ("decoder_max_in_flight", "encoder_max_in_flight", "stage_attempts", "stage_max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         self.flex_pairs()  # raises ValueError naming a malformed entry

@@ -33,7 +33,8 @@ def build_pools(config: RouterConfig, seeds: CostSeeds | None = None) -> Pools:
     slo = config.policy == "slo"
     common = dict(max_message_bytes=config.max_message_bytes, policy=config.policy, client_tls=tls.client_tls(config),
                   channel_options=keepalive_options(config.replica_keepalive_ms, config.replica_keepalive_timeout_ms,
-                                                    config.replica_reconnect_max_ms))
+                                                    config.replica_reconnect_max_ms),
+                  max_waiting=config.stage_max_waiting)
     pools = Pools(
         ReplicaPool("decoder", decoder_pb2_grpc.DecoderStub, make_costs=lambda: DecodeCost(seeds),
                     max_in_flight=config.decoder_max_in_flight if slo else 0, **common),

@@ -24,6 +24,10 @@ class NoReplicaError(Exception):
     """No healthy replica of a stage can take the work."""
 
 
+class PoolFull(Exception):
+    """As many calls as allowed already wait for a replica of the stage (overload: RESOURCE_EXHAUSTED)."""
+
+
 @dataclasses.dataclass(eq=False)
 class Replica:
     address: str
@@ -51,8 +55,9 @@ class ReplicaPool:
     def __init__(self, stage: str, stub_class, *, max_message_bytes: int, make_costs: Callable[[], Any],
                  policy: str = "slo", max_in_flight: int = 0, affinity_slack: float = 1.5,
                  affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0, client_tls: Any = None,
-                 channel_options: tuple[tuple[str, int], ...] = ()):
+                 channel_options: tuple[tuple[str, int], ...] = (), max_waiting: int = 0):
         self.stage = stage
+        self.max_waiting = max_waiting  # calls that may wait for a slot (0: no limit); more get PoolFull
         self.channel_options = channel_options  # e.g. keepalive_options(): how a stalled replica is noticed
         self.client_tls = client_tls  # rpc.channel's TLS for the replicas (None: plaintext)
         self.stub_class = stub_class
@@ -216,6 +221,9 @@ class ReplicaPool:
         if not len(self._waiters):
             replica = self.choose(work_ms, affinity, exclude)
         if replica is None:
+            if self.max_waiting and len(self._waiters) >= self.max_waiting:
+                raise PoolFull(f"over capacity: {len(self._waiters)} {self.stage} calls already wait for a "
+                               "replica; retry later")
             replica = await self._wait_for_slot(latest_start, work_ms, affinity, exclude)
         else:
             self._acquire(replica, work_ms(replica))

@@ -16,7 +16,7 @@ from services.router import metrics
 from services.router.admission import Controller, Ticket, estimate_prompt_tokens
 from services.router.config import RouterConfig
 from services.router.media import Embedded, MediaItem, MediaStage, Prepared
-from services.router.replicas import NoReplicaError, ReplicaPool, is_client_error
+from services.router.replicas import NoReplicaError, PoolFull, ReplicaPool, is_client_error
 from services.router.validation import ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             raise _stage_error("media", err) from None
         except NoReplicaError as err:
             raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+        except PoolFull as err:
+            raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
 
     async def _stream_llm_or_recompute(self, request: api_pb2.GenerateRequest, request_id: str,
                                        llm_request: llm_pb2.LlmRequest, embedded: list[Embedded], ticket: Ticket,

@@ -1,0 +1,71 @@
+"""A flood far beyond every bound (small ones, set by flags): each request ends OK or RESOURCE_EXHAUSTED, none hangs."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmserve.media.samples import make_image
+from tests.integration.cluster import started_cluster
+from tests.integration.helpers import collect, image, request, text
+from tests.integration.reference import Reference
+
+pytestmark = pytest.mark.slow
+
+_ROUTER_RPCS = 12  # the router's max_concurrent_rpcs
+_FLOOD = 3 * (_ROUTER_RPCS + 2 * 2 + 4)  # 3 × what the router, its stage waiters and the llm queue can hold
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, redis_server):
+    running = started_cluster(
+        tiny_model, redis_server, registry=False, counts={"decoder": 1, "encoder": 1, "llm": 1},
+        stage_options={"llm": dict(max_num_seqs=2, max_queue=2), "encoder": dict(max_queue=2)},
+        router_options=dict(max_concurrent_rpcs=_ROUTER_RPCS, decoder_max_in_flight=1, encoder_max_in_flight=1,
+                            stage_max_waiting=2))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _one(router, i: int) -> tuple[str, str]:
+    """("OK", "") or (status name, details) of one request run to its end."""
+    parts = [image(make_image(width=56, height=56, seed=i)), text(f"flood {i}")] if i % 2 else [text(f"f {i}")]
+    try:
+        collect(router, request(*parts, num_tokens=32), timeout=300)
+        return "OK", ""
+    except grpc.RpcError as err:
+        return err.code().name, err.details() or ""
+
+
+def _greedy() -> object:
+    return request(text("after the flood"), num_tokens=12)
+
+
+def test_a_flood_beyond_every_queue_is_refused_cleanly_and_leaves_the_stack_serving(cluster, tiny_model):
+    router, channel = cluster.stub()
+    before = collect(router, _greedy()).token_ids
+    with concurrent.futures.ThreadPoolExecutor(_FLOOD) as pool:
+        outcomes = list(pool.map(lambda i: _one(router, i), range(_FLOOD), timeout=600))  # none hangs
+    counts = collections.Counter(code for code, _ in outcomes)
+    refusals = collections.Counter(details for code, details in outcomes if code == "RESOURCE_EXHAUSTED")
+    print(f"{_FLOOD} requests: {dict(counts)}; refusals: {dict(refusals)}")
+    assert sum(counts.values()) == _FLOOD  # none lost
+    assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert counts["OK"] >= 1 and counts["RESOURCE_EXHAUSTED"] >= 1
+    for details in refusals:  # each names what is full
+        assert any(word in details.lower() for word in ("capacity", "queue", "limit")), details
+
+    # Every service is still SERVING, and a normal request gets the reference greedy answer.
+    for child in [cluster.router, *cluster.replicas.values()]:
+        with grpc.insecure_channel(child.address) as health_channel:
+            reply = health_pb2_grpc.HealthStub(health_channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, child.name
+    after = collect(router, _greedy()).token_ids
+    assert after == before == Reference(tiny_model).generate(_greedy(), 12)
+    channel.close()
