@@ -13,6 +13,7 @@ import time
 import weakref
 from collections.abc import Callable
 
+import prometheus_client
 import torch
 
 from mmserve.transport import cuda_ipc, shm
@@ -22,6 +23,8 @@ from mmserve.v1 import tensor_pb2
 log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "shm", "remote", "inline")
+REFS = prometheus_client.Counter("mmserve_tensor_refs", "Tensors handed to another process, by transport",
+                                 ["transport"])  # inline_data, shared_memory, remote, cuda_ipc
 # The shared-memory domain of the process that called us, then "|" and the UUIDs of the GPUs it sees (if any);
 # a server interceptor sets it per RPC from the header transport.caller_metadata() sends.
 caller_domain: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_caller_domain", default="")
@@ -111,6 +114,11 @@ class TensorStore:
     def to_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
         """A TensorRef for tensor: CUDA IPC, shared memory or a remote pull under a lease when it applies, else
         inline bytes."""
+        ref = self._to_ref(tensor)
+        REFS.labels(ref.WhichOneof("location")).inc()
+        return ref
+
+    def _to_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
         if tensor.is_cuda and self._shares_gpu(tensor):
             return self._cuda_ref(tensor.detach().contiguous())
         tensor = tensor.detach().to("cpu").contiguous()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import pytest
@@ -35,7 +37,7 @@ def remote_stack(tiny_model, redis_server):
     """Every tensor handed between stages is pulled from its producer; the llm is given no embedding cache,
     so every cache hit the router finds is a miss for the llm (the eviction path, every time)."""
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url, log_level="WARNING",
-                     transport="remote")
+                     transport="remote", metrics=True)
     children, address = plan(spec)
     llm = next(c for c in children if c.name == "llm")
     llm.argv += ["--redis-url", ""]  # argparse: the last occurrence wins
@@ -44,7 +46,7 @@ def remote_stack(tiny_model, redis_server):
     try:
         asyncio.run(stack.wait_healthy(180))
         channel = grpc.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
-        yield api_pb2_grpc.RouterStub(channel), llm.address
+        yield api_pb2_grpc.RouterStub(channel), {c.name: c.metrics_port for c in children if c.metrics_port}
         channel.close()
     finally:
         stack.stop()
@@ -58,7 +60,7 @@ def ask(router, reference, *parts):
 
 
 def test_remote_stack_matches_transformers_and_recomputes_what_the_llm_cannot_read(remote_stack, reference):
-    router, _ = remote_stack
+    router, metrics_ports = remote_stack
     clip = video(make_video(seconds=2.0, fps=30, width=112, height=84, seed=41))
     picture = image(make_image(width=120, height=90, seed=42))
     assert not ask(router, reference, clip, text("What happens?")).media_cached
@@ -68,6 +70,15 @@ def test_remote_stack_matches_transformers_and_recomputes_what_the_llm_cannot_re
     again = ask(router, reference, clip, text("What happens next?"))
     assert not again.media_cached and again.timings.encode_ms > 0
     assert ask(router, reference, text("Plain text.")).num_media == 0
+    for producer in ("decoder", "encoder"):  # frames and embeddings really were pulled
+        assert refs_handed(metrics_ports[producer], "remote") > 0, producer
+        assert refs_handed(metrics_ports[producer], "shared_memory") == 0, producer
+
+
+def refs_handed(metrics_port: int, location: str) -> float:
+    page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    found = re.search(rf'^mmserve_tensor_refs_total{{transport="{location}"}} (\S+)$', page, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def llm_stub(address: str):
