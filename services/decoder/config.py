@@ -23,6 +23,7 @@ class DecoderConfig(ServiceConfig):
     task_ms_per_packet: float = option(50.0, "time allowance per packet a chunk decodes, on top of task_timeout_s")
     max_video_seconds: float = option(2 * 3600.0, "longest video accepted, from its headers")
     max_video_frames: int = option(2 * 3600 * 60, "most frames a video may have")
+    max_queue: int = option(256, "requests decoding or waiting for a worker before new ones get RESOURCE_EXHAUSTED")
     scratch_dir: str = option("", "where request files for the workers go (empty: /dev/shm when present)")
     device: str = option("auto", "video decoding: auto (NVDEC on every visible GPU when PyNvVideoCodec is "
                                  "installed, else the CPU workers), cpu, or cuda (refuse to start without NVDEC)")
@@ -31,8 +32,10 @@ class DecoderConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.max_media_bytes, self.ffmpeg_threads, self.chunks_per_worker, self.max_video_frames) < 1:
-            raise ValueError("max_media_bytes, ffmpeg_threads, chunks_per_worker, max_video_frames: must be positive")
+        if min(self.max_media_bytes, self.ffmpeg_threads, self.chunks_per_worker, self.max_video_frames,
+               self.max_queue) < 1:
+            raise ValueError("max_media_bytes, ffmpeg_threads, chunks_per_worker, max_video_frames, max_queue: "
+                             "must be positive")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError("device: must be auto, cpu or cuda")
         if self.nvdec_sessions_per_gpu < 1 or self.nvdec_gpus < 0:

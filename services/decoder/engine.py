@@ -90,6 +90,10 @@ class ScratchFull(RuntimeError):
     """No room in the scratch directory for this request's media or frames (overload, not bad media)."""
 
 
+class DecoderOverloaded(ScratchFull):
+    """max_queue requests are already decoding or waiting for a worker (RESOURCE_EXHAUSTED, like ScratchFull)."""
+
+
 class DecodeEngine:
     """The decoder's worker pool and the per-request flow around it."""
 
@@ -113,6 +117,8 @@ class DecodeEngine:
         """Counts the request as active and gives it a scratch directory and a path to its media."""
         if isinstance(source, bytes) and not source:
             raise MediaError(f"{kind}: empty data")
+        if self.num_active >= self.config.max_queue:  # each holds its media, and frames, in scratch space
+            raise DecoderOverloaded(f"over capacity: {self.num_active} requests already in the decoder queue")
         self.num_active += 1
         workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="mmserve-decode-", dir=self.scratch_dir)
         try:

@@ -9,7 +9,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mmserve import rpc
 from mmserve.media.samples import make_image
+from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
 from tests.integration.cluster import started_cluster
 from tests.integration.helpers import collect, image, request, text
 from tests.integration.reference import Reference
@@ -24,7 +26,8 @@ _FLOOD = 3 * (_ROUTER_RPCS + 2 * 2 + 4)  # 3 × what the router, its stage waite
 def cluster(tiny_model, redis_server):
     running = started_cluster(
         tiny_model, redis_server, registry=False, counts={"decoder": 1, "encoder": 1, "llm": 1},
-        stage_options={"llm": dict(max_num_seqs=2, max_queue=2), "encoder": dict(max_queue=2)},
+        stage_options={"llm": dict(max_num_seqs=2, max_queue=2), "encoder": dict(max_queue=2),
+                       "decoder": dict(max_queue=2, num_workers=1)},
         router_options=dict(max_concurrent_rpcs=_ROUTER_RPCS, decoder_max_in_flight=1, encoder_max_in_flight=1,
                             stage_max_waiting=2))
     try:
@@ -69,3 +72,27 @@ def test_a_flood_beyond_every_queue_is_refused_cleanly_and_leaves_the_stack_serv
     after = collect(router, _greedy()).token_ids
     assert after == before == Reference(tiny_model).generate(_greedy(), 12)
     channel.close()
+
+
+def test_the_decoder_queue_is_bounded_for_any_caller(cluster):
+    # The router sends one call at a time to this decoder; another client (a second router) need not.
+    decoder = cluster.replicas["decoder-0"]
+    data = make_image(width=640, height=480, seed=7)
+    with grpc.insecure_channel(decoder.address, options=rpc.message_options(64 * 1024 * 1024)) as channel:
+        stub = decoder_pb2_grpc.DecoderStub(channel)
+
+        def decode(i: int) -> str:
+            req = decoder_pb2.DecodeRequest(request_id=f"flood-{i}", kind=decoder_pb2.MEDIA_KIND_IMAGE, data=data,
+                                            min_pixels=3136, max_pixels=640 * 480)
+            try:
+                list(stub.Decode(req, timeout=300))
+                return "OK"
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                assert "decoder queue" in err.details(), err.details()
+                return err.code().name
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            outcomes = collections.Counter(pool.map(decode, range(16), timeout=600))
+    print(dict(outcomes))
+    assert outcomes["OK"] >= 1 and outcomes["RESOURCE_EXHAUSTED"] >= 1
