@@ -54,6 +54,7 @@ async def _encode(encoder, frames) -> None:
                                                                 frames=frames),
                                       timeout=_TIMEOUT_S, metadata=transport.caller_metadata())
     encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
+    await transport.release([reply.embeddings])  # nobody consumes a warm-up embedding: end its lease now
 
 
 async def _prefill(llm) -> None:
