@@ -45,6 +45,16 @@ def channel(address: str, max_message_bytes: int, client_tls: tls.ClientTls | No
                                    options=[*message_options(max_message_bytes), *client_tls.options(), *options])
 
 
+# Trailing metadata of an UNAVAILABLE that blames the request's input tensors (their producer went away),
+# not the replica answering: the caller computes the input again instead of withdrawing a healthy replica.
+INPUT_GONE_HEADER = "mmserve-input-gone"
+
+
+def is_input_gone(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call's replica is fine and only the request's input tensors are gone."""
+    return any(key == INPUT_GONE_HEADER for key, _ in (err.trailing_metadata() or ()))
+
+
 # The request a log line belongs to: set for every RPC from its request's `request_id` field.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from mmserve import transport
+from mmserve import rpc, transport
 from mmserve.cache import EmbeddingCache, join_chunks
 from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
@@ -105,6 +105,7 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
         except EngineOverloaded as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except transport.TensorUnavailable as err:  # the producer of an embedding went away
+            context.set_trailing_metadata(((rpc.INPUT_GONE_HEADER, "1"),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except EmbeddingsEvicted as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))

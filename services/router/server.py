@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddingsEvicted(Exception):
-    """The llm found a cache key's entry gone (evicted after our lookup) before it produced anything."""
+    """The llm found a request's embeddings gone before it produced anything: a cache key's entry evicted after
+    our lookup, or the encoder that made them went away."""
 
 
 class StageError(Exception):
@@ -194,7 +195,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                             yield reply
                         return
                     except grpc.aio.AioRpcError as err:
-                        if err.code() == grpc.StatusCode.NOT_FOUND and not started:
+                        # Evicted cache entries, or embeddings whose producer went away: compute them again.
+                        if not started and (err.code() == grpc.StatusCode.NOT_FOUND or rpc.is_input_gone(err)):
                             raise EmbeddingsEvicted(err.details()) from None
                         if err.code() != grpc.StatusCode.UNAVAILABLE:
                             raise _stage_error("llm", err) from None

@@ -149,6 +149,8 @@ def test_remote_embeddings_of_a_killed_producer_are_unavailable_naming_it(cached
                 kind=decoder_pb2.MEDIA_KIND_IMAGE, grid_thw=[1, 4, 4], embeddings=ref)))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"producer {producer.address} unavailable" in err.value.details()
+        # ...and says the input is to blame, so the router computes it again instead of withdrawing this llm.
+        assert (rpc.INPUT_GONE_HEADER, "1") in tuple(err.value.trailing_metadata())
     finally:
         channel.close()
         producer.stop()
