@@ -1,0 +1,56 @@
+"""Bounds of the router's replica pools: waiting calls beyond stage_max_waiting are refused, not queued."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.router.config import RouterConfig
+from services.router.costs import TokenCost
+from services.router.replicas import PoolFull, Replica, ReplicaPool, keepalive_options
+
+
+def _pool(max_waiting: int) -> ReplicaPool:
+    pool = ReplicaPool("decoder", stub_class=None, max_message_bytes=0, make_costs=lambda: TokenCost(1.0, 1.0),
+                       max_in_flight=1, max_waiting=max_waiting)
+    pool.replicas["r0"] = Replica("r0", channel=None, stub=None, costs=TokenCost(1.0, 1.0), healthy=True)
+    return pool
+
+
+async def test_calls_beyond_the_waiting_bound_are_refused_at_once_and_the_rest_are_served():
+    pool = _pool(max_waiting=2)
+    release = asyncio.Event()
+    served = []
+
+    async def call(i: int):
+        async with pool.slot(latest_start=float(i), work_ms=lambda r: 1.0):
+            served.append(i)
+            await release.wait()
+
+    holder = asyncio.ensure_future(call(0))
+    await asyncio.sleep(0)
+    waiters = [asyncio.ensure_future(call(i)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    assert pool.num_waiting == 2
+    with pytest.raises(PoolFull, match="2 decoder calls already wait"):
+        await call(3)
+    release.set()
+    await asyncio.gather(holder, *waiters)
+    assert served == [0, 1, 2] and pool.num_waiting == 0 and pool.replicas["r0"].num_in_flight == 0
+
+
+def test_keepalive_options_ping_often_and_never_stop_pinging():
+    options = dict(keepalive_options(1000, 2000, 3000))
+    assert options["grpc.keepalive_time_ms"] == 1000
+    assert options["grpc.http2.ping_timeout_ms"] == options["grpc.keepalive_timeout_ms"] == 2000
+    assert options["grpc.http2.max_pings_without_data"] == 0  # gRPC's default stops after two
+    assert options["grpc.max_reconnect_backoff_ms"] == 3000
+
+
+def test_router_config_checks_the_new_bounds():
+    common = dict(model="/m", decoder_addrs="a:1", encoder_addrs="a:2", llm_addrs="a:3")
+    with pytest.raises(ValueError, match="replica_keepalive_ms"):
+        RouterConfig(replica_keepalive_ms=100, **common)
+    with pytest.raises(ValueError, match="stage_max_waiting"):
+        RouterConfig(stage_max_waiting=0, **common)
