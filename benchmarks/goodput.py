@@ -60,8 +60,9 @@ def start_system(name: str, model: str, redis_url: str, router_args: tuple[str, 
     port = free_port()
     if name == "aggregated":  # `mmserve up --aggregated`, with the router flags `mmserve up` has no option for
         spec = StackSpec(model=model, port=port, redis_url=redis_url, log_level="ERROR", router_args=router_args)
-        return start_process(name, [sys.executable, "-c", "import sys; from mmserve.aggregated import main_aggregated; "
-                                    f"from mmserve.launcher import StackSpec; sys.exit(main_aggregated({spec!r}))"], port)
+        code = ("import sys; from mmserve.aggregated import main_aggregated; from mmserve.launcher import StackSpec; "
+                f"sys.exit(main_aggregated({spec!r}))")
+        return start_process(name, [sys.executable, "-c", code], port)
     return start_process(name, [sys.executable, str(HERE / "hf_baseline.py"), "--model", model, "--port", str(port),
                                 "--log-level", "ERROR"], port)
 

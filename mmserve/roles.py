@@ -10,7 +10,7 @@ from mmserve import rpc
 
 @dataclasses.dataclass
 class Role:
-    """What a service's build function returns; `run_<role>_process` serves it alone, aggregated mode serves all four."""
+    """What a `build_<role>` function returns: `run_<role>_process` serves it alone, aggregated mode all four."""
 
     service: rpc.Service
     on_stop: Callable[[], Awaitable[None]] | None = None  # after the server stopped: engines, pools, clients

@@ -134,7 +134,8 @@ def planned_flags() -> dict[str, set[str]]:
                 http_port=8000)
     # router_args passes further router flags through verbatim: no setting of its own to mirror here. TLS and
     # bearer tokens are off unless configured, and compose.yaml does not wire them yet (no certificates to mount).
-    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args", "tls_dir", "api_tokens_file"}
+    unmirrored = {"router_args", "tls_dir", "api_tokens_file"}
+    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - unmirrored
     assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
     children, _ = plan(StackSpec(**spec))
     flags = {}
