@@ -10,14 +10,25 @@ class OnlineLinear:
 
     Forgetting (lam < 1) lets the fit follow a replica whose speed changes (load, thermal, a new GPU);
     the seed is what a warm-up profile measured, so the first predictions are already sensible.
+
+    Live traffic often varies one feature only (an idle llm steps at batch 1 for minutes), and forgetting
+    then inflates the covariance along the directions nothing measures (RLS wind-up): one slow step on a
+    busy machine would throw the per-sequence slope anywhere, and the router would refuse everything.
+    So the covariance is capped at its starting size, each observation moves the fit by at most a few
+    times the current prediction (a stall is an outlier, a slower replica shows over several updates),
+    and no weight goes negative (every feature costs time).
     """
 
-    def __init__(self, seed: list[float], *, lam: float = 0.97, trust: float = 10.0):
+    def __init__(self, seed: list[float], *, lam: float = 0.97, trust: float = 10.0, max_error_ratio: float = 2.0,
+                 min_error_ms: float = 5.0):
         self.weights = list(seed)
         n = len(seed)
         # Small initial covariance: the seed counts as a few observations' worth of evidence.
         self._p = [[trust if i == j else 0.0 for j in range(n)] for i in range(n)]
+        self.trust = trust
         self.lam = lam
+        self.max_error_ratio = max_error_ratio
+        self.min_error_ms = min_error_ms
         self.num_updates = 0
 
     def predict(self, features: list[float]) -> float:
@@ -30,9 +41,14 @@ class OnlineLinear:
         px = [sum(self._p[i][j] * features[j] for j in range(n)) for i in range(n)]
         denom = self.lam + sum(features[i] * px[i] for i in range(n))
         gain = [v / denom for v in px]
-        error = observed_ms - sum(w * x for w, x in zip(self.weights, features))
-        self.weights = [w + g * error for w, g in zip(self.weights, gain)]
+        predicted = sum(w * x for w, x in zip(self.weights, features))
+        limit = max(self.min_error_ms, self.max_error_ratio * abs(predicted))
+        error = min(limit, max(-limit, observed_ms - predicted))
+        self.weights = [max(0.0, w + g * error) for w, g in zip(self.weights, gain)]
         self._p = [[(self._p[i][j] - gain[i] * px[j]) / self.lam for j in range(n)] for i in range(n)]
+        # Anti-windup: no weight is ever less certain than at the start (P -> D P D shrinks only those).
+        d = [min(1.0, (self.trust / self._p[i][i]) ** 0.5) if self._p[i][i] > 0 else 1.0 for i in range(n)]
+        self._p = [[d[i] * self._p[i][j] * d[j] for j in range(n)] for i in range(n)]
         self.num_updates += 1
 
 

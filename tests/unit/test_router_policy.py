@@ -198,3 +198,24 @@ def test_retry_hint_rounds_up_to_50_ms():
     slo = Slo(1000, 100)
     assert decide(prediction(media_wait=1001, llm_work=0), slo, allow_degrade=False).retry_after_ms == 50
     assert decide(prediction(media_wait=1120, llm_work=0), slo, allow_degrade=False).retry_after_ms == 150
+
+
+def test_step_cost_fitted_at_batch_one_survives_outliers():
+    # An idle llm steps at batch 1 for a long time; a few slow steps (a busy machine) must not throw the
+    # per-sequence slope off and make every larger batch look hopeless.
+    model = TokenCost(5.0, 0.2)
+    for n in range(2000):
+        model.observe(1, 200.0 if n % 20 == 7 else 2.0)
+    assert model.predict(1) < 10.0
+    assert model.predict(32) < 40.0
+    assert all(w >= 0 for w in model.model.weights)
+
+
+def test_step_cost_still_learns_a_real_slope_after_a_long_batch_one_stretch():
+    model = TokenCost(5.0, 0.2)
+    for _ in range(500):
+        model.observe(1, 2.0 + 0.5)
+    for n in range(300):
+        batch = 1 + n % 32
+        model.observe(batch, 2.0 + 0.5 * batch)
+    assert model.predict(32) == pytest.approx(18.0, rel=0.1)
