@@ -21,6 +21,7 @@ import io
 import threading
 import time
 
+import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc loads; see its __init__)
 import grpc
 import torch
 from PIL import Image

@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc loads; see its __init__)
 import grpc  # noqa: E402
 import torch  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402

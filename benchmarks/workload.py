@@ -10,6 +10,7 @@ import shutil
 import statistics
 import time
 
+import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc loads; see its __init__)
 import grpc
 
 from mmserve import rpc

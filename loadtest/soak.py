@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.request
 
+import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc loads; see its __init__)
 import grpc
 import psutil
 
