@@ -225,7 +225,7 @@ async def test_a_named_empty_tokens_file_fails_start_up(tmp_path):
         rpc.Service(_PublicConfig(api_tokens_file=str(empty)), [ROUTER])
 
 
-def test_a_service_installs_its_client_tls_for_channels_opened_deep_inside(certs):
+async def test_a_service_installs_its_client_tls_for_channels_opened_deep_inside(certs):  # the server needs a loop
     config = ServiceConfig(tls_ca_file=str(certs / "ca.pem"), tls_client_cert_file=str(certs / "client.pem"),
                            tls_client_key_file=str(certs / "client.key"))
     try:
