@@ -20,7 +20,7 @@ from services.router.config import RouterConfig
 
 # Faults are the subject of these tests, not admission: targets no request misses on a slow machine.
 RELAXED_SLOS = dict(slo_ttft_ms_video=600_000, slo_ttft_ms_image=600_000, slo_ttft_ms_text=600_000,
-                    slo_tpot_ms=600_000, admission_headroom=1e6)  # and no refusal after a stall skews the costs
+                    slo_tpot_ms=600_000)
 
 
 def replica(stage: str, name: str, tiny_model, redis_server, registry: bool = True, **options) -> Child:
