@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 import time
-import urllib.request
 
 import grpc
 
@@ -17,6 +15,7 @@ from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
 from services.router.config import RouterConfig
+from tests.integration.helpers import metric
 
 # Faults are the subject of these tests, not admission: targets no request misses on a slow machine.
 RELAXED_SLOS = dict(slo_ttft_ms_video=600_000, slo_ttft_ms_image=600_000, slo_ttft_ms_text=600_000,
@@ -83,11 +82,7 @@ class Cluster:
 
     def metric(self, name: str, port: int = 0, **labels) -> float:
         """A sample of the router's metrics (or those of the service with metrics on port)."""
-        url = f"http://127.0.0.1:{port or self.metrics_port}/metrics"
-        body = urllib.request.urlopen(url, timeout=10).read().decode()
-        selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        match = re.search(rf"^{name}{{{selector}}} (\S+)$" if selector else rf"^{name} (\S+)$", body, re.M)
-        return float(match.group(1)) if match else 0.0
+        return metric(port or self.metrics_port, name, **labels)
 
     def healthy(self, stage: str) -> float:
         """Replicas of stage the router considers healthy."""

@@ -1,8 +1,10 @@
-"""Request builders and stream collectors shared by the integration tests."""
+"""Request builders, stream collectors and a metrics reader shared by the integration tests."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import urllib.request
 
 from mmserve.v1 import api_pb2
 
@@ -45,3 +47,11 @@ def collect(router, req: api_pb2.GenerateRequest, timeout: float = 120) -> Resul
             finals.append(reply.final)
     assert len(finals) == 1
     return Result(ids, "".join(chunks), finals[0])
+
+
+def metric(port: int, name: str, **labels) -> float:
+    """One sample from the Prometheus endpoint on 127.0.0.1:port (0.0 when the series does not exist yet)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    match = re.search(rf"^{name}{{{selector}}} (\S+)$" if selector else rf"^{name} (\S+)$", body, re.M)
+    return float(match.group(1)) if match else 0.0

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 
 import pytest
 
 from mmserve.launcher import Stack, StackSpec, free_port, plan
 from mmserve.media.samples import make_video
-from tests.integration.helpers import collect, request, text, video
+from tests.integration.helpers import collect, metric, request, text, video
 from tests.integration.reference import Reference
 
 
@@ -29,8 +27,7 @@ def two_encoder_stack(tiny_model, redis_server):
 
 
 def _requests_served(encoder) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{encoder.metrics_port}/metrics", timeout=10).read().decode()
-    return float(re.search(r"^mmserve_encoder_requests_total (\S+)$", body, re.M).group(1))
+    return metric(encoder.metrics_port, "mmserve_encoder_requests_total")
 
 
 def test_video_chunks_spread_over_two_encoders(two_encoder_stack, tiny_model):

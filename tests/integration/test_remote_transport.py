@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
-import urllib.request
 
 import grpc
 import pytest
@@ -20,7 +18,7 @@ from mmserve.cache import CachedEmbedding, EmbeddingCache
 from mmserve.launcher import Stack, StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
 from mmserve.v1 import api_pb2, api_pb2_grpc, decoder_pb2, llm_pb2, llm_pb2_grpc
-from tests.integration.helpers import collect, image, request, text, video
+from tests.integration.helpers import collect, image, metric, request, text, video
 from tests.integration.reference import Reference
 from tests.integration.test_transport_leaks import Producer
 
@@ -76,9 +74,7 @@ def test_remote_stack_matches_transformers_and_recomputes_what_the_llm_cannot_re
 
 
 def refs_handed(metrics_port: int, location: str) -> float:
-    page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
-    found = re.search(rf'^mmserve_tensor_refs_total{{transport="{location}"}} (\S+)$', page, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return metric(metrics_port, "mmserve_tensor_refs_total", transport=location)
 
 
 def llm_stub(address: str):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import re
 import shlex
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -21,16 +19,9 @@ from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
 from services.router.config import RouterConfig
-from tests.integration.helpers import collect, request, text, video
+from tests.integration.helpers import collect, metric, request, text, video
 
 pytestmark = pytest.mark.slow
-
-
-def _metric(port: int, name: str, **labels) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    match = re.search(rf"^{name}{{{selector}}} (\S+)$" if selector else rf"^{name} (\S+)$", body, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 class FlexStack:
@@ -72,7 +63,7 @@ class FlexStack:
 
     def role(self) -> str:
         return next(stage for stage in ("encoder", "llm")
-                    if _metric(self.router_metrics, "mmserve_router_flex_role", replica=self.flex_name,
+                    if metric(self.router_metrics, "mmserve_router_flex_role", replica=self.flex_name,
                                stage=stage) == 1)
 
 
@@ -104,7 +95,7 @@ def _load_until(stack: FlexStack, make_request, role: str, timeout_s: float = 18
 
 def test_flex_replica_moves_to_the_stage_that_backs_up_and_back(flex_stack):
     assert flex_stack.role() == "llm"  # where flex replicas start
-    served_before = _metric(flex_stack.flex_metrics, "mmserve_encoder_requests_total")
+    served_before = metric(flex_stack.flex_metrics, "mmserve_encoder_requests_total")
 
     # Videos, each new (no cache hit), few output tokens: the encoder stage backs up.
     def video_request(i):
@@ -117,10 +108,10 @@ def test_flex_replica_moves_to_the_stage_that_backs_up_and_back(flex_stack):
         router = api_pb2_grpc.RouterStub(channel)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: collect(router, video_request(5000 + i)), range(8)))
-    assert _metric(flex_stack.flex_metrics, "mmserve_encoder_requests_total") > served_before
+    assert metric(flex_stack.flex_metrics, "mmserve_encoder_requests_total") > served_before
 
     # Long text prompts only: the llm stage backs up and the flex replica goes back.
     results = _load_until(flex_stack, lambda i: request(text(f"Story {i}: " + "once upon a time " * 60),
                                                         num_tokens=4), "llm")
     assert all(r.final.finish_reason for r in results)
-    assert _metric(flex_stack.router_metrics, "mmserve_router_role_switches_total", stage="llm") >= 1
+    assert metric(flex_stack.router_metrics, "mmserve_router_role_switches_total", stage="llm") >= 1
