@@ -212,7 +212,7 @@ class ReplicaPool:
     async def slot(self, *, latest_start: float, work_ms: Callable[[Replica], float],
                    affinity: str | None = None, exclude: frozenset[str] = frozenset()):
         """A replica to call, held for the duration of the call; waits least-slack first when all are busy."""
-        if not any(r.healthy and r.enabled and r.address not in exclude for r in self.replicas.values()):
+        if not any(r.address not in exclude for r in self.healthy()):
             try:  # a replica that is restarting, or just registered, gets a moment to report SERVING
                 await self.wait_healthy(self.unhealthy_wait_s, exclude)
             except TimeoutError:
