@@ -47,6 +47,8 @@ class ServiceConfig:
     tls_client_cert_file: str = option("", "PEM certificate this service presents to the services it calls "
                                            "(mutual TLS; needs tls_ca_file)")
     tls_client_key_file: str = option("", "PEM private key of tls_client_cert_file")
+    tls_server_name: str = option("", "name the certificates of the services this one calls carry, when their "
+                                      "addresses do not (e.g. pod IPs; empty: the address's host; needs tls_ca_file)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
@@ -73,6 +75,8 @@ class ServiceConfig:
             raise ValueError("tls_client_ca_file: needs tls_cert_file (client certificates are checked over TLS)")
         if self.tls_client_cert_file and not self.tls_ca_file:
             raise ValueError("tls_client_cert_file: needs tls_ca_file (a client certificate is presented over TLS)")
+        if self.tls_server_name and not self.tls_ca_file:
+            raise ValueError("tls_server_name: needs tls_ca_file (the name is checked over TLS)")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -53,7 +53,8 @@ def client_tls(config) -> ClientTls | None:
     """The TLS a service uses on its channels to other services (None: plaintext)."""
     if not config.tls_ca_file:
         return None
-    return ClientTls(config.tls_ca_file, config.tls_client_cert_file, config.tls_client_key_file)
+    return ClientTls(config.tls_ca_file, config.tls_client_cert_file, config.tls_client_key_file,
+                     config.tls_server_name)
 
 
 _installed: ClientTls | None = None

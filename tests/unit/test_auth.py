@@ -94,6 +94,7 @@ def test_client_token_from_a_file_or_the_environment(tmp_path):
     ({"tls_ca_file": "ca.pem", "tls_client_key_file": "k.pem"}, "tls_client_key_file: needs tls_client_cert_file"),
     ({"tls_client_ca_file": "ca.pem"}, "tls_client_ca_file: needs tls_cert_file"),
     ({"tls_client_cert_file": "c.pem", "tls_client_key_file": "k.pem"}, "tls_client_cert_file: needs tls_ca_file"),
+    ({"tls_server_name": "mmserve.internal"}, "tls_server_name: needs tls_ca_file"),
 ])
 def test_tls_settings_without_their_partner_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -341,5 +342,25 @@ async def test_probe_reaches_a_server_whose_certificate_names_another_host(tmp_p
                                                 "--tls-server-name", "decoder"])
         assert await asyncio.to_thread(probe.check, address, "", 10, tls.client_tls_from_args(args)) == (
             True, f"{address}: SERVING")
+    finally:
+        await service.stop()
+
+
+async def test_a_service_reaches_peers_by_ip_through_the_name_their_certificate_carries(tmp_path):
+    named = tls.make_dev_certs(tmp_path / "named", names=("mmserve.internal",))  # as on Kubernetes: pod IPs
+    service = await _serve(_tls_config(named, tls_client_ca_file=str(named / "ca.pem")))
+    address = f"127.0.0.1:{service.port}"
+    calling = dict(tls_ca_file=str(named / "ca.pem"), tls_client_cert_file=str(named / "client.pem"),
+                   tls_client_key_file=str(named / "client.key"))
+    try:
+        async with rpc.channel(address, 1 << 20, tls.client_tls(ServiceConfig(**calling))) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # 127.0.0.1 is not a name the certificate carries
+                await _generate(channel)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        config = ServiceConfig.parse([*(f"--{k.replace('_', '-')}={v}" for k, v in calling.items()),
+                                      "--tls-server-name", "mmserve.internal"])
+        assert tls.client_tls(config).server_name == "mmserve.internal"
+        async with rpc.channel(address, 1 << 20, tls.client_tls(config)) as channel:
+            assert await _generate(channel) == ["hello"]
     finally:
         await service.stop()
