@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -32,9 +33,27 @@ def test_online_linear_follows_a_replica_that_slows_down():
     assert model.predict(100) == pytest.approx(33.0, rel=0.05)
 
 
-def test_predictions_are_never_negative():
-    model = OnlineLinear([-50.0, 0.1])
-    assert model.predict([1, 10]) == 0.0
+def test_weights_stay_non_negative_when_the_data_suggest_a_negative_slope():
+    model = TokenCost(5.0, 0.05)
+    for n in range(100):
+        tokens = 16 if n % 2 else 4000
+        model.observe(tokens, 50.0 if tokens == 16 else 20.0)  # small inputs slower than large ones
+    assert min(model.model.weights) >= 0.0
+    assert 20.0 <= model.predict(2000) <= 50.0
+
+
+def test_stalls_do_not_wind_the_fit_up():
+    """A replica stalling for a minute now and then: the fit may rise, but never past what was observed, and it
+    comes back once the stalls end (recursive least squares with clipped weights predicted 690 s here)."""
+    model = TokenCost(5.0, 0.05)
+    truth = lambda tokens: 5.0 + 0.01 * tokens  # noqa: E731
+    for n in range(400):
+        tokens = (16, 256, 4000, 1024)[n % 4]
+        stalled = n % 7 == 0 and n < 300
+        model.observe(tokens, 60_000.0 if stalled else truth(tokens))
+        assert max(model.predict(t) for t in (1, 16, 256, 4000, 8000)) <= 2 * 60_000.0
+    assert model.predict(16) == pytest.approx(truth(16), rel=0.2)
+    assert model.predict(4000) == pytest.approx(truth(4000), rel=0.2)
 
 
 def test_decode_cost_learns_per_frame_and_per_pixel():
@@ -164,11 +183,47 @@ async def test_a_cancelled_waiter_gives_its_turn_back():
     assert pool.replicas["r0"].num_in_flight == 0
 
 
+async def test_outstanding_work_returns_to_zero_though_the_cost_model_moved_during_the_calls():
+    pool = make_pool(1, max_in_flight=1)
+    replica = pool.replicas["r0"]
+    hold = asyncio.Event()
+
+    async def call():
+        async with pool.slot(latest_start=0.0, work_ms=lambda r: r.costs.predict(100)):  # priced as the llm's
+            await hold.wait()
+
+    async def finals_arrive():  # the router learns from a reply between a slot's hand-over and its use
+        await hold.wait()
+        for _ in range(20):
+            replica.costs.observe(100, 5.0)
+
+    calls = [asyncio.ensure_future(call()) for _ in range(3)]  # one runs, two wait
+    await asyncio.sleep(0.01)
+    learner = asyncio.ensure_future(finals_arrive())
+    await asyncio.sleep(0.01)
+    hold.set()
+    await asyncio.gather(*calls, learner)
+    assert replica.num_in_flight == 0 and replica.outstanding_ms == 0.0
+
+
 async def test_power_of_two_choices_prefers_the_less_loaded_replica():
     pool = make_pool(2, max_in_flight=0)
     pool.replicas["r0"].outstanding_ms = 1000.0
     for _ in range(20):
         assert pool.choose(lambda r: 10.0).address == "r1"
+
+
+async def test_a_replica_that_looked_slow_is_measured_again_after_refresh_s():
+    pool = make_pool(2, max_in_flight=0)
+    slow, fast = pool.replicas["r0"], pool.replicas["r1"]
+    predicted = {"r0": 10.0, "r1": 5.0}  # r0 looked slow once (a stall) and then got nothing to show otherwise
+    fast.last_used = time.monotonic()
+    slow.last_used = time.monotonic() - pool.refresh_s - 1
+    assert pool.choose(lambda r: predicted[r.address]) is slow
+    async with pool.slot(latest_start=0.0, work_ms=lambda r: predicted[r.address]) as probed:
+        assert probed is slow
+        assert pool.choose(lambda r: predicted[r.address]) is fast  # one probe at a time, not a burst
+    assert [pool.choose(lambda r: predicted[r.address]).address for _ in range(20)] == ["r1"] * 20
 
 
 async def test_affinity_sticks_unless_that_replica_is_much_worse():
