@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import logging
 import random
+import time
 from typing import Any, Callable
 
 import grpc
@@ -39,6 +40,7 @@ class Replica:
     removed: bool = False  # left the registry: no new work, closed once idle
     num_in_flight: int = 0
     outstanding_ms: float = 0.0  # predicted work handed to it and not yet done
+    last_used: float = 0.0  # monotonic seconds when a call on it last started or ended
     watcher: asyncio.Task | None = None
     idle: asyncio.Event | None = None  # set when its last call ends, for draining before a role switch
 
@@ -48,15 +50,18 @@ class ReplicaPool:
 
     With policy "slo" each replica takes at most max_in_flight calls at once and the waiting calls are
     served least slack first; the replica is chosen by predicted completion among two random healthy
-    ones (power of two choices), or by cache affinity when that replica is not much worse. With policy
+    ones (power of two choices), or by cache affinity when that replica is not much worse. A replica that
+    served nothing for refresh_s is preferred once: predictions come from what each replica's calls report,
+    so one that looked slow (a stall, a busy moment) would otherwise never be measured again. With policy
     "fcfs" calls go round-robin straight to the replicas, which queue them in arrival order.
     """
 
     def __init__(self, stage: str, stub_class, *, max_message_bytes: int, make_costs: Callable[[], Any],
                  policy: str = "slo", max_in_flight: int = 0, affinity_slack: float = 1.5,
                  affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0, client_tls: Any = None,
-                 channel_options: tuple[tuple[str, int], ...] = (), max_waiting: int = 0):
+                 channel_options: tuple[tuple[str, int], ...] = (), max_waiting: int = 0, refresh_s: float = 5.0):
         self.stage = stage
+        self.refresh_s = refresh_s
         self.max_waiting = max_waiting  # calls that may wait for a slot (0: no limit); more get PoolFull
         self.channel_options = channel_options  # e.g. keepalive_options(): how a stalled replica is noticed
         self.client_tls = client_tls  # rpc.channel's TLS for the replicas (None: plaintext)
@@ -193,7 +198,8 @@ class ReplicaPool:
         if self.policy == "fcfs":
             return candidates[next(self._round_robin) % len(candidates)]
         pair = random.sample(candidates, min(2, len(candidates)))
-        best = min(pair, key=lambda r: r.outstanding_ms + predict_ms(r))
+        stale = [r for r in pair if time.monotonic() - r.last_used > self.refresh_s]
+        best = min(stale or pair, key=lambda r: r.outstanding_ms + predict_ms(r))
         if affinity is not None and (address := self._affinity.get(affinity)) is not None:
             sticky = self.replicas.get(address)
             if sticky in candidates and (sticky.outstanding_ms + predict_ms(sticky)
@@ -217,40 +223,41 @@ class ReplicaPool:
                 await self.wait_healthy(self.unhealthy_wait_s, exclude)
             except TimeoutError:
                 raise NoReplicaError(f"no healthy {self.stage} replica") from None
-        replica = None
+        found = None
         if not len(self._waiters):
-            replica = self.choose(work_ms, affinity, exclude)
-        if replica is None:
+            found = self.choose(work_ms, affinity, exclude)
+        if found is None:
             if self.max_waiting and len(self._waiters) >= self.max_waiting:
                 raise PoolFull(f"over capacity: {len(self._waiters)} {self.stage} calls already wait for a "
                                "replica; retry later")
-            replica = await self._wait_for_slot(latest_start, work_ms, affinity, exclude)
+            replica, predicted = await self._wait_for_slot(latest_start, work_ms, affinity, exclude)
         else:
-            self._acquire(replica, work_ms(replica))
-        predicted = work_ms(replica)
+            replica, predicted = found, self._acquire(found, work_ms(found))
         try:
             yield replica
         finally:
-            self._release(replica, predicted)
+            self._release(replica, predicted)  # what was added, though the cost models moved since
 
-    async def _wait_for_slot(self, latest_start, work_ms, affinity, exclude) -> Replica:
+    async def _wait_for_slot(self, latest_start, work_ms, affinity, exclude) -> tuple[Replica, float]:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), work_ms, affinity, exclude)
         self._waiters.push(latest_start, waiter)
         try:
             return await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                replica = waiter.future.result()
-                self._release(replica, work_ms(replica))
+                self._release(*waiter.future.result())
             else:
                 self._waiters.discard(waiter)
             raise
 
-    def _acquire(self, replica: Replica, predicted_ms: float) -> None:
+    def _acquire(self, replica: Replica, predicted_ms: float) -> float:
+        replica.last_used = time.monotonic()  # one probe of a stale replica at a time, not a burst
         replica.num_in_flight += 1
         replica.outstanding_ms += predicted_ms
+        return predicted_ms
 
     def _release(self, replica: Replica, predicted_ms: float) -> None:
+        replica.last_used = time.monotonic()
         replica.num_in_flight -= 1
         replica.outstanding_ms = max(0.0, replica.outstanding_ms - predicted_ms)
         if replica.removed and replica.num_in_flight == 0:
@@ -272,8 +279,7 @@ class ReplicaPool:
                 if not any(self._has_room(r) for r in self.replicas.values()):
                     break
                 continue
-            self._acquire(replica, waiter.work_ms(replica))
-            waiter.future.set_result(replica)
+            waiter.future.set_result((replica, self._acquire(replica, waiter.work_ms(replica))))
         for waiter in skipped:
             self._waiters.push(float("-inf"), waiter)  # keeps its turn at the front
 
