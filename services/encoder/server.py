@@ -28,10 +28,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                                image_mean=p.image_mean, image_std=p.image_std, rescale_factor=p.rescale_factor)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
-        start = time.perf_counter()
         try:
             # Shared memory is mapped, not copied; a remote ref is pulled from the decoder that made it.
             frames = await transport.resolve(request.frames, context.time_remaining())
+            # encode_ms prices this replica's work for the router: a pull from a slow producer is not part of it.
+            start = time.perf_counter()
             pixel_values, grid = await asyncio.to_thread(self._pixel_values, frames)
             embeddings = await self.batcher.encode(pixel_values, grid)
         except transport.TensorUnavailable as err:
