@@ -23,10 +23,9 @@ _MARGIN_S = 15.0  # a status is due by the deadline; this only absorbs a busy ma
 def cluster(tiny_model, redis_server):
     # Static addresses, no registry: a stopped replica also stops heartbeating, and leaving the registry
     # would hide whether the router itself noticed the stall.
-    # fcfs: admission stays out of it (a stall of seconds skews the cost models it predicts from; see the note
-    # of this stop), so what is tested is noticing the stall, retrying, and using the replica again.
+    # The SLO policy (the default), so the cost models must also survive observations taken across a stall.
     running = started_cluster(tiny_model, redis_server, registry=False,
-                              counts={"decoder": 2, "encoder": 1, "llm": 2}, router_options={"policy": "fcfs"})
+                              counts={"decoder": 2, "encoder": 1, "llm": 2})
     try:
         yield running
     finally:
