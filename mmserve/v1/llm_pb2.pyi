@@ -60,17 +60,19 @@ class LlmResponse(_message.Message):
     def __init__(self, delta: _Optional[_Union[_api_pb2.Delta, _Mapping]] = ..., final: _Optional[_Union[LlmFinal, _Mapping]] = ...) -> None: ...
 
 class LlmFinal(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "queue_ms", "prefill_ms", "ttft_ms")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "queue_ms", "prefill_ms", "ttft_ms", "decode_batch")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BATCH_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     queue_ms: float
     prefill_ms: float
     ttft_ms: float
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
+    decode_batch: float
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_batch: _Optional[float] = ...) -> None: ...

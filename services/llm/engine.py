@@ -41,6 +41,7 @@ class Finished:
     queue_ms: float
     prefill_ms: float
     ttft_ms: float
+    decode_batch: float = 0.0  # mean sequences per step over the tokens after the first
 
 
 def media_digest(item: MediaInput) -> str:
@@ -63,6 +64,8 @@ class _Request:
     generator: torch.Generator | None
     first_scheduled: float = 0.0
     first_token: float = 0.0
+    batch_sum: int = 0  # sequences in each step that made one of its tokens after the first, summed
+    decode_steps: int = 0
 
 
 class Engine:
@@ -192,7 +195,7 @@ class Engine:
         self.scheduler.postprocess(chunks, new_tokens)
         now = time.monotonic()
         for seq, token in new_tokens.items():
-            self._emit(self._requests[seq.seq_id], token, now)
+            self._emit(self._requests[seq.seq_id], token, now, len(chunks))
         self._observe(chunks, len(new_tokens), now - start)
 
     def _observe(self, chunks, num_generated: int, seconds: float) -> None:
@@ -208,8 +211,11 @@ class Engine:
         metrics.WAITING.set(len(self.scheduler.waiting))
         metrics.KV_BLOCKS_USED.set(self.block_manager.num_blocks - self.block_manager.num_free_blocks)
 
-    def _emit(self, request: _Request, token: int, now: float) -> None:
+    def _emit(self, request: _Request, token: int, now: float, batch: int) -> None:
         seq = request.seq
+        if request.first_token:
+            request.batch_sum += batch
+            request.decode_steps += 1
         request.first_token = request.first_token or now
         reason = None
         if token in self.eos_ids:
@@ -229,7 +235,8 @@ class Engine:
                 reason, seq.num_prompt_tokens, seq.num_output_tokens,
                 queue_ms=(request.first_scheduled - start) * 1e3,
                 prefill_ms=(request.first_token - request.first_scheduled) * 1e3,
-                ttft_ms=(request.first_token - start) * 1e3))
+                ttft_ms=(request.first_token - start) * 1e3,
+                decode_batch=request.batch_sum / request.decode_steps if request.decode_steps else 0.0))
 
     def _send(self, request: _Request, event) -> None:
         request.loop.call_soon_threadsafe(request.events.put_nowait, event)

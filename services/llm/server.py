@@ -97,7 +97,8 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
                     yield llm_pb2.LlmResponse(final=llm_pb2.LlmFinal(
                         finish_reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
                         completion_tokens=event.completion_tokens, queue_ms=event.queue_ms,
-                        prefill_ms=event.prefill_ms, ttft_ms=event.ttft_ms))
+                        prefill_ms=event.prefill_ms, ttft_ms=event.ttft_ms,
+                        decode_batch=event.decode_batch))
                 else:
                     yield llm_pb2.LlmResponse(delta=api_pb2.Delta(text=event.text, token_ids=event.token_ids))
         except (ValueError, PromptError, transport.TensorRefError) as err:

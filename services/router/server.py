@@ -211,11 +211,11 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                 raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
 
     def _observe_llm(self, llm, final: llm_pb2.LlmFinal, first_token: float) -> None:
-        """Feeds the replica's cost models: prefill by prompt tokens, decode step by running sequences."""
+        """Feeds the replica's cost models: prefill by prompt tokens, decode step by the sequences it ran with."""
         llm.costs.prefill.observe(final.prompt_tokens, final.prefill_ms)
         if final.completion_tokens > 1 and first_token:
             tpot_ms = (time.perf_counter() - first_token) * 1e3 / (final.completion_tokens - 1)
-            llm.costs.step.observe(llm.num_in_flight, tpot_ms)
+            llm.costs.step.observe(final.decode_batch or llm.num_in_flight, tpot_ms)
         metrics.STAGE_SECONDS.labels("prefill").observe(final.prefill_ms / 1e3)
         metrics.STAGE_SECONDS.labels("llm_queue").observe(final.queue_ms / 1e3)
 
