@@ -30,15 +30,23 @@ class Ticket:
 
 
 class Controller:
-    """Prices each request against the stage pools; with policy "fcfs" admits everything in arrival order."""
+    """Prices each request against the stage pools; with policy "fcfs" admits everything in arrival order.
+
+    The cost models learn only from admitted work, so a model that came out too pessimistic (fitted on a busy
+    machine, or across a stall) would refuse everything forever and never see the evidence against it. When
+    nothing is in flight and nothing was admitted for probe_after_s, the next request is admitted anyway as
+    a probe: it disturbs nobody, and what it measures corrects the models (or confirms them).
+    """
 
     def __init__(self, decoders: ReplicaPool, encoders: ReplicaPool, llms: ReplicaPool, *,
-                 defaults: SloDefaults, policy: str, headroom: float):
+                 defaults: SloDefaults, policy: str, headroom: float, probe_after_s: float = 5.0):
         self.pools = {"decoder": decoders, "encoder": encoders, "llm": llms}
         self.defaults = defaults
         self.policy = policy
         self.headroom = headroom
+        self.probe_after_s = probe_after_s
         self.backlogs = {stage: Backlog() for stage in self.pools}
+        self._last_admitted = float("-inf")
 
     def admit(self, kinds: list[str], shapes: list[MediaShape], prompt_tokens: float, *, ttft_ms: float,
               tpot_ms: float, allow_degrade: bool, now: float) -> Ticket:
@@ -48,8 +56,12 @@ class Controller:
         prediction = self.predict(shapes, prompt_tokens, deadline)
         decision = (Decision(True) if self.policy == "fcfs" else
                     decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom))
+        if not decision.admit and self._idle() and now - self._last_admitted > self.probe_after_s:
+            decision = Decision(True, "probe")
+            metrics.PROBES.labels(cls).inc()
         ticket = Ticket(cls, slo, deadline, prediction, decision)
         if decision.admit:
+            self._last_admitted = now
             scale = decision.frame_scale
             decode, encode = self._media_work(shapes, scale)
             for stage, work in (("decoder", decode), ("encoder", encode), ("llm", prediction.llm.work_ms)):
@@ -66,6 +78,10 @@ class Controller:
     def release(self, ticket: Ticket) -> None:
         for stage in list(ticket.jobs):
             self.finish(ticket, stage)
+
+    def _idle(self) -> bool:
+        return not any(self.backlogs.values()) and not any(
+            r.num_in_flight for pool in self.pools.values() for r in pool.replicas.values())
 
     def predict(self, shapes: list[MediaShape], prompt_tokens: float, deadline: float) -> Prediction:
         decode, encode = self._media_work(shapes)

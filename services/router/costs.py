@@ -11,11 +11,12 @@ class OnlineLinear:
     The fit keeps decayed sufficient statistics (Σ x xᵀ, Σ x y) with a half-life counted in observations,
     so it follows a replica whose speed changes (load, thermal, a new GPU), plus a faint prior towards the
     seed: the first observations move the seed as little as fits them, and directions nothing measures (an
-    idle llm steps at batch 1 for minutes) keep the seed instead of drifting. Each update solves the small problem exactly under w ≥ 0
-    (every feature costs time; at most 3 features, so by trying each set of free weights), which cannot
-    wind up the way recursive least squares with clipped weights does: a prediction stays within the range
-    the observations span. An observation far from the prediction (a stalled replica, a busy machine) is
-    clipped to a few times the prediction first: a slower replica shows over several updates.
+    idle llm steps at batch 1 for minutes) keep the seed instead of drifting. Each update solves the small
+    problem exactly under w ≥ 0 (every feature costs time; at most 3 features, so by trying each set of free
+    weights), which cannot wind up the way recursive least squares with clipped weights does: a prediction
+    stays within the range the observations span. An observation far from the prediction (a stalled
+    replica, a busy machine) is clipped to a few times the prediction first: a slower replica shows over
+    several updates.
     """
 
     def __init__(self, seed: list[float], *, half_life: float = 16.0, prior_weight: float = 1e-3,

@@ -13,6 +13,8 @@ TTFT_SECONDS = Histogram("mmserve_router_ttft_seconds", "Time to first token by 
 REQUESTS = Counter("mmserve_router_requests_total", "Requests ended, by class and gRPC status", ["cls", "code"])
 SLO = Counter("mmserve_router_slo_total", "Completed requests by whether they met their SLOs", ["cls", "outcome"])
 REFUSED = Counter("mmserve_router_refused_total", "Requests refused at admission", ["cls"])
+PROBES = Counter("mmserve_router_probes_total", "Requests admitted though predicted to miss, to re-measure an idle "
+                 "stack whose cost models refused everything", ["cls"])
 DEGRADED = Counter("mmserve_router_degraded_total", "Requests admitted with fewer video frames", ["cls"])
 RETRIES = Counter("mmserve_router_retries_total", "Stage calls retried on another replica", ["stage"])
 WAITING = Gauge("mmserve_router_waiting_calls", "Stage calls waiting for a replica slot", ["stage"])

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from services.router.costs import CostSeeds, DecodeCost, MediaShape, OnlineLinear, ShapeEstimator, TokenCost
+from services.router.admission import Controller
+from services.router.costs import CostSeeds, DecodeCost, LlmCosts, MediaShape, OnlineLinear, ShapeEstimator, TokenCost
 from services.router.policy import (Backlog, Prediction, SlackQueue, Slo, SloDefaults, StageTimes, decide,
                                     degraded_frames)
 from services.router.replicas import NoReplicaError, Replica, ReplicaPool
@@ -274,3 +275,31 @@ def test_step_cost_still_learns_a_real_slope_after_a_long_batch_one_stretch():
         batch = 1 + n % 32
         model.observe(batch, 2.0 + 0.5 * batch)
     assert model.predict(32) == pytest.approx(18.0, rel=0.1)
+
+
+# Controller ----------------------------------------------------------------------------------------
+
+def make_controller(step_ms: float, probe_after_s: float = 5.0) -> Controller:
+    """Admission over fake pools whose llm predicts decode steps of step_ms."""
+    llms = make_pool(1, max_in_flight=0)
+    llms.replicas["r0"].costs = LlmCosts(CostSeeds(step_ms=step_ms, step_ms_per_seq=0.0))
+    return Controller(make_pool(1), make_pool(1), llms, defaults=SloDefaults(Slo(8000, 100), Slo(3000, 100),
+                      Slo(1000, 100)), policy="slo", headroom=1.0, probe_after_s=probe_after_s)
+
+
+def test_an_idle_stack_that_refuses_everything_admits_one_probe_per_probe_after_s():
+    controller = make_controller(step_ms=500.0)  # a pessimistic model: every request misses its TPOT
+    admit = lambda now: controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=now)  # noqa: E731
+    probe = admit(100.0)
+    assert probe.decision.admit and probe.decision.reason == "probe"
+    assert not admit(100.5).decision.admit  # something is in flight: the probe's own backlog
+    controller.release(probe)
+    assert not admit(101.0).decision.admit  # idle, but a probe was admitted 1 s ago
+    assert admit(105.5).decision.admit  # idle and probe_after_s later: the next probe
+
+
+def test_a_busy_stack_never_probes():
+    controller = make_controller(step_ms=500.0)
+    controller.pools["llm"].replicas["r0"].num_in_flight = 1  # e.g. a request admitted before the model soured
+    assert not any(controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=t).decision.admit
+                   for t in (100.0, 200.0, 300.0))
