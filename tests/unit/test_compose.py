@@ -1,4 +1,5 @@
-"""compose.yaml, compose.cpu.yaml, .env.example and deploy/k8s agree with the service configs and `mmserve up`."""
+"""compose.yaml, compose.cpu.yaml and .env.example agree with the service configs and `mmserve up` (helpers for
+tests/unit/test_k8s.py and tests/integration/test_compose_stack.py too)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from collections.abc import Mapping
 import pytest
 import yaml
 
+from mmserve import probe, tls
 from mmserve.config import ServiceConfig
-from mmserve.launcher import StackSpec, plan
+from mmserve.launcher import Child, StackSpec, plan
 from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
@@ -21,7 +23,6 @@ from services.router.config import RouterConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE, COMPOSE_CPU, ENV_EXAMPLE = ROOT / "compose.yaml", ROOT / "compose.cpu.yaml", ROOT / ".env.example"
-K8S = ROOT / "deploy" / "k8s"
 CONFIGS: dict[str, type[ServiceConfig]] = {"decoder": DecoderConfig, "encoder": EncoderConfig, "llm": LlmConfig,
                                            "router": RouterConfig}
 GPU_SERVICES = ("decoder", "encoder", "llm")
@@ -32,11 +33,19 @@ REGISTRY = {"registry_url", "advertise_address"}
 COMPOSE_ONLY = {"decoder": REGISTRY, "encoder": {"dtype"} | REGISTRY, "llm": {"dtype", "kv_cache_bytes"} | REGISTRY,
                 "router": REGISTRY}
 PLAN_ONLY: dict[str, set[str]] = {"decoder": set(), "encoder": set(), "llm": set(), "router": set()}
-# On Kubernetes the router finds the stages in the registry only: a Service's address would alias one of its pods.
-K8S_ROUTER_UNLISTED = {"decoder_addrs", "encoder_addrs", "llm_addrs"}
 
-# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; $$ is a literal $.
-_VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$\$")
+# Where compose (and the Kubernetes manifests) mount the certificates and the bearer tokens file.
+TLS_MOUNT, TOKENS_FILE = "/tls", "/api-tokens/tokens"
+# What turns them on in compose (.env); empty, the default, is plaintext and an open API.
+TLS_ENV = {"TLS_DIR": "./certs", "API_TOKENS_FILE": "./tokens"}
+# The empty named volume mounted in their place while they are off (a mount needs a source).
+UNSET_VOLUME = "unset"
+# The settings `mmserve up --tls-dir --api-tokens-file` configures.
+TLS_FIELDS = {f.name for f in dataclasses.fields(RouterConfig) if f.name.startswith("tls_")} | {"api_tokens_file"}
+
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, ${VAR:+alternative}, ${VAR+alternative};
+# $$ is a literal $.
+_VAR = re.compile(r"\$\{(\w+)(?:(:?[-?+])([^}]*))?\}|\$\$")
 
 
 # --- helpers (tests/integration/test_compose_stack.py uses them too) -------------------------------------------
@@ -64,9 +73,11 @@ def interpolate(value: str, env: Mapping[str, str]) -> str:
         if match.group(0) == "$$":
             return "$"
         name, op, arg = match.groups()
-        present = name in env and (env[name] != "" or op in ("-", "?"))
+        present = name in env and (env[name] != "" or op in ("-", "?", "+"))
         if op in (":-", "-"):
             return env[name] if present else arg
+        if op in (":+", "+"):
+            return arg if present else ""
         if op in (":?", "?"):
             if not present:
                 raise KeyError(f"{name}: {arg}")
@@ -90,13 +101,20 @@ def load_compose(path: pathlib.Path = COMPOSE, env: Mapping[str, str] | None = N
 
 
 def variables(path: pathlib.Path) -> dict[str, set[str | None]]:
-    """Every ${VAR} in a file and the defaults it is given there (None: no default)."""
+    """Every ${VAR} in a file and the defaults it is given there (None: no default; ${VAR:+x} gives none)."""
     found: dict[str, set[str | None]] = {}
     for match in _VAR.finditer(path.read_text()):
         if match.group(0) != "$$":
             name, op, arg = match.groups()
-            found.setdefault(name, set()).add(arg if op in (":-", "-") else None)
+            defaults = found.setdefault(name, set())
+            if op not in (":+", "+"):
+                defaults.add(arg if op in (":-", "-") else None)
     return found
+
+
+def switches(path: pathlib.Path) -> set[str]:
+    """Variables that turn something on by being set (${VAR:+value} is empty while VAR is)."""
+    return {m.group(1) for m in _VAR.finditer(path.read_text()) if m.group(2) in (":+", "+")}
 
 
 def env_example() -> dict[str, str]:
@@ -123,28 +141,38 @@ def parse_command(argv: list[str]) -> ServiceConfig:
 
 
 def flag_names(argv: list[str]) -> set[str]:
-    """Field names of the flags in a command line (`--kv-cache-bytes` → kv_cache_bytes)."""
-    return {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
+    """Field names of the flags in a command line (`--kv-cache-bytes` or `--kv-cache-bytes=N` → kv_cache_bytes)."""
+    return {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def planned() -> dict[str, tuple[ServiceConfig, Child]]:
+    """Per service, the config and the child `mmserve up` plans when every option is used, its TLS directory and
+    tokens file at the paths compose mounts them at."""
+    spec = dict(model="/model", host="0.0.0.0", port=50051, redis_url="redis://redis:6379/0", media_root="/media",
+                log_level="WARNING", redis_maxmemory="2gb", transport="shm", num_encoders=1, metrics=True,
+                http_port=8000, tls_dir=TLS_MOUNT, api_tokens_file=TOKENS_FILE)
+    # router_args passes further router flags through verbatim: no setting of its own to mirror here.
+    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args"}
+    assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
+    children, _ = plan(StackSpec(**spec))
+    return {c.name: (parse_command(c.argv[2:]), c) for c in children if c.name in CONFIGS}
 
 
 def planned_flags() -> dict[str, set[str]]:
     """Per service, the fields `mmserve up` sets: those plan() moves off their defaults when every option is used."""
-    spec = dict(model="/model", host="0.0.0.0", port=50051, redis_url="redis://redis:6379/0", media_root="/media",
-                log_level="WARNING", redis_maxmemory="2gb", transport="shm", num_encoders=1, metrics=True,
-                http_port=8000)
-    # router_args passes further router flags through verbatim: no setting of its own to mirror here. TLS and
-    # bearer tokens are off unless configured, and compose.yaml does not wire them yet (no certificates to mount).
-    unmirrored = {"router_args", "tls_dir", "api_tokens_file"}
-    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - unmirrored
-    assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
-    children, _ = plan(StackSpec(**spec))
-    flags = {}
-    for child in children:
-        if child.name in CONFIGS:
-            config = parse_command(child.argv[2:])
-            flags[child.name] = {f.name for f in dataclasses.fields(config)
-                                 if getattr(config, f.name) != f.default}
-    return flags
+    return {name: {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
+            for name, (config, _) in planned().items()}
+
+
+def tls_values(config: ServiceConfig) -> dict[str, str]:
+    """A config's TLS and bearer-token settings."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in TLS_FIELDS}
+
+
+def probe_tls(healthcheck: list[str]) -> tls.ClientTls | None:
+    """How a health check's `python -m mmserve.probe` reaches its service (None: plaintext)."""
+    assert healthcheck[:4] == ["CMD", "python", "-m", "mmserve.probe"], healthcheck
+    return tls.client_tls_from_args(probe.build_parser().parse_args(healthcheck[4:]))
 
 
 def mmserve_services(compose: dict) -> dict[str, dict]:
@@ -225,7 +253,7 @@ def test_shared_ipc_and_pid_namespaces_and_shm(compose):
 def test_healthchecks_probe_each_service_port(compose):
     for name, service in mmserve_services(compose).items():
         port = option_value(service["command"], "--port")
-        assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "mmserve.probe", f"127.0.0.1:{port}"]
+        assert service["healthcheck"]["test"][:5] == ["CMD", "python", "-m", "mmserve.probe", f"127.0.0.1:{port}"]
         assert service["healthcheck"]["start_period"]  # model loading is not a failure
     assert "redis-cli" in compose["services"]["redis"]["healthcheck"]["test"]
     assert "ping" in compose["services"]["redis"]["healthcheck"]["test"]
@@ -291,7 +319,13 @@ def test_every_variable_has_one_default_documented_in_env_example():
     for path in (COMPOSE, COMPOSE_CPU):
         for name, defaults in variables(path).items():
             used.setdefault(name, set()).update(defaults)
+    switched = switches(COMPOSE) | switches(COMPOSE_CPU)
+    assert switched == set(TLS_ENV)
     for name, defaults in sorted(used.items()):
+        if name in switched:  # off by default; its one fallback is the empty volume mounted in its place
+            assert documented.get(name) == "", f".env.example: {name}= (empty: off)"
+            assert defaults == {UNSET_VOLUME}, f"${{{name}}}: only a mount falls back (to {UNSET_VOLUME}), {defaults}"
+            continue
         assert None not in defaults, f"${{{name}}} needs a default (${{{name}:-...}})"
         assert len(defaults) == 1, f"${{{name}}} has different defaults: {defaults}"
         assert name in documented, f"{name} is not documented in .env.example"
@@ -299,12 +333,47 @@ def test_every_variable_has_one_default_documented_in_env_example():
     assert set(documented) == set(used), f".env.example documents unused {set(documented) - set(used)}"
 
 
+def test_tls_and_tokens_are_off_by_default(compose):
+    for name, service in mmserve_services(compose).items():
+        assert set(tls_values(parse_command(service["command"])).values()) == {""}, f"{name}: plaintext, open"
+        assert probe_tls(service["healthcheck"]["test"]) is None, f"{name}: a plaintext probe"
+
+
+def test_tls_dir_and_tokens_file_configure_what_mmserve_up_plans():
+    services = mmserve_services(load_compose(env=TLS_ENV))
+    for name, (wanted, child) in planned().items():
+        config = parse_command(services[name]["command"])
+        assert tls_values(config) == tls_values(wanted), name
+        # The probe presents the client certificate `mmserve up` checks health with, and asks for the name others
+        # reach the service by (its certificate need not name 127.0.0.1).
+        host = config.advertise_address.rsplit(":", 1)[0]
+        assert host == name
+        assert probe_tls(services[name]["healthcheck"]["test"]) == dataclasses.replace(child.client_tls,
+                                                                                       server_name=host), name
+    assert planned()["router"][0].api_tokens_file == TOKENS_FILE
+
+
+def test_certificates_and_tokens_are_mounted_read_only():
+    def mounts(compose: dict) -> dict[str, dict[str, str]]:
+        return {name: {target: f"{source}:{mode}" for source, target, mode in (v.split(":") for v in s["volumes"])}
+                for name, s in mmserve_services(compose).items()}
+
+    on, off = mounts(load_compose(env=TLS_ENV)), mounts(load_compose())
+    for name in CONFIGS:
+        assert on[name][TLS_MOUNT] == f"{TLS_ENV['TLS_DIR']}:ro", name
+        assert off[name][TLS_MOUNT] == f"{UNSET_VOLUME}:ro", name
+        tokens = on[name].get(TOKENS_FILE)
+        assert tokens == (f"{TLS_ENV['API_TOKENS_FILE']}:ro" if name == "router" else None), f"{name}: {tokens}"
+    assert off["router"][TOKENS_FILE] == f"{UNSET_VOLUME}:ro"
+    assert load_compose()["volumes"] == {UNSET_VOLUME: {}}  # declared: without TLS_DIR it is what /tls mounts
+
+
 def test_env_values_reach_the_commands():
     compose = load_compose(env={"DECODER_PORT": "6001", "LLM_GPUS": "5", "REDIS_MAXMEMORY": "1gb"})
     services = compose["services"]
     assert option_value(services["decoder"]["command"], "--port") == "6001"
     assert option_value(services["router"]["command"], "--decoder-addrs") == "decoder:6001"
-    assert services["decoder"]["healthcheck"]["test"][-1] == "127.0.0.1:6001"
+    assert services["decoder"]["healthcheck"]["test"][4] == "127.0.0.1:6001"
     assert services["llm"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["5"]
     assert option_value(services["redis"]["command"], "--maxmemory") == "1gb"
 
@@ -324,63 +393,6 @@ def test_cpu_override_drops_gpu_reservations_and_builds_cpu():
 def test_interpolation_follows_compose():
     env = {"SET": "x", "EMPTY": ""}
     assert interpolate("${SET:-d} ${EMPTY:-d} ${UNSET:-d} ${EMPTY-d} ${UNSET-d} $$HOME", env) == "x d d  d $HOME"
+    assert interpolate("${SET:+on}|${EMPTY:+on}|${UNSET:+on}|${EMPTY+on}|${UNSET+on}", env) == "on|||on|"
     with pytest.raises(KeyError):
         interpolate("${UNSET:?required}", env)
-
-
-# --- deploy/k8s ------------------------------------------------------------------------------------------------
-
-def k8s_documents() -> list[dict]:
-    """Every Kubernetes object in deploy/k8s (the kustomization file aside)."""
-    docs = []
-    for path in sorted(K8S.glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] != "Kustomization"]
-    return docs
-
-
-def test_k8s_manifests_parse_and_cover_every_service():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    docs = k8s_documents()
-    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for name in ("redis", "decoder", "encoder", "llm", "router"):
-        assert ("Deployment", name) in kinds and ("Service", name) in kinds, name
-    assert any(kind == "ConfigMap" for kind, _ in kinds)
-    assert all("namespace" not in d["metadata"] for d in docs), "namespace-less: kubectl -n picks it"
-
-
-def test_k8s_args_are_real_flags_and_probes_use_mmserve_probe():
-    docs = k8s_documents()
-    env = {}
-    for doc in docs:
-        if doc["kind"] == "ConfigMap":
-            env.update(doc["data"])
-    checked, planned = set(), planned_flags()
-    for doc in docs:
-        if doc["kind"] != "Deployment" or doc["metadata"]["name"] not in CONFIGS:
-            continue
-        name = doc["metadata"]["name"]
-        pod = doc["spec"]["template"]["spec"]
-        (container,) = pod["containers"]
-        # Kubernetes expands $(VAR) in args from the container's environment (the ConfigMap, the downward API).
-        fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container.get("env", [])}
-        pod_env = env | {var: {"status.podIP": "10.1.2.3"}[path] for var, path in fields.items()}
-        args = [re.sub(r"\$\((\w+)\)", lambda m: pod_env[m.group(1)], a) for a in container["args"]]
-        config = parse_command(args)
-        assert type(config) is CONFIGS[name] and config.host == "0.0.0.0"
-        assert config.registry_url == "redis://redis:6379/0", name
-        assert config.advertise_address == f"10.1.2.3:{config.port}", f"{name}: advertise the pod IP and port"
-        unlisted = K8S_ROUTER_UNLISTED if name == "router" else set()
-        passed, wanted = flag_names(args) - COMPOSE_ONLY[name], planned[name] - PLAN_ONLY[name] - unlisted
-        assert passed == wanted, f"{name}: the manifest lacks {wanted - passed}, adds {passed - wanted}"
-        for probe in ("readinessProbe", "livenessProbe"):
-            command = container[probe]["exec"]["command"]
-            assert command == ["python", "-m", "mmserve.probe", f"127.0.0.1:{config.port}"], (name, probe)
-        volumes = {v["name"]: v for v in pod.get("volumes", [])}
-        for mount in container.get("volumeMounts", []):
-            if mount["mountPath"] == "/model":
-                assert mount["readOnly"] and volumes[mount["name"]]["persistentVolumeClaim"]["readOnly"]
-        if name in GPU_SERVICES:
-            assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
-        checked.add(name)
-    assert checked == set(CONFIGS)

@@ -1,0 +1,179 @@
+"""deploy/k8s agrees with the service configs and `mmserve up`, plaintext and with its tls and api-tokens components."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.unit.test_compose import (COMPOSE_ONLY, CONFIGS, GPU_SERVICES, PLAN_ONLY, ROOT, TLS_FIELDS, TLS_MOUNT,
+                                     TOKENS_FILE, flag_names, parse_command, planned, planned_flags, probe_tls)
+
+K8S = ROOT / "deploy" / "k8s"
+COMPONENTS = ("tls", "api-tokens")
+# On Kubernetes the router finds the stages in the registry only: a Service's address would alias one of its pods.
+K8S_ROUTER_UNLISTED = {"decoder_addrs", "encoder_addrs", "llm_addrs"}
+# Pods call each other at pod IPs, which no certificate names: they check this name instead (`mmserve up` dials
+# loopback addresses its development certificates carry, so it needs none).
+K8S_TLS_ONLY = {"tls_server_name"}
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+POD_IP = "10.1.2.3"
+RUN_AS = 10001  # the image's user (Dockerfile), and the group that may read the mounted Secrets
+
+
+def k8s_documents() -> list[dict]:
+    """Every Kubernetes object in deploy/k8s (the kustomization file aside)."""
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] != "Kustomization"]
+    return docs
+
+
+def apply_json_patch(doc: dict, ops: list[dict]) -> None:
+    """RFC 6902 `add`, the one operation the components use (`/-` appends to a list)."""
+    for op in ops:
+        assert op["op"] == "add", op
+        *parents, last = [key.replace("~1", "/").replace("~0", "~") for key in op["path"].split("/")[1:]]
+        target = doc
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        if isinstance(target, list):
+            target.insert(len(target) if last == "-" else int(last), copy.deepcopy(op["value"]))
+        else:
+            target[last] = copy.deepcopy(op["value"])
+
+
+def deployments(components: tuple[str, ...] = ()) -> dict[str, dict]:
+    """The mmserve services' Deployments, with the patches of the named components applied (as kustomize does)."""
+    docs = {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == "Deployment"}
+    for component in components:
+        kustomization = yaml.safe_load((K8S / component / "kustomization.yaml").read_text())
+        assert kustomization["kind"] == "Component" and set(kustomization) == {"apiVersion", "kind", "patches"}
+        for patch in kustomization["patches"]:
+            target = patch["target"]
+            assert set(target) == {"kind", "name"} and target["kind"] == "Deployment", target
+            matched = [name for name in docs if re.fullmatch(target["name"], name)]  # kustomize: a regex
+            assert matched, f"{component}: {target['name']} matches no Deployment"
+            for name in matched:
+                apply_json_patch(docs[name], yaml.safe_load(patch["patch"]))
+    return {name: doc for name, doc in docs.items() if name in CONFIGS}
+
+
+def container_argv(doc: dict) -> list[str]:
+    """The container's args as Kubernetes runs them: $(VAR) from the ConfigMap and the downward API."""
+    env = {}
+    for config_map in (d for d in k8s_documents() if d["kind"] == "ConfigMap"):
+        env.update(config_map["data"])
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container.get("env", [])}
+    env |= {var: {"status.podIP": POD_IP}[path] for var, path in fields.items()}
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+
+
+def secret_mounts(doc: dict) -> dict[str, str]:
+    """Mount path → Secret name of a Deployment's container; each read-only, readable by the image's group only."""
+    pod = doc["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {}
+    for mount in pod["containers"][0]["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret:
+            assert mount["readOnly"], mount
+            assert secret["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == RUN_AS, secret
+            mounts[mount["mountPath"]] = secret["secretName"]
+    return mounts
+
+
+def test_k8s_manifests_parse_and_cover_every_service():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert {p.parent.name for p in K8S.glob("*/kustomization.yaml")} == set(COMPONENTS)
+    docs = k8s_documents()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for name in ("redis", "decoder", "encoder", "llm", "router"):
+        assert ("Deployment", name) in kinds and ("Service", name) in kinds, name
+    assert any(kind == "ConfigMap" for kind, _ in kinds)
+    assert all("namespace" not in d["metadata"] for d in docs), "namespace-less: kubectl -n picks it"
+
+
+def test_k8s_args_are_real_flags_and_probes_use_mmserve_probe():
+    wanted_flags = planned_flags()
+    for name, doc in deployments().items():
+        pod = doc["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = container_argv(doc)
+        config = parse_command(args)
+        assert type(config) is CONFIGS[name] and config.host == "0.0.0.0"
+        assert config.registry_url == "redis://redis:6379/0", name
+        assert config.advertise_address == f"{POD_IP}:{config.port}", f"{name}: advertise the pod IP and port"
+        unlisted = K8S_ROUTER_UNLISTED if name == "router" else set()
+        # Plaintext and an open API: TLS and tokens are the components' business.
+        passed, wanted = flag_names(args) - COMPOSE_ONLY[name], wanted_flags[name] - PLAN_ONLY[name] - unlisted
+        assert passed == wanted - TLS_FIELDS, f"{name}: the manifest lacks {wanted - passed}, adds {passed - wanted}"
+        for probe in PROBES:
+            command = container[probe]["exec"]["command"]
+            assert command == ["python", "-m", "mmserve.probe", f"127.0.0.1:{config.port}"], (name, probe)
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            if mount["mountPath"] == "/model":
+                assert mount["readOnly"] and volumes[mount["name"]]["persistentVolumeClaim"]["readOnly"]
+        if name in GPU_SERVICES:
+            assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
+        assert not secret_mounts(doc), name
+    assert set(deployments()) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("components", [("tls",), ("api-tokens",), COMPONENTS])
+def test_components_configure_what_mmserve_up_plans(components):
+    """With tls, every service gets the TLS flags and values `mmserve up --tls-dir /tls` plans, and the probes the
+    client certificate its health checks present; with api-tokens, the router gets the tokens file."""
+    wanted_flags, plans = planned_flags(), planned()
+    with_tls, with_tokens = "tls" in components, "api-tokens" in components
+    for name, doc in deployments(components).items():
+        args = container_argv(doc)
+        config, (plan_config, child) = parse_command(args), plans[name]
+        unlisted = K8S_ROUTER_UNLISTED if name == "router" else set()
+        wanted = wanted_flags[name] - PLAN_ONLY[name] - unlisted
+        wanted -= set() if with_tls else TLS_FIELDS - {"api_tokens_file"}
+        wanted -= set() if with_tokens else {"api_tokens_file"}
+        passed = flag_names(args) - COMPOSE_ONLY[name] - (K8S_TLS_ONLY if with_tls else set())
+        assert passed == wanted, f"{name}: the manifest lacks {wanted - passed}, adds {passed - wanted}"
+        for field in wanted & TLS_FIELDS:
+            assert getattr(config, field) == getattr(plan_config, field), f"{name}: {field}"
+        assert config.tls_server_name == ("mmserve.internal" if with_tls else "")
+        for probe in PROBES:
+            command = doc["spec"]["template"]["spec"]["containers"][0][probe]["exec"]["command"]
+            assert command[:4] == ["python", "-m", "mmserve.probe", f"127.0.0.1:{config.port}"], (name, probe)
+            client = dataclasses.replace(child.client_tls, server_name=config.tls_server_name) if with_tls else None
+            assert probe_tls(["CMD", *command]) == client, (name, probe)
+        mounts = {TLS_MOUNT: "mmserve-tls"} if with_tls else {}
+        if with_tokens and name == "router":
+            mounts[TOKENS_FILE.rsplit("/", 1)[0]] = "mmserve-api-tokens"
+        assert secret_mounts(doc) == mounts, name
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize)")
+def test_kustomize_applies_the_components_as_this_test_does(tmp_path):
+    overlay = K8S.parent / f".test-overlay-{tmp_path.name}"  # kustomize loads bases from below or beside a root
+    overlay.mkdir()
+    try:
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump(
+            {"resources": ["../k8s"], "components": [f"../k8s/{c}" for c in COMPONENTS]}))
+        built = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(overlay)
+    assert built.returncode == 0, built.stderr
+    ours = deployments(COMPONENTS)
+    theirs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(built.stdout)
+              if d["kind"] == "Deployment" and d["metadata"]["name"] in CONFIGS}
+    assert set(theirs) == set(ours)
+    for name, doc in theirs.items():
+        pod, expected = doc["spec"]["template"]["spec"], ours[name]["spec"]["template"]["spec"]
+        assert pod["securityContext"] == expected["securityContext"] and pod["volumes"] == expected["volumes"], name
+        for key in ("args", "volumeMounts", *PROBES):
+            assert pod["containers"][0][key] == expected["containers"][0][key], (name, key)
