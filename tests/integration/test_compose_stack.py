@@ -1,4 +1,5 @@
-"""compose.yaml's own commands and health checks run the stack (as processes, no Docker); the probe on the stack."""
+"""compose.yaml's own commands and health checks run the stack (as processes, no Docker), plaintext and with TLS and
+tokens; the probe on the stack."""
 
 from __future__ import annotations
 
@@ -10,15 +11,24 @@ import grpc
 import pytest
 import redis
 
-from mmserve import rpc
+from mmserve import rpc, tls
 from mmserve.launcher import Child, Stack, free_port
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from tests.integration.helpers import collect, request, text
-from tests.unit.test_compose import CONFIGS, load_compose, option_value
+from tests.unit.test_compose import CONFIGS, TLS_ENV, TLS_MOUNT, TOKENS_FILE, load_compose, option_value
 
 # What a test machine's .env would say: the tiny model needs no 8 GiB KV cache, and float32 on the CPU.
 TEST_ENV = {"DTYPE": "float32", "LLM_KV_CACHE_BYTES": str(64 * 1024 * 1024), "LOG_LEVEL": "WARNING"}
+TOKEN = "sk-compose"
+
+
+def host_path(value: str, mounts: dict[str, str]) -> str:
+    """A container path under one of compose's mounts, as the path on this host (other values as they are)."""
+    for target, source in mounts.items():
+        if value == target or value.startswith(target + "/"):
+            return source + value[len(target):]
+    return value
 
 
 def rewrite(argv: list[str], ports: dict[str, int], compose_ports: dict[str, str], mounts: dict[str, str],
@@ -38,8 +48,8 @@ def rewrite(argv: list[str], ports: dict[str, int], compose_ports: dict[str, str
         elif flag in ("--redis-url", "--registry-url"):
             assert value.startswith("redis://redis:"), value  # compose's redis service
             out[i + 1] = redis_url
-        elif value in mounts:
-            out[i + 1] = mounts[value]
+        elif host_path(value, mounts) != value:
+            out[i + 1] = host_path(value, mounts)
         elif flag.endswith("-addrs") or flag == "--advertise-address":  # compose service names
             addresses = []
             for address in value.split(","):
@@ -76,22 +86,30 @@ def wait_healthy(children: dict[str, Child], probes: dict[str, list[str]], timeo
 
 
 @pytest.mark.slow
-def test_compose_commands_serve_a_request(tiny_model, redis_server, media_root):
-    services = load_compose(env=TEST_ENV)["services"]
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls"])
+def test_compose_commands_serve_a_request(tiny_model, redis_server, media_root, tmp_path, secure):
+    mounts = {"/model": str(tiny_model), "/media": str(media_root)}
+    env = dict(TEST_ENV)
+    if secure:  # TLS_DIR and API_TOKENS_FILE set, as in .env; certificates for the compose names (probes, peers)
+        certs = tls.make_dev_certs(tmp_path / "certs", names=(*CONFIGS, "127.0.0.1"))
+        (tmp_path / "tokens").write_text(f"{TOKEN}\n")
+        mounts |= {TLS_MOUNT: str(certs), TOKENS_FILE: str(tmp_path / "tokens")}
+        env |= TLS_ENV
+    services = load_compose(env=env)["services"]
     mmserve = {name: service for name, service in services.items() if name in CONFIGS}
     compose_ports = {name: option_value(s["command"], "--port") for name, s in mmserve.items()}
     ports = {name: free_port() for name in mmserve}
-    mounts = {"/model": str(tiny_model), "/media": str(media_root)}
     for service in mmserve.values():
-        assert {volume.split(":")[1] for volume in service["volumes"]} == set(mounts)
+        assert {volume.split(":")[1] for volume in service["volumes"]} <= {*mounts, TLS_MOUNT, TOKENS_FILE}
 
     children, probes = {}, {}
     for name, service in mmserve.items():
         argv = rewrite(service["command"], ports, compose_ports, mounts, redis_server.url)
         children[name] = Child(name, [sys.executable, "-m", *argv], f"127.0.0.1:{ports[name]}")
         kind, python, *probe = service["healthcheck"]["test"]
-        assert (kind, python, probe[-1]) == ("CMD", "python", f"127.0.0.1:{compose_ports[name]}")
-        probes[name] = [sys.executable, *probe[:-1], f"127.0.0.1:{ports[name]}"]
+        assert (kind, python, probe[2]) == ("CMD", "python", f"127.0.0.1:{compose_ports[name]}")
+        probes[name] = [sys.executable, *probe[:2], f"127.0.0.1:{ports[name]}",
+                        *(host_path(a, mounts) for a in probe[3:])]
 
     started: list[Child] = []
     stack = Stack(started)
@@ -104,7 +122,19 @@ def test_compose_commands_serve_a_request(tiny_model, redis_server, media_root):
 
         (media_root / "compose.png").write_bytes(make_image(width=64, height=48))
         picture = api_pb2.Part(image=api_pb2.Media(uri=f"file://{media_root / 'compose.png'}"))
-        with grpc.insecure_channel(children["router"].address, options=rpc.message_options(64 << 20)) as channel:
+        address, options = children["router"].address, rpc.message_options(64 << 20)
+        if secure:
+            ca = tls.read_pem("ca", str(certs / "ca.pem"))
+            with grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options=options) as channel:
+                with pytest.raises(grpc.RpcError) as refused:  # no token
+                    collect(api_pb2_grpc.RouterStub(channel), request(text("Hi"), num_tokens=1))
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with_token = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(ca),
+                                                            grpc.access_token_call_credentials(TOKEN))
+            channel = grpc.secure_channel(address, with_token, options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        with channel:
             result = collect(api_pb2_grpc.RouterStub(channel), request(picture, text("What is this?"), num_tokens=8))
         assert result.final.completion_tokens == 8 and result.final.finish_reason == "length"
         assert result.final.num_media == 1 and len(result.token_ids) == 8
