@@ -10,7 +10,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User
 
 from loadtest import metrics
-from mmserve import rpc
+from loadtest.connection import Connection
 from mmserve.v1 import api_pb2, api_pb2_grpc
 
 # Before any channel exists: gRPC's C core then yields to gevent instead of blocking the hub.
@@ -26,10 +26,11 @@ class GrpcUser(User):
     abstract = True
     request_timeout_s = 120.0
     max_message_bytes = 256 * 1024 * 1024
+    connection = Connection()  # TLS and token; the locustfile sets it from its options before users start
 
     def __init__(self, environment):
         super().__init__(environment)
-        self.channel = grpc.insecure_channel(self.host, options=rpc.message_options(self.max_message_bytes))
+        self.channel = self.connection.channel(self.host, self.max_message_bytes)
         self.stub = api_pb2_grpc.RouterStub(self.channel)
 
     def on_stop(self) -> None:
@@ -39,7 +40,8 @@ class GrpcUser(User):
         """Sends one request, reads its stream to the end, fires and returns its entries (never raises for gRPC)."""
         times = metrics.StreamTimes(start=time.perf_counter())
         try:
-            for reply in self.stub.Generate(request, timeout=self.request_timeout_s):
+            for reply in self.stub.Generate(request, timeout=self.request_timeout_s,
+                                            metadata=self.connection.metadata):
                 times.on_reply(reply, time.perf_counter())
             times.end = time.perf_counter()
             samples = metrics.completed_samples(kind, times)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import gevent  # noqa: E402
 from locust import events, task  # noqa: E402
 
-from loadtest import workloads  # noqa: E402
+from loadtest import connection, workloads  # noqa: E402
 from loadtest.grpc_user import GrpcUser  # noqa: E402
 from loadtest.pacing import ARRIVALS, ArrivalClock, SyntheticPacer, TraceSchedule  # noqa: E402
 
@@ -39,6 +39,7 @@ def add_options(parser) -> None:
     group.add_argument("--cache-hit-ratio", type=float, default=0.0,
                        help="share of synthetic requests that repeat an earlier one (its media and prompt)")
     group.add_argument("--request-timeout", type=float, default=120.0, help="deadline of each request, seconds")
+    connection.add_arguments(group)  # TLS and the bearer token, as `mmserve generate`
 
 
 class _Shared:
@@ -58,6 +59,7 @@ def setup(environment, **_kwargs) -> None:
     try:
         if options.rate <= 0 or options.request_timeout <= 0:
             raise ValueError("--rate and --request-timeout must be positive")
+        MmserveUser.connection = connection.from_args(options)  # files read once per process, before any user
         if options.workload.startswith(TRACE_PREFIX):
             _Shared.trace = TraceSchedule(workloads.load_trace(options.workload[len(TRACE_PREFIX):]))
             return

@@ -1,6 +1,7 @@
 """`make load`: runs Locust headless against a running stack, then writes the CSVs, a plot and a summary.
 
     python loadtest/run.py --addr 127.0.0.1:50051 --duration 60s --rate 2 --workload mixed --out loadtest/out
+    python loadtest/run.py --addr router.example.com:50051 --tls-ca-file certs/ca.pem --token-file token.txt
 
 Exit code 0 when the run completed and at least one request succeeded (failures are reported, not fatal).
 """
@@ -17,7 +18,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: make `loadtest` importable
 
-from loadtest import report, workloads  # noqa: E402
+from loadtest import connection, report, workloads  # noqa: E402
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 TRACE_PREFIX = "trace:"
@@ -41,8 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the router to answer")
     p.add_argument("--stop-timeout", type=int, default=30,
                    help="seconds requests in flight at the end may take to finish (later ones are not counted)")
+    connection.add_arguments(p)  # TLS and the bearer token, as `mmserve generate`
     args = p.parse_args(argv)
     try:
+        args.connection = connection.from_args(args)
         args.duration_s = report.parse_duration(args.duration)
         if args.duration_s < 1 or args.rate <= 0 or args.max_tokens < 1 or args.users < 0:
             raise ValueError("--duration, --rate and --max-tokens must be positive")
@@ -66,14 +69,14 @@ def locust_command(args: argparse.Namespace, prefix: pathlib.Path) -> list[str]:
             "--csv", str(prefix), "--csv-full-history", "--html", f"{prefix}.html",
             "--workload", args.workload, "--rate", str(args.rate), "--max-tokens", str(args.max_tokens),
             "--arrivals", args.arrivals, "--cache-hit-ratio", str(args.cache_hit_ratio),
-            "--request-timeout", str(args.request_timeout)]
+            "--request-timeout", str(args.request_timeout), *connection.forwarded(args)]
 
 
-def wait_ready(addr: str, timeout_s: float) -> bool:
-    """Whether a gRPC channel to addr connects within timeout_s."""
+def wait_ready(addr: str, timeout_s: float, via: connection.Connection) -> bool:
+    """Whether a gRPC channel to addr (TLS when via says so) connects within timeout_s."""
     import grpc
 
-    with grpc.insecure_channel(addr) as channel:
+    with via.channel(addr, 4 * 1024 * 1024) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
             return True
@@ -86,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / args.csv
-    if not wait_ready(args.addr, args.connect_timeout):
-        print(f"load: no gRPC server answers on {args.addr} (start one with `mmserve up`)", file=sys.stderr)
+    if not wait_ready(args.addr, args.connect_timeout, args.connection):
+        how = "over TLS " if args.connection.client_tls else ""
+        print(f"load: no gRPC server answers {how}on {args.addr} (start one with `mmserve up`)", file=sys.stderr)
         return 2
     pace = ("at the trace's offsets" if args.workload.startswith(TRACE_PREFIX)
             else f"at {args.rate:g} req/s ({args.arrivals})")
