@@ -31,6 +31,7 @@ async def build_router(config: RouterConfig) -> Role:
     pools = build_pools(config)
     decoders, encoders, llms = pools
     controller = Controller(decoders, encoders, llms, policy=config.policy, headroom=config.admission_headroom,
+                            target=config.admission_target,
                             defaults=SloDefaults(video=Slo(config.slo_ttft_ms_video, config.slo_tpot_ms),
                                                  image=Slo(config.slo_ttft_ms_image, config.slo_tpot_ms),
                                                  text=Slo(config.slo_ttft_ms_text, config.slo_tpot_ms)))

@@ -6,7 +6,8 @@ import dataclasses
 
 from services.router import metrics
 from services.router.costs import MediaShape
-from services.router.policy import Backlog, Decision, Prediction, Slo, SloDefaults, StageTimes, decide
+from services.router.policy import (AdaptiveHeadroom, Backlog, Decision, Prediction, Slo, SloDefaults, StageTimes,
+                                    decide)
 from services.router.replicas import ReplicaPool
 
 _MERGE = 4  # vision patches per LLM token (2 × 2 spatial merge)
@@ -36,14 +37,19 @@ class Controller:
     machine, or across a stall) would refuse everything forever and never see the evidence against it. When
     nothing is in flight and nothing was admitted for probe_after_s, the next request is admitted anyway as
     a probe: it disturbs nobody, and what it measures corrects the models (or confirms them).
+
+    The headroom adapts to the outcomes (AdaptiveHeadroom): per request class for TTFT, one for TPOT (the
+    llm's batch is shared by every class), so that `target` of the admitted requests meet their SLO.
     """
 
     def __init__(self, decoders: ReplicaPool, encoders: ReplicaPool, llms: ReplicaPool, *,
-                 defaults: SloDefaults, policy: str, headroom: float, probe_after_s: float = 5.0):
+                 defaults: SloDefaults, policy: str, headroom: float, target: float = 0.95,
+                 probe_after_s: float = 5.0):
         self.pools = {"decoder": decoders, "encoder": encoders, "llm": llms}
         self.defaults = defaults
         self.policy = policy
-        self.headroom = headroom
+        self.ttft_headroom = {cls: AdaptiveHeadroom(headroom, target) for cls in ("video", "image", "text")}
+        self.tpot_headroom = AdaptiveHeadroom(headroom, target)
         self.probe_after_s = probe_after_s
         self.backlogs = {stage: Backlog() for stage in self.pools}
         self._last_admitted = float("-inf")
@@ -55,7 +61,8 @@ class Controller:
         deadline = now + slo.ttft_ms / 1e3
         prediction = self.predict(shapes, prompt_tokens, deadline)
         decision = (Decision(True) if self.policy == "fcfs" else
-                    decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom))
+                    decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.ttft_headroom[cls].value,
+                           tpot_headroom=self.tpot_headroom.value))
         if not decision.admit and self._idle() and now - self._last_admitted > self.probe_after_s:
             decision = Decision(True, "probe")
             metrics.PROBES.labels(cls).inc()
@@ -74,6 +81,14 @@ class Controller:
         if (job := ticket.jobs.pop(stage, None)) is not None:
             self.backlogs[stage].remove(job)
             self._report()
+
+    def record(self, ticket: Ticket, ttft_ms: float, tpot_ms: float) -> None:
+        """A completed request's outcome moves the headrooms (probes were expected to miss: they do not)."""
+        if ticket.decision.reason != "probe":
+            self.ttft_headroom[ticket.cls].observe(ttft_ms <= ticket.slo.ttft_ms)
+            self.tpot_headroom.observe(tpot_ms <= ticket.slo.tpot_ms)
+            metrics.HEADROOM.labels(f"ttft_{ticket.cls}").set(self.ttft_headroom[ticket.cls].value)
+            metrics.HEADROOM.labels("tpot").set(self.tpot_headroom.value)
 
     def release(self, ticket: Ticket) -> None:
         for stage in list(ticket.jobs):

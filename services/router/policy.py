@@ -62,14 +62,15 @@ class Decision:
 
 
 def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: float = 1.0,
-           min_frame_scale: float = 0.125) -> Decision:
+           tpot_headroom: float | None = None, min_frame_scale: float = 0.125) -> Decision:
     """Admit when the request can meet its TTFT and TPOT targets if started now; else refuse or degrade.
 
+    The predictions must fit within headroom times the targets (tpot_headroom for TPOT, headroom if None).
     A refused request gets a retry hint: how long until the backlog ahead of it has drained enough.
     A request that accepts degradation keeps fewer video frames, which shrinks decode and encode.
     """
     budget = slo.ttft_ms * headroom
-    if prediction.step_ms > slo.tpot_ms * headroom:
+    if prediction.step_ms > slo.tpot_ms * (headroom if tpot_headroom is None else tpot_headroom):
         return Decision(False, f"predicted time per token {prediction.step_ms:.0f} ms exceeds the "
                                f"{slo.tpot_ms:.0f} ms target", retry_after_ms=_retry_ms(prediction.llm.wait_ms))
     if prediction.ttft_ms <= budget:
@@ -82,6 +83,25 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
     over = prediction.ttft_ms - budget
     return Decision(False, f"predicted time to first token {prediction.ttft_ms:.0f} ms exceeds the "
                            f"{slo.ttft_ms:.0f} ms target", retry_after_ms=_retry_ms(over))
+
+
+class AdaptiveHeadroom:
+    """A headroom that settles where a target share of the admitted requests meet their SLO.
+
+    Predictions are biased in ways no cost model sees (processes sharing cores, requests admitted later
+    slowing the earlier ones down), so admitting right up to the target makes about half the borderline
+    requests miss. The router knows every outcome: each miss shrinks the headroom by `step`, each success
+    grows it by a factor chosen so that the two balance when exactly 1 - target of the requests miss.
+    It never exceeds ceiling (the configured headroom) nor falls below floor.
+    """
+
+    def __init__(self, ceiling: float, target: float, *, step: float = 0.9, floor: float = 0.1):
+        self.ceiling, self.floor, self.step = ceiling, min(floor, ceiling), step
+        self.grow = step ** (-(1 - target) / target)  # miss share 1 - target: step^m · grow^(1-m) = 1
+        self.value = ceiling
+
+    def observe(self, met: bool) -> None:
+        self.value = min(self.ceiling, max(self.floor, self.value * (self.grow if met else self.step)))
 
 
 def _retry_ms(ms: float) -> float:

@@ -9,8 +9,8 @@ import pytest
 
 from services.router.admission import Controller
 from services.router.costs import CostSeeds, DecodeCost, LlmCosts, MediaShape, OnlineLinear, ShapeEstimator, TokenCost
-from services.router.policy import (Backlog, Prediction, SlackQueue, Slo, SloDefaults, StageTimes, decide,
-                                    degraded_frames)
+from services.router.policy import (AdaptiveHeadroom, Backlog, Prediction, SlackQueue, Slo, SloDefaults, StageTimes,
+                                    decide, degraded_frames)
 from services.router.replicas import NoReplicaError, Replica, ReplicaPool
 
 
@@ -303,3 +303,30 @@ def test_a_busy_stack_never_probes():
     controller.pools["llm"].replicas["r0"].num_in_flight = 1  # e.g. a request admitted before the model soured
     assert not any(controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=t).decision.admit
                    for t in (100.0, 200.0, 300.0))
+
+
+def test_adaptive_headroom_settles_where_the_target_share_meets_the_slo():
+    headroom = AdaptiveHeadroom(1.0, target=0.95)
+    for _ in range(50):
+        headroom.observe(False)
+    assert headroom.value == pytest.approx(0.1)  # the floor
+    for _ in range(2000):
+        headroom.observe(True)
+    assert headroom.value == 1.0  # never above the configured headroom
+    headroom.value = 0.5
+    for i in range(4000):  # exactly 1 - target of them miss: no drift either way
+        headroom.observe(i % 20 != 0)
+    assert headroom.value == pytest.approx(0.5, rel=0.1)
+
+
+def test_misses_of_a_class_tighten_its_admission_only():
+    controller = make_controller(step_ms=1.0)
+    admit = lambda kinds, ttft: controller.admit(kinds, [], 2000, ttft_ms=ttft, tpot_ms=0,  # noqa: E731
+                                                 allow_degrade=False, now=100.0)
+    controller.pools["llm"].replicas["r0"].num_in_flight = 1  # busy: no probes
+    ticket = admit([], 1000)  # text, predicted prefill 5 + 0.05 × 2000 = 105 ms against 1000 ms
+    assert ticket.decision.admit
+    for _ in range(25):
+        controller.record(ticket, ttft_ms=5000, tpot_ms=1)  # its class keeps missing
+    assert not admit([], 1000).decision.admit  # 105 ms no longer fits in the shrunk share of 1000 ms
+    assert admit(["image"], 1000).decision.admit  # other classes keep their headroom
