@@ -35,8 +35,9 @@ class Controller:
 
     The cost models learn only from admitted work, so a model that came out too pessimistic (fitted on a busy
     machine, or across a stall) would refuse everything forever and never see the evidence against it. When
-    nothing is in flight and nothing was admitted for probe_after_s, the next request is admitted anyway as
-    a probe: it disturbs nobody, and what it measures corrects the models (or confirms them).
+    nothing is in flight and nothing was admitted for probe_after_s, the next request predicted to miss by
+    less than probe_max_ratio is admitted anyway as a probe: it disturbs nobody, and what it measures
+    corrects the models (or confirms them). One that misses by more (a 1 ms target) is refused even then.
 
     The headroom adapts to the outcomes (AdaptiveHeadroom): per request class for TTFT, one for TPOT (the
     llm's batch is shared by every class), so that `target` of the admitted requests meet their SLO.
@@ -44,13 +45,14 @@ class Controller:
 
     def __init__(self, decoders: ReplicaPool, encoders: ReplicaPool, llms: ReplicaPool, *,
                  defaults: SloDefaults, policy: str, headroom: float, target: float = 0.95,
-                 probe_after_s: float = 5.0):
+                 probe_after_s: float = 5.0, probe_max_ratio: float = 4.0):
         self.pools = {"decoder": decoders, "encoder": encoders, "llm": llms}
         self.defaults = defaults
         self.policy = policy
         self.ttft_headroom = {cls: AdaptiveHeadroom(headroom, target) for cls in ("video", "image", "text")}
         self.tpot_headroom = AdaptiveHeadroom(headroom, target)
         self.probe_after_s = probe_after_s
+        self.probe_max_ratio = probe_max_ratio
         self.backlogs = {stage: Backlog() for stage in self.pools}
         self._last_admitted = float("-inf")
 
@@ -63,7 +65,9 @@ class Controller:
         decision = (Decision(True) if self.policy == "fcfs" else
                     decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.ttft_headroom[cls].value,
                            tpot_headroom=self.tpot_headroom.value))
-        if not decision.admit and self._idle() and now - self._last_admitted > self.probe_after_s:
+        miss_ratio = max(prediction.ttft_ms / slo.ttft_ms, prediction.step_ms / slo.tpot_ms)
+        if (not decision.admit and miss_ratio <= self.probe_max_ratio and self._idle()
+                and now - self._last_admitted > self.probe_after_s):
             decision = Decision(True, "probe")
             metrics.PROBES.labels(cls).inc()
         ticket = Ticket(cls, slo, deadline, prediction, decision)

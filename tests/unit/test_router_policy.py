@@ -288,7 +288,7 @@ def make_controller(step_ms: float, probe_after_s: float = 5.0) -> Controller:
 
 
 def test_an_idle_stack_that_refuses_everything_admits_one_probe_per_probe_after_s():
-    controller = make_controller(step_ms=500.0)  # a pessimistic model: every request misses its TPOT
+    controller = make_controller(step_ms=300.0)  # a pessimistic model: every request misses its TPOT
     admit = lambda now: controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=now)  # noqa: E731
     probe = admit(100.0)
     assert probe.decision.admit and probe.decision.reason == "probe"
@@ -298,8 +298,13 @@ def test_an_idle_stack_that_refuses_everything_admits_one_probe_per_probe_after_
     assert admit(105.5).decision.admit  # idle and probe_after_s later: the next probe
 
 
+def test_no_probe_for_a_request_that_would_miss_by_far():
+    controller = make_controller(step_ms=1000.0)  # ten times its 100 ms target
+    assert not controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=100.0).decision.admit
+
+
 def test_a_busy_stack_never_probes():
-    controller = make_controller(step_ms=500.0)
+    controller = make_controller(step_ms=300.0)
     controller.pools["llm"].replicas["r0"].num_in_flight = 1  # e.g. a request admitted before the model soured
     assert not any(controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=t).decision.admit
                    for t in (100.0, 200.0, 300.0))
