@@ -1,14 +1,17 @@
 """Overload benchmark: at 3× the measured capacity, do the requests the router admits still meet their SLO?
 
-    python benchmarks/overload.py [--requests 60] [--factor 3]
+    python benchmarks/overload.py [--preset small] [--variants 32] [--duration-s 30] [--factor 3] [--capacity X]
 
-Starts the real stack (separate processes, tiny model, a private redis-server), calibrates SLO targets from
-lone requests of each class (as slo.py does), then measures capacity: completed requests per second of the
-mixed trace in a closed loop, doubling the clients until that stops rising. It then replays the same kind of
-trace with Poisson arrivals at factor × capacity with the SLO-aware router (admission control, bounded
-queues), the same with --admission-headroom 0.5 (refuse when the predicted TTFT exceeds half the target), and
---policy fcfs (everything admitted, arrival order) as the baseline, each on a fresh stack and cache. Admitted requests are those not refused with RESOURCE_EXHAUSTED; their attainment is the
-share that met both TTFT and TPOT targets. Last line: admitted_attainment_3x=X (the SLO-aware router's).
+On a stack of its own (separate processes, a random-weight model of --preset's size, a private
+redis-server) it calibrates SLO targets from lone requests of each class (as slo.py does) and measures
+capacity: completed requests per second of the mixed trace in a closed loop, doubling the clients until
+that stops rising (a throughput ceiling, far past where latencies meet any SLO). It then replays a trace of
+duration-s with Poisson arrivals at factor × capacity against fresh stacks, each warmed up by a few lone
+requests: the SLO-aware router (admission control with its adaptive headroom, bounded queues), the same
+with --admission-headroom 0.5, and --policy fcfs (everything admitted, arrival order; only the bounded
+queues refuse). Admitted requests are those not refused with RESOURCE_EXHAUSTED; their attainment is the
+share that met both TTFT and TPOT targets; goodput is requests per second that met them.
+Last line: admitted_attainment_3x=X (the SLO-aware router's).
 """
 
 from __future__ import annotations
@@ -51,14 +54,14 @@ async def capacity(address: str, trace: list[str], media, slo, max_tokens: int, 
         return completed / (time.perf_counter() - start)
 
 
-async def saturated_capacity(address: str, mix: list[float], slo, max_tokens: int) -> float:
+async def saturated_capacity(address: str, mix: list[float], slo, max_tokens: int, variants: int) -> float:
     """The throughput once more clients no longer raise it: 4, 8, 16, ... closed-loop clients, 6 requests each,
     until a doubling adds less than 10 % (a closed loop with too few clients measures the clients, not the stack).
     """
     best = 0.0
     for num_clients in (4, 8, 16, 32, 64, 128):
-        rate = await capacity(address, make_trace(6 * num_clients, mix, seed=num_clients), make_media(seed=1), slo,
-                              max_tokens, num_clients)
+        rate = await capacity(address, make_trace(6 * num_clients, mix, seed=num_clients),
+                              make_media(variants, seed=1), slo, max_tokens, num_clients)
         print(f"  {num_clients} clients: {rate:.2f} req/s", file=sys.stderr)
         if rate < 1.1 * best:
             return max(best, rate)
@@ -70,6 +73,7 @@ def summary(outcomes, slo) -> dict[str, float]:
     """Refusal share, attainment of the admitted requests, TTFT quantiles of those that completed."""
     admitted = [o for o in outcomes if o.code != "RESOURCE_EXHAUSTED"]
     ok = [o.ttft_ms for o in admitted if o.code == "OK"]
+    late = [o for o in admitted if o.code == "OK" and not met(o, slo)]
     return {"refused": 1 - len(admitted) / len(outcomes),
             "admitted_attainment": sum(met(o, slo) for o in admitted) / len(admitted) if admitted else 0.0,
             "errors": sum(o.code != "OK" for o in admitted) / len(outcomes),
@@ -77,7 +81,11 @@ def summary(outcomes, slo) -> dict[str, float]:
             "late_ttft": sum(o.code == "OK" and o.ttft_ms > slo[o.cls] for o in admitted) / max(1, len(admitted)),
             "late_tpot": sum(o.code == "OK" and o.ttft_ms <= slo[o.cls] and o.tpot_ms > slo["tpot"]
                              for o in admitted) / max(1, len(admitted)),
-            "p50_ttft": _percentile(ok, 50), "p99_ttft": _percentile(ok, 99)}
+            "p50_ttft": _percentile(ok, 50), "p99_ttft": _percentile(ok, 99),
+            # Where the late ones' time went (medians of the router's timings, ms).
+            "late_stages": {k: statistics.median(o.stages.get(k, 0.0) for o in late)
+                            for k in ("media_wait_ms", "decode_ms", "encode_ms", "queue_ms", "prefill_ms", "ttft_ms",
+                                      "tpot_ms")} if late else {}}
 
 
 def _percentile(values: list[float], p: int) -> float:
@@ -86,49 +94,61 @@ def _percentile(values: list[float], p: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=600, help="requests of the overload trace")
+    parser.add_argument("--duration-s", type=float, default=30.0, help="length of the overload trace")
     parser.add_argument("--factor", type=float, default=3.0, help="offered rate = factor × measured capacity")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor × lone-request latency")
     parser.add_argument("--slo-floor-ms", type=float, default=100.0)
     parser.add_argument("--mix", default="0.3,0.3,0.4", help="fractions of video, image and text requests")
+    parser.add_argument("--preset", default="tiny", help="model size (mmserve tiny-model --preset)")
+    parser.add_argument("--variants", type=int, default=8, help="distinct media per class (fewer: more cache hits)")
+    parser.add_argument("--capacity", type=float, default=0.0, help="req/s: skip measuring it (0: measure)")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="mmserve-overload-")
-    model = str(build_tiny_model(pathlib.Path(workdir) / "model", seed=0))
+    model = str(build_tiny_model(pathlib.Path(workdir) / "model", seed=0, preset=args.preset))
     mix = [float(x) for x in args.mix.split(",")]
-    trace = make_trace(args.requests, mix, seed=1)
-    results, slo, rate, measured = {}, None, 0.0, 0.0
+    # Calibration and capacity on a stack of their own: what a saturated closed loop teaches a router's cost
+    # models must not carry into the runs compared (each starts fresh and warms up like a new deployment).
+    redis, redis_url = start_redis(workdir)
+    stack, address = start_stack(model, redis_url)
+    try:
+        lone = asyncio.run(lone_latencies(address, make_media(seed=0), args.max_tokens))
+        slo = slo_targets(lone, args.slo_factor, args.slo_floor_ms)
+        print("SLO targets (ms): " + ", ".join(f"{k}={v:.0f}" for k, v in slo.items()), file=sys.stderr)
+        # Media like the overload trace's (as many variants, so as many cache hits), but other bytes.
+        measured = args.capacity or asyncio.run(saturated_capacity(address, mix, slo, args.max_tokens,
+                                                                   args.variants))
+    finally:
+        stack.stop()
+        redis.stop()
+    rate = args.factor * measured
+    num_requests = int(rate * args.duration_s)
+    print(f"capacity {measured:.2f} req/s; offering {rate:.2f} req/s, {num_requests} requests", file=sys.stderr)
+    trace = make_trace(num_requests, mix, seed=1)
+    results = {}
     systems = {"slo": ("--policy", "slo"), "slo-h0.5": ("--policy", "slo", "--admission-headroom", "0.5"),
                "fcfs": ("--policy", "fcfs")}
     for policy, router_args in systems.items():
         redis, redis_url = start_redis(workdir)
         stack, address = start_stack(model, redis_url, router_args)
         try:
-            if slo is None:
-                lone = asyncio.run(lone_latencies(address, make_media(seed=0), args.max_tokens))
-                slo = slo_targets(lone, args.slo_factor, args.slo_floor_ms)
-                print("SLO targets (ms): " + ", ".join(f"{k}={v:.0f}" for k, v in slo.items()), file=sys.stderr)
-                # Media like the overload trace's (as many variants, so as many cache hits), but other bytes:
-                # the router's in-process cache must not carry them into the replay.
-                measured = asyncio.run(saturated_capacity(address, mix, slo, args.max_tokens))
-                rate = args.factor * measured
-                print(f"capacity {measured:.2f} req/s; offering {rate:.2f} req/s", file=sys.stderr)
+            asyncio.run(lone_latencies(address, make_media(seed=0), args.max_tokens))  # a new deployment's first
             flush(redis_url)
-            outcomes, _ = asyncio.run(replay(address, rate, trace, make_media(seed=2), slo, args.max_tokens,
-                                             seed=3, salt=f"overload-{policy}"))
-            results[policy] = summary(outcomes, slo)
+            outcomes, wall = asyncio.run(replay(address, rate, trace, make_media(args.variants, seed=2), slo,
+                                                args.max_tokens, seed=3, salt=f"overload-{policy}"))
+            results[policy] = summary(outcomes, slo) | {"goodput": sum(met(o, slo) for o in outcomes) / wall}
             print(f"{policy}: {results[policy]}; failures: {failures(outcomes)}", file=sys.stderr)
         finally:
             stack.stop()
             redis.stop()
 
-    print(f"capacity {measured:.2f} req/s, offered {rate:.2f} req/s ({args.factor:g}x), {args.requests} requests")
+    print(f"capacity {measured:.2f} req/s, offered {rate:.2f} req/s ({args.factor:g}x), {num_requests} requests")
     print(f"{'router':<9}{'refused':>9}{'admitted attain':>17}{'late ttft':>11}{'late tpot':>11}{'errors':>8}"
-          f"{'p50 ttft ms':>13}{'p99 ttft ms':>13}")
+          f"{'goodput':>9}{'p50 ttft ms':>13}{'p99 ttft ms':>13}")
     for policy, r in results.items():
         print(f"{policy:<9}{r['refused']:>9.2f}{r['admitted_attainment']:>17.2f}{r['late_ttft']:>11.2f}"
-              f"{r['late_tpot']:>11.2f}{r['errors']:>8.2f}"
+              f"{r['late_tpot']:>11.2f}{r['errors']:>8.2f}{r['goodput']:>9.2f}"
               f"{r['p50_ttft']:>13.0f}{r['p99_ttft']:>13.0f}")
     print(f"admitted_attainment_{args.factor:g}x={results['slo']['admitted_attainment']:.2f}")
 

@@ -29,6 +29,7 @@ class Outcome:
     ttft_ms: float = 0.0
     tpot_ms: float = 0.0
     detail: str = ""  # the status message of a failed request
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # the router's timings (ms) of a completed one
 
 
 def make_media(num_variants: int = 8, seed: int = 0) -> Media:
@@ -62,16 +63,19 @@ async def run_one(stub, cls: str, request: api_pb2.GenerateRequest, timeout_s: f
     start = time.perf_counter()
     first = None
     tokens = 0
+    stages = {}
     try:
         async for reply in stub.Generate(request, timeout=timeout_s):
             if reply.WhichOneof("event") == "delta" and reply.delta.token_ids:
                 first = first or time.perf_counter()
                 tokens += len(reply.delta.token_ids)
+            elif reply.WhichOneof("event") == "final":
+                stages = {f.name: v for f, v in reply.final.timings.ListFields()}
         end = time.perf_counter()
     except grpc.aio.AioRpcError as err:
         return Outcome(cls, err.code().name, detail=err.details() or "")
     ttft = ((first or end) - start) * 1e3
-    return Outcome(cls, "OK", ttft, (end - first) * 1e3 / max(1, tokens - 1) if first else 0.0)
+    return Outcome(cls, "OK", ttft, (end - first) * 1e3 / max(1, tokens - 1) if first else 0.0, stages=stages)
 
 
 def met(o: Outcome, slo: dict[str, float]) -> bool:
@@ -167,6 +171,11 @@ def summarize(outcomes: list[Outcome], slo, wall_s: float) -> dict[str, float]:
             "p90_ttft": _quantile([o.ttft_ms for o in ok], 10),
             "p90_ttft_text": _quantile([o.ttft_ms for o in ok if o.cls == "text"], 10),
             "p90_ttft_image": _quantile([o.ttft_ms for o in ok if o.cls == "image"], 10)}
+
+
+def highest_rate(by_rate: dict[float, dict[str, float]], threshold: float = 0.9) -> float:
+    """The highest offered rate with at least threshold attainment (0 when none)."""
+    return max((rate for rate, r in by_rate.items() if r["attainment"] >= threshold), default=0.0)
 
 
 def failures(outcomes: list[Outcome]) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 
 from services.router import metrics
 from services.router.costs import MediaShape
-from services.router.policy import (AdaptiveHeadroom, Backlog, Decision, Prediction, Slo, SloDefaults, StageTimes,
+from services.router.policy import (Backlog, Calibration, Decision, Prediction, Slo, SloDefaults, StageTimes,
                                     decide)
 from services.router.replicas import ReplicaPool
 
@@ -39,8 +39,8 @@ class Controller:
     less than probe_max_ratio is admitted anyway as a probe: it disturbs nobody, and what it measures
     corrects the models (or confirms them). One that misses by more (a 1 ms target) is refused even then.
 
-    The headroom adapts to the outcomes (AdaptiveHeadroom): per request class for TTFT, one for TPOT (the
-    llm's batch is shared by every class), so that `target` of the admitted requests meet their SLO.
+    Predictions are calibrated by their outcomes (Calibration): per request class for TTFT, one for TPOT
+    (the llm's batch is shared by every class), so that `target` of the admitted requests meet their SLO.
     """
 
     def __init__(self, decoders: ReplicaPool, encoders: ReplicaPool, llms: ReplicaPool, *,
@@ -49,8 +49,9 @@ class Controller:
         self.pools = {"decoder": decoders, "encoder": encoders, "llm": llms}
         self.defaults = defaults
         self.policy = policy
-        self.ttft_headroom = {cls: AdaptiveHeadroom(headroom, target) for cls in ("video", "image", "text")}
-        self.tpot_headroom = AdaptiveHeadroom(headroom, target)
+        self.headroom = headroom
+        self.ttft_calibration = {cls: Calibration(target) for cls in ("video", "image", "text")}
+        self.tpot_calibration = Calibration(target)
         self.probe_after_s = probe_after_s
         self.probe_max_ratio = probe_max_ratio
         self.backlogs = {stage: Backlog() for stage in self.pools}
@@ -63,8 +64,8 @@ class Controller:
         deadline = now + slo.ttft_ms / 1e3
         prediction = self.predict(shapes, prompt_tokens, deadline)
         decision = (Decision(True) if self.policy == "fcfs" else
-                    decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.ttft_headroom[cls].value,
-                           tpot_headroom=self.tpot_headroom.value))
+                    decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom,
+                           ttft_scale=self.ttft_calibration[cls].scale, tpot_scale=self.tpot_calibration.scale))
         miss_ratio = max(prediction.ttft_ms / slo.ttft_ms, prediction.step_ms / slo.tpot_ms)
         if (not decision.admit and miss_ratio <= self.probe_max_ratio and self._idle()
                 and now - self._last_admitted > self.probe_after_s):
@@ -87,12 +88,13 @@ class Controller:
             self._report()
 
     def record(self, ticket: Ticket, ttft_ms: float, tpot_ms: float) -> None:
-        """A completed request's outcome moves the headrooms (probes were expected to miss: they do not)."""
-        if ticket.decision.reason != "probe":
-            self.ttft_headroom[ticket.cls].observe(ttft_ms <= ticket.slo.ttft_ms)
-            self.tpot_headroom.observe(tpot_ms <= ticket.slo.tpot_ms)
-            metrics.HEADROOM.labels(f"ttft_{ticket.cls}").set(self.ttft_headroom[ticket.cls].value)
-            metrics.HEADROOM.labels("tpot").set(self.tpot_headroom.value)
+        """A completed request's timings against what was predicted for it, to calibrate the next predictions."""
+        calibration = self.ttft_calibration[ticket.cls]
+        calibration.observe(ticket.prediction.ttft_ms, ttft_ms)
+        metrics.PREDICTION_SCALE.labels(f"ttft_{ticket.cls}").set(calibration.scale)
+        if tpot_ms > 0:  # one token has no time per token
+            self.tpot_calibration.observe(ticket.prediction.step_ms, tpot_ms)
+            metrics.PREDICTION_SCALE.labels("tpot").set(self.tpot_calibration.scale)
 
     def release(self, ticket: Ticket) -> None:
         for stage in list(ticket.jobs):

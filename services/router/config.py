@@ -34,10 +34,10 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     slo_ttft_ms_image: float = option(3000.0, "default time-to-first-token target of requests with images")
     slo_ttft_ms_text: float = option(1000.0, "default time-to-first-token target of text-only requests")
     slo_tpot_ms: float = option(200.0, "default time-per-output-token target")
-    admission_headroom: float = option(1.0, "refuse a request whose predicted TTFT (or time per token) exceeds this "
-                                            "times its target, at most: the share shrinks while admitted requests miss")
-    admission_target: float = option(0.95, "share of admitted requests that should meet their SLO; the admission "
-                                           "headroom adapts to keep it")
+    admission_headroom: float = option(1.0, "refuse a request whose calibrated predicted TTFT (or time per token) "
+                                            "exceeds this times its target")
+    admission_target: float = option(0.95, "share of admitted requests that should meet their SLO: predictions are "
+                                           "scaled by this quantile of actual / predicted")
     decoder_max_in_flight: int = option(2, "decode calls one decoder replica gets at once (slo policy)")
     encoder_max_in_flight: int = option(4, "encode calls one encoder replica gets at once (slo policy)")
     stage_attempts: int = option(3, "tries of a stage on different replicas when one is unavailable")

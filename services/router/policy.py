@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -61,16 +62,16 @@ class Decision:
     frame_scale: float = 1.0
 
 
-def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: float = 1.0,
-           tpot_headroom: float | None = None, min_frame_scale: float = 0.125) -> Decision:
+def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: float = 1.0, ttft_scale: float = 1.0,
+           tpot_scale: float = 1.0, min_frame_scale: float = 0.125) -> Decision:
     """Admit when the request can meet its TTFT and TPOT targets if started now; else refuse or degrade.
 
-    The predictions must fit within headroom times the targets (tpot_headroom for TPOT, headroom if None).
+    The predictions, times their scales (Calibration), must fit within headroom times the targets.
     A refused request gets a retry hint: how long until the backlog ahead of it has drained enough.
     A request that accepts degradation keeps fewer video frames, which shrinks decode and encode.
     """
-    budget = slo.ttft_ms * headroom
-    if prediction.step_ms > slo.tpot_ms * (headroom if tpot_headroom is None else tpot_headroom):
+    budget = slo.ttft_ms * headroom / ttft_scale  # in the predictions' own (uncalibrated) milliseconds
+    if prediction.step_ms * tpot_scale > slo.tpot_ms * headroom:
         return Decision(False, f"predicted time per token {prediction.step_ms:.0f} ms exceeds the "
                                f"{slo.tpot_ms:.0f} ms target", retry_after_ms=_retry_ms(prediction.llm.wait_ms))
     if prediction.ttft_ms <= budget:
@@ -85,23 +86,29 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
                            f"{slo.ttft_ms:.0f} ms target", retry_after_ms=_retry_ms(over))
 
 
-class AdaptiveHeadroom:
-    """A headroom that settles where a target share of the admitted requests meet their SLO.
+class Calibration:
+    """How far off one kind of prediction turned out: the target-quantile of actual / predicted.
 
     Predictions are biased in ways no cost model sees (processes sharing cores, requests admitted later
-    slowing the earlier ones down), so admitting right up to the target makes about half the borderline
-    requests miss. The router knows every outcome: each miss shrinks the headroom by `step`, each success
-    grows it by a factor chosen so that the two balance when exactly 1 - target of the requests miss.
-    It never exceeds ceiling (the configured headroom) nor falls below floor.
+    slowing the earlier ones down), so admitting right up to the target would make about half the
+    borderline requests miss. Scaling each prediction by the ratio that target of the recent admitted
+    requests stayed within makes "predicted to meet" mean "meets, target of the time". Until min_samples
+    outcomes are in, predictions are taken as they are. floor_ms keeps near-zero predictions (a cache hit)
+    from turning one slow request into a huge ratio.
     """
 
-    def __init__(self, ceiling: float, target: float, *, step: float = 0.9, floor: float = 0.1):
-        self.ceiling, self.floor, self.step = ceiling, min(floor, ceiling), step
-        self.grow = step ** (-(1 - target) / target)  # miss share 1 - target: step^m · grow^(1-m) = 1
-        self.value = ceiling
+    def __init__(self, target: float, *, window: int = 200, min_samples: int = 10, floor_ms: float = 5.0,
+                 bounds: tuple[float, float] = (0.25, 20.0)):
+        self.target, self.min_samples, self.floor_ms, self.bounds = target, min_samples, floor_ms, bounds
+        self._ratios: collections.deque[float] = collections.deque(maxlen=window)
+        self.scale = 1.0
 
-    def observe(self, met: bool) -> None:
-        self.value = min(self.ceiling, max(self.floor, self.value * (self.grow if met else self.step)))
+    def observe(self, predicted_ms: float, actual_ms: float) -> None:
+        self._ratios.append((actual_ms + self.floor_ms) / (predicted_ms + self.floor_ms))
+        if len(self._ratios) >= self.min_samples:
+            ordered = sorted(self._ratios)
+            quantile = ordered[max(0, math.ceil(self.target * len(ordered)) - 1)]  # target of them are within
+            self.scale = min(self.bounds[1], max(self.bounds[0], quantile))
 
 
 def _retry_ms(ms: float) -> float:

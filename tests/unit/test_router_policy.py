@@ -9,7 +9,7 @@ import pytest
 
 from services.router.admission import Controller
 from services.router.costs import CostSeeds, DecodeCost, LlmCosts, MediaShape, OnlineLinear, ShapeEstimator, TokenCost
-from services.router.policy import (AdaptiveHeadroom, Backlog, Prediction, SlackQueue, Slo, SloDefaults, StageTimes,
+from services.router.policy import (Backlog, Calibration, Prediction, SlackQueue, Slo, SloDefaults, StageTimes,
                                     decide, degraded_frames)
 from services.router.replicas import NoReplicaError, Replica, ReplicaPool
 
@@ -310,21 +310,20 @@ def test_a_busy_stack_never_probes():
                    for t in (100.0, 200.0, 300.0))
 
 
-def test_adaptive_headroom_settles_where_the_target_share_meets_the_slo():
-    headroom = AdaptiveHeadroom(1.0, target=0.95)
-    for _ in range(50):
-        headroom.observe(False)
-    assert headroom.value == pytest.approx(0.1)  # the floor
-    for _ in range(2000):
-        headroom.observe(True)
-    assert headroom.value == 1.0  # never above the configured headroom
-    headroom.value = 0.5
-    for i in range(4000):  # exactly 1 - target of them miss: no drift either way
-        headroom.observe(i % 20 != 0)
-    assert headroom.value == pytest.approx(0.5, rel=0.1)
+def test_calibration_scales_by_the_target_quantile_of_actual_over_predicted():
+    calibration = Calibration(0.9, floor_ms=0.0)
+    for i in range(9):
+        calibration.observe(100.0, 300.0)
+    assert calibration.scale == 1.0  # too few outcomes to say
+    for i in range(91):
+        calibration.observe(100.0, 100.0 + i)  # ratios 1.00 .. 1.90, plus the nine at 3.0
+    assert calibration.scale == pytest.approx(1.89)  # 90 of the 100 stayed within it
+    for _ in range(200):
+        calibration.observe(100.0, 50.0)  # the model turned pessimistic: admission may trust it less
+    assert calibration.scale == pytest.approx(0.5)
 
 
-def test_misses_of_a_class_tighten_its_admission_only():
+def test_a_class_whose_requests_run_late_is_admitted_against_calibrated_predictions():
     controller = make_controller(step_ms=1.0)
     admit = lambda kinds, ttft: controller.admit(kinds, [], 2000, ttft_ms=ttft, tpot_ms=0,  # noqa: E731
                                                  allow_degrade=False, now=100.0)
@@ -332,6 +331,8 @@ def test_misses_of_a_class_tighten_its_admission_only():
     ticket = admit([], 1000)  # text, predicted prefill 5 + 0.05 × 2000 = 105 ms against 1000 ms
     assert ticket.decision.admit
     for _ in range(25):
-        controller.record(ticket, ttft_ms=5000, tpot_ms=1)  # its class keeps missing
-    assert not admit([], 1000).decision.admit  # 105 ms no longer fits in the shrunk share of 1000 ms
-    assert admit(["image"], 1000).decision.admit  # other classes keep their headroom
+        controller.record(ticket, ttft_ms=2000, tpot_ms=1)  # its class takes 19 times the prediction
+    controller.release(ticket)
+    assert not admit([], 1000).decision.admit  # 105 ms × 18.2 ((2000 + 5) / (105 + 5)) no longer fits
+    assert admit([], 2000).decision.admit
+    assert admit(["image"], 1000).decision.admit  # other classes keep their own calibration
