@@ -39,8 +39,11 @@ class Controller:
     less than probe_max_ratio is admitted anyway as a probe: it disturbs nobody, and what it measures
     corrects the models (or confirms them). One that misses by more (a 1 ms target) is refused even then.
 
-    Predictions are calibrated by their outcomes (Calibration): per request class for TTFT, one for TPOT
-    (the llm's batch is shared by every class), so that `target` of the admitted requests meet their SLO.
+    Predictions are calibrated by their outcomes (Calibration) so that `target` of the admitted requests
+    meet their SLO: TTFT per request class against what admission predicted (waits included); time per
+    token against the step model at the batch the tokens were actually made in, which measures the model's
+    noise only. Against admission's own prediction it would chase itself: every request admitted later
+    makes the earlier ones' steps slower, a wider margin admits fewer, and so on down.
     """
 
     def __init__(self, decoders: ReplicaPool, encoders: ReplicaPool, llms: ReplicaPool, *,
@@ -87,14 +90,16 @@ class Controller:
             self.backlogs[stage].remove(job)
             self._report()
 
-    def record(self, ticket: Ticket, ttft_ms: float, tpot_ms: float) -> None:
-        """A completed request's timings against what was predicted for it, to calibrate the next predictions."""
+    def record_ttft(self, ticket: Ticket, ttft_ms: float) -> None:
+        """A completed request's time to first token against what admission predicted for it."""
         calibration = self.ttft_calibration[ticket.cls]
         calibration.observe(ticket.prediction.ttft_ms, ttft_ms)
         metrics.PREDICTION_SCALE.labels(f"ttft_{ticket.cls}").set(calibration.scale)
-        if tpot_ms > 0:  # one token has no time per token
-            self.tpot_calibration.observe(ticket.prediction.step_ms, tpot_ms)
-            metrics.PREDICTION_SCALE.labels("tpot").set(self.tpot_calibration.scale)
+
+    def record_step(self, predicted_ms: float, tpot_ms: float) -> None:
+        """A request's time per token against the step model's prediction for the batch it ran in."""
+        self.tpot_calibration.observe(predicted_ms, tpot_ms)
+        metrics.PREDICTION_SCALE.labels("tpot").set(self.tpot_calibration.scale)
 
     def release(self, ticket: Ticket) -> None:
         for stage in list(ticket.jobs):

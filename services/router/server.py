@@ -215,14 +215,16 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         llm.costs.prefill.observe(final.prompt_tokens, final.prefill_ms)
         if final.completion_tokens > 1 and first_token:
             tpot_ms = (time.perf_counter() - first_token) * 1e3 / (final.completion_tokens - 1)
-            llm.costs.step.observe(final.decode_batch or llm.num_in_flight, tpot_ms)
+            batch = final.decode_batch or llm.num_in_flight
+            self.controller.record_step(llm.costs.step.predict(batch), tpot_ms)  # before it learns from it
+            llm.costs.step.observe(batch, tpot_ms)
         metrics.STAGE_SECONDS.labels("prefill").observe(final.prefill_ms / 1e3)
         metrics.STAGE_SECONDS.labels("llm_queue").observe(final.queue_ms / 1e3)
 
     def _record_slo(self, ticket: Ticket, timings: api_pb2.Timings) -> None:
         metrics.TTFT_SECONDS.labels(ticket.cls).observe(timings.ttft_ms / 1e3)
         metrics.STAGE_SECONDS.labels("total").observe(timings.total_ms / 1e3)
-        self.controller.record(ticket, timings.ttft_ms, timings.tpot_ms)
+        self.controller.record_ttft(ticket, timings.ttft_ms)
         met = timings.ttft_ms <= ticket.slo.ttft_ms and timings.tpot_ms <= ticket.slo.tpot_ms
         outcome = "met" if met else "missed_ttft" if timings.ttft_ms > ticket.slo.ttft_ms else "missed_tpot"
         metrics.SLO.labels(ticket.cls, outcome).inc()

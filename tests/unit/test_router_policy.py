@@ -331,8 +331,19 @@ def test_a_class_whose_requests_run_late_is_admitted_against_calibrated_predicti
     ticket = admit([], 1000)  # text, predicted prefill 5 + 0.05 × 2000 = 105 ms against 1000 ms
     assert ticket.decision.admit
     for _ in range(25):
-        controller.record(ticket, ttft_ms=2000, tpot_ms=1)  # its class takes 19 times the prediction
+        controller.record_ttft(ticket, ttft_ms=2000)  # its class takes 19 times the prediction
     controller.release(ticket)
     assert not admit([], 1000).decision.admit  # 105 ms × 18.2 ((2000 + 5) / (105 + 5)) no longer fits
     assert admit([], 2000).decision.admit
     assert admit(["image"], 1000).decision.admit  # other classes keep their own calibration
+
+
+def test_a_noisy_step_model_tightens_the_time_per_token_gate():
+    controller = make_controller(step_ms=60.0)  # against a 100 ms target: admitted as predicted
+    controller.pools["llm"].replicas["r0"].num_in_flight = 1
+    admit = lambda: controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=100.0)  # noqa: E731
+    assert admit().decision.admit
+    for _ in range(20):
+        controller.record_step(60.0, 120.0)  # steps take twice what the model said for their batch
+    decision = admit().decision
+    assert not decision.admit and "time per token" in decision.reason
