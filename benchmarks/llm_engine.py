@@ -1,11 +1,11 @@
 """LLM engine benchmark: step efficiency vs the bare forward, throughput vs transformers, stall-free decoding.
 
-    python benchmarks/llm_engine.py [--preset tiny|qwen2.5-vl-3b-width|both] [--requests 64]
+    python benchmarks/llm_engine.py [--preset tiny|qwen2.5-vl-3b-width|both] [--requests 64] [--max-output 128]
 
 (a) decode step time at batch 1, 8, 32 against the same weights' bare forward on pre-built inputs
     (HF text model + lm_head with a pre-filled DynamicCache): efficiency = floor / engine step;
-(b) N requests of mixed prompt and output lengths: engine total time vs transformers' generate one
-    request at a time;
+(b) N requests of mixed prompt and output lengths (8-160 words, 4-max-output tokens): engine total time
+    vs transformers' generate one request at a time;
 (c) p99 time between tokens of 8 decoding requests while long prompts arrive, with chunked prefill
     (256-token budget) and without (one step takes the whole prompt).
 Last line: engine_efficiency_b32=X speedup_vs_hf=Y (the largest preset run).
@@ -87,9 +87,10 @@ def floor_step_ms(model: str, batch: int, context: int = 52, steps: int = 20) ->
     return statistics.median(times) * 1e3
 
 
-def mixed_workload(n: int, seed: int = 0) -> list[tuple[str, int]]:
+def mixed_workload(n: int, max_output: int, seed: int = 0) -> list[tuple[str, int]]:
+    """Prompts of 8-160 words and answers of 4-max_output tokens, uniformly."""
     rng = random.Random(seed)
-    return [(prompt_text(rng, rng.randint(8, 160)), rng.randint(4, 24)) for _ in range(n)]
+    return [(prompt_text(rng, rng.randint(8, 160)), rng.randint(4, max_output)) for _ in range(n)]
 
 
 async def engine_total_s(model: str, workload) -> float:
@@ -146,7 +147,7 @@ async def tbt_p99_ms(model: str, budget: int, long_words: int, num_long: int = 6
         engine.stop()
 
 
-def run_preset(preset: str, workdir: pathlib.Path, num_requests: int) -> tuple[float, float]:
+def run_preset(preset: str, workdir: pathlib.Path, num_requests: int, max_output: int) -> tuple[float, float]:
     model = str(build_tiny_model(workdir / preset, seed=0, preset=preset))
     print(f"\n== {preset} ==")
     print(f"(a) decode step, ms       {'batch':>6} {'engine':>9} {'floor':>9} {'efficiency':>11}")
@@ -156,12 +157,12 @@ def run_preset(preset: str, workdir: pathlib.Path, num_requests: int) -> tuple[f
         floor_ms = floor_step_ms(model, batch)
         efficiency[batch] = floor_ms / engine_ms
         print(f"{'':26}{batch:>6} {engine_ms:>9.2f} {floor_ms:>9.2f} {efficiency[batch]:>11.2f}")
-    workload = mixed_workload(num_requests)
+    workload = mixed_workload(num_requests, max_output)
     engine_s = asyncio.run(engine_total_s(model, workload))
     hf_s = hf_total_s(model, workload)
     speedup = hf_s / engine_s
-    print(f"(b) {num_requests} mixed requests: engine {engine_s:.1f} s, transformers one at a time {hf_s:.1f} s, "
-          f"speed-up {speedup:.1f}x")
+    print(f"(b) {num_requests} mixed requests (answers of 4-{max_output} tokens): engine {engine_s:.1f} s, "
+          f"transformers one at a time {hf_s:.1f} s, speed-up {speedup:.1f}x")
     long_words = 1500 if preset == "tiny" else 600
     chunked = asyncio.run(tbt_p99_ms(model, 256, long_words))
     whole = asyncio.run(tbt_p99_ms(model, 8192, long_words))
@@ -174,10 +175,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="both", choices=["tiny", "qwen2.5-vl-3b-width", "both"])
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-output", type=int, default=128, help="longest answer of (b), in tokens (chat answers "
+                                                                     "run to hundreds; 24 keeps the run short)")
     args = parser.parse_args()
     presets = ["tiny", "qwen2.5-vl-3b-width"] if args.preset == "both" else [args.preset]
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_preset(p, pathlib.Path(tmp), args.requests) for p in presets]
+        results = [run_preset(p, pathlib.Path(tmp), args.requests, args.max_output) for p in presets]
     efficiency, speedup = results[-1]
     print(f"engine_efficiency_b32={efficiency:.2f} speedup_vs_hf={speedup:.1f}")
 

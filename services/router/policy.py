@@ -70,20 +70,21 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
     A refused request gets a retry hint: how long until the backlog ahead of it has drained enough.
     A request that accepts degradation keeps fewer video frames, which shrinks decode and encode.
     """
-    budget = slo.ttft_ms * headroom / ttft_scale  # in the predictions' own (uncalibrated) milliseconds
-    if prediction.step_ms * tpot_scale > slo.tpot_ms * headroom:
-        return Decision(False, f"predicted time per token {prediction.step_ms:.0f} ms exceeds the "
-                               f"{slo.tpot_ms:.0f} ms target", retry_after_ms=_retry_ms(prediction.llm.wait_ms))
-    if prediction.ttft_ms <= budget:
+    budget = slo.ttft_ms * headroom
+    step_ms, ttft_ms = prediction.step_ms * tpot_scale, prediction.ttft_ms * ttft_scale
+    if step_ms > slo.tpot_ms * headroom:
+        return Decision(False, f"predicted time per token {step_ms:.0f} ms exceeds the {slo.tpot_ms:.0f} ms target",
+                        retry_after_ms=_retry_ms(prediction.llm.wait_ms * ttft_scale))
+    if ttft_ms <= budget:
         return Decision(True)
-    fixed = prediction.ttft_ms - prediction.media.work_ms
-    if allow_degrade and prediction.media.work_ms > 0 and fixed < budget:
-        scale = (budget - fixed) / prediction.media.work_ms
+    media_ms = prediction.media.work_ms * ttft_scale
+    fixed = ttft_ms - media_ms
+    if allow_degrade and media_ms > 0 and fixed < budget:
+        scale = (budget - fixed) / media_ms
         if scale >= min_frame_scale:
             return Decision(True, "degraded", frame_scale=scale)
-    over = prediction.ttft_ms - budget
-    return Decision(False, f"predicted time to first token {prediction.ttft_ms:.0f} ms exceeds the "
-                           f"{slo.ttft_ms:.0f} ms target", retry_after_ms=_retry_ms(over))
+    return Decision(False, f"predicted time to first token {ttft_ms:.0f} ms exceeds the {slo.ttft_ms:.0f} ms "
+                           "target", retry_after_ms=_retry_ms(ttft_ms - budget))
 
 
 class Calibration:
