@@ -1,10 +1,10 @@
-"""Incremental detokenisation that never emits half a UTF-8 character, and stop-string handling."""
+"""Incremental detokenisation that never emits half a UTF-8 character mid-stream, and stop-string handling."""
 
 from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of output ids into text deltas."""
+    """Turns a growing list of output ids into text deltas whose concatenation is tokenizer.decode(ids)."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         # The Rust tokenizer directly: the Python wrapper's decode costs more than the model per token.
@@ -17,26 +17,51 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""
         self.num_emitted = 0
+        self.is_stopped = False
 
     def add(self, token_id: int) -> bool:
         """Appends a token; returns True if a stop string now appears (text is cut before it)."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        prefix, full = self._decode_unread()
+        # A trailing U+FFFD may be a character whose remaining bytes are still to come.
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix):]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-        # Only the newly reachable tail can hold a new match; cut at the earliest one.
-        matches = [at for s in self.stop if (at := self.text.find(s, max(0, self.num_emitted - len(s)))) != -1]
-        if matches:
-            self.text = self.text[:min(matches)]
-            return True
-        return False
+            self._read(full[len(prefix):])
+        return self._cut_at_stop()
+
+    def finish(self) -> bool:
+        """The stream ends: takes in the held-back tail, U+FFFD and all, as tokenizer.decode would;
+        returns True if a stop string now appears (text is cut before it). Safe to call twice."""
+        if self.is_stopped or self.read_offset == len(self.ids):
+            return False
+        prefix, full = self._decode_unread()
+        self._read(full[len(prefix):])
+        return self._cut_at_stop()
 
     def delta(self, final: bool = False) -> str:
         """New text that is safe to send now (everything, when final)."""
+        if final:
+            self.finish()
         end = len(self.text) if final else max(self.num_emitted, len(self.text) - self.hold)
         out = self.text[self.num_emitted:end]
         self.num_emitted = end
         return out
+
+    def _decode_unread(self) -> tuple[str, str]:
+        """The text of the ids already read in the window, and of the whole window with the unread ones."""
+        window = self.ids[self.prefix_offset:]
+        num_read = self.read_offset - self.prefix_offset
+        return (self.tokenizer.decode(window[:num_read], skip_special_tokens=True),
+                self.tokenizer.decode(window, skip_special_tokens=True))
+
+    def _read(self, new_text: str) -> None:
+        self.text += new_text
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+
+    def _cut_at_stop(self) -> bool:
+        # Only the newly reachable tail can hold a new match; cut at the earliest one.
+        matches = [at for s in self.stop if (at := self.text.find(s, max(0, self.num_emitted - len(s)))) != -1]
+        if matches:
+            self.text = self.text[:min(matches)]
+            self.is_stopped = True
+        return bool(matches)

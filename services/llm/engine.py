@@ -224,6 +224,8 @@ class Engine:
             reason = "stop"
         elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        if reason is not None and request.detokenizer.finish():
+            reason = "stop"  # the held-back end of the text completed a stop string
         text = request.detokenizer.delta(final=reason is not None)
         self._send(request, Delta(text, [token]))
         if reason is not None:

@@ -135,3 +135,52 @@ def test_one_token_completing_two_stop_strings_cuts_at_the_earliest(tokenizer):
     deltas, stopped_at = stream(tokenizer, ids, stop=("wer", "answ"))
     assert stopped_at == 6
     assert "".join(deltas) == "Hello, world! The "
+
+
+@pytest.mark.parametrize("text", TEXTS[1:3])
+@pytest.mark.parametrize("every", [1, 3])
+def test_stream_cut_inside_a_character_ends_with_what_decode_gives(tokenizer, text, every):
+    # A stream may end (max_tokens, EOS) between the bytes of one character: the final delta carries the
+    # held-back tail as tokenizer.decode renders it, U+FFFD included, and nothing broken comes earlier.
+    ids = tokenizer.encode(text)
+    num_cut_inside = 0
+    for n in range(1, len(ids) + 1):
+        deltas, stopped_at = stream(tokenizer, ids[:n], every=every)
+        assert stopped_at is None
+        expected = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        assert "".join(deltas) == expected, f"cut after {n} tokens"
+        assert not any("\ufffd" in d for d in deltas[:-1]), f"cut after {n} tokens: {deltas!r}"
+        num_cut_inside += expected.endswith("\ufffd")
+    assert num_cut_inside > 0  # guards the test: some cuts really fall inside a character
+
+
+def test_final_delta_flushes_a_character_cut_by_the_end(tokenizer):
+    ids = tokenizer.encode("ok 🦀")
+    assert tokenizer.decode(ids[:3]) == "ok \ufffd"  # " " shares a token with the emoji's first byte
+    detok = IncrementalDetokenizer(tokenizer)
+    assert [(detok.add(t), detok.delta()) for t in ids[:3]] == [(False, "ok"), (False, ""), (False, "")]
+    assert detok.finish() is False
+    assert detok.delta(final=True) == " \ufffd"
+    assert detok.finish() is False and detok.delta(final=True) == ""
+
+
+def test_stop_string_in_the_flushed_tail_is_cut_and_reported(tokenizer):
+    # "k " is only decoded once the stream ends, because " " travels with the emoji's first byte.
+    ids = tokenizer.encode("ok 🦀")[:2]
+    detok = IncrementalDetokenizer(tokenizer, ("k ",))
+    emitted = ""
+    for token in ids:
+        assert detok.add(token) is False
+        emitted += detok.delta()
+    assert detok.finish() is True
+    assert emitted + detok.delta(final=True) == "o"
+
+
+def test_finish_after_a_stop_string_adds_nothing(tokenizer):
+    ids = tokenizer.encode("Crab 🦀 owl 🦉 sparkles")
+    detok = IncrementalDetokenizer(tokenizer, ("owl",))
+    for token in ids:
+        if detok.add(token):
+            break
+    assert detok.finish() is False
+    assert detok.delta(final=True) == "Crab 🦀 "
