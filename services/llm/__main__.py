@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from mmserve import rpc
+from mmserve.cache import EmbeddingCache
 from mmserve.roles import Role
 from mmserve.v1 import llm_pb2, llm_pb2_grpc
 from services.llm.config import LlmConfig
@@ -17,12 +18,17 @@ async def build_llm(config: LlmConfig) -> Role:
     engine = Engine(config)
     engine.start()
     service = rpc.Service(config, [llm_pb2.DESCRIPTOR.services_by_name["Llm"].full_name])
-    llm_pb2_grpc.add_LlmServicer_to_server(LlmServicer(engine), service.server)
+    cache = EmbeddingCache.from_options(config)
+    llm_pb2_grpc.add_LlmServicer_to_server(LlmServicer(engine, cache), service.server)
 
-    async def stop_engine() -> None:
-        await asyncio.to_thread(engine.stop)
+    async def stop() -> None:
+        try:
+            await asyncio.to_thread(engine.stop)
+        finally:
+            if cache is not None:
+                await cache.close()
 
-    return Role(service, on_stop=stop_engine)
+    return Role(service, on_stop=stop)
 
 
 async def run_llm_process(config: LlmConfig) -> None:

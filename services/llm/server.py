@@ -71,9 +71,9 @@ def messages_from_proto(messages, embeddings: list) -> list[ChatMessage]:
 
 
 class LlmServicer(llm_pb2_grpc.LlmServicer):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, cache: EmbeddingCache | None):
         self.engine = engine
-        self.cache = EmbeddingCache.from_options(engine.config)
+        self.cache = cache
 
     async def _messages(self, request: llm_pb2.LlmRequest, context) -> list[ChatMessage]:
         """The request's messages with every embedding materialised: mapped, pulled or read from the cache."""

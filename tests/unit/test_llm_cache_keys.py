@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmserve.cache import CachedEmbedding
+from mmserve.cache import CachedEmbedding, EmbeddingCache
 from mmserve.transport import from_ref, to_inline
 from mmserve.v1 import decoder_pb2, llm_pb2
+from services.llm import __main__ as llm_main
+from services.llm.config import LlmConfig
 from services.llm.server import EmbeddingsEvicted, cached_refs
 
 
@@ -62,3 +64,34 @@ async def test_what_does_not_make_the_item_reads_as_evicted(entries, media):
 async def test_keys_without_a_cache_say_so():
     with pytest.raises(EmbeddingsEvicted, match="redis-url"):
         await cached_refs(None, [by_keys("a0")])
+
+
+class FakeEngine:
+    """Engine's lifecycle without a model."""
+
+    is_running = False
+
+    def start(self) -> None:
+        self.is_running = True
+
+    def stop(self) -> None:
+        self.is_running = False
+
+
+async def test_stopping_the_llm_stops_its_engine_and_closes_its_cache_client(monkeypatch):
+    engine = FakeEngine()
+    monkeypatch.setattr(llm_main, "Engine", lambda config: engine)
+    closed: list[EmbeddingCache] = []
+    real_close = EmbeddingCache.close
+
+    async def close(cache: EmbeddingCache) -> None:
+        closed.append(cache)
+        await real_close(cache)
+
+    monkeypatch.setattr(EmbeddingCache, "close", close)
+    # Nothing listens on the port: the client connects lazily, so building and closing it needs no Redis.
+    role = await llm_main.build_llm(LlmConfig(model="tiny", redis_url="redis://127.0.0.1:1/0"))
+    assert engine.is_running and not closed
+    await role.stop()
+    assert not engine.is_running
+    assert len(closed) == 1
