@@ -42,6 +42,12 @@ class Connection:
 
         return open_channel(address, max_message_bytes, self.client_tls)
 
+    def aio_channel(self, address: str, max_message_bytes: int) -> grpc.aio.Channel:
+        """An asyncio channel to the router (soak.py)."""
+        from mmserve import rpc  # imports torch: not for run.py --help
+
+        return rpc.channel(address, max_message_bytes, self.client_tls)
+
 
 def from_args(args: argparse.Namespace) -> Connection:
     """The connection the flags ask for; reads the files now, so a bad path is a ValueError naming the setting."""

@@ -3,6 +3,7 @@
     .venv/bin/python loadtest/soak.py                          # starts a stack (tiny model), 10 minutes
     .venv/bin/python loadtest/soak.py --duration 3m --rate 1.5
     .venv/bin/python loadtest/soak.py --addr 10.0.0.7:50051 --llm-metrics 10.0.0.7:9102   # a running stack
+    .venv/bin/python loadtest/soak.py --addr router.example.com:50051 --tls-ca-file ca.pem --token-file token.txt
 
 Without --rate it measures capacity first (closed-loop clients for --calibrate, completed requests/s) and
 offers --load × that with Poisson arrivals. Every --sample seconds it records the RSS and open files of every
@@ -33,9 +34,8 @@ import psutil
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from loadtest import report, workloads  # noqa: E402
+from loadtest import connection, report, workloads  # noqa: E402
 from loadtest.pacing import ArrivalClock  # noqa: E402
-from mmserve import rpc  # noqa: E402
 from mmserve.v1 import api_pb2_grpc  # noqa: E402
 
 # A series grows when its fitted rise over the judged window exceeds both a share of its level and a floor
@@ -72,8 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--cache-hit-ratio", type=float, default=0.3)
     p.add_argument("--request-timeout", type=float, default=120.0)
+    connection.add_arguments(p)  # TLS and the bearer token of --addr, as `mmserve generate` and run.py
     args = p.parse_args(argv)
     try:
+        args.connection = connection.from_args(args)
+        if not args.addr and (args.connection.client_tls or args.token_file):
+            raise ValueError("--tls*, --token-file: only with --addr (the stack started here is plaintext, "
+                             "without tokens)")
         args.duration_s = report.parse_duration(args.duration)
         args.calibrate_s = report.parse_duration(args.calibrate)
         workloads.parse_shape(args.workload)
@@ -90,8 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Load:
     """Sends the workload's requests and counts how each ended."""
 
-    def __init__(self, address: str, workload: workloads.SyntheticWorkload, timeout_s: float):
-        self.channel = grpc.aio.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
+    def __init__(self, address: str, workload: workloads.SyntheticWorkload, timeout_s: float,
+                 via: connection.Connection = connection.Connection()):
+        self.channel = via.aio_channel(address, 256 * 1024 * 1024)
+        self.metadata = via.metadata
         self.stub = api_pb2_grpc.RouterStub(self.channel)
         self.workload = workload
         self.timeout_s = timeout_s
@@ -100,7 +107,7 @@ class Load:
     async def one(self) -> str:
         request = workloads.build_request(self.workload.next())
         try:
-            async for _ in self.stub.Generate(request, timeout=self.timeout_s):
+            async for _ in self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata):
                 pass
             code = "OK"
         except grpc.aio.AioRpcError as err:
@@ -243,7 +250,7 @@ async def soak(args: argparse.Namespace, target: Target) -> int:
     kinds = [k for k, w in workloads.parse_shape(args.workload).items() if w > 0]
     workload = workloads.SyntheticWorkload(workloads.parse_shape(args.workload), workloads.make_media_bank(kinds),
                                            max_tokens=args.max_tokens, cache_hit_ratio=args.cache_hit_ratio)
-    load = Load(target.address, workload, args.request_timeout)
+    load = Load(target.address, workload, args.request_timeout, args.connection)
     rate = args.rate
     if not rate:
         capacity = await load.capacity(args.calibrate_s, args.clients)

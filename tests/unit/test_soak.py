@@ -1,11 +1,22 @@
-"""The soak test's verdicts: a steady series with noise is flat, a leak is growing, warm-up is not judged."""
+"""The soak test's verdicts: a steady series with noise is flat, a leak is growing, warm-up is not judged; and
+its TLS and token flags (those of run.py) reach the channel and every request."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 
-from loadtest.soak import parse_args, verdicts
+import pytest
+
+from loadtest import connection, workloads
+from loadtest.soak import Load, parse_args, verdicts
+from mmserve import auth, rpc, tls
+from mmserve.config import AuthOptions, ServiceConfig
+from mmserve.v1 import api_pb2, api_pb2_grpc
+
+ROUTER = api_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+TOKEN = "sk-soak"
 
 
 def _samples(series: dict[str, Callable[[float], float]], minutes: float = 10, every_s: float = 5) -> list[tuple[float, dict]]:
@@ -45,3 +56,73 @@ def test_the_summary_reports_start_end_and_max():
 
 def test_durations_parse():
     assert parse_args(["--duration", "2m", "--calibrate", "20s"]).duration_s == 120
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return tls.make_dev_certs(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def token_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(auth.CLIENT_TOKEN_ENV, raising=False)
+    path = tmp_path / "token"
+    path.write_text(f"{TOKEN}\n")
+    return path
+
+
+def test_plaintext_and_no_token_unless_asked(monkeypatch):
+    monkeypatch.delenv(auth.CLIENT_TOKEN_ENV, raising=False)
+    assert parse_args(["--addr", "127.0.0.1:1"]).connection == connection.Connection()
+
+
+def test_tls_and_token_flags_make_the_connection(certs, token_file):
+    args = parse_args(["--addr", "router:50051", "--tls-ca-file", str(certs / "ca.pem"), "--tls-server-name",
+                       "router", "--token-file", str(token_file)])
+    assert args.connection == connection.Connection(tls.ClientTls(str(certs / "ca.pem"), server_name="router"), TOKEN)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--addr", "router:50051", "--tls-ca-file", "absent.pem"], "tls_ca_file: cannot read"),
+    (["--addr", "router:50051", "--token-file", "absent"], "--token-file: cannot read"),
+    (["--tls"], "only with --addr"),  # the stack soak.py starts itself is plaintext
+])
+def test_a_bad_flag_stops_the_soak_before_it_starts(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        parse_args(flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@dataclasses.dataclass(frozen=True)
+class _RouterConfig(ServiceConfig, AuthOptions):
+    pass
+
+
+class _EchoRouter(api_pb2_grpc.RouterServicer):
+    async def Generate(self, request, context):
+        yield api_pb2.GenerateResponse(delta=api_pb2.Delta(text="hello"))
+
+
+async def test_the_load_speaks_tls_and_every_request_carries_the_token(certs, token_file):
+    service = rpc.Service(_RouterConfig(tls_cert_file=str(certs / "server.pem"), tls_key_file=str(certs / "server.key"),
+                                        api_tokens_file=str(token_file)), [ROUTER])
+    api_pb2_grpc.add_RouterServicer_to_server(_EchoRouter(), service.server)
+    address = f"127.0.0.1:{await service.start()}"
+    secure = parse_args(["--addr", address, "--tls-ca-file", str(certs / "ca.pem"),
+                         "--token-file", str(token_file)]).connection
+    workload = workloads.SyntheticWorkload({"text": 1.0}, {}, max_tokens=1)
+
+    async def outcome(via: connection.Connection) -> str:
+        load = Load(address, workload, 30, via)
+        try:
+            return await load.one()
+        finally:
+            await load.channel.close()
+
+    try:
+        assert await outcome(secure) == "OK"
+        assert await outcome(dataclasses.replace(secure, token=None)) == "UNAUTHENTICATED"
+        assert await outcome(connection.Connection(token=TOKEN)) == "UNAVAILABLE"  # plaintext: no answer
+    finally:
+        await service.stop()
