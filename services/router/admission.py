@@ -7,7 +7,7 @@ import dataclasses
 from services.router import metrics
 from services.router.costs import MediaShape
 from services.router.policy import (Backlog, Calibration, Decision, Prediction, Slo, SloDefaults, StageTimes,
-                                    decide)
+                                    Strictness, decide)
 from services.router.replicas import ReplicaPool
 
 _MERGE = 4  # vision patches per LLM token (2 × 2 spatial merge)
@@ -39,11 +39,12 @@ class Controller:
     less than probe_max_ratio is admitted anyway as a probe: it disturbs nobody, and what it measures
     corrects the models (or confirms them). One that misses by more (a 1 ms target) is refused even then.
 
-    Predictions are calibrated by their outcomes (Calibration) so that `target` of the admitted requests
-    meet their SLO: TTFT per request class against what admission predicted (waits included); time per
-    token against the step model at the batch the tokens were actually made in, which measures the model's
-    noise only. Against admission's own prediction it would chase itself: every request admitted later
-    makes the earlier ones' steps slower, a wider margin admits fewer, and so on down.
+    Predictions are calibrated by their outcomes (Calibration) at a quantile that the admitted requests'
+    outcomes move (Strictness) so that `target` of them meet their SLO: TTFT per request class against what
+    admission predicted (waits included); time per token against the step model at the batch the tokens
+    were actually made in, which measures the model's noise only. Against admission's own prediction it
+    would chase itself: every request admitted later makes the earlier ones' steps slower, a wider margin
+    admits fewer, and so on down.
     """
 
     def __init__(self, decoders: ReplicaPool, encoders: ReplicaPool, llms: ReplicaPool, *,
@@ -53,8 +54,9 @@ class Controller:
         self.defaults = defaults
         self.policy = policy
         self.headroom = headroom
-        self.ttft_calibration = {cls: Calibration(target) for cls in ("video", "image", "text")}
-        self.tpot_calibration = Calibration(target)
+        self.ttft_calibration = {cls: Calibration() for cls in ("video", "image", "text")}
+        self.tpot_calibration = Calibration()
+        self.strictness = Strictness(target)
         self.probe_after_s = probe_after_s
         self.probe_max_ratio = probe_max_ratio
         self.backlogs = {stage: Backlog() for stage in self.pools}
@@ -68,7 +70,8 @@ class Controller:
         prediction = self.predict(shapes, prompt_tokens, deadline)
         decision = (Decision(True) if self.policy == "fcfs" else
                     decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom,
-                           ttft_scale=self.ttft_calibration[cls].scale, tpot_scale=self.tpot_calibration.scale))
+                           ttft_scale=self.ttft_calibration[cls].scale(self.strictness.value),
+                           tpot_scale=self.tpot_calibration.scale(self.strictness.value)))
         miss_ratio = max(prediction.ttft_ms / slo.ttft_ms, prediction.step_ms / slo.tpot_ms)
         if (not decision.admit and miss_ratio <= self.probe_max_ratio and self._idle()
                 and now - self._last_admitted > self.probe_after_s):
@@ -90,16 +93,17 @@ class Controller:
             self.backlogs[stage].remove(job)
             self._report()
 
-    def record_ttft(self, ticket: Ticket, ttft_ms: float) -> None:
-        """A completed request's time to first token against what admission predicted for it."""
-        calibration = self.ttft_calibration[ticket.cls]
-        calibration.observe(ticket.prediction.ttft_ms, ttft_ms)
-        metrics.PREDICTION_SCALE.labels(f"ttft_{ticket.cls}").set(calibration.scale)
+    def record(self, ticket: Ticket, ttft_ms: float, met: bool) -> None:
+        """A completed request: its time to first token against what admission predicted for it, and
+        whether it met its SLO (probes were expected to miss: they do not move the strictness)."""
+        self.ttft_calibration[ticket.cls].observe(ticket.prediction.ttft_ms, ttft_ms)
+        if ticket.decision.reason != "probe":
+            self.strictness.observe(met)
+        metrics.ADMISSION_QUANTILE.set(self.strictness.value)
 
     def record_step(self, predicted_ms: float, tpot_ms: float) -> None:
         """A request's time per token against the step model's prediction for the batch it ran in."""
         self.tpot_calibration.observe(predicted_ms, tpot_ms)
-        metrics.PREDICTION_SCALE.labels("tpot").set(self.tpot_calibration.scale)
 
     def release(self, ticket: Ticket) -> None:
         for stage in list(ticket.jobs):

@@ -15,8 +15,8 @@ SLO = Counter("mmserve_router_slo_total", "Completed requests by whether they me
 REFUSED = Counter("mmserve_router_refused_total", "Requests refused at admission", ["cls"])
 PROBES = Counter("mmserve_router_probes_total", "Requests admitted though predicted to miss, to re-measure an idle "
                  "stack whose cost models refused everything", ["cls"])
-PREDICTION_SCALE = Gauge("mmserve_router_prediction_scale", "What admission multiplies each kind of prediction by: "
-                         "the target quantile of actual / predicted", ["prediction"])
+ADMISSION_QUANTILE = Gauge("mmserve_router_admission_quantile", "Quantile of actual / predicted that admission "
+                           "scales predictions by (rises while admitted requests miss their SLO)")
 DEGRADED = Counter("mmserve_router_degraded_total", "Requests admitted with fewer video frames", ["cls"])
 RETRIES = Counter("mmserve_router_retries_total", "Stage calls retried on another replica", ["stage"])
 WAITING = Gauge("mmserve_router_waiting_calls", "Stage calls waiting for a replica slot", ["stage"])

@@ -88,28 +88,51 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
 
 
 class Calibration:
-    """How far off one kind of prediction turned out: the target-quantile of actual / predicted.
+    """How far off one kind of prediction turns out: quantiles of actual / predicted over recent outcomes.
 
     Predictions are biased in ways no cost model sees (processes sharing cores, requests admitted later
     slowing the earlier ones down), so admitting right up to the target would make about half the
-    borderline requests miss. Scaling each prediction by the ratio that target of the recent admitted
-    requests stayed within makes "predicted to meet" mean "meets, target of the time". Until min_samples
-    outcomes are in, predictions are taken as they are. floor_ms keeps near-zero predictions (a cache hit)
-    from turning one slow request into a huge ratio.
+    borderline requests miss. A prediction times the q-quantile of these ratios is one that q of recent
+    requests stayed within. Until min_samples outcomes are in, predictions are taken as they are. floor_ms
+    keeps near-zero predictions (a cache hit) from turning one slow request into a huge ratio.
     """
 
-    def __init__(self, target: float, *, window: int = 200, min_samples: int = 10, floor_ms: float = 5.0,
+    def __init__(self, *, window: int = 200, min_samples: int = 10, floor_ms: float = 5.0,
                  bounds: tuple[float, float] = (0.25, 20.0)):
-        self.target, self.min_samples, self.floor_ms, self.bounds = target, min_samples, floor_ms, bounds
+        self.min_samples, self.floor_ms, self.bounds = min_samples, floor_ms, bounds
         self._ratios: collections.deque[float] = collections.deque(maxlen=window)
-        self.scale = 1.0
+        self._sorted: list[float] = []
 
     def observe(self, predicted_ms: float, actual_ms: float) -> None:
         self._ratios.append((actual_ms + self.floor_ms) / (predicted_ms + self.floor_ms))
-        if len(self._ratios) >= self.min_samples:
-            ordered = sorted(self._ratios)
-            quantile = ordered[max(0, math.ceil(self.target * len(ordered)) - 1)]  # target of them are within
-            self.scale = min(self.bounds[1], max(self.bounds[0], quantile))
+        self._sorted = sorted(self._ratios)
+
+    def scale(self, quantile: float) -> float:
+        if len(self._sorted) < self.min_samples:
+            return 1.0
+        ratio = self._sorted[max(0, math.ceil(quantile * len(self._sorted)) - 1)]  # quantile of them are within
+        return min(self.bounds[1], max(self.bounds[0], ratio))
+
+
+class Strictness:
+    """Which quantile of the calibration admission plans for, moved by outcomes until target of the
+    admitted requests meet their SLO.
+
+    Planning every request for its own target-quantile would be far too strict: most requests are nowhere
+    near their targets and meet them whatever the error, so the share that meets would be ~100% while
+    borderline requests that would have made it are refused (a fifth of them at a quarter of capacity).
+    Each miss raises the quantile and each success lowers it, by amounts that balance exactly when 1 -
+    target of the outcomes miss; it stays within [low, high].
+    """
+
+    def __init__(self, target: float, *, start: float = 0.8, low: float = 0.5, high: float = 0.99,
+                 rate: float = 0.05):
+        self.target, self.low, self.high, self.rate = target, low, high, rate
+        self.value = min(high, max(low, start))
+
+    def observe(self, met: bool) -> None:
+        missed = 0.0 if met else 1.0
+        self.value = min(self.high, max(self.low, self.value + self.rate * (missed - (1 - self.target))))
 
 
 def _retry_ms(ms: float) -> float:

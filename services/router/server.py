@@ -224,8 +224,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
     def _record_slo(self, ticket: Ticket, timings: api_pb2.Timings) -> None:
         metrics.TTFT_SECONDS.labels(ticket.cls).observe(timings.ttft_ms / 1e3)
         metrics.STAGE_SECONDS.labels("total").observe(timings.total_ms / 1e3)
-        self.controller.record_ttft(ticket, timings.ttft_ms)
         met = timings.ttft_ms <= ticket.slo.ttft_ms and timings.tpot_ms <= ticket.slo.tpot_ms
+        self.controller.record(ticket, timings.ttft_ms, met)
         outcome = "met" if met else "missed_ttft" if timings.ttft_ms > ticket.slo.ttft_ms else "missed_tpot"
         metrics.SLO.labels(ticket.cls, outcome).inc()
 

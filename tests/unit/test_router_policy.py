@@ -10,7 +10,7 @@ import pytest
 from services.router.admission import Controller
 from services.router.costs import CostSeeds, DecodeCost, LlmCosts, MediaShape, OnlineLinear, ShapeEstimator, TokenCost
 from services.router.policy import (Backlog, Calibration, Prediction, SlackQueue, Slo, SloDefaults, StageTimes,
-                                    decide, degraded_frames)
+                                    Strictness, decide, degraded_frames)
 from services.router.replicas import NoReplicaError, Replica, ReplicaPool
 
 
@@ -310,28 +310,48 @@ def test_a_busy_stack_never_probes():
                    for t in (100.0, 200.0, 300.0))
 
 
-def test_calibration_scales_by_the_target_quantile_of_actual_over_predicted():
-    calibration = Calibration(0.9, floor_ms=0.0)
+def test_calibration_gives_quantiles_of_actual_over_predicted():
+    calibration = Calibration(floor_ms=0.0)
     for i in range(9):
         calibration.observe(100.0, 300.0)
-    assert calibration.scale == 1.0  # too few outcomes to say
+    assert calibration.scale(0.9) == 1.0  # too few outcomes to say
     for i in range(91):
         calibration.observe(100.0, 100.0 + i)  # ratios 1.00 .. 1.90, plus the nine at 3.0
-    assert calibration.scale == pytest.approx(1.89)  # 90 of the 100 stayed within it
+    assert calibration.scale(0.9) == pytest.approx(1.89)  # 90 of the 100 stayed within it
+    assert calibration.scale(0.5) == pytest.approx(1.49)
     for _ in range(200):
         calibration.observe(100.0, 50.0)  # the model turned pessimistic: admission may trust it less
-    assert calibration.scale == pytest.approx(0.5)
+    assert calibration.scale(0.9) == pytest.approx(0.5)
+
+
+def test_strictness_settles_where_the_target_share_meets_the_slo():
+    strictness = Strictness(0.95, start=0.8)
+    for _ in range(200):
+        strictness.observe(True)
+    assert strictness.value == 0.5  # everything meets: plan for the median error
+    for _ in range(20):
+        strictness.observe(False)
+    assert strictness.value == 0.99  # misses: plan for the worst errors seen
+    strictness.value = 0.8
+    for i in range(4000):  # exactly 1 - target of them miss: no drift either way
+        strictness.observe(i % 20 != 0)
+    assert strictness.value == pytest.approx(0.8, abs=0.05)
+
+
+def busy_controller(**kwargs) -> Controller:
+    controller = make_controller(**kwargs)
+    controller.pools["llm"].replicas["r0"].num_in_flight = 1  # busy: no probes
+    return controller
 
 
 def test_a_class_whose_requests_run_late_is_admitted_against_calibrated_predictions():
-    controller = make_controller(step_ms=1.0)
+    controller = busy_controller(step_ms=1.0)
     admit = lambda kinds, ttft: controller.admit(kinds, [], 2000, ttft_ms=ttft, tpot_ms=0,  # noqa: E731
                                                  allow_degrade=False, now=100.0)
-    controller.pools["llm"].replicas["r0"].num_in_flight = 1  # busy: no probes
     ticket = admit([], 1000)  # text, predicted prefill 5 + 0.05 × 2000 = 105 ms against 1000 ms
     assert ticket.decision.admit
     for _ in range(25):
-        controller.record_ttft(ticket, ttft_ms=2000)  # its class takes 19 times the prediction
+        controller.record(ticket, ttft_ms=2000, met=True)  # its class takes 19 times the prediction
     controller.release(ticket)
     assert not admit([], 1000).decision.admit  # 105 ms × 18.2 ((2000 + 5) / (105 + 5)) no longer fits
     assert admit([], 2000).decision.admit
@@ -339,8 +359,7 @@ def test_a_class_whose_requests_run_late_is_admitted_against_calibrated_predicti
 
 
 def test_a_noisy_step_model_tightens_the_time_per_token_gate():
-    controller = make_controller(step_ms=60.0)  # against a 100 ms target: admitted as predicted
-    controller.pools["llm"].replicas["r0"].num_in_flight = 1
+    controller = busy_controller(step_ms=60.0)  # against a 100 ms target: admitted as predicted
     admit = lambda: controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=100.0)  # noqa: E731
     assert admit().decision.admit
     for _ in range(20):
