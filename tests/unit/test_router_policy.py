@@ -325,7 +325,7 @@ def test_calibration_gives_quantiles_of_actual_over_predicted():
 
 
 def test_strictness_settles_where_the_target_share_meets_the_slo():
-    strictness = Strictness(0.95, start=0.8)
+    strictness = Strictness(0.95, start=0.8, rate=0.05)
     for _ in range(200):
         strictness.observe(True)
     assert strictness.value == 0.5  # everything meets: plan for the median error
