@@ -93,13 +93,14 @@ class Calibration:
     Predictions are biased in ways no cost model sees (processes sharing cores, requests admitted later
     slowing the earlier ones down), so admitting right up to the target would make about half the
     borderline requests miss. A prediction times the q-quantile of these ratios is one that q of recent
-    requests stayed within. Until min_samples outcomes are in, predictions are taken as they are. floor_ms
-    keeps near-zero predictions (a cache hit) from turning one slow request into a huge ratio.
+    requests stayed within. Until min_samples outcomes are in, predictions count start_scale times what the
+    models say (a new router met by a burst has only its warm-up to go on). floor_ms keeps near-zero
+    predictions (a cache hit) from turning one slow request into a huge ratio.
     """
 
-    def __init__(self, *, window: int = 200, min_samples: int = 10, floor_ms: float = 5.0,
-                 bounds: tuple[float, float] = (0.25, 20.0)):
-        self.min_samples, self.floor_ms, self.bounds = min_samples, floor_ms, bounds
+    def __init__(self, *, window: int = 200, min_samples: int = 10, start_scale: float = 2.0,
+                 floor_ms: float = 5.0, bounds: tuple[float, float] = (0.25, 20.0)):
+        self.min_samples, self.start_scale, self.floor_ms, self.bounds = min_samples, start_scale, floor_ms, bounds
         self._ratios: collections.deque[float] = collections.deque(maxlen=window)
         self._sorted: list[float] = []
 
@@ -109,7 +110,7 @@ class Calibration:
 
     def scale(self, quantile: float) -> float:
         if len(self._sorted) < self.min_samples:
-            return 1.0
+            return self.start_scale
         ratio = self._sorted[max(0, math.ceil(quantile * len(self._sorted)) - 1)]  # quantile of them are within
         return min(self.bounds[1], max(self.bounds[0], ratio))
 
