@@ -119,7 +119,10 @@ class Controller:
         if decode or encode:
             media_wait = max(self._wait_ms("decoder", deadline), self._wait_ms("encoder", deadline))
         llm = self._best("llm", lambda r: r.costs.prefill.predict(prompt_tokens))
-        step = self._best("llm", lambda r: r.costs.step.predict(r.num_in_flight + 1))
+        # The batch it will decode in: what runs now, itself, and the admitted requests still on their way
+        # (in decode, encode or prefill: counted in the llm backlog until their first token).
+        coming = len(self.backlogs["llm"]) / max(1, len(self.pools["llm"].healthy()))
+        step = self._best("llm", lambda r: r.costs.step.predict(r.num_in_flight + coming + 1))
         return Prediction(StageTimes(media_wait, decode + encode),
                           StageTimes(self._wait_ms("llm", deadline), llm), step)
 

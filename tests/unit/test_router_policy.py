@@ -279,10 +279,10 @@ def test_step_cost_still_learns_a_real_slope_after_a_long_batch_one_stretch():
 
 # Controller ----------------------------------------------------------------------------------------
 
-def make_controller(step_ms: float, probe_after_s: float = 5.0) -> Controller:
-    """Admission over fake pools whose llm predicts decode steps of step_ms."""
+def make_controller(step_ms: float, probe_after_s: float = 5.0, step_ms_per_seq: float = 0.0) -> Controller:
+    """Admission over fake pools whose llm predicts decode steps of step_ms (plus step_ms_per_seq a sequence)."""
     llms = make_pool(1, max_in_flight=0)
-    llms.replicas["r0"].costs = LlmCosts(CostSeeds(step_ms=step_ms, step_ms_per_seq=0.0))
+    llms.replicas["r0"].costs = LlmCosts(CostSeeds(step_ms=step_ms, step_ms_per_seq=step_ms_per_seq))
     return Controller(make_pool(1), make_pool(1), llms, defaults=SloDefaults(Slo(8000, 100), Slo(3000, 100),
                       Slo(1000, 100)), policy="slo", headroom=1.0, probe_after_s=probe_after_s)
 
@@ -369,3 +369,15 @@ def test_a_noisy_step_model_tightens_the_time_per_token_gate():
         controller.record_step(60.0, 120.0)  # steps take twice what the model said for their batch
     decision = admit().decision
     assert not decision.admit and "time per token" in decision.reason
+
+
+def test_time_per_token_is_priced_at_the_batch_the_admitted_requests_will_make():
+    controller = busy_controller(step_ms=10.0, step_ms_per_seq=2.0)
+    for _ in range(20):
+        controller.record_step(50.0, 50.0)  # a step model proven right
+    admit = lambda: controller.admit([], [], 20, ttft_ms=10_000, tpot_ms=50, allow_degrade=False,  # noqa: E731
+                                     now=100.0)
+    # The k-th is priced at 10 + 2 × (1 running + k admitted on their way, none at the llm yet + itself).
+    assert all(admit().decision.admit for _ in range(19))  # k = 0 .. 18: up to 50 ms
+    refused = admit().decision  # k = 19: 52 ms
+    assert not refused.admit and "time per token" in refused.reason
