@@ -121,7 +121,7 @@ class Strictness:
 
     Planning every request for its own target-quantile would be far too strict: most requests are nowhere
     near their targets and meet them whatever the error, so the share that meets would be ~100% while
-    borderline requests that would have made it are refused (a fifth of them at a quarter of capacity).
+    borderline requests that would have made it are refused (a fifth of all requests in one light run).
     Each miss raises the quantile and each success lowers it, by amounts that balance exactly when 1 -
     target of the outcomes miss; it stays within [low, high]. It starts strict, and a miss moves it
     target / (1 - target) times as far as a success (19 times at 0.95): an overload sends misses in a
