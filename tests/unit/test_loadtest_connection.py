@@ -11,11 +11,10 @@ import pytest
 
 from loadtest import connection
 from loadtest.run import locust_command, parse_args, wait_ready
-from mmserve import auth, rpc, tls
-from mmserve.config import AuthOptions, ServiceConfig
+from mmserve import auth, tls
 from mmserve.v1 import api_pb2, api_pb2_grpc
+from tests.unit.echo_router import echo_router
 
-ROUTER = api_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 TOKEN = "sk-load"
 
 
@@ -69,21 +68,7 @@ def test_a_bad_flag_stops_run_before_locust_starts(flags, message, tmp_path, mon
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
-@dataclasses.dataclass(frozen=True)
-class _RouterConfig(ServiceConfig, AuthOptions):
-    pass
-
-
-class _EchoRouter(api_pb2_grpc.RouterServicer):
-    async def Generate(self, request, context):
-        yield api_pb2.GenerateResponse(delta=api_pb2.Delta(text="hello"))
-
-
 async def test_the_channel_speaks_tls_and_every_request_carries_the_token(certs, token_file):
-    service = rpc.Service(_RouterConfig(tls_cert_file=str(certs / "server.pem"), tls_key_file=str(certs / "server.key"),
-                                        api_tokens_file=str(token_file)), [ROUTER])
-    api_pb2_grpc.add_RouterServicer_to_server(_EchoRouter(), service.server)
-    address = f"127.0.0.1:{await service.start()}"
     secure = connection.from_args(parse_args(["--tls-ca-file", str(certs / "ca.pem"), "--token-file", str(token_file)]))
 
     def generate(via: connection.Connection) -> list[str]:  # as GrpcUser does, on a blocking channel
@@ -92,12 +77,10 @@ async def test_the_channel_speaks_tls_and_every_request_carries_the_token(certs,
                                                                 metadata=via.metadata)
             return [r.delta.text for r in replies]
 
-    try:
+    async with echo_router(certs, token_file) as address:
         assert await asyncio.to_thread(generate, secure) == ["hello"]
         assert await asyncio.to_thread(wait_ready, address, 30, secure)
         with pytest.raises(grpc.RpcError) as info:
             await asyncio.to_thread(generate, dataclasses.replace(secure, token=None))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert not await asyncio.to_thread(wait_ready, address, 1, connection.Connection())  # plaintext: no answer
-    finally:
-        await service.stop()

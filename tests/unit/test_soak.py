@@ -11,11 +11,9 @@ import pytest
 
 from loadtest import connection, workloads
 from loadtest.soak import Load, parse_args, verdicts
-from mmserve import auth, rpc, tls
-from mmserve.config import AuthOptions, ServiceConfig
-from mmserve.v1 import api_pb2, api_pb2_grpc
+from mmserve import auth, tls
+from tests.unit.echo_router import echo_router
 
-ROUTER = api_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 TOKEN = "sk-soak"
 
 
@@ -94,35 +92,19 @@ def test_a_bad_flag_stops_the_soak_before_it_starts(flags, message, tmp_path, mo
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
-@dataclasses.dataclass(frozen=True)
-class _RouterConfig(ServiceConfig, AuthOptions):
-    pass
-
-
-class _EchoRouter(api_pb2_grpc.RouterServicer):
-    async def Generate(self, request, context):
-        yield api_pb2.GenerateResponse(delta=api_pb2.Delta(text="hello"))
-
-
 async def test_the_load_speaks_tls_and_every_request_carries_the_token(certs, token_file):
-    service = rpc.Service(_RouterConfig(tls_cert_file=str(certs / "server.pem"), tls_key_file=str(certs / "server.key"),
-                                        api_tokens_file=str(token_file)), [ROUTER])
-    api_pb2_grpc.add_RouterServicer_to_server(_EchoRouter(), service.server)
-    address = f"127.0.0.1:{await service.start()}"
-    secure = parse_args(["--addr", address, "--tls-ca-file", str(certs / "ca.pem"),
-                         "--token-file", str(token_file)]).connection
     workload = workloads.SyntheticWorkload({"text": 1.0}, {}, max_tokens=1)
 
-    async def outcome(via: connection.Connection) -> str:
+    async def outcome(address: str, via: connection.Connection) -> str:
         load = Load(address, workload, 30, via)
         try:
             return await load.one()
         finally:
             await load.channel.close()
 
-    try:
-        assert await outcome(secure) == "OK"
-        assert await outcome(dataclasses.replace(secure, token=None)) == "UNAUTHENTICATED"
-        assert await outcome(connection.Connection(token=TOKEN)) == "UNAVAILABLE"  # plaintext: no answer
-    finally:
-        await service.stop()
+    async with echo_router(certs, token_file) as address:
+        secure = parse_args(["--addr", address, "--tls-ca-file", str(certs / "ca.pem"),
+                             "--token-file", str(token_file)]).connection
+        assert await outcome(address, secure) == "OK"
+        assert await outcome(address, dataclasses.replace(secure, token=None)) == "UNAUTHENTICATED"
+        assert await outcome(address, connection.Connection(token=TOKEN)) == "UNAVAILABLE"  # plaintext: no answer
