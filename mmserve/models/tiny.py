@@ -158,6 +158,14 @@ PRESETS: dict[str, tuple[dict, dict, bool]] = {
     "tiny-real-vocab": ({"vocab_size": 151936, "hidden_size": 256, "num_attention_heads": 4,
                          "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6}},
                         {"out_hidden_size": 256}, False),
+    # Big enough that the stages' compute, not the router's Python, bounds a 2-core machine at a few requests
+    # per second: what the SLO, overload and goodput benchmarks need to price and schedule.
+    "small": ({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "max_window_layers": 6,
+               "num_attention_heads": 8, "num_key_value_heads": 2,
+               "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6}},
+              {"depth": 8, "hidden_size": 384, "num_heads": 6, "intermediate_size": 1024, "out_hidden_size": 512,
+               "fullatt_block_indexes": [3, 7]},
+              False),
     "qwen2.5-vl-3b-width": (
         {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 2,
          "max_window_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 2,
