@@ -37,8 +37,8 @@ from mmserve.launcher import Child, Stack, StackSpec, free_port
 from mmserve.models.tiny import build_tiny_model
 
 # A sibling module: the scripts run as `python benchmarks/<name>.py`.
-from workload import (failures, flush, lone_latencies, make_media, make_trace, plot, replay, slo_targets,
-                      start_redis, start_stack, summarize)
+from workload import (failures, flush, highest_rate, lone_latencies, make_media, make_trace, plot, replay,
+                      slo_targets, start_redis, start_stack, summarize)
 
 SYSTEMS = ("mmserve", "aggregated", "transformers")
 HERE = pathlib.Path(__file__).resolve().parent
@@ -65,11 +65,6 @@ def start_system(name: str, model: str, redis_url: str, router_args: tuple[str, 
         return start_process(name, [sys.executable, "-c", code], port)
     return start_process(name, [sys.executable, str(HERE / "hf_baseline.py"), "--model", model, "--port", str(port),
                                 "--log-level", "ERROR"], port)
-
-
-def highest_rate(by_rate: dict[float, dict[str, float]], threshold: float = 0.9) -> float:
-    """The highest offered rate with at least threshold attainment (0 when none)."""
-    return max((rate for rate, r in by_rate.items() if r["attainment"] >= threshold), default=0.0)
 
 
 def main() -> None:
