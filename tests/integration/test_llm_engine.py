@@ -159,7 +159,8 @@ async def test_full_queue_is_refused(tiny_model):
 
 
 async def test_finished_reports_the_batch_its_tokens_were_made_in(tiny_model):
-    """What the router fits its decode-step cost on: alone every step is batch 1; started together, batch 2."""
+    """What the router fits its decode-step cost on: alone every step is batch 1; started together, mostly 2
+    (the second may join a step late, and then makes its last token alone)."""
     engine = make_engine(tiny_model)
     try:
         options = SamplingOptions(max_tokens=6, min_tokens=6, temperature=0.0)
@@ -168,6 +169,6 @@ async def test_finished_reports_the_batch_its_tokens_were_made_in(tiny_model):
             return [e async for e in engine.generate(engine.prepare(name, [ChatMessage("user", ["hi"])], options))][-1]
 
         assert (await final("alone")).decode_batch == 1.0
-        assert [f.decode_batch for f in await asyncio.gather(final("a"), final("b"))] == [2.0, 2.0]
+        assert all(1.0 < f.decode_batch <= 2.0 for f in await asyncio.gather(final("a"), final("b")))
     finally:
         engine.stop()
