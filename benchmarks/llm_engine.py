@@ -97,7 +97,8 @@ async def engine_total_s(model: str, workload) -> float:
     engine = Engine(LlmConfig(model=model, max_num_seqs=len(workload)))
     engine.start()
     try:
-        seqs = [engine.prepare(f"m{i}", [ChatMessage("user", [text])], greedy(n)) for i, (text, n) in enumerate(workload)]
+        seqs = [engine.prepare(f"m{i}", [ChatMessage("user", [text])], greedy(n))
+                for i, (text, n) in enumerate(workload)]
         start = time.perf_counter()
         await asyncio.gather(*(stream(engine, s) for s in seqs))
         return time.perf_counter() - start

@@ -5,9 +5,9 @@
 Both runs start the real stack (separate processes, a random-weight model of --preset's size, a private
 redis-server), warm it up with a few lone requests of each class (as a new deployment's first users would),
 and replay the same mixed trace (videos, images, text) with Poisson arrivals at each rate, for duration-s
-each; only the router's --policy differs. SLO targets are calibrated first from lone requests of each class (a multiple of their
-latency), so the figures mean the same on fast and slow machines, and every request carries its
-targets. A request meets its SLO when its TTFT and TPOT are within target; refused ones do not. Each
+each; only the router's --policy differs. SLO targets are calibrated first from lone requests of each
+class (a multiple of their latency), so the figures mean the same on fast and slow machines, and every
+request carries its targets. A request meets its SLO when its TTFT and TPOT are within target; refused ones do not. Each
 rate gets media of its own (and a cold Redis), so no rate inherits another's cached embeddings or KV.
 
 Goodput is requests per second that met their SLO. The headline compares goodput at the highest rate
