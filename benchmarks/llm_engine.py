@@ -1,6 +1,6 @@
 """LLM engine benchmark: step efficiency vs the bare forward, throughput vs transformers, stall-free decoding.
 
-    python benchmarks/llm_engine.py [--preset tiny|qwen2.5-vl-3b-width|both] [--requests 64] [--max-output 128]
+    python benchmarks/llm_engine.py [--preset tiny|qwen2.5-vl-3b-width|both] [--requests 64] [--max-output 24]
 
 (a) decode step time at batch 1, 8, 32 against the same weights' bare forward on pre-built inputs
     (HF text model + lm_head with a pre-filled DynamicCache): efficiency = floor / engine step;
@@ -176,8 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="both", choices=["tiny", "qwen2.5-vl-3b-width", "both"])
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-output", type=int, default=128, help="longest answer of (b), in tokens (chat answers "
-                                                                     "run to hundreds; 24 keeps the run short)")
+    parser.add_argument("--max-output", type=int, default=24, help="longest answer of (b), in tokens (24 keeps the "
+                                                                    "run short; chat answers run to hundreds)")
     args = parser.parse_args()
     presets = ["tiny", "qwen2.5-vl-3b-width"] if args.preset == "both" else [args.preset]
     with tempfile.TemporaryDirectory() as tmp:
