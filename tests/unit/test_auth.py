@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import grpc
 import prometheus_client
@@ -11,13 +10,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import auth, rpc, tls
-from mmserve.config import AuthOptions, ServiceConfig
+from mmserve.config import ServiceConfig
 from mmserve.launcher import TLS_FILES, StackSpec, plan, tls_dir_error, tls_settings
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.router.config import RouterConfig
+from tests.unit.echo_router import ROUTER, PublicConfig, serve
 
-ROUTER = api_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 # --- tokens ----------------------------------------------------------------------------------------------------
 
@@ -125,11 +124,6 @@ def test_unreadable_or_non_pem_files_name_the_setting(tmp_path):
         tls.ClientTls(str(junk)).credentials()
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return tls.make_dev_certs(tmp_path_factory.mktemp("tls"))
-
-
 def test_dev_certs_have_the_up_layout_and_private_keys(certs):
     assert sorted(p.name for p in certs.iterdir()) == sorted(TLS_FILES)
     assert (certs / "server.key").stat().st_mode & 0o777 == 0o600
@@ -159,23 +153,6 @@ def test_up_plans_mutual_tls_inside_and_tls_on_the_public_port(certs, tmp_path):
 
 # --- the interceptor on a real server ----------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class _PublicConfig(ServiceConfig, AuthOptions):
-    pass
-
-
-class _EchoRouter(api_pb2_grpc.RouterServicer):
-    async def Generate(self, request, context):
-        yield api_pb2.GenerateResponse(delta=api_pb2.Delta(text="hello"))
-
-
-async def _serve(config: ServiceConfig) -> rpc.Service:
-    service = rpc.Service(config, [ROUTER])
-    api_pb2_grpc.add_RouterServicer_to_server(_EchoRouter(), service.server)
-    await service.start()
-    return service
-
-
 def _refusals(reason: str) -> float:
     return prometheus_client.REGISTRY.get_sample_value("mmserve_auth_refusals_total", {"reason": reason}) or 0.0
 
@@ -189,7 +166,7 @@ async def test_tokens_guard_the_public_service_but_not_health(tmp_path, monkeypa
     tokens = tmp_path / "tokens"
     tokens.write_text("sk-file\n")
     monkeypatch.setenv(auth.TOKENS_ENV, "sk-env")
-    service = await _serve(_PublicConfig(api_tokens_file=str(tokens)))
+    service = await serve(PublicConfig(api_tokens_file=str(tokens)))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             assert await _generate(channel, (("authorization", "Bearer sk-file"),)) == ["hello"]
@@ -211,7 +188,7 @@ async def test_tokens_guard_the_public_service_but_not_health(tmp_path, monkeypa
 
 async def test_without_tokens_the_api_is_open_and_a_service_without_auth_ignores_the_env(monkeypatch):
     monkeypatch.setenv(auth.TOKENS_ENV, "sk-env")
-    service = await _serve(ServiceConfig())  # not a public service: no AuthOptions, the variable is not read
+    service = await serve(ServiceConfig())  # not a public service: no AuthOptions, the variable is not read
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             assert await _generate(channel) == ["hello"]
@@ -223,7 +200,7 @@ async def test_a_named_empty_tokens_file_fails_start_up(tmp_path):
     empty = tmp_path / "tokens"
     empty.write_text("")
     with pytest.raises(ValueError, match="holds no token"):
-        rpc.Service(_PublicConfig(api_tokens_file=str(empty)), [ROUTER])
+        rpc.Service(PublicConfig(api_tokens_file=str(empty)), [ROUTER])
 
 
 async def test_a_service_installs_its_client_tls_for_channels_opened_deep_inside(certs):  # the server needs a loop
@@ -244,7 +221,7 @@ def _tls_config(certs, **extra) -> ServiceConfig:
 
 
 async def test_a_tls_port_answers_a_client_with_the_ca_and_refuses_plaintext(certs):
-    service = await _serve(_tls_config(certs))
+    service = await serve(_tls_config(certs))
     address = f"127.0.0.1:{service.port}"
     try:
         async with rpc.channel(address, 1 << 20, tls.ClientTls(str(certs / "ca.pem"))) as channel:
@@ -259,7 +236,7 @@ async def test_a_tls_port_answers_a_client_with_the_ca_and_refuses_plaintext(cer
 
 
 async def test_mutual_tls_refuses_a_client_without_a_certificate(certs, tmp_path):
-    service = await _serve(_tls_config(certs, tls_client_ca_file=str(certs / "ca.pem")))
+    service = await serve(_tls_config(certs, tls_client_ca_file=str(certs / "ca.pem")))
     address = f"127.0.0.1:{service.port}"
     other = tls.make_dev_certs(tmp_path / "other")  # a certificate from a CA the server does not trust
     try:
@@ -311,7 +288,7 @@ async def test_remote_tensor_pulls_present_the_process_certificate(certs):
     tensor = torch.arange(3 * 1024 * 1024, dtype=torch.uint8)  # several 1 MiB chunks
     try:
         for with_client in (True, False):
-            service = await _serve(mtls(with_client))  # installs its client TLS (or none) for the process
+            service = await serve(mtls(with_client))  # installs its client TLS (or none) for the process
             try:
                 ref = tensor_pb2.RemoteRef(address=f"127.0.0.1:{service.port}", handle_id=service.store.hold(tensor),
                                            nbytes=tensor.numel())
@@ -332,7 +309,7 @@ async def test_probe_reaches_a_server_whose_certificate_names_another_host(tmp_p
     from mmserve import probe
 
     named = tls.make_dev_certs(tmp_path / "named", names=("decoder",))  # as in a container, probed on 127.0.0.1
-    service = await _serve(_tls_config(named))
+    service = await serve(_tls_config(named))
     address = f"127.0.0.1:{service.port}"
     try:
         args = probe.build_parser().parse_args([address, "--tls-ca-file", str(named / "ca.pem"), "--timeout", "10"])
@@ -348,7 +325,7 @@ async def test_probe_reaches_a_server_whose_certificate_names_another_host(tmp_p
 
 async def test_a_service_reaches_peers_by_ip_through_the_name_their_certificate_carries(tmp_path):
     named = tls.make_dev_certs(tmp_path / "named", names=("mmserve.internal",))  # as on Kubernetes: pod IPs
-    service = await _serve(_tls_config(named, tls_client_ca_file=str(named / "ca.pem")))
+    service = await serve(_tls_config(named, tls_client_ca_file=str(named / "ca.pem")))
     address = f"127.0.0.1:{service.port}"
     calling = dict(tls_ca_file=str(named / "ca.pem"), tls_client_cert_file=str(named / "client.pem"),
                    tls_client_key_file=str(named / "client.key"))

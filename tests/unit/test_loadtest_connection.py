@@ -18,11 +18,6 @@ from tests.unit.echo_router import echo_router
 TOKEN = "sk-load"
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return tls.make_dev_certs(tmp_path_factory.mktemp("tls"))
-
-
 @pytest.fixture
 def token_file(tmp_path, monkeypatch):
     monkeypatch.delenv(auth.CLIENT_TOKEN_ENV, raising=False)

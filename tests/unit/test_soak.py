@@ -56,11 +56,6 @@ def test_durations_parse():
     assert parse_args(["--duration", "2m", "--calibrate", "20s"]).duration_s == 120
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return tls.make_dev_certs(tmp_path_factory.mktemp("tls"))
-
-
 @pytest.fixture
 def token_file(tmp_path, monkeypatch):
     monkeypatch.delenv(auth.CLIENT_TOKEN_ENV, raising=False)
