@@ -114,7 +114,8 @@ def video_split(model: str, side: int) -> tuple[float, float]:
 
 def run_preset(preset: str, workdir: pathlib.Path) -> float:
     model = str(build_tiny_model(workdir / preset, preset=preset))
-    tower = loading.load_vision_tower(model)
+    # The encoder service's default dtype ("auto"), so its figures and the tower's own are in one precision.
+    tower = loading.load_vision_tower(model, loading.resolve_dtype("auto", model, torch.device("cpu")))
     p = ImageProcessing.from_pretrained(model)
     side = SIZES[preset]
     print(f"\n== {preset}: {side['image']}x{side['image']} images ==")

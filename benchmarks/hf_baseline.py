@@ -33,6 +33,7 @@ from mmserve import rpc
 from mmserve.config import ServiceConfig, option
 from mmserve.media.preprocess import ImageProcessing, to_pixel_values
 from mmserve.media.video import decode_video
+from mmserve.models import loading
 from mmserve.v1 import api_pb2, api_pb2_grpc
 
 
@@ -41,6 +42,8 @@ class BaselineConfig(ServiceConfig):
     """transformers generate behind Router/Generate, one request at a time."""
 
     model: str = option("", "checkpoint directory or hub id")
+    dtype: str = option("auto", "auto (as mmserve's services resolve it, so both compute in the same precision), "
+                                "float32, bfloat16 or float16")
     num_threads: int = option(0, "torch intra-op threads (0 keeps torch's default)")
 
 
@@ -73,8 +76,9 @@ class Cancelled(StoppingCriteria):
 class HfModel:
     """Qwen2.5-VL in transformers with its processors: one request's messages → model inputs → generate."""
 
-    def __init__(self, model_dir: str):
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    def __init__(self, model_dir: str, dtype: str = "auto"):
+        dtype = loading.resolve_dtype(dtype, model_dir, torch.device("cpu"))
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
         self.processing = ImageProcessing.from_pretrained(model_dir)
@@ -187,7 +191,7 @@ async def serve(config: BaselineConfig) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name])
-    api_pb2_grpc.add_RouterServicer_to_server(BaselineServicer(HfModel(config.model)), service.server)
+    api_pb2_grpc.add_RouterServicer_to_server(BaselineServicer(HfModel(config.model, config.dtype)), service.server)
     await rpc.run_until_signalled(service)
 
 

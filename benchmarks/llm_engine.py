@@ -69,10 +69,15 @@ async def engine_step_ms(model: str, batch: int, num_tokens: int = 40, prompt_wo
         engine.stop()
 
 
+def _dtype(model: str) -> torch.dtype:
+    """What the engine's default dtype ("auto") computes in here: the floor and transformers use the same."""
+    return loading.resolve_dtype("auto", model, torch.device("cpu"))
+
+
 @torch.inference_mode()
 def floor_step_ms(model: str, batch: int, context: int = 52, steps: int = 20) -> float:
     """The same weights' forward for one decode token per sequence, inputs and cache built beforehand."""
-    text_model, lm_head = loading.load_language_model(model)
+    text_model, lm_head = loading.load_language_model(model, _dtype(model))
     ids = torch.randint(0, 1000, (batch, context))
     cache = DynamicCache(config=text_model.config)
     text_model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -111,7 +116,7 @@ def hf_total_s(model: str, workload) -> float:
     """transformers' generate one request at a time, as a user would call it."""
     from transformers import AutoTokenizer
 
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model).eval()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=_dtype(model)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model)
     start = time.perf_counter()
     for text, n in workload:

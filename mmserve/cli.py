@@ -12,10 +12,13 @@ from mmserve import tls
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
+    import torch
+
     from mmserve.models.tiny import build_tiny_model
 
     try:
-        print(build_tiny_model(args.out, seed=args.seed, preset=args.preset, show_progress=True))
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        print(build_tiny_model(args.out, seed=args.seed, preset=args.preset, show_progress=True, dtype=dtype))
     except (ValueError, OSError) as err:
         print(f"mmserve tiny-model: {err}", file=sys.stderr)
         return 2
@@ -122,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(config, safetensors weights, tokenizer, processor), offline; prints its path.")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
-    p.add_argument("--preset", default="tiny", help="tiny, or qwen2.5-vl-3b-width (real widths, 2 text layers)")
+    p.add_argument("--preset", default="tiny", help="tiny (float32, for tests), tiny-real-vocab, small (the SLO "
+                                                    "benchmarks' model) or qwen2.5-vl-3b-width (real widths, 2 text "
+                                                    "layers); the last two are saved in bfloat16 like real checkpoints")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights' dtype (default: the preset's)")
     p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("up", help="start decoder, encoder, llm and router (and redis) on loopback",

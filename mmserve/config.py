@@ -7,6 +7,9 @@ import dataclasses
 import typing
 from typing import Any, Self
 
+# Compute dtypes of the model-running services; "auto" is resolved by mmserve.models.loading.resolve_dtype.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 def option(default: Any, doc: str) -> Any:
     """A config field with its one-line documentation (shown by --help)."""

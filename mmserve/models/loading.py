@@ -52,6 +52,44 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (x86 "flags", Arm "Features"); empty elsewhere."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def native_dtypes(device: torch.device, flags: set[str] | None = None) -> set[torch.dtype]:
+    """Half-precision dtypes the device computes in hardware (emulated ones are slower than float32)."""
+    if device.type == "cuda":
+        return {torch.float16} | ({torch.bfloat16} if torch.cuda.is_bf16_supported() else set())
+    flags = cpu_flags() if flags is None else flags
+    native = set()
+    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 or AMX; Arm's BF16 extension
+        native.add(torch.bfloat16)
+    if flags & {"avx512_fp16", "amx_fp16", "fphp"}:
+        native.add(torch.float16)
+    return native
+
+
+def resolve_dtype(name: str, model: str, device: torch.device, flags: set[str] | None = None) -> torch.dtype:
+    """The dtype to compute in: "auto" takes the checkpoint's own (Qwen2.5-VL ships bfloat16) when the device
+    runs it in hardware, else float32; any other name is taken as given."""
+    if name != "auto":
+        return getattr(torch, name)
+    declared = getattr(load_config(model), "dtype", None) or torch.float32
+    declared = getattr(torch, declared) if isinstance(declared, str) else declared
+    if declared == torch.float32 or declared in native_dtypes(device, flags):
+        return declared
+    return torch.float32
+
+
 def attention_backend(device: torch.device) -> str:
     """flash-attn's varlen kernels on a GPU when installed, PyTorch SDPA otherwise (chosen by capability)."""
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

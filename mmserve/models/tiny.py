@@ -7,6 +7,7 @@ import os
 import pathlib
 import random
 import sys
+from typing import NamedTuple
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -149,37 +150,48 @@ def _preprocessor_config() -> dict:
     }
 
 
+class Preset(NamedTuple):
+    text: dict  # text_config overrides
+    vision: dict  # vision_config overrides
+    tie_word_embeddings: bool
+    dtype: torch.dtype  # what the weights are saved in (and what `--dtype auto` runs them in where native)
+
+
+_SMALL_ROPE = {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6}
+
 # Size presets: the tiny test model, and the real Qwen2.5-VL-3B's widths (text layers cut so CPU
 # benchmarks finish; the vision tower keeps its real depth) for figures that are not only overhead.
-PRESETS: dict[str, tuple[dict, dict, bool]] = {
-    "tiny": ({}, {}, False),
+# The test models are float32 so parity with transformers is exact; the benchmark ones are bfloat16,
+# as the real checkpoints are.
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset({}, {}, False, torch.float32),
     # The real vocabulary makes the language model's weights ~300 MB beside a ~100 KB vision tower:
     # what a process loads shows in its memory.
-    "tiny-real-vocab": ({"vocab_size": 151936, "hidden_size": 256, "num_attention_heads": 4,
-                         "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6}},
-                        {"out_hidden_size": 256}, False),
+    "tiny-real-vocab": Preset({"vocab_size": 151936, "hidden_size": 256, "num_attention_heads": 4,
+                               "rope_parameters": _SMALL_ROPE},
+                              {"out_hidden_size": 256}, False, torch.float32),
     # Big enough that the stages' compute, not the router's Python, bounds a 2-core machine at a few requests
     # per second: what the SLO, overload and goodput benchmarks need to price and schedule.
-    "small": ({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "max_window_layers": 6,
-               "num_attention_heads": 8, "num_key_value_heads": 2,
-               "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6}},
-              {"depth": 8, "hidden_size": 384, "num_heads": 6, "intermediate_size": 1024, "out_hidden_size": 512,
-               "fullatt_block_indexes": [3, 7]},
-              False),
-    "qwen2.5-vl-3b-width": (
+    "small": Preset({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "max_window_layers": 6,
+                     "num_attention_heads": 8, "num_key_value_heads": 2, "rope_parameters": _SMALL_ROPE},
+                    {"depth": 8, "hidden_size": 384, "num_heads": 6, "intermediate_size": 1024,
+                     "out_hidden_size": 512, "fullatt_block_indexes": [3, 7]},
+                    False, torch.bfloat16),
+    "qwen2.5-vl-3b-width": Preset(
         {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 2,
          "max_window_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 2,
          "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}},
         {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420, "out_hidden_size": 2048,
          "fullatt_block_indexes": [7, 15, 23, 31]},
-        True,
+        True, torch.bfloat16,
     ),
 }
 
 
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny",
-                     show_progress: bool = False) -> pathlib.Path:
-    """Write a random-weight Qwen2.5-VL checkpoint (config, weights, tokenizer, processor) to out_dir."""
+                     show_progress: bool = False, dtype: torch.dtype | None = None) -> pathlib.Path:
+    """Write a random-weight Qwen2.5-VL checkpoint (config, weights, tokenizer, processor) to out_dir,
+    in dtype (default: the preset's)."""
     if preset not in PRESETS:
         raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -194,7 +206,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "t
     ids = {t: tok.token_to_id(t) for t in _SPECIAL_TOKENS}
     eos, endoftext = ids["<|im_end|>"], ids["<|endoftext|>"]
     vocab_size = -(-tok.get_vocab_size(with_added_tokens=True) // 64) * 64
-    text_overrides, vision_overrides, tie_word_embeddings = PRESETS[preset]
+    text_overrides, vision_overrides, tie_word_embeddings, preset_dtype = PRESETS[preset]
 
     config = Qwen2_5_VLConfig(
         text_config={
@@ -247,6 +259,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "t
     model.generation_config = GenerationConfig(
         bos_token_id=endoftext, eos_token_id=[eos, endoftext], pad_token_id=endoftext, do_sample=False
     )
+    model.to(dtype or preset_dtype)  # drawn in float32 either way: the same seed gives the same model, rounded
     bar.update()
     bar.set_postfix_str("save weights")
     model.save_pretrained(out, safe_serialization=True)

@@ -22,7 +22,7 @@ async def build_encoder(config: EncoderConfig) -> Role:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = loading.resolve_device(config.device)
-    tower = loading.load_vision_tower(config.model, getattr(torch, config.dtype), device)
+    tower = loading.load_vision_tower(config.model, loading.resolve_dtype(config.dtype, config.model, device), device)
     batcher = Batcher(tower, config.max_batch_patches, config.max_queue)
     batcher.start()
     service = rpc.Service(config, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmserve.config import CacheOptions, ServiceConfig, option
+from mmserve.config import DTYPES, CacheOptions, ServiceConfig, option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,7 +12,8 @@ class LlmConfig(ServiceConfig, CacheOptions):
     """LLM service: the language model with continuous batching over a paged KV cache; reads cached embeddings."""
 
     model: str = option("", "checkpoint directory or hub id")
-    dtype: str = option("float32", "weight and KV dtype: float32, bfloat16 or float16")
+    dtype: str = option("auto", "weight and KV dtype: auto (the checkpoint's, when the device computes it in hardware; "
+                                "else float32), float32, bfloat16 or float16")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (the first GPU when one is visible)")
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(2048, "tokens computed per engine step (chunked prefill budget)")
@@ -28,8 +29,8 @@ class LlmConfig(ServiceConfig, CacheOptions):
             raise ValueError("model: required")
         if self.num_threads < 0:
             raise ValueError("num_threads: must not be negative")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, self.max_queue) < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens, block_size, max_queue: must be positive")
         if self.max_model_len < 2:

@@ -75,7 +75,8 @@ class Engine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        dtype = getattr(torch, config.dtype)
+        self.device = loading.resolve_device(config.device)
+        dtype = loading.resolve_dtype(config.dtype, config.model, self.device)
         model_config = loading.load_config(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.prompts = PromptBuilder(self.tokenizer, model_config)
@@ -86,7 +87,6 @@ class Engine:
         num_blocks = max(1, config.kv_cache_bytes // (per_token * config.block_size))
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.device = loading.resolve_device(config.device)
         self.runner = ModelRunner(text_model, lm_head, self.block_manager, dtype, self.device)
         self.max_model_len = min(config.max_model_len, text_model.config.max_position_embeddings)
         self._requests: dict[str, _Request] = {}
@@ -96,7 +96,7 @@ class Engine:
         self._stopped = False
         self._preemptions_seen = 0
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
-        log.info("KV cache: %d blocks of %d tokens on %s", num_blocks, config.block_size, self.device)
+        log.info("KV cache: %d blocks of %d tokens on %s, %s", num_blocks, config.block_size, self.device, dtype)
 
     def start(self) -> None:
         self._thread.start()

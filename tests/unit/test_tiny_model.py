@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from mmserve.models import loading
 from mmserve.models.tiny import CHAT_TEMPLATE, build_tiny_model
 
 SPECIAL_TOKENS = [
@@ -93,3 +94,29 @@ def test_text_only_generate(ckpt, tokenizer):
         out = model.generate(**inputs, do_sample=False, max_new_tokens=8, min_new_tokens=8)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 8)
     assert torch.equal(out[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+
+
+def test_bfloat16_checkpoint_is_the_float32_one_rounded(ckpt, tmp_path):
+    half = build_tiny_model(tmp_path / "half", seed=0, dtype=torch.bfloat16)
+    base, rounded = load_file(ckpt / "model.safetensors"), load_file(half / "model.safetensors")
+    assert {t.dtype for t in rounded.values()} == {torch.bfloat16}
+    assert all(torch.equal(base[k].to(torch.bfloat16), rounded[k]) for k in base)
+    assert AutoConfig.from_pretrained(half).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("flags, checkpoint, expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16, torch.bfloat16),  # Zen 4, Cooper Lake
+    ({"avx2", "amx_bf16", "amx_tile"}, torch.bfloat16, torch.bfloat16),  # Sapphire Rapids
+    ({"asimd", "bf16"}, torch.bfloat16, torch.bfloat16),  # Arm with the BF16 extension
+    ({"avx2", "avx512f"}, torch.bfloat16, torch.float32),  # bfloat16 only emulated: slower than float32
+    (set(), torch.bfloat16, torch.float32),
+    ({"avx512_bf16"}, torch.float32, torch.float32),  # the checkpoint's own float32 stays
+    ({"avx512_bf16"}, torch.float16, torch.float32),  # no native float16 on that CPU
+    ({"avx512_fp16"}, torch.float16, torch.float16),
+])
+def test_auto_dtype_follows_checkpoint_where_the_cpu_computes_it(tmp_path, flags, checkpoint, expected):
+    model = build_tiny_model(tmp_path / "m", dtype=checkpoint)
+    cpu = torch.device("cpu")
+    assert loading.resolve_dtype("auto", str(model), cpu, flags) == expected
+    assert loading.resolve_dtype("float32", str(model), cpu, flags) == torch.float32  # an explicit choice wins
+    assert loading.resolve_dtype("bfloat16", str(model), cpu, set()) == torch.bfloat16
