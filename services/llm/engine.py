@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from mmserve.models import loading
 from services.llm import metrics
 from services.llm.block_manager import BlockManager
+from services.llm.cuda_graphs import default_block_size
 from services.llm.config import LlmConfig
 from services.llm.detokenizer import IncrementalDetokenizer
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
@@ -84,11 +85,14 @@ class Engine:
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         text_model, lm_head = loading.load_language_model(config.model, dtype)
         per_token = ModelRunner.kv_bytes_per_token(text_model.config, dtype)
-        num_blocks = max(1, config.kv_cache_bytes // (per_token * config.block_size))
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        block_size = config.block_size or default_block_size(self.device, dtype)
+        num_blocks = max(1, config.kv_cache_bytes // (per_token * block_size))
+        self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(text_model, lm_head, self.block_manager, dtype, self.device)
         self.max_model_len = min(config.max_model_len, text_model.config.max_position_embeddings)
+        self.runner = ModelRunner(text_model, lm_head, self.block_manager, dtype, self.device,
+                                  cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len)
         self._requests: dict[str, _Request] = {}
         self._incoming: list[_Request] = []
         self._aborted: list[str] = []
@@ -96,7 +100,7 @@ class Engine:
         self._stopped = False
         self._preemptions_seen = 0
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
-        log.info("KV cache: %d blocks of %d tokens on %s, %s", num_blocks, config.block_size, self.device, dtype)
+        log.info("KV cache: %d blocks of %d tokens on %s, %s", num_blocks, block_size, self.device, dtype)
 
     def start(self) -> None:
         self._thread.start()
