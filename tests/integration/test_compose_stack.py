@@ -18,8 +18,8 @@ from mmserve.v1 import api_pb2, api_pb2_grpc
 from tests.integration.helpers import collect, request, text
 from tests.unit.test_compose import CONFIGS, TLS_ENV, TLS_MOUNT, TOKENS_FILE, load_compose, option_value
 
-# What a test machine's .env would say: the tiny model needs no 8 GiB KV cache, and float32 on the CPU.
-TEST_ENV = {"DTYPE": "float32", "LLM_KV_CACHE_BYTES": str(64 * 1024 * 1024), "LOG_LEVEL": "WARNING"}
+# What a test machine's .env would say: the tiny model needs no 8 GiB KV cache (and its float32 stays float32).
+TEST_ENV = {"DTYPE": "auto", "LLM_KV_CACHE_BYTES": str(64 * 1024 * 1024), "LOG_LEVEL": "WARNING"}
 TOKEN = "sk-compose"
 
 
