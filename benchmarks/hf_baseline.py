@@ -3,10 +3,10 @@
     python benchmarks/hf_baseline.py --model DIR --port 50070
 
 One process; each Router/Generate request runs `Qwen2_5_VLForConditionalGeneration.generate` in a single
-worker thread, one request at a time in arrival order (its media preprocessing too). Images go through
-transformers' `Qwen2VLImageProcessorPil`; videos through mmserve's frame sampling (`decode_video`) and
-`to_pixel_values`, because transformers' video processor needs torchvision, which cannot be installed
-beside the CPU torch here (the same preprocessing as the parity tests' reference). Tokens stream back as
+worker thread, one request at a time in arrival order (its media preprocessing too). Its inputs are those of the
+parity tests' reference (`mmserve/hf_inputs.py`): images go through transformers' `Qwen2VLImageProcessorPil`;
+videos through mmserve's frame sampling (`decode_video`) and `to_pixel_values`, because transformers' video
+processor needs torchvision, which cannot be installed beside the CPU torch here. Tokens stream back as
 generate makes them, through a `BaseStreamer` (the interface `TextIteratorStreamer` implements) that hands
 over each token rather than each word, so the baseline's TTFT is not held back to a word boundary.
 Greedy answers equal mmserve's. It ignores SLO fields: plain generate knows none.
@@ -17,22 +17,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import io
 import threading
 import time
 
 import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc loads; see its __init__)
 import grpc
 import torch
-from PIL import Image
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, StoppingCriteria
+from transformers import Qwen2_5_VLForConditionalGeneration, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from mmserve import rpc
 from mmserve.config import ServiceConfig, option
-from mmserve.media.preprocess import ImageProcessing, to_pixel_values
-from mmserve.media.video import decode_video
+from mmserve.hf_inputs import HfInputs
 from mmserve.models import loading
 from mmserve.v1 import api_pb2, api_pb2_grpc
 
@@ -79,55 +75,14 @@ class HfModel:
     def __init__(self, model_dir: str, dtype: str = "auto"):
         dtype = loading.resolve_dtype(dtype, model_dir, torch.device("cpu"))
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-        self.processing = ImageProcessing.from_pretrained(model_dir)
-        self.config = self.model.config
-
-    def _video(self, media: api_pb2.Media):
-        kwargs = {k: getattr(media, k) for k in ("fps", "max_frames", "min_pixels", "max_pixels") if media.HasField(k)}
-        video = decode_video(media.data, **kwargs)
-        p = self.processing
-        pixels, grid = to_pixel_values(video.frames, patch_size=p.patch_size, temporal_patch_size=p.temporal_patch_size,
-                                       merge_size=p.merge_size, image_mean=p.image_mean, image_std=p.image_std)
-        return pixels, grid, p.temporal_patch_size / video.sample_fps
-
-    def inputs(self, request: api_pb2.GenerateRequest) -> dict:
-        """generate's keyword arguments for a request whose media is inline."""
-        conversation, images, videos = [], [], []
-        for m in request.messages:
-            content = []
-            for part in m.parts:
-                kind = part.WhichOneof("content")
-                content.append({"type": "text", "text": part.text} if kind == "text" else {"type": kind})
-                if kind == "image":
-                    images.append(Image.open(io.BytesIO(part.image.data)).convert("RGB"))
-                elif kind == "video":
-                    videos.append(self._video(part.video))
-            conversation.append({"role": m.role, "content": content})
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        inputs: dict = {}
-        merge = self.config.vision_config.spatial_merge_size ** 2
-        if images:
-            processed = self.image_processor(images=images, return_tensors="pt")
-            inputs.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"])
-            text = _expand(text, "<|image_pad|>", [int(g.prod()) // merge for g in processed["image_grid_thw"]])
-        if videos:
-            inputs.update(pixel_values_videos=torch.cat([v[0] for v in videos]),
-                          video_grid_thw=torch.tensor([v[1] for v in videos]),
-                          second_per_grid_ts=torch.tensor([v[2] for v in videos]))
-            text = _expand(text, "<|video_pad|>", [t * h * w // merge for _, (t, h, w), _ in videos])
-        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
-        mm_types = torch.zeros_like(ids, dtype=torch.int32)
-        mm_types[ids == self.config.image_token_id] = 1
-        mm_types[ids == self.config.video_token_id] = 2
-        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types, **inputs)
+        self.inputs = HfInputs(model_dir, self.model.config)
+        self.tokenizer = self.inputs.tokenizer
 
     @torch.inference_mode()
     def generate(self, request: api_pb2.GenerateRequest, streamer: QueueStreamer, cancelled: threading.Event) -> int:
         """Preprocesses and generates one request, streaming tokens; returns the prompt length."""
         try:
-            inputs = self.inputs(request)
+            inputs = self.inputs.for_request(request)
             s = request.sampling
             greedy = s.HasField("temperature") and s.temperature == 0
             sampling = {"do_sample": False} if greedy else {
@@ -139,15 +94,6 @@ class HfModel:
             return inputs["input_ids"].shape[1]
         finally:
             streamer.end()
-
-
-def _expand(text: str, pad: str, counts: list[int]) -> str:
-    """Replaces the i-th placeholder with counts[i] copies, as Qwen2.5-VL's processor does."""
-    parts = text.split(pad)
-    out = parts[0]
-    for n, rest in zip(counts, parts[1:]):
-        out += pad * n + rest
-    return out
 
 
 class BaselineServicer(api_pb2_grpc.RouterServicer):

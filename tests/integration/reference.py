@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 import torch
-from PIL import Image
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import Qwen2_5_VLForConditionalGeneration
 
-from mmserve.media.preprocess import ImageProcessing, to_pixel_values
-from mmserve.media.video import decode_video
+from mmserve.hf_inputs import HfInputs
 from mmserve.v1 import api_pb2
 
 
@@ -19,62 +14,11 @@ class Reference:
 
     def __init__(self, model_dir):
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # Images go through transformers' own processor: an independent check of our decoder.
-        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-        # transformers' video processor needs torchvision, so videos use our (separately tested) sampling.
-        self.processing = ImageProcessing.from_pretrained(model_dir)
-        self.config = self.model.config
-
-    def _video(self, media: api_pb2.Media):
-        kwargs = {k: getattr(media, k) for k in ("fps", "max_frames", "min_pixels", "max_pixels")
-                  if media.HasField(k)}
-        video = decode_video(media.data, **kwargs)
-        p = self.processing
-        pixels, grid = to_pixel_values(video.frames, patch_size=p.patch_size,
-                                       temporal_patch_size=p.temporal_patch_size, merge_size=p.merge_size,
-                                       image_mean=p.image_mean, image_std=p.image_std)
-        return pixels, grid, p.temporal_patch_size / video.sample_fps
+        self.inputs = HfInputs(model_dir, self.model.config)
+        self.tokenizer = self.inputs.tokenizer
 
     @torch.inference_mode()
     def generate(self, request: api_pb2.GenerateRequest, num_tokens: int) -> list[int]:
-        conversation, images, videos = [], [], []
-        for m in request.messages:
-            content = []
-            for part in m.parts:
-                kind = part.WhichOneof("content")
-                content.append({"type": "text", "text": part.text} if kind == "text" else {"type": kind})
-                if kind == "image":
-                    images.append(Image.open(io.BytesIO(part.image.data)))
-                elif kind == "video":
-                    videos.append(self._video(part.video))
-            conversation.append({"role": m.role, "content": content})
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        inputs = {}
-        merge = self.config.vision_config.spatial_merge_size ** 2
-        if images:
-            processed = self.image_processor(images=images, return_tensors="pt")
-            inputs.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"])
-            text = _expand(text, "<|image_pad|>", [int(g.prod()) // merge for g in processed["image_grid_thw"]])
-        if videos:
-            inputs.update(pixel_values_videos=torch.cat([v[0] for v in videos]),
-                          video_grid_thw=torch.tensor([v[1] for v in videos]),
-                          second_per_grid_ts=torch.tensor([v[2] for v in videos]))
-            text = _expand(text, "<|video_pad|>", [t * h * w // merge for _, (t, h, w), _ in videos])
-        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
-        mm_types = torch.zeros_like(ids, dtype=torch.int32)
-        mm_types[ids == self.config.image_token_id] = 1
-        mm_types[ids == self.config.video_token_id] = 2
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types,
-                                  **inputs, do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens)
-        return out[0, ids.shape[1]:].tolist()
-
-
-def _expand(text: str, pad: str, counts: list[int]) -> str:
-    """Replaces the i-th placeholder with counts[i] copies, as Qwen2.5-VL's processor does."""
-    parts = text.split(pad)
-    assert len(parts) == len(counts) + 1
-    out = parts[0]
-    for n, rest in zip(counts, parts[1:]):
-        out += pad * n + rest
-    return out
+        inputs = self.inputs.for_request(request)
+        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
