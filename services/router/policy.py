@@ -73,7 +73,8 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
     budget = slo.ttft_ms * headroom
     step_ms, ttft_ms = prediction.step_ms * tpot_scale, prediction.ttft_ms * ttft_scale
     if step_ms > slo.tpot_ms * headroom:
-        return Decision(False, f"predicted time per token {step_ms:.0f} ms exceeds the {slo.tpot_ms:.0f} ms target",
+        return Decision(False, f"predicted time per token {_predicted(prediction.step_ms, tpot_scale)} exceeds the "
+                               f"{slo.tpot_ms:.0f} ms target",
                         retry_after_ms=_retry_ms(prediction.llm.wait_ms * ttft_scale))
     if ttft_ms <= budget:
         return Decision(True)
@@ -83,8 +84,8 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
         scale = (budget - fixed) / media_ms
         if scale >= min_frame_scale:
             return Decision(True, "degraded", frame_scale=scale)
-    return Decision(False, f"predicted time to first token {ttft_ms:.0f} ms exceeds the {slo.ttft_ms:.0f} ms "
-                           "target", retry_after_ms=_retry_ms(ttft_ms - budget))
+    return Decision(False, f"predicted time to first token {_predicted(prediction.ttft_ms, ttft_scale)} exceeds the "
+                           f"{slo.ttft_ms:.0f} ms target", retry_after_ms=_retry_ms(ttft_ms - budget))
 
 
 class Calibration:
@@ -136,6 +137,12 @@ class Strictness:
     def observe(self, met: bool) -> None:
         missed = 0.0 if met else 1.0
         self.value = min(self.high, max(self.low, self.value + self.rate * (missed - (1 - self.target))))
+
+
+def _predicted(raw_ms: float, scale: float) -> str:
+    """A calibrated prediction as a refusal states it: how it was made, unless the calibration is 1."""
+    calibrated = f"{raw_ms * scale:.0f} ms"
+    return calibrated if scale == 1.0 else f"{calibrated} ({raw_ms:.0f} ms × {scale:.2f} calibration)"
 
 
 def _retry_ms(ms: float) -> float:

@@ -95,9 +95,19 @@ def test_admits_what_fits_and_refuses_with_a_retry_hint_what_does_not():
     assert decide(prediction(media_work=500), slo, allow_degrade=False).admit
     refused = decide(prediction(media_wait=900, media_work=500), slo, allow_degrade=False)
     assert not refused.admit
-    assert "time to first token" in refused.reason
+    assert refused.reason == "predicted time to first token 1410 ms exceeds the 1000 ms target"
     assert refused.retry_after_ms >= 410  # at least the predicted overrun
-    assert not decide(prediction(step=150), slo, allow_degrade=False).admit
+    refused = decide(prediction(step=150), slo, allow_degrade=False)
+    assert not refused.admit and refused.reason == "predicted time per token 150 ms exceeds the 100 ms target"
+
+
+def test_a_refusal_says_how_the_calibration_scaled_its_prediction():
+    slo = Slo(ttft_ms=1250, tpot_ms=100)
+    refused = decide(prediction(media_work=638, llm_work=10), slo, allow_degrade=False, ttft_scale=2.0)
+    assert refused.reason == ("predicted time to first token 1296 ms (648 ms × 2.00 calibration) exceeds the "
+                              "1250 ms target")
+    refused = decide(prediction(step=60), slo, allow_degrade=False, ttft_scale=2.0, tpot_scale=1.9)
+    assert refused.reason == "predicted time per token 114 ms (60 ms × 1.90 calibration) exceeds the 100 ms target"
 
 
 def test_degradation_keeps_fewer_frames_when_that_meets_the_target():
@@ -368,7 +378,7 @@ def test_a_noisy_step_model_tightens_the_time_per_token_gate():
     for _ in range(200):
         controller.record_step(60.0, 120.0)  # steps take twice what the model said for their batch
     decision = admit().decision
-    assert not decision.admit and "time per token" in decision.reason
+    assert not decision.admit and "time per token" in decision.reason and "calibration)" in decision.reason
 
 
 def test_time_per_token_is_priced_at_the_batch_the_admitted_requests_will_make():
