@@ -1,8 +1,10 @@
 """Goodput benchmark: mmserve against a transformers baseline and against itself in one process.
 
-    python benchmarks/goodput.py [--rates 1,2,4,8,16] [--requests 40] [--preset tiny] [--plot goodput.png]
+    python benchmarks/goodput.py [--rates 1,2,4,8,16] [--duration-s 20] [--preset tiny] [--plot goodput.png]
 
-One run, the same mixed trace (videos, images, text; Poisson arrivals at each rate) against three systems
+One run, the same mixed traces (videos, images, text; Poisson arrivals at each rate for --duration-s, at least
+--requests requests: a fixed count would make the high rates' traces seconds long, too short for an
+overloaded system's queue to build, and flatter it) against three systems
 that all serve the public `Router/Generate` gRPC API, so one client drives them all:
 
 * mmserve: the disaggregated stack (`mmserve.launcher`: decoder, encoder, llm and router processes);
@@ -67,16 +69,26 @@ def start_system(name: str, model: str, redis_url: str, router_args: tuple[str, 
                                 "--log-level", "ERROR"], port)
 
 
+def _variants(trace: list[str], reuse: float) -> int:
+    """Distinct items per media class so that about `reuse` of a trace's media requests repeat one."""
+    most = max(trace.count("video"), trace.count("image"))
+    return max(1, round(most * (1 - reuse)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="1,2,4,8,16", help="offered request rates (req/s), comma-separated")
-    parser.add_argument("--requests", type=int, default=40, help="requests per rate")
+    parser.add_argument("--duration-s", type=float, default=20.0, help="length of each rate's trace")
+    parser.add_argument("--requests", type=int, default=40, help="fewest requests per rate")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--slo-factor", type=float, default=5.0,
                         help="SLO = factor × the slowest system's lone-request latency")
     parser.add_argument("--slo-floor-ms", type=float, default=200.0,
                         help="smallest TTFT target (a quarter of it for TPOT): below it, timer noise decides")
     parser.add_argument("--mix", default="0.3,0.3,0.4", help="fractions of video, image and text requests")
+    parser.add_argument("--reuse", type=float, default=0.5,
+                        help="share of media requests that repeat an item seen before in their trace (a video "
+                             "asked a new question: mmserve's embedding cache can answer it), the same at every rate")
     parser.add_argument("--preset", default="tiny", help="model: tiny, or qwen2.5-vl-3b-width (real widths)")
     parser.add_argument("--router-args", default="", help="further flags of both mmserve routers, e.g. "
                                                              "'--policy fcfs' (no admission control)")
@@ -86,9 +98,10 @@ def main() -> None:
 
     workdir = tempfile.mkdtemp(prefix="mmserve-goodput-")
     model = str(build_tiny_model(pathlib.Path(workdir) / "model", seed=0, preset=args.preset))
+    mix = [float(x) for x in args.mix.split(",")]
+    traces = {rate: make_trace(max(args.requests, int(rate * args.duration_s)), mix) for rate in rates}
     calibration_media = make_media(seed=0)
-    media = {rate: make_media(seed=1 + i) for i, rate in enumerate(rates)}
-    trace = make_trace(args.requests, [float(x) for x in args.mix.split(",")])
+    media = {rate: make_media(_variants(traces[rate], args.reuse), seed=1 + i) for i, rate in enumerate(rates)}
     load = [os.getloadavg()[0]]  # other work on the machine skews every figure: report how busy it was
     redis, redis_url = start_redis(workdir)
     running: dict[str, tuple[Stack, str]] = {}
@@ -108,8 +121,8 @@ def main() -> None:
         for name in SYSTEMS:
             for rate in rates:
                 flush(redis_url)
-                outcomes, wall = asyncio.run(replay(running[name][1], rate, trace, media[rate], slo, args.max_tokens,
-                                                    seed=int(rate * 10), salt=f"{name}{rate}"))
+                outcomes, wall = asyncio.run(replay(running[name][1], rate, traces[rate], media[rate], slo,
+                                                    args.max_tokens, seed=int(rate * 10), salt=f"{name}{rate}"))
                 results[name][rate] = summarize(outcomes, slo, wall)
                 load.append(os.getloadavg()[0])
                 print(f"{name} rate={rate}: " + ", ".join(f"{k}={v:.2f}" for k, v in results[name][rate].items())

@@ -33,8 +33,9 @@ class Outcome:
 
 
 def make_media(num_variants: int = 8, seed: int = 0) -> Media:
-    """A few distinct clips and pictures, so the embedding cache does not answer everything (another seed: others)."""
-    seeds = range(seed * num_variants, (seed + 1) * num_variants)
+    """num_variants distinct clips and pictures, so the embedding cache does not answer everything. Another seed
+    gives others, whatever either's count: no item is shared, so no run hits what another one cached."""
+    seeds = range(seed * 100_000, seed * 100_000 + num_variants)
     return {"video": [make_video(seconds=2.0, fps=10, width=224, height=168, seed=s) for s in seeds],
             "image": [make_image(width=336, height=252, seed=s) for s in seeds]}
 

@@ -71,7 +71,8 @@ class HfInputs:
 def _expand(text: str, pad: str, counts: list[int]) -> str:
     """Replaces the i-th placeholder with counts[i] copies, as Qwen2.5-VL's processor does."""
     parts = text.split(pad)
-    assert len(parts) == len(counts) + 1
+    if len(parts) != len(counts) + 1:  # the text itself holds the placeholder
+        raise ValueError(f"prompt: {len(parts) - 1} {pad} placeholders for {len(counts)} media items")
     out = parts[0]
     for n, rest in zip(counts, parts[1:]):
         out += pad * n + rest
