@@ -1,0 +1,86 @@
+"""In bfloat16 (what real checkpoints ship, and what `--dtype auto` computes in where the CPU has it in hardware)
+the whole pipeline follows transformers' generate. Kernels round differently, so greedy tokens may part where
+transformers' own two best logits lie within rounding of each other, and either token is right; before that
+point they must be equal, and a parting anywhere else fails."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import grpc
+import pytest
+import torch
+
+from mmserve import rpc
+from mmserve.launcher import Stack, StackSpec, free_port, plan
+from mmserve.media.samples import make_image, make_video
+from mmserve.models import loading
+from mmserve.models.tiny import build_tiny_model
+from mmserve.v1 import api_pb2_grpc
+from tests.integration.helpers import collect, image, request, text, video
+from tests.integration.reference import Reference
+
+pytestmark = pytest.mark.skipif(torch.bfloat16 not in loading.native_dtypes(torch.device("cpu")),
+                                reason="this CPU has no native bfloat16: --dtype auto computes in float32 here")
+NUM_TOKENS = 32
+TIE = 0.02  # two logits within this share of the step's largest |logit| are a tie in bfloat16
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bf16"), seed=0, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def bf16_router(bf16_model, redis_server):
+    children, address = plan(StackSpec(model=str(bf16_model), port=free_port(), redis_url=redis_server.url,
+                                       log_level="WARNING"))
+    stack = Stack(children)
+    stack.start()
+    channel = None
+    try:
+        asyncio.run(stack.wait_healthy(180))
+        channel = grpc.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
+        yield api_pb2_grpc.RouterStub(channel)
+    finally:
+        if channel is not None:
+            channel.close()
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(bf16_model):
+    ref = Reference(bf16_model)
+    assert ref.model.dtype == torch.bfloat16
+    return ref
+
+
+def assert_follows(tokens: list[int], expected: list[int], logits: list[torch.Tensor]) -> None:
+    assert len(tokens) == len(expected) == NUM_TOKENS
+    for i, (token, want) in enumerate(zip(tokens, expected)):
+        if token != want:
+            top = logits[i].topk(2).values
+            margin = float(top[0] - top[1]) / float(logits[i].abs().max())
+            assert margin < TIE, f"token {i}: {token} != {want}, and transformers' margin was {margin:.3f}"
+            return
+
+
+def cases():
+    clip = make_video(seconds=2.0, fps=30, width=112, height=84, seed=1)
+    return [
+        request(text("Write a short poem about the sea."), num_tokens=NUM_TOKENS),
+        request(image(make_image(width=120, height=90, seed=2)), text("Describe this image."), num_tokens=NUM_TOKENS),
+        request(video(clip), text("What happens in this video?"), num_tokens=NUM_TOKENS),
+    ] + [request(text(f"Question number {i}: what is {i} plus {i}?"), num_tokens=NUM_TOKENS) for i in range(5)]
+
+
+def test_lone_and_batched_requests_follow_transformers(bf16_router, reference):
+    requests = cases()
+    expected = [reference.generate_scored(r, NUM_TOKENS) for r in requests]
+    for req, (want, logits) in zip(requests[:3], expected):  # one at a time
+        assert_follows(collect(bf16_router, req).token_ids, want, logits)
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:  # all in flight together
+        results = list(pool.map(lambda r: collect(bf16_router, r), requests))
+    for result, (want, logits) in zip(results, expected):
+        assert_follows(result.token_ids, want, logits)
