@@ -25,7 +25,8 @@ class Reference:
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
     @torch.inference_mode()
-    def generate_scored(self, request: api_pb2.GenerateRequest, num_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    def generate_scored(self, request: api_pb2.GenerateRequest,
+                        num_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
         """Greedy token ids and the raw logits [vocab] (float32) each was chosen from."""
         inputs = self.inputs.for_request(request)
         out = self.model.generate(**inputs, do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens,
