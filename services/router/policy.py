@@ -73,8 +73,8 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
     budget = slo.ttft_ms * headroom
     step_ms, ttft_ms = prediction.step_ms * tpot_scale, prediction.ttft_ms * ttft_scale
     if step_ms > slo.tpot_ms * headroom:
-        return Decision(False, f"predicted time per token {_predicted(prediction.step_ms, tpot_scale)} exceeds the "
-                               f"{slo.tpot_ms:.0f} ms target",
+        return Decision(False, f"predicted time per token {_predicted(prediction.step_ms, tpot_scale)} exceeds "
+                               f"{_limit(slo.tpot_ms, headroom)}",
                         retry_after_ms=_retry_ms(prediction.llm.wait_ms * ttft_scale))
     if ttft_ms <= budget:
         return Decision(True)
@@ -84,8 +84,8 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
         scale = (budget - fixed) / media_ms
         if scale >= min_frame_scale:
             return Decision(True, "degraded", frame_scale=scale)
-    return Decision(False, f"predicted time to first token {_predicted(prediction.ttft_ms, ttft_scale)} exceeds the "
-                           f"{slo.ttft_ms:.0f} ms target", retry_after_ms=_retry_ms(ttft_ms - budget))
+    return Decision(False, f"predicted time to first token {_predicted(prediction.ttft_ms, ttft_scale)} exceeds "
+                           f"{_limit(slo.ttft_ms, headroom)}", retry_after_ms=_retry_ms(ttft_ms - budget))
 
 
 class Calibration:
@@ -143,6 +143,13 @@ def _predicted(raw_ms: float, scale: float) -> str:
     """A calibrated prediction as a refusal states it: how it was made, unless the calibration is 1."""
     calibrated = f"{raw_ms * scale:.0f} ms"
     return calibrated if scale == 1.0 else f"{calibrated} ({raw_ms:.0f} ms × {scale:.2f} calibration)"
+
+
+def _limit(target_ms: float, headroom: float) -> str:
+    """What a prediction was held to: the target, or headroom times it (then a prediction under the target
+    can still be refused, and the message must say why)."""
+    target = f"the {target_ms:.0f} ms target"
+    return target if headroom == 1.0 else f"{target_ms * headroom:.0f} ms ({headroom:.2f} × {target})"
 
 
 def _retry_ms(ms: float) -> float:

@@ -110,6 +110,15 @@ def test_a_refusal_says_how_the_calibration_scaled_its_prediction():
     assert refused.reason == "predicted time per token 114 ms (60 ms × 1.90 calibration) exceeds the 100 ms target"
 
 
+def test_a_refusal_under_headroom_names_the_limit_it_missed():
+    # 800 ms is within the 1000 ms target but not within half of it: the message must not say "target" alone.
+    slo = Slo(ttft_ms=1000, tpot_ms=100)
+    refused = decide(prediction(media_work=790), slo, allow_degrade=False, headroom=0.5)
+    assert refused.reason == "predicted time to first token 800 ms exceeds 500 ms (0.50 × the 1000 ms target)"
+    refused = decide(prediction(step=60), slo, allow_degrade=False, headroom=0.5)
+    assert refused.reason == "predicted time per token 60 ms exceeds 50 ms (0.50 × the 100 ms target)"
+
+
 def test_degradation_keeps_fewer_frames_when_that_meets_the_target():
     slo = Slo(ttft_ms=1000, tpot_ms=100)
     decision = decide(prediction(media_wait=100, media_work=1780, llm_work=10), slo, allow_degrade=True)
