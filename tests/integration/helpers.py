@@ -1,12 +1,41 @@
-"""Request builders, stream collectors and a metrics reader shared by the integration tests."""
+"""Request builders, stream collectors, a metrics reader and stacks of our own, shared by the integration tests."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import re
 import urllib.request
+from collections.abc import Iterator
 
-from mmserve.v1 import api_pb2
+import grpc
+
+from mmserve import rpc
+from mmserve.launcher import Child, Stack
+from mmserve.v1 import api_pb2, api_pb2_grpc
+
+
+@contextlib.contextmanager
+def running(children: list[Child], timeout_s: float = 180) -> Iterator[Stack]:
+    """The processes started and healthy; stopped on leaving."""
+    stack = Stack(children)
+    stack.start()
+    try:
+        asyncio.run(stack.wait_healthy(timeout_s))
+        yield stack
+    finally:
+        stack.stop()
+
+
+@contextlib.contextmanager
+def router_stub(address: str) -> Iterator[api_pb2_grpc.RouterStub]:
+    """A synchronous Router stub on address; its channel closed on leaving."""
+    channel = grpc.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
+    try:
+        yield api_pb2_grpc.RouterStub(channel)
+    finally:
+        channel.close()
 
 
 def text(s: str) -> api_pb2.Part:

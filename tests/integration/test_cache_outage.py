@@ -3,19 +3,15 @@ the router's local LRU still answers what it has seen; the cache fills again onc
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 
-import grpc
 import pytest
 
-from mmserve import rpc
-from mmserve.launcher import Stack, StackSpec, free_port, plan
+from mmserve.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
-from mmserve.v1 import api_pb2_grpc
 from tests.conftest import RedisServer
-from tests.integration.helpers import collect, image, request, text, video
+from tests.integration.helpers import collect, image, request, router_stub, running, text, video
 from tests.integration.reference import Reference
 
 NUM_TOKENS = 8
@@ -37,15 +33,8 @@ def outage_router(tiny_model, redis_outage):
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_outage.url, log_level="ERROR",
                      transport="inline")
     children, address = plan(spec)
-    stack = Stack(children)
-    stack.start()
-    try:
-        asyncio.run(stack.wait_healthy(180))
-        channel = grpc.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
-        yield api_pb2_grpc.RouterStub(channel)
-        channel.close()
-    finally:
-        stack.stop()
+    with running(children), router_stub(address) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")

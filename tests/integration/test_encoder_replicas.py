@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from mmserve.launcher import Stack, StackSpec, free_port, plan
+from mmserve.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_video
-from tests.integration.helpers import collect, metric, request, text, video
+from tests.integration.helpers import collect, metric, request, running, text, video
 from tests.integration.reference import Reference
 
 
@@ -17,13 +15,8 @@ def two_encoder_stack(tiny_model, redis_server):
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url, log_level="WARNING",
                      num_encoders=2, metrics=True)
     children, router = plan(spec)
-    running = Stack(children)
-    running.start()
-    try:
-        asyncio.run(running.wait_healthy(180))
+    with running(children):
         yield router, [c for c in children if c.name.startswith("encoder")]
-    finally:
-        running.stop()
 
 
 def _requests_served(encoder) -> float:

@@ -5,20 +5,16 @@ point they must be equal, and a parting anywhere else fails."""
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 
-import grpc
 import pytest
 import torch
 
-from mmserve import rpc
-from mmserve.launcher import Stack, StackSpec, free_port, plan
+from mmserve.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
 from mmserve.models import loading
 from mmserve.models.tiny import build_tiny_model
-from mmserve.v1 import api_pb2_grpc
-from tests.integration.helpers import collect, image, request, text, video
+from tests.integration.helpers import collect, image, request, router_stub, running, text, video
 from tests.integration.reference import Reference
 
 pytestmark = pytest.mark.skipif(torch.bfloat16 not in loading.native_dtypes(torch.device("cpu")),
@@ -36,17 +32,8 @@ def bf16_model(tmp_path_factory):
 def bf16_router(bf16_model, redis_server):
     children, address = plan(StackSpec(model=str(bf16_model), port=free_port(), redis_url=redis_server.url,
                                        log_level="WARNING"))
-    stack = Stack(children)
-    stack.start()
-    channel = None
-    try:
-        asyncio.run(stack.wait_healthy(180))
-        channel = grpc.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
-        yield api_pb2_grpc.RouterStub(channel)
-    finally:
-        if channel is not None:
-            channel.close()
-        stack.stop()
+    with running(children), router_stub(address) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")

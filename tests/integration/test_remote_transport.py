@@ -15,10 +15,10 @@ import torch
 
 from mmserve import rpc, transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache
-from mmserve.launcher import Stack, StackSpec, free_port, plan
+from mmserve.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
-from mmserve.v1 import api_pb2, api_pb2_grpc, decoder_pb2, llm_pb2, llm_pb2_grpc
-from tests.integration.helpers import collect, image, metric, request, text, video
+from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
+from tests.integration.helpers import collect, image, metric, request, router_stub, running, text, video
 from tests.integration.reference import Reference
 from tests.integration.test_transport_leaks import Producer
 
@@ -39,15 +39,8 @@ def remote_stack(tiny_model, redis_server):
     children, address = plan(spec)
     llm = next(c for c in children if c.name == "llm")
     llm.argv += ["--redis-url", ""]  # argparse: the last occurrence wins
-    stack = Stack(children)
-    stack.start()
-    try:
-        asyncio.run(stack.wait_healthy(180))
-        channel = grpc.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
-        yield api_pb2_grpc.RouterStub(channel), {c.name: c.metrics_port for c in children if c.metrics_port}
-        channel.close()
-    finally:
-        stack.stop()
+    with running(children), router_stub(address) as stub:
+        yield stub, {c.name: c.metrics_port for c in children if c.metrics_port}
 
 
 def ask(router, reference, *parts):
