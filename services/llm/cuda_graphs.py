@@ -27,6 +27,17 @@ def is_decode(seq: Sequence, num_new_tokens: int) -> bool:
     return num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
 
 
+def kv_slot(seq: Sequence, position: int, block_size: int) -> int:
+    """Where in the KV cache the token at position of seq lives."""
+    return seq.block_table[position // block_size] * block_size + position % block_size
+
+
+def block_tables(seqs: list[Sequence], width: int = 0, fill: int = 0, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """The sequences' block tables as one tensor [len(seqs), width or the longest], padded with fill."""
+    width = width or max(len(s.block_table) for s in seqs)
+    return torch.tensor([s.block_table + [fill] * (width - len(s.block_table)) for s in seqs], dtype=dtype)
+
+
 class DecodeGraphs:
     """Decode-only steps replayed from CUDA graphs captured at start-up, one per padded batch size.
 
@@ -96,17 +107,15 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         bs = self.block_size
         at = [s.num_computed_tokens for s in seqs]  # the position each sequence computes now
-        table = torch.full((size, self.max_blocks), self.scratch_block, dtype=torch.int32)
-        for row, seq in enumerate(seqs):
-            table[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
         pad = size - n
         ids = [s.token_ids[i] for s, i in zip(seqs, at)] + [0] * pad
         positions = [i + s.mm.rope_delta for s, i in zip(seqs, at)] + [0] * pad
-        slots = [s.block_table[i // bs] * bs + i % bs for s, i in zip(seqs, at)] + [self.scratch_block * bs] * pad
+        slots = [kv_slot(s, i, bs) for s, i in zip(seqs, at)] + [self.scratch_block * bs] * pad
         self.ids[:size].copy_(torch.tensor(ids))
         self.positions[:, :size].copy_(torch.tensor(positions).expand(3, -1))
         self.slots[:size].copy_(torch.tensor(slots))
         self.context_lens[:size].copy_(torch.tensor([i + 1 for i in at] + [1] * pad, dtype=torch.int32))
-        self.block_table[:size].copy_(table)
+        self.block_table[:n].copy_(block_tables(seqs, self.max_blocks, self.scratch_block, torch.int32))
+        self.block_table[n:size].fill_(self.scratch_block)
         self.graphs[size].replay()
         return self.logits[size][:n].float().cpu()

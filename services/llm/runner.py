@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from services.llm.block_manager import BlockManager
-from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, flash_usable, is_decode
+from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, block_tables, flash_usable, is_decode, kv_slot
 from services.llm.prompt import MultimodalPrompt
 from services.llm.scheduler import ScheduledChunk
 
@@ -72,8 +72,9 @@ class ModelRunner:
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim ** -0.5
         block_size = block_manager.block_size
-        self.flash = flash_usable(device, dtype) and block_size % FLASH_PAGE == 0
-        if flash_usable(device, dtype) and not self.flash:
+        flash_here = flash_usable(device, dtype)
+        self.flash = flash_here and block_size % FLASH_PAGE == 0
+        if flash_here and not self.flash:
             log.warning("block_size %d is not a multiple of %d: flash-attn's paged kernels cannot read it, "
                         "attention falls back to SDPA", block_size, FLASH_PAGE)
         # One block past the block manager's: a scratch page that CUDA graphs' padding rows write to.
@@ -141,7 +142,7 @@ class ModelRunner:
                 decode_seqs.append(seq)
                 decode_rows.append(offset)
                 decode_positions.append(start + seq.mm.rope_delta)
-                decode_slots.append(seq.block_table[start // block_size] * block_size + start % block_size)
+                decode_slots.append(kv_slot(seq, start, block_size))
             else:
                 prefill_positions.append(self._positions(seq.mm, seq.num_prompt_tokens, start, start + n))
                 token_positions = torch.arange(start + n)
@@ -166,8 +167,7 @@ class ModelRunner:
             return torch.zeros(len(seqs), 0, dtype=torch.long), torch.zeros(len(seqs), 1, 1, 0, dtype=torch.bool)
         block_size = self.block_manager.block_size
         lengths = torch.tensor([s.num_computed_tokens + 1 for s in seqs])
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+        tables = block_tables(seqs)
         token_positions = torch.arange(int(lengths.max()))
         index = tables[:, token_positions // block_size] * block_size + token_positions % block_size
         mask = (token_positions[None, :] < lengths[:, None])[:, None, None, :]
@@ -177,9 +177,7 @@ class ModelRunner:
     def _flash_metadata(batch: _Batch, chunks: list[ScheduledChunk]) -> _Batch:
         q_lens = [c.num_new_tokens for c in chunks]
         k_lens = [c.seq.num_computed_tokens + c.num_new_tokens for c in chunks]
-        width = max(len(c.seq.block_table) for c in chunks)
-        table = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks],
-                             dtype=torch.int32)
+        table = block_tables([c.seq for c in chunks], dtype=torch.int32)
         cumulative = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)  # noqa: E731
         return dataclasses.replace(batch, cu_seqlens_q=cumulative(q_lens), cu_seqlens_k=cumulative(k_lens),
                                    max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens), block_table=table)
