@@ -13,6 +13,7 @@ from services.llm.config import LlmConfig
 from services.llm.engine import Engine, Finished
 from services.llm.prompt import ChatMessage
 from services.llm.sequence import SamplingOptions
+from tests.integration.helpers import assert_follows
 
 pytestmark = pytest.mark.gpu
 
@@ -72,19 +73,6 @@ def _lone_runs(engine: Engine, prompts: list[str]) -> list[tuple[list[int], list
         engine_module.sample_rows = original
 
 
-def _assert_agree(tokens: list[int], reference: tuple[list[int], list[torch.Tensor]], logits=None) -> None:
-    ref_tokens, ref_logits = reference
-    assert len(tokens) == len(ref_tokens)
-    for i, (token, expected) in enumerate(zip(tokens, ref_tokens)):
-        scale = float(ref_logits[i].abs().max())
-        if logits is not None:
-            assert torch.allclose(logits[i], ref_logits[i], atol=0.05 * scale), f"token {i}: logits differ"
-        if token != expected:
-            top = ref_logits[i].topk(2).values
-            assert float(top[0] - top[1]) < 0.02 * scale, f"token {i}: {token} != {expected} without a near tie"
-            return
-
-
 @flash
 def test_flash_paged_attention_matches_sdpa(tiny_model):
     # Prefill chunks of 16 tokens after their earlier chunks: the causal alignment over pages.
@@ -98,7 +86,7 @@ def test_flash_paged_attention_matches_sdpa(tiny_model):
         finally:
             engine.stop()
     for (tokens, logits), reference in zip(runs["flash"], runs["sdpa"]):
-        _assert_agree(tokens, reference, logits)
+        assert_follows(tokens, *reference, logits=logits)
 
 
 @flash
@@ -119,7 +107,7 @@ def test_cuda_graph_decode_matches_eager_alone_and_padded(tiny_model):
     finally:
         graphed.stop()
     for (tokens, logits), ref in zip(alone, reference):
-        _assert_agree(tokens, ref, logits)
+        assert_follows(tokens, *ref, logits=logits)
     for tokens, ref in zip(together, reference):
-        _assert_agree(tokens, ref)
+        assert_follows(tokens, *ref)
     assert all_blocks_back

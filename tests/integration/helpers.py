@@ -10,10 +10,28 @@ import urllib.request
 from collections.abc import Iterator
 
 import grpc
+import torch
 
 from mmserve import rpc
 from mmserve.launcher import Child, Stack
 from mmserve.v1 import api_pb2, api_pb2_grpc
+
+
+def assert_follows(tokens: list[int], expected: list[int], expected_logits: list[torch.Tensor], *, tie: float = 0.02,
+                   logits: list[torch.Tensor] | None = None, close: float = 0.05) -> None:
+    """Greedy tokens against a reference computed by other kernels in half precision: equal until a step where
+    the reference's two best logits lie within tie (a share of its largest |logit|) of each other, where either
+    token is right; given the tokens' own logits, these are within close of the reference's before that."""
+    assert len(tokens) == len(expected)
+    for i, (token, want) in enumerate(zip(tokens, expected)):
+        scale = float(expected_logits[i].abs().max())
+        if logits is not None:
+            assert torch.allclose(logits[i], expected_logits[i], atol=close * scale), f"token {i}: logits differ"
+        if token != want:
+            top = expected_logits[i].topk(2).values
+            margin = float(top[0] - top[1]) / scale
+            assert margin < tie, f"token {i}: {token} != {want}, and the reference's margin was {margin:.3f}"
+            return
 
 
 @contextlib.contextmanager
