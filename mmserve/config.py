@@ -126,6 +126,34 @@ class AuthOptions:
                                       "lines skipped); MMSERVE_API_TOKENS (comma-separated) adds more; none: open")
 
 
+def with_default(mixin: type, name: str, default: Any) -> Any:
+    """A mixin's field redeclared with another default (same doc), for the one service whose default differs."""
+    return option(default, mixin.__dataclass_fields__[name].metadata["doc"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """Model settings of the services that run a model (mix in after ServiceConfig)."""
+
+    model: str = option("", "checkpoint directory or hub id")
+    dtype: str = option("auto", "compute dtype of the weights (and of the llm's KV cache): auto (the checkpoint's, "
+                                "when the device computes it in hardware; else float32), float32, bfloat16 or float16")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (the first GPU when one is visible)")
+    max_queue: int = option(256, "requests waiting before new ones get RESOURCE_EXHAUSTED")
+    num_threads: int = option(0, "torch intra-op threads (0 keeps torch's default)")
+
+    def check_model_options(self) -> None:
+        """Raises ValueError naming the first model field that is missing or out of range."""
+        if not self.model:
+            raise ValueError("model: required")
+        if self.num_threads < 0:
+            raise ValueError("num_threads: must not be negative")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.max_queue < 1:
+            raise ValueError("max_queue: must be positive")
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheOptions:
     """Embedding-cache settings, shared by the services that read or write the cache (mix in after ServiceConfig)."""

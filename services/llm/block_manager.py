@@ -18,6 +18,17 @@ def block_hash(previous: bytes, token_ids: list[int], media: list[tuple[int, int
     return h.digest()
 
 
+def kv_slots(block_table, positions, block_size):
+    """Where tokens live in the flat KV cache: the first slot of the block holding each position, plus its offset.
+
+    One position (an int) in a list block_table gives an int; positions as a tensor [P] in a tensor block_table
+    [..., blocks] (one table, or several padded into rows) give slots [..., P].
+    """
+    index = positions // block_size
+    blocks = block_table[index] if isinstance(positions, int) else block_table[..., index]
+    return blocks * block_size + positions % block_size
+
+
 class BlockManager:
     """Owns the KV blocks. A full, computed block is remembered by its hash so that a later sequence with
     the same prefix (a shared system prompt, the same video at the same place) reuses it instead of
@@ -108,7 +119,7 @@ class BlockManager:
 
     def slot(self, seq: Sequence, position: int) -> int:
         """The flat KV slot of seq's token at position."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+        return kv_slots(seq.block_table, position, self.block_size)
 
     def _hash_of(self, seq: Sequence, index: int, previous: bytes) -> bytes:
         start, end = index * self.block_size, (index + 1) * self.block_size

@@ -6,6 +6,7 @@ import importlib.util
 
 import torch
 
+from services.llm.batch import block_tables, is_decode
 from services.llm.sequence import Sequence
 
 # flash-attn's paged kernels read the KV cache in pages of a multiple of 256 tokens.
@@ -21,21 +22,6 @@ def flash_usable(device: torch.device, dtype: torch.dtype) -> bool:
 
 def default_block_size(device: torch.device, dtype: torch.dtype) -> int:
     return FLASH_PAGE if flash_usable(device, dtype) else DEFAULT_BLOCK_SIZE
-
-
-def is_decode(seq: Sequence, num_new_tokens: int) -> bool:
-    return num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
-
-
-def kv_slot(seq: Sequence, position: int, block_size: int) -> int:
-    """Where in the KV cache the token at position of seq lives."""
-    return seq.block_table[position // block_size] * block_size + position % block_size
-
-
-def block_tables(seqs: list[Sequence], width: int = 0, fill: int = 0, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """The sequences' block tables as one tensor [len(seqs), width or the longest], padded with fill."""
-    width = width or max(len(s.block_table) for s in seqs)
-    return torch.tensor([s.block_table + [fill] * (width - len(s.block_table)) for s in seqs], dtype=dtype)
 
 
 class DecodeGraphs:
@@ -105,12 +91,12 @@ class DecodeGraphs:
         """Logits [len(seqs), vocab] (float32, on the CPU) of one decode token per sequence."""
         n = len(seqs)
         size = next(s for s in self.sizes if s >= n)
-        bs = self.block_size
+        block_manager = self.runner.block_manager
         at = [s.num_computed_tokens for s in seqs]  # the position each sequence computes now
         pad = size - n
         ids = [s.token_ids[i] for s, i in zip(seqs, at)] + [0] * pad
         positions = [i + s.mm.rope_delta for s, i in zip(seqs, at)] + [0] * pad
-        slots = [kv_slot(s, i, bs) for s, i in zip(seqs, at)] + [self.scratch_block * bs] * pad
+        slots = [block_manager.slot(s, i) for s, i in zip(seqs, at)] + [self.scratch_block * self.block_size] * pad
         self.ids[:size].copy_(torch.tensor(ids))
         self.positions[:, :size].copy_(torch.tensor(positions).expand(3, -1))
         self.slots[:size].copy_(torch.tensor(slots))

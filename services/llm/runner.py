@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from services.llm.block_manager import BlockManager
-from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, block_tables, flash_usable, is_decode, kv_slot
+from services.llm.batch import Batch, block_tables, is_decode
+from services.llm.block_manager import BlockManager, kv_slots
+from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, flash_usable
 from services.llm.prompt import MultimodalPrompt
 from services.llm.scheduler import ScheduledChunk
 
@@ -21,39 +22,6 @@ log = logging.getLogger(__name__)
 
 # (queries [tokens, heads, head_dim] of one layer, layer index) -> attention output, same shape.
 Attend = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Batch:
-    """One step's flattened tokens and where each sequence's attention reads its context from."""
-
-    ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [3, num_tokens] M-RoPE positions
-    slots: torch.Tensor  # [num_tokens] KV slots written this step
-    spans: list[tuple[int, int]]  # (offset, num_new_tokens) per chunk
-    # SDPA: each multi-token chunk on its own, the single-token ones together.
-    prefill: list[tuple[int, int, torch.Tensor]]  # (offset, n, context slots) for chunks of n > 1
-    decode_rows: torch.Tensor  # [B] token offset of each single-token chunk
-    decode_index: torch.Tensor  # [B, longest context] context slots, zero-padded
-    decode_mask: torch.Tensor  # [B, 1, 1, longest context] True where the slot is real
-    # flash-attn: every chunk in one varlen call over the KV pages.
-    cu_seqlens_q: torch.Tensor | None = None  # [chunks + 1] int32
-    cu_seqlens_k: torch.Tensor | None = None  # [chunks + 1] int32, context lengths
-    max_seqlen_q: int = 0
-    max_seqlen_k: int = 0
-    block_table: torch.Tensor | None = None  # [chunks, most blocks] int32
-
-    def to(self, device: torch.device) -> _Batch:
-        """The same batch with every tensor on device (built on the CPU, moved in one go)."""
-        if device.type == "cpu":
-            return self
-        move = lambda t: t if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return dataclasses.replace(
-            self, ids=move(self.ids), positions=move(self.positions), slots=move(self.slots),
-            prefill=[(start, n, move(context)) for start, n, context in self.prefill],
-            decode_rows=move(self.decode_rows), decode_index=move(self.decode_index),
-            decode_mask=move(self.decode_mask), cu_seqlens_q=move(self.cu_seqlens_q),
-            cu_seqlens_k=move(self.cu_seqlens_k), block_table=move(self.block_table))
 
 
 class ModelRunner:
@@ -128,7 +96,7 @@ class ModelRunner:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
+    def _prepare(self, chunks: list[ScheduledChunk]) -> Batch:
         block_size = self.block_manager.block_size
         ids, spans, prefill, prefill_positions = [], [], [], []
         decode_seqs, decode_rows, decode_positions, decode_slots = [], [], [], []
@@ -142,12 +110,10 @@ class ModelRunner:
                 decode_seqs.append(seq)
                 decode_rows.append(offset)
                 decode_positions.append(start + seq.mm.rope_delta)
-                decode_slots.append(kv_slot(seq, start, block_size))
+                decode_slots.append(self.block_manager.slot(seq, start))
             else:
                 prefill_positions.append(self._positions(seq.mm, seq.num_prompt_tokens, start, start + n))
-                token_positions = torch.arange(start + n)
-                context = torch.tensor(seq.block_table)[token_positions // block_size] * block_size \
-                    + token_positions % block_size
+                context = kv_slots(torch.tensor(seq.block_table), torch.arange(start + n), block_size)
                 prefill.append((offset, n, context))
             offset += n
         rows = torch.tensor(decode_rows, dtype=torch.long)
@@ -158,7 +124,7 @@ class ModelRunner:
         for (start, n, context), pos in zip(prefill, prefill_positions):
             positions[:, start:start + n] = pos
             slots[start:start + n] = context[-n:]
-        batch = _Batch(torch.tensor(ids), positions, slots, spans, prefill, rows, *self._decode_context(decode_seqs))
+        batch = Batch(torch.tensor(ids), positions, slots, spans, prefill, rows, *self._decode_context(decode_seqs))
         return self._flash_metadata(batch, chunks) if self.flash else batch
 
     def _decode_context(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,14 +133,13 @@ class ModelRunner:
             return torch.zeros(len(seqs), 0, dtype=torch.long), torch.zeros(len(seqs), 1, 1, 0, dtype=torch.bool)
         block_size = self.block_manager.block_size
         lengths = torch.tensor([s.num_computed_tokens + 1 for s in seqs])
-        tables = block_tables(seqs)
         token_positions = torch.arange(int(lengths.max()))
-        index = tables[:, token_positions // block_size] * block_size + token_positions % block_size
+        index = kv_slots(block_tables(seqs), token_positions, block_size)
         mask = (token_positions[None, :] < lengths[:, None])[:, None, None, :]
         return index.masked_fill(~mask[:, 0, 0, :], 0), mask
 
     @staticmethod
-    def _flash_metadata(batch: _Batch, chunks: list[ScheduledChunk]) -> _Batch:
+    def _flash_metadata(batch: Batch, chunks: list[ScheduledChunk]) -> Batch:
         q_lens = [c.num_new_tokens for c in chunks]
         k_lens = [c.seq.num_computed_tokens + c.num_new_tokens for c in chunks]
         table = block_tables([c.seq for c in chunks], dtype=torch.int32)
@@ -215,7 +180,7 @@ class ModelRunner:
         self.v_cache[layer_index][slots] = v
         return attn.o_proj(attend(q, layer_index).reshape(n_tokens, -1))
 
-    def _sdpa_attend(self, q: torch.Tensor, layer_index: int, batch: _Batch) -> torch.Tensor:
+    def _sdpa_attend(self, q: torch.Tensor, layer_index: int, batch: Batch) -> torch.Tensor:
         k_cache, v_cache = self.k_cache[layer_index], self.v_cache[layer_index]
         out = torch.empty_like(q)
         for start, n, context in batch.prefill:
@@ -246,7 +211,7 @@ class ModelRunner:
             out[rows] = torch.matmul(probs, vd).reshape(len(rows), self.num_heads, self.head_dim)
         return out
 
-    def _flash_attend(self, q: torch.Tensor, layer_index: int, batch: _Batch) -> torch.Tensor:
+    def _flash_attend(self, q: torch.Tensor, layer_index: int, batch: Batch) -> torch.Tensor:
         # Prefill chunks and decodes in one varlen call; causal aligns each chunk's queries to the end of
         # its context, so a chunk after cached tokens sees them all. GQA is native.
         from flash_attn import flash_attn_varlen_func

@@ -60,6 +60,9 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                                               "addresses (trusted networks and tests only)")
     fetch_max_redirects: int = option(3, "redirects followed when fetching an http(s) media URL")
     http_port: int = option(0, "OpenAI-compatible HTTP port (0 disables)")
+    http_max_body_bytes: int = option(0, "largest HTTP request body; a larger one is answered 413 before it is "
+                                         "read (0: 4/3 of max_message_bytes plus 1 MiB, what the largest gRPC "
+                                         "request takes as JSON with base64 media)")
     served_model_name: str = option("", "model name reported by the HTTP API (default: the model directory name)")
 
     def __post_init__(self) -> None:
@@ -73,6 +76,8 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
             raise ValueError("request_timeout_s: must be positive")
         if not 0 <= self.http_port < 65536:
             raise ValueError("http_port: must be in 0..65535")
+        if self.http_max_body_bytes < 0:
+            raise ValueError("http_max_body_bytes: must not be negative")
         if not self.fetch_timeout_s > 0 or self.fetch_max_redirects < 0:
             raise ValueError("fetch_timeout_s: must be positive; fetch_max_redirects: not negative")
         self.check_cache_options()
@@ -99,6 +104,10 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
             for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
                 if not getattr(self, name):
                     raise ValueError(f"{name}: at least one address is required without a registry")
+
+    def http_body_limit(self) -> int:
+        """The largest HTTP request body accepted, in bytes."""
+        return self.http_max_body_bytes or self.max_message_bytes * 4 // 3 + (1 << 20)
 
     def flex_pairs(self) -> list[tuple[str, str]]:
         """The flex replicas as (encoder address, llm address) pairs."""

@@ -54,6 +54,11 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         return error_response(ApiError(err.status, f"{request.method} {request.path}: {err.reason}", code=code))
 
 
+def too_large(limit: int) -> ApiError:
+    """The answer to a body over http_max_body_bytes."""
+    return ApiError(413, f"body: larger than {limit} bytes", param="body", code="request_entity_too_large")
+
+
 def unauthorized(refusal: str) -> ApiError:
     """OpenAI's answer to a missing or wrong API key."""
     return ApiError(401, refusal, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -79,8 +84,8 @@ class OpenAiServer:
         self.runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        # A body carries base64 media: 4/3 of the bytes the gRPC message may hold.
-        app = web.Application(client_max_size=self.config.max_message_bytes * 4 // 3 + (1 << 20),
+        # aiohttp refuses a body of client_max_size bytes or more while reading it, chunked ones included.
+        app = web.Application(client_max_size=self.config.http_body_limit() + 1,
                               middlewares=[_json_errors, self._authorize])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -148,8 +153,14 @@ class OpenAiServer:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         request_id = uuid.uuid4().hex
+        limit = self.config.http_body_limit()
         try:
-            raw = await request.read()
+            if request.content_length is not None and request.content_length > limit:
+                raise too_large(limit)  # refused from the header: the body is never read
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:  # a chunked body (no Content-Length) past the limit
+                raise too_large(limit) from None
             if len(raw) > PARSE_IN_THREAD_BYTES:
                 chat = await asyncio.to_thread(parse_chat_body, raw, model_name=self.model_name, request_id=request_id)
             else:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from mmserve.v1 import api_pb2
+from services.router import json_body
 from services.router.config import RouterConfig
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -91,9 +92,9 @@ class ChatRequest(NamedTuple):
 def parse_chat_body(raw: bytes, *, model_name: str, request_id: str) -> ChatRequest:
     """A chat-completions HTTP body as a GenerateRequest; raises ApiError naming the field at fault."""
     try:
-        body = json.loads(raw)
-    except ValueError as err:
-        raise bad_request("body", f"not valid JSON ({err})") from None
+        body = json_body.decode(raw)
+    except json_body.JsonBodyError as err:
+        raise bad_request(err.param, err.problem) from None
     return parse_chat_request(body, model_name=model_name, request_id=request_id)
 
 
@@ -190,7 +191,7 @@ def _messages(value: Any, video_defaults: dict) -> list[api_pb2.Message]:
         if not isinstance(m, dict):
             raise bad_request(where, "must be an object")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise bad_request(f"{where}.role", f"unsupported role {role!r} (expected system, user or assistant)")
         if m.get("tool_calls"):
             raise bad_request(f"{where}.tool_calls", "tool calls are not supported")
@@ -213,7 +214,7 @@ def _part(p: Any, where: str, video_defaults: dict) -> api_pb2.Part:
         if not isinstance(p.get("text"), str):
             raise bad_request(f"{where}.text", "must be a string")
         return api_pb2.Part(text=p["text"])
-    if kind not in MEDIA_PARTS:
+    if not isinstance(kind, str) or kind not in MEDIA_PARTS:
         raise bad_request(f"{where}.type", f"unsupported part type {kind!r} (expected text, image_url or video_url)")
     ref = p.get(kind)
     ref = {"url": ref} if isinstance(ref, str) else ref  # some clients send the bare URL

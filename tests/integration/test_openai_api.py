@@ -141,6 +141,20 @@ def test_bad_content_is_a_bad_request_error(client, model, case, stream):
     assert names in info.value.message and info.value.type == "invalid_request_error"
 
 
+@pytest.mark.parametrize("raw, param", [
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),  # a lone surrogate
+    (b"[" * 100_000 + b"]" * 100_000, "body"),
+], ids=["lone surrogate", "100000-deep nesting"])
+def test_bad_json_is_a_400_in_openai_shape(openai_base_url, raw, param):
+    post = urllib.request.Request(openai_base_url + "/chat/completions", data=raw,
+                                  headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(post, timeout=120)
+    assert info.value.code == 400
+    error = json.load(info.value)["error"]
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+
+
 def test_client_closing_a_stream_early_leaves_the_service_answering(client, model):
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Go on forever."}],
                                             stream=True, **greedy(4000))
