@@ -216,7 +216,7 @@ def print_table(rows: list[dict]) -> None:
 
 def start_stack(model: str, kv_cache_mb: int):
     """mmserve's services and a private redis-server, with metrics endpoints; (stack, target)."""
-    from mmserve.launcher import Stack, StackSpec, free_port, plan
+    from stack.launcher import Stack, StackSpec, free_port, plan
 
     if not model:
         from mmserve.models.tiny import build_tiny_model

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from mmserve import rpc
-from mmserve.launcher import Stack, StackSpec, free_port, plan, redis_server_argv
+from stack.launcher import Stack, StackSpec, free_port, plan, redis_server_argv
 from mmserve.v1 import api_pb2_grpc
 
 

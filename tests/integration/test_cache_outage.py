@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from mmserve.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
 from tests.conftest import RedisServer
 from tests.integration.helpers import collect, image, request, router_stub, running, text, video

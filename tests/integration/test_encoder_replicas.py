@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmserve.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_video
 from tests.integration.helpers import collect, metric, request, running, text, video
 from tests.integration.reference import Reference

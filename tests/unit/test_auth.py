@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import auth, rpc, tls
 from mmserve.config import ServiceConfig
-from mmserve.launcher import TLS_FILES, StackSpec, plan, tls_dir_error, tls_settings
+from stack.launcher import TLS_FILES, StackSpec, plan, tls_dir_error, tls_settings
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.router.config import RouterConfig

@@ -15,7 +15,7 @@ import yaml
 
 from mmserve import probe, tls
 from mmserve.config import ServiceConfig
-from mmserve.launcher import Child, StackSpec, plan
+from stack.launcher import Child, StackSpec, plan
 from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig

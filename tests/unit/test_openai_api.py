@@ -9,8 +9,8 @@ import grpc
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from mmserve.cli import build_parser
-from mmserve.launcher import StackSpec, plan
+from stack.cli import build_parser
+from stack.launcher import StackSpec, plan
 from mmserve.v1 import api_pb2
 from services.router.config import RouterConfig
 from services.router.openai_protocol import (ApiError, chunk_json, completion_json, error_from_grpc,

@@ -17,10 +17,10 @@ import signal
 import sys
 
 from mmserve import rpc
-from mmserve.launcher import Child, Stack, StackSpec, free_port, plan, port_in_use_error
+from stack.launcher import Child, Stack, StackSpec, free_port, plan, port_in_use_error
 from mmserve.roles import Role
 
-log = logging.getLogger("mmserve.aggregated")
+log = logging.getLogger("stack.aggregated")
 STAGES = ("decoder", "encoder", "llm")
 
 
