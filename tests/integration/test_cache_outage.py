@@ -32,7 +32,8 @@ def outage_router(tiny_model, redis_outage):
     """A stack of its own (tensors inline, to cover that transport too) so the shared stack's Redis stays up."""
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_outage.url, log_level="ERROR",
                      transport="inline")
-    children, address = plan(spec)
+    planned = plan(spec)
+    children, address = planned.children(), planned.router_address
     with running(children), router_stub(address) as stub:
         yield stub
 

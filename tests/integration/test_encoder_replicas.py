@@ -14,7 +14,8 @@ from tests.integration.reference import Reference
 def two_encoder_stack(tiny_model, redis_server):
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url, log_level="WARNING",
                      num_encoders=2, metrics=True)
-    children, router = plan(spec)
+    planned = plan(spec)
+    children, router = planned.children(), planned.router_address
     with running(children):
         yield router, [c for c in children if c.name.startswith("encoder")]
 

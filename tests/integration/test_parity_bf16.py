@@ -30,8 +30,9 @@ def bf16_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bf16_router(bf16_model, redis_server):
-    children, address = plan(StackSpec(model=str(bf16_model), port=free_port(), redis_url=redis_server.url,
-                                       log_level="WARNING"))
+    planned = plan(StackSpec(model=str(bf16_model), port=free_port(), redis_url=redis_server.url,
+                             log_level="WARNING"))
+    children, address = planned.children(), planned.router_address
     with running(children), router_stub(address) as stub:
         yield stub
 

@@ -36,7 +36,8 @@ def remote_stack(tiny_model, redis_server):
     so every cache hit the router finds is a miss for the llm (the eviction path, every time)."""
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url, log_level="WARNING",
                      transport="remote", metrics=True)
-    children, address = plan(spec)
+    planned = plan(spec)
+    children, address = planned.children(), planned.router_address
     llm = next(c for c in children if c.name == "llm")
     llm.argv += ["--redis-url", ""]  # argparse: the last occurrence wins
     with running(children), router_stub(address) as stub:

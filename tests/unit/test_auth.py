@@ -130,8 +130,8 @@ def test_dev_certs_have_the_up_layout_and_private_keys(certs):
 
 
 def test_up_plans_mutual_tls_inside_and_tls_on_the_public_port(certs, tmp_path):
-    children, _ = plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0", tls_dir=str(certs),
-                                 api_tokens_file="/run/tokens"))
+    children = plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0", tls_dir=str(certs),
+                              api_tokens_file="/run/tokens")).children()
     by_name = {c.name: c for c in children}
     assert set(by_name) == {"decoder", "encoder", "llm", "router"}
     for name in ("decoder", "encoder", "llm"):
