@@ -30,12 +30,13 @@ ARG GPU_EXTRA=gpu
 COPY pyproject.toml README.md ./
 COPY mmserve mmserve
 COPY services services
+COPY stack stack
 RUN case "$VARIANT" in \
       cuda) pip install --no-build-isolation ".${GPU_EXTRA:+[$GPU_EXTRA]}" ;; \
       cpu) pip install . ;; \
       *) echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 1 ;; \
     esac \
-    && cd /tmp && python -c "import torch, mmserve.cli, services.router.config; print('torch', torch.__version__)"
+    && cd /tmp && python -c "import torch, stack.cli, services.router.config; print('torch', torch.__version__)"
 USER mmserve
 ENTRYPOINT ["python", "-m"]
-CMD ["mmserve", "--help"]
+CMD ["stack", "--help"]

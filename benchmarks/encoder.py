@@ -21,7 +21,7 @@ import time
 import torch
 
 from mmserve import rpc, transport
-from mmserve.launcher import free_port
+from stack.launcher import free_port
 from mmserve.media.preprocess import ImageProcessing, to_pixel_values
 from mmserve.models import loading
 from mmserve.models.tiny import build_tiny_model

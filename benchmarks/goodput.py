@@ -7,7 +7,7 @@ One run, the same mixed traces (videos, images, text; Poisson arrivals at each r
 overloaded system's queue to build, and flatter it) against three systems
 that all serve the public `Router/Generate` gRPC API, so one client drives them all:
 
-* mmserve: the disaggregated stack (`mmserve.launcher`: decoder, encoder, llm and router processes);
+* mmserve: the disaggregated stack (`stack.launcher`: decoder, encoder, llm and router processes);
 * aggregated: the same four stages in one process (`mmserve up --aggregated`);
 * transformers: `benchmarks/hf_baseline.py`, one process calling `generate` one request at a time.
 
@@ -35,7 +35,7 @@ import shlex
 import sys
 import tempfile
 
-from mmserve.launcher import Child, Stack, StackSpec, free_port
+from stack.launcher import Child, Stack, StackSpec, free_port
 from mmserve.models.tiny import build_tiny_model
 
 # A sibling module: the scripts run as `python benchmarks/<name>.py`.
@@ -62,7 +62,7 @@ def start_system(name: str, model: str, redis_url: str, router_args: tuple[str, 
     port = free_port()
     if name == "aggregated":  # `mmserve up --aggregated`, with the router flags `mmserve up` has no option for
         spec = StackSpec(model=model, port=port, redis_url=redis_url, log_level="ERROR", router_args=router_args)
-        code = ("import sys; from mmserve.aggregated import main_aggregated; from mmserve.launcher import StackSpec; "
+        code = ("import sys; from stack.aggregated import main_aggregated; from stack.launcher import StackSpec; "
                 f"sys.exit(main_aggregated({spec!r}))")
         return start_process(name, [sys.executable, "-c", code], port)
     return start_process(name, [sys.executable, str(HERE / "hf_baseline.py"), "--model", model, "--port", str(port),

@@ -119,7 +119,7 @@ async def cache_latency(sizes_mb: list[int]) -> dict[int, tuple[float, float]] |
     import redis.exceptions
 
     from mmserve.cache import CachedEmbedding, EmbeddingCache
-    from mmserve.launcher import free_port, redis_server_argv
+    from stack.launcher import free_port, redis_server_argv
 
     binary = shutil.which("redis-server")
     if binary is None:

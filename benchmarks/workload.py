@@ -14,7 +14,7 @@ import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc
 import grpc
 
 from mmserve import rpc
-from mmserve.launcher import Child, Stack, StackSpec, free_port, plan, redis_server_argv
+from stack.launcher import Child, Stack, StackSpec, free_port, plan, redis_server_argv
 from mmserve.media.samples import make_image, make_video
 from mmserve.v1 import api_pb2, api_pb2_grpc
 
@@ -127,7 +127,8 @@ def slo_targets(lone: dict[str, float], factor: float, floor_ms: float) -> dict[
 def start_stack(model: str, redis_url: str, router_args: tuple[str, ...] = ()) -> tuple[Stack, str]:
     """mmserve's four services as separate processes, healthy; returns the stack and the router address."""
     spec = StackSpec(model=model, port=free_port(), redis_url=redis_url, log_level="ERROR", router_args=router_args)
-    children, address = plan(spec)
+    planned = plan(spec)
+    children, address = planned.children(), planned.router_address
     stack = Stack(children)
     stack.start()
     asyncio.run(stack.wait_healthy(300))

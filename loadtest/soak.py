@@ -216,13 +216,14 @@ def print_table(rows: list[dict]) -> None:
 
 def start_stack(model: str, kv_cache_mb: int):
     """mmserve's services and a private redis-server, with metrics endpoints; (stack, target)."""
-    from mmserve.launcher import Stack, StackSpec, free_port, plan
+    from stack.launcher import Stack, StackSpec, free_port, plan
 
     if not model:
         from mmserve.models.tiny import build_tiny_model
 
         model = str(build_tiny_model(pathlib.Path(tempfile.mkdtemp(prefix="mmserve-soak-")) / "model", seed=0))
-    children, address = plan(StackSpec(model=model, port=free_port(), metrics=True, log_level="WARNING"))
+    planned = plan(StackSpec(model=model, port=free_port(), metrics=True, log_level="WARNING"))
+    children, address = planned.children(), planned.router_address
     for child in children:
         if child.name.startswith("llm"):  # argparse: the last occurrence of a flag wins
             child.argv += ["--kv-cache-bytes", str(kv_cache_mb * 2**20)]

@@ -106,6 +106,13 @@ class ServiceConfig:
         cls.add_arguments(parser)
         return cls.from_args(parser.parse_args(argv))
 
+    def with_flags(self, argv: list[str]) -> Self:
+        """This config with command-line flags applied on top of it (the last occurrence of a flag wins)."""
+        parser = argparse.ArgumentParser(prog=type(self).__name__)
+        self.add_arguments(parser)
+        parser.set_defaults(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return self.from_args(parser.parse_args(argv))
+
     def to_argv(self) -> list[str]:
         """The command line that reproduces this config (for spawning a service)."""
         argv: list[str] = []

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from mmserve.launcher import free_port
+from stack.launcher import free_port
 from mmserve.media.samples import make_video
 
 CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache"
@@ -26,7 +26,7 @@ def main() -> int:
         clip.write_bytes(make_video(seconds=4.0, fps=30, width=320, height=240))
     port = free_port()
     print("starting decoder, encoder, llm, router and redis ...")
-    up = subprocess.Popen([sys.executable, "-m", "mmserve.cli", "up", "--model", str(model), "--port", str(port),
+    up = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--model", str(model), "--port", str(port),
                            "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
     try:
         line = up.stdout.readline()
@@ -37,7 +37,7 @@ def main() -> int:
         prompt = "What happens in this video?"
         print(f"\n> {prompt} [video: {clip.name}]\n")
         # Random weights: the answer is gibberish by design; the point is the path it took.
-        return subprocess.call([sys.executable, "-m", "mmserve.cli", "generate", "--addr", f"127.0.0.1:{port}",
+        return subprocess.call([sys.executable, "-m", "stack.cli", "generate", "--addr", f"127.0.0.1:{port}",
                                 "--prompt", prompt, "--video", str(clip), "--max-tokens", "48"])
     finally:
         up.send_signal(signal.SIGINT)

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from mmserve import rpc
-from mmserve.launcher import Stack, StackSpec, free_port, plan, redis_server_argv
+from stack.launcher import Stack, StackSpec, free_port, plan, redis_server_argv
 from mmserve.v1 import api_pb2_grpc
 
 
@@ -99,7 +99,8 @@ def stack(tiny_model, redis_server, media_root, stack_http_port):
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url,
                      media_root=str(media_root), log_level="WARNING", http_port=stack_http_port,
                      router_args=RELAXED_SLOS)
-    children, router = plan(spec)
+    planned = plan(spec)
+    children, router = planned.children(), planned.router_address
     running = Stack(children)
     running.start()
     try:

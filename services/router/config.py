@@ -15,7 +15,7 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     decoder_addrs: str = option("", "comma-separated decoder replica addresses")
     encoder_addrs: str = option("", "comma-separated encoder replica addresses")
     llm_addrs: str = option("", "comma-separated llm replica addresses")
-    flex_addrs: str = option("", "flex replicas (python -m mmserve.flex: vision tower and language model in one "
+    flex_addrs: str = option("", "flex replicas (python -m stack.flex: vision tower and language model in one "
                                  "process) as encoder_address/llm_address, comma-separated; each serves in one "
                                  "pool at a time and is moved to the stage that backs up")
     role_switch_ratio: float = option(3.0, "move a flex replica when one stage's backlog per replica exceeds "

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class FlexReplica:
-    """One `mmserve.flex` process: its Encoder and its Llm service addresses (RouterConfig.flex_pairs)."""
+    """One `stack.flex` process: its Encoder and its Llm service addresses (RouterConfig.flex_pairs)."""
 
     encoder: str
     llm: str

@@ -9,7 +9,7 @@ import time
 import grpc
 
 from mmserve import rpc
-from mmserve.launcher import Child, Stack, free_port
+from stack.launcher import Child, Stack, free_port
 from mmserve.v1 import api_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig

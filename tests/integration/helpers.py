@@ -13,7 +13,7 @@ import grpc
 import torch
 
 from mmserve import rpc
-from mmserve.launcher import Child, Stack
+from stack.launcher import Child, Stack
 from mmserve.v1 import api_pb2, api_pb2_grpc
 
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from mmserve import rpc
-from mmserve.launcher import free_port, port_is_free
+from stack.launcher import free_port, port_is_free
 from mmserve.media.samples import make_image, make_video
 from mmserve.v1 import api_pb2_grpc
 from tests.integration.helpers import collect, image, request, text, video
@@ -31,7 +31,7 @@ CASES = {
 def aggregated(tiny_model):
     """`mmserve up --aggregated` with its private redis-server; yields (process, router address)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mmserve.cli", "up", "--aggregated", "--model", str(tiny_model),
+    process = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--aggregated", "--model", str(tiny_model),
                                 "--port", str(port), "--log-level", "WARNING"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from mmserve.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
 from tests.conftest import RedisServer
 from tests.integration.helpers import collect, image, request, router_stub, running, text, video
@@ -32,7 +32,8 @@ def outage_router(tiny_model, redis_outage):
     """A stack of its own (tensors inline, to cover that transport too) so the shared stack's Redis stays up."""
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_outage.url, log_level="ERROR",
                      transport="inline")
-    children, address = plan(spec)
+    planned = plan(spec)
+    children, address = planned.children(), planned.router_address
     with running(children), router_stub(address) as stub:
         yield stub
 

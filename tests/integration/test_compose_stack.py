@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from mmserve import rpc, tls
-from mmserve.launcher import Child, Stack, free_port
+from stack.launcher import Child, Stack, free_port
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from tests.integration.helpers import collect, request, text

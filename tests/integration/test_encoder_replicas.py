@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmserve.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_video
 from tests.integration.helpers import collect, metric, request, running, text, video
 from tests.integration.reference import Reference
@@ -14,7 +14,8 @@ from tests.integration.reference import Reference
 def two_encoder_stack(tiny_model, redis_server):
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url, log_level="WARNING",
                      num_encoders=2, metrics=True)
-    children, router = plan(spec)
+    planned = plan(spec)
+    children, router = planned.children(), planned.router_address
     with running(children):
         yield router, [c for c in children if c.name.startswith("encoder")]
 

@@ -10,7 +10,7 @@ import concurrent.futures
 import pytest
 import torch
 
-from mmserve.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
 from mmserve.models import loading
 from mmserve.models.tiny import build_tiny_model
@@ -30,8 +30,9 @@ def bf16_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bf16_router(bf16_model, redis_server):
-    children, address = plan(StackSpec(model=str(bf16_model), port=free_port(), redis_url=redis_server.url,
-                                       log_level="WARNING"))
+    planned = plan(StackSpec(model=str(bf16_model), port=free_port(), redis_url=redis_server.url,
+                             log_level="WARNING"))
+    children, address = planned.children(), planned.router_address
     with running(children), router_stub(address) as stub:
         yield stub
 

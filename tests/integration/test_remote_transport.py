@@ -15,7 +15,7 @@ import torch
 
 from mmserve import rpc, transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache
-from mmserve.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
 from tests.integration.helpers import collect, image, metric, request, router_stub, running, text, video
@@ -36,7 +36,8 @@ def remote_stack(tiny_model, redis_server):
     so every cache hit the router finds is a miss for the llm (the eviction path, every time)."""
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url, log_level="WARNING",
                      transport="remote", metrics=True)
-    children, address = plan(spec)
+    planned = plan(spec)
+    children, address = planned.children(), planned.router_address
     llm = next(c for c in children if c.name == "llm")
     llm.argv += ["--redis-url", ""]  # argparse: the last occurrence wins
     with running(children), router_stub(address) as stub:

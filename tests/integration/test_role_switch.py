@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from mmserve import rpc
-from mmserve.launcher import Child, Stack, free_port
+from stack.launcher import Child, Stack, free_port
 from mmserve.media.samples import make_video
 from mmserve.v1 import api_pb2_grpc
 from services.decoder.config import DecoderConfig
@@ -42,7 +42,7 @@ class FlexStack:
         flex_encoder = EncoderConfig(port=ports["flex-encoder"], model=model, redis_url=redis_url,
                                      metrics_port=self.flex_metrics, **common)
         flex_llm = LlmConfig(port=ports["flex-llm"], model=model, **common)
-        children.append(Child("flex", [sys.executable, "-m", "mmserve.flex",
+        children.append(Child("flex", [sys.executable, "-m", "stack.flex",
                                        "--encoder-args", shlex.join(flex_encoder.to_argv()),
                                        "--llm-args", shlex.join(flex_llm.to_argv())], f"127.0.0.1:{ports['flex-llm']}"))
         self.flex_name = f"127.0.0.1:{ports['flex-encoder']}/127.0.0.1:{ports['flex-llm']}"

@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import auth, rpc, tls
-from mmserve.launcher import free_port
+from stack.launcher import free_port
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.config import RouterConfig
@@ -69,7 +69,7 @@ def _children(up: subprocess.Popen) -> tuple[dict[str, str], int]:
 def secure(tiny_model, tmp_path_factory):
     """`mmserve up` with TLS everywhere, mutual TLS inside, and tokens from a file and the environment."""
     root = tmp_path_factory.mktemp("security")
-    made = subprocess.run([sys.executable, "-m", "mmserve.cli", "certs", "--out", str(root / "tls")],
+    made = subprocess.run([sys.executable, "-m", "stack.cli", "certs", "--out", str(root / "tls")],
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     certs = pathlib.Path(made.stdout.strip())
@@ -77,7 +77,7 @@ def secure(tiny_model, tmp_path_factory):
     tokens_file.write_text(f"# API keys\n{FILE_TOKEN}\n")
     port, http_port = free_port(), free_port()
     env = dict(os.environ, **{auth.TOKENS_ENV: ENV_TOKEN})
-    up = subprocess.Popen([sys.executable, "-m", "mmserve.cli", "up", "--model", str(tiny_model), "--port", str(port),
+    up = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--model", str(tiny_model), "--port", str(port),
                            "--http-port", str(http_port), "--tls-dir", str(certs), "--api-tokens-file",
                            str(tokens_file), "--log-level", "WARNING"],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -141,7 +141,7 @@ def test_health_needs_no_token_and_the_probe_speaks_tls(secure):
 
 
 def test_generate_cli_sends_the_token_from_a_file_or_the_environment(secure):
-    argv = [sys.executable, "-m", "mmserve.cli", "generate", "--addr", secure.address, "--prompt", "Hi",
+    argv = [sys.executable, "-m", "stack.cli", "generate", "--addr", secure.address, "--prompt", "Hi",
             "--max-tokens", "3", "--tls-ca-file", str(secure.certs / "ca.pem")]
     env = {k: v for k, v in os.environ.items() if k != auth.CLIENT_TOKEN_ENV}
     by_file = subprocess.run([*argv, "--token-file", str(secure.tokens_file)], capture_output=True, text=True,

@@ -9,12 +9,12 @@ import sys
 import psutil
 import pytest
 
-from mmserve.launcher import free_port, port_is_free
+from stack.launcher import free_port, port_is_free
 from mmserve.media.samples import make_video
 
 
 def _start_up(tiny_model, port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "mmserve.cli", "up", "--model", str(tiny_model),
+    process = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--model", str(tiny_model),
                                 "--port", str(port), "--log-level", "WARNING"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = process.stdout.readline()  # blocks until healthy (or the launcher exits)
@@ -40,7 +40,7 @@ def test_up_serves_then_stops_cleanly(tiny_model, tmp_path, sig):
 
         clip = tmp_path / "clip.mp4"
         clip.write_bytes(make_video(seconds=1.0, width=112, height=84))
-        answer = subprocess.run([sys.executable, "-m", "mmserve.cli", "generate", "--addr", f"127.0.0.1:{port}",
+        answer = subprocess.run([sys.executable, "-m", "stack.cli", "generate", "--addr", f"127.0.0.1:{port}",
                                  "--prompt", "What is this?", "--video", str(clip), "--max-tokens", "8"],
                                 capture_output=True, text=True, timeout=120)
         assert answer.returncode == 0, answer.stderr
@@ -57,7 +57,7 @@ def test_up_refuses_a_taken_port(tiny_model):
     port = free_port()
     up = _start_up(tiny_model, port)
     try:
-        second = subprocess.run([sys.executable, "-m", "mmserve.cli", "up", "--model", str(tiny_model),
+        second = subprocess.run([sys.executable, "-m", "stack.cli", "up", "--model", str(tiny_model),
                                  "--port", str(port)], capture_output=True, text=True, timeout=60)
         assert second.returncode != 0
         assert f"port {port}" in second.stderr and "already in use" in second.stderr

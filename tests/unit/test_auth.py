@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import auth, rpc, tls
 from mmserve.config import ServiceConfig
-from mmserve.launcher import TLS_FILES, StackSpec, plan, tls_dir_error, tls_settings
+from stack.launcher import TLS_FILES, StackSpec, plan, tls_dir_error, tls_settings
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.router.config import RouterConfig
@@ -130,8 +130,8 @@ def test_dev_certs_have_the_up_layout_and_private_keys(certs):
 
 
 def test_up_plans_mutual_tls_inside_and_tls_on_the_public_port(certs, tmp_path):
-    children, _ = plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0", tls_dir=str(certs),
-                                 api_tokens_file="/run/tokens"))
+    children = plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0", tls_dir=str(certs),
+                              api_tokens_file="/run/tokens")).children()
     by_name = {c.name: c for c in children}
     assert set(by_name) == {"decoder", "encoder", "llm", "router"}
     for name in ("decoder", "encoder", "llm"):

@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mmserve import probe
-from mmserve.cli import build_parser, model_error
-from mmserve.launcher import free_port
+from stack.cli import build_parser, model_error
+from stack.launcher import free_port
 
 COMMANDS = ("tiny-model", "up", "generate", "decode", "certs")
 
@@ -31,7 +31,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_of_every_command(command):
-    result = run("mmserve", command, "--help")
+    result = run("stack", command, "--help")
     assert result.returncode == 0, result.stderr
     assert subcommands()[command].description.split()[0] in result.stdout  # the description is shown
     for action in subcommands()[command]._actions:
@@ -39,7 +39,7 @@ def test_help_of_every_command(command):
 
 
 def test_top_level_help_lists_every_command():
-    result = run("mmserve", "--help")
+    result = run("stack", "--help")
     assert result.returncode == 0
     for command in COMMANDS:
         assert command in result.stdout
@@ -54,12 +54,12 @@ def one_line_error(result: subprocess.CompletedProcess, prefix: str) -> str:
 
 
 def test_up_refuses_a_directory_without_config_json(tmp_path):
-    line = one_line_error(run("mmserve", "up", "--model", str(tmp_path)), "mmserve up: --model")
+    line = one_line_error(run("stack", "up", "--model", str(tmp_path)), "mmserve up: --model")
     assert "no config.json" in line
 
 
 def test_up_refuses_a_path_that_is_not_there(tmp_path):
-    line = one_line_error(run("mmserve", "up", "--model", str(tmp_path / "nope")), "mmserve up: --model")
+    line = one_line_error(run("stack", "up", "--model", str(tmp_path / "nope")), "mmserve up: --model")
     assert "no such directory" in line
 
 
@@ -78,12 +78,12 @@ def test_up_refuses_a_taken_port_before_starting_anything(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = one_line_error(run("mmserve", "up", "--model", str(tmp_path), "--port", str(port)), "mmserve up:")
+        line = one_line_error(run("stack", "up", "--model", str(tmp_path), "--port", str(port)), "mmserve up:")
     assert f"port {port}" in line and "already in use" in line
 
 
 def test_tiny_model_shows_its_steps(tmp_path):
-    result = run("mmserve", "tiny-model", "--out", str(tmp_path / "tiny"))
+    result = run("stack", "tiny-model", "--out", str(tmp_path / "tiny"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "tiny")  # stdout keeps just the path, for scripts
     assert "4/4" in result.stderr  # the progress bar reached its last step
@@ -91,7 +91,7 @@ def test_tiny_model_shows_its_steps(tmp_path):
 
 
 def test_tiny_model_names_a_bad_preset(tmp_path):
-    result = run("mmserve", "tiny-model", "--out", str(tmp_path / "tiny"), "--preset", "huge")
+    result = run("stack", "tiny-model", "--out", str(tmp_path / "tiny"), "--preset", "huge")
     assert one_line_error(result, "mmserve tiny-model: preset: 'huge' is not one of")
     assert not (tmp_path / "tiny").exists()
 

@@ -15,7 +15,7 @@ import yaml
 
 from mmserve import probe, tls
 from mmserve.config import ServiceConfig
-from mmserve.launcher import Child, StackSpec, plan
+from stack.launcher import Child, StackSpec, plan
 from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
@@ -154,7 +154,7 @@ def planned() -> dict[str, tuple[ServiceConfig, Child]]:
     # router_args passes further router flags through verbatim: no setting of its own to mirror here.
     missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args"}
     assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
-    children, _ = plan(StackSpec(**spec))
+    children = plan(StackSpec(**spec)).children()
     return {c.name: (parse_command(c.argv[2:]), c) for c in children if c.name in CONFIGS}
 
 
@@ -396,3 +396,15 @@ def test_interpolation_follows_compose():
     assert interpolate("${SET:+on}|${EMPTY:+on}|${UNSET:+on}|${EMPTY+on}|${UNSET+on}", env) == "on|||on|"
     with pytest.raises(KeyError):
         interpolate("${UNSET:?required}", env)
+
+
+def test_plan_gives_each_stage_its_config_and_the_router_its_further_flags():
+    planned = plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0", num_encoders=2,
+                             router_args=("--policy", "fcfs")))
+    assert [stage for stage, _ in planned.services] == ["decoder", "encoder", "encoder", "llm", "router"]
+    assert planned.redis_argv is None  # the spec names a Redis: no private redis-server
+    stage, router = planned.services[-1]
+    assert router.policy == "fcfs" and router.model == "/m"
+    children = planned.children()
+    assert [c.name for c in children] == ["decoder", "encoder-0", "encoder-1", "llm", "router"]
+    assert RouterConfig.parse(children[-1].argv[3:]) == router  # the process gets exactly the planned config

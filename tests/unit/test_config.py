@@ -85,6 +85,14 @@ def test_named_flags_parse_into_their_fields():
     assert isinstance(config.grace_s, float) and isinstance(config.max_num_seqs, int)
 
 
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_with_flags_changes_only_the_flags_given(cls):
+    config = non_default(cls)
+    assert config.with_flags([]) == config
+    changed = config.with_flags(["--log-level", "ERROR", "--grace-s", "9.5", "--grace-s", "2.5"])
+    assert changed == dataclasses.replace(config, log_level="ERROR", grace_s=2.5)  # the last occurrence wins
+
+
 @dataclasses.dataclass(frozen=True)
 class _WithFlag(ServiceConfig):
     """A config with a boolean field."""

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from mmserve.cli import build_parser
-from mmserve.launcher import StackSpec, plan
+from stack.cli import build_parser
+from stack.launcher import StackSpec, plan
 from mmserve.v1 import api_pb2
 from services.router.config import RouterConfig
 from services.router.openai_protocol import (ApiError, chunk_json, completion_json, error_from_grpc,
@@ -273,8 +273,8 @@ def test_served_model_name_and_loopback_address(tmp_path):
 def test_mmserve_up_http_port_reaches_the_router_command_line():
     args = build_parser().parse_args(["up", "--model", "m", "--http-port", "8000"])
     assert args.http_port == 8000
-    children, _ = plan(StackSpec(model="m", redis_url="redis://127.0.0.1:1/0", http_port=args.http_port))
+    children = plan(StackSpec(model="m", redis_url="redis://127.0.0.1:1/0", http_port=args.http_port)).children()
     router = RouterConfig.parse(next(c for c in children if c.name == "router").argv[3:])
     assert router.http_port == 8000
-    children, _ = plan(StackSpec(model="m", redis_url="redis://127.0.0.1:1/0"))
+    children = plan(StackSpec(model="m", redis_url="redis://127.0.0.1:1/0")).children()
     assert RouterConfig.parse(next(c for c in children if c.name == "router").argv[3:]).http_port == 0

@@ -1,10 +1,10 @@
-"""`python -m mmserve.flex`: a flex replica, the vision tower and the language model in one process.
+"""`python -m stack.flex`: a flex replica, the vision tower and the language model in one process.
 
 It serves the Encoder and the Llm services on two ports at once; the router (`--flex-addrs`) keeps it in one
 of its two stage pools at a time and moves it to whichever stage backs up (EPD role switching). Both models
 stay loaded, so a move costs no load time: the price is the memory of the model the other role uses.
 
-    python -m mmserve.flex --encoder-args "--model M --port 5101" --llm-args "--model M --port 5102"
+    python -m stack.flex --encoder-args "--model M --port 5101" --llm-args "--model M --port 5102"
 """
 
 from __future__ import annotations

@@ -17,41 +17,31 @@ import signal
 import sys
 
 from mmserve import rpc
-from mmserve.launcher import Child, Stack, StackSpec, free_port, plan, port_in_use_error
 from mmserve.roles import Role
+from stack.launcher import Plan, Stack, StackSpec, free_port, plan, port_in_use_error
 
-log = logging.getLogger("mmserve.aggregated")
+log = logging.getLogger("stack.aggregated")
 STAGES = ("decoder", "encoder", "llm")
 
 
-def _stage(child: Child) -> str:
-    return child.argv[2].removeprefix("services.")  # the planned argv is [python, -m, services.<stage>, flags...]
-
-
-async def start_roles(spec: StackSpec, children: list[Child], roles: list[Role]) -> None:
+async def start_roles(spec: StackSpec, planned: Plan, roles: list[Role]) -> None:
     """Builds and starts the planned stages, then the router pointed at them; appends each role as it is built."""
     from services.decoder.__main__ import build_decoder
-    from services.decoder.config import DecoderConfig
     from services.encoder.__main__ import build_encoder
-    from services.encoder.config import EncoderConfig
     from services.llm.__main__ import build_llm
-    from services.llm.config import LlmConfig
     from services.router.__main__ import build_router
-    from services.router.config import RouterConfig
 
-    builders = {"decoder": (build_decoder, DecoderConfig), "encoder": (build_encoder, EncoderConfig),
-                "llm": (build_llm, LlmConfig)}
+    builders = {"decoder": build_decoder, "encoder": build_encoder, "llm": build_llm}
     addresses: dict[str, list[str]] = {stage: [] for stage in STAGES}
-    for child in (c for c in children if c.address is not None and _stage(c) in STAGES):
-        build, config_class = builders[_stage(child)]
-        # Port 0: the kernel picks as the stage binds, so no port picked in advance can be lost to a race.
-        # One Prometheus registry per process: the router's endpoint has every stage's metrics.
-        config = dataclasses.replace(config_class.parse(child.argv[3:]), port=0, metrics_port=0)
-        roles.append(role := await build(config))
-        addresses[_stage(child)].append(f"{config.host}:{await role.start()}")
-    router_child = next(c for c in children if c.address is not None and _stage(c) == "router")
-    config = dataclasses.replace(RouterConfig.parse(router_child.argv[3:]),
-                                 decoder_addrs=",".join(addresses["decoder"]),
+    for stage, config in planned.services:
+        if stage in STAGES:
+            # Port 0: the kernel picks as the stage binds, so no port picked in advance can be lost to a race.
+            # One Prometheus registry per process: the router's endpoint has every stage's metrics.
+            config = dataclasses.replace(config, port=0, metrics_port=0)
+            roles.append(role := await builders[stage](config))
+            addresses[stage].append(f"{config.host}:{await role.start()}")
+    planned_router = next(config for stage, config in planned.services if stage == "router")
+    config = dataclasses.replace(planned_router, decoder_addrs=",".join(addresses["decoder"]),
                                  encoder_addrs=",".join(addresses["encoder"]), llm_addrs=",".join(addresses["llm"]),
                                  metrics_port=free_port(spec.host) if spec.metrics else 0)
     roles.append(router := await build_router(config))
@@ -65,8 +55,8 @@ async def run_aggregated(spec: StackSpec, ready_timeout_s: float = 300.0) -> int
     if (error := port_in_use_error(spec)) is not None:
         print(f"mmserve up: {error}", file=sys.stderr)
         return 2
-    children, address = plan(spec)
-    redis = Stack([c for c in children if c.address is None])  # the private redis-server, unless --redis-url
+    planned = plan(spec)
+    redis = Stack([c for c in planned.children() if c.address is None])  # private redis-server unless --redis-url
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,7 +65,7 @@ async def run_aggregated(spec: StackSpec, ready_timeout_s: float = 300.0) -> int
     code = 0
     try:
         redis.start()
-        starting = asyncio.create_task(asyncio.wait_for(start_roles(spec, children, roles), ready_timeout_s))
+        starting = asyncio.create_task(asyncio.wait_for(start_roles(spec, planned, roles), ready_timeout_s))
         stopping = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if stopping in done:
@@ -84,7 +74,8 @@ async def run_aggregated(spec: StackSpec, ready_timeout_s: float = 300.0) -> int
             return 0
         stopping.cancel()
         starting.result()
-        print(f"mmserve: router listening on {address} (aggregated: every stage in pid {os.getpid()})", flush=True)
+        print(f"mmserve: router listening on {planned.router_address} (aggregated: every stage in pid "
+              f"{os.getpid()})", flush=True)
         if spec.http_port:
             print(f"mmserve: OpenAI-compatible API on http://{spec.host}:{spec.http_port}/v1", file=sys.stderr,
                   flush=True)

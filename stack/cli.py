@@ -43,7 +43,7 @@ def model_error(model: str) -> str | None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from mmserve.launcher import StackSpec, main_up
+    from stack.launcher import StackSpec, main_up
 
     if (error := model_error(args.model)) is not None:
         print(f"mmserve up: {error}", file=sys.stderr)
@@ -53,7 +53,7 @@ def _up(args: argparse.Namespace) -> int:
                      num_encoders=args.encoder_replicas, metrics=args.metrics, http_port=args.http_port,
                      tls_dir=args.tls_dir, api_tokens_file=args.api_tokens_file)
     if args.aggregated:
-        from mmserve.aggregated import main_aggregated
+        from stack.aggregated import main_aggregated
 
         return main_aggregated(spec)
     return main_up(spec)

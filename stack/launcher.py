@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from mmserve import rpc, tls
+from mmserve.config import ServiceConfig
 
 log = logging.getLogger("mmserve.up")
 
@@ -103,8 +104,29 @@ def tls_dir_error(tls_dir: str) -> str | None:
     return None
 
 
-def plan(spec: StackSpec) -> tuple[list[Child], str]:
-    """The children to start and the router address."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `mmserve up` runs: the services as (stage, config) pairs in start order (router last), and a private
+    redis-server unless the spec names a Redis."""
+
+    services: list[tuple[str, ServiceConfig]]
+    redis_argv: list[str] | None
+    client_tls: tls.ClientTls | None  # how a health check reaches the services (None: plaintext)
+    router_address: str
+
+    def children(self) -> list[Child]:
+        """The processes that run the plan: redis-server, then `python -m services.<stage>` per service."""
+        children = [Child("redis", self.redis_argv, None)] if self.redis_argv else []
+        for stage, config in self.services:
+            peers = [c for s, c in self.services if s == stage]
+            name = stage if len(peers) == 1 else f"{stage}-{peers.index(config)}"
+            children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv()],
+                                  f"{config.host}:{config.port}", config.metrics_port, client_tls=self.client_tls))
+        return children
+
+
+def plan(spec: StackSpec) -> Plan:
+    """The services' configs, the private redis-server and the router address."""
     from services.decoder.config import DecoderConfig
     from services.encoder.config import EncoderConfig
     from services.llm.config import LlmConfig
@@ -114,14 +136,12 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
     internal_tls, router_tls, client_tls = tls_settings(spec.tls_dir)
     ports = {"decoder": [free_port(host)], "encoder": [free_port(host) for _ in range(spec.num_encoders)],
              "llm": [free_port(host)]}
-    children: list[Child] = []
-    redis_url = spec.redis_url
+    redis_url, redis_argv = spec.redis_url, None
     if not redis_url:
         redis_port = free_port(host)
         redis_url = f"redis://{host}:{redis_port}/0"
-        children.append(Child("redis", redis_server_argv(redis_server_binary(), host, redis_port,
-                                                         maxmemory=spec.redis_maxmemory,
-                                                         workdir=tempfile.gettempdir()), None))
+        redis_argv = redis_server_argv(redis_server_binary(), host, redis_port, maxmemory=spec.redis_maxmemory,
+                                       workdir=tempfile.gettempdir())
 
     def common() -> dict:
         return dict(host=host, log_level=spec.log_level, transport=spec.transport,
@@ -137,16 +157,12 @@ def plan(spec: StackSpec) -> tuple[list[Child], str]:
                  for port in ports["encoder"]]
     services.append(("llm", LlmConfig(port=ports["llm"][0], model=spec.model, redis_url=redis_url, **common(),
                                       **internal_tls)))
-    services.append(("router", RouterConfig(
+    router = RouterConfig(
         port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
         decoder_addrs=addresses("decoder"), encoder_addrs=addresses("encoder"), llm_addrs=addresses("llm"),
-        http_port=spec.http_port, api_tokens_file=spec.api_tokens_file, **common(), **router_tls)))
-    for stage, config in services:
-        name = stage if len(ports.get(stage, [0])) == 1 else f"{stage}-{ports[stage].index(config.port)}"
-        extra = list(spec.router_args) if stage == "router" else []  # argparse: the last occurrence wins
-        children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv(), *extra],
-                              f"{host}:{config.port}", config.metrics_port, client_tls=client_tls))
-    return children, f"{host}:{spec.port}"
+        http_port=spec.http_port, api_tokens_file=spec.api_tokens_file, **common(), **router_tls)
+    services.append(("router", router.with_flags(list(spec.router_args))))
+    return Plan(services, redis_argv, client_tls, f"{host}:{spec.port}")
 
 
 def redis_server_argv(binary: str, host: str, port: int, *, maxmemory: str, workdir: str) -> list[str]:
@@ -246,11 +262,11 @@ async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
         print(f"mmserve up: {error}", file=sys.stderr)
         return 2
     try:
-        children, router = plan(spec)
+        planned = plan(spec)
     except ValueError as err:  # a TLS directory without its files, a setting out of range
         print(f"mmserve up: {err}", file=sys.stderr)
         return 2
-    stack = Stack(children)
+    stack, router = Stack(planned.children()), planned.router_address
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,3 +1,0 @@
-from mmserve.cli import main
-
-main()
