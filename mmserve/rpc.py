@@ -17,7 +17,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmserve import auth, registry, tls, transport
+from mmserve import auth, registry, request_ids, tls, transport
 from mmserve.config import AuthOptions, ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def _enter(request, caller: str) -> None:
     # Each RPC runs in its own task and context, so these never leak into another request.
     if caller:
         transport.caller_domain.set(caller)
-    request_id.set(getattr(request, "request_id", "") or "-")
+    request_id.set(request_ids.for_log(getattr(request, "request_id", "")))
 
 
 def _in_context(behavior, caller: str):

@@ -1,5 +1,5 @@
 """Media decoding and Qwen2.5-VL preprocessing for images and videos."""
 
-from mmserve.media.preprocess import MediaError
+from mmserve.media.errors import MediaError
 
 __all__ = ["MediaError"]

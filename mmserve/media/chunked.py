@@ -10,7 +10,7 @@ import torch
 
 from mmserve.media.plan import Span
 from mmserve.media.preprocess import MediaError, resize_frames
-from mmserve.media.video import _open, _reason
+from mmserve.media.probe import error_reason, open_container
 
 # Decoders that honour skip_frame=NONREF per packet, so frames nothing references can be skipped unseen.
 SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
@@ -43,7 +43,7 @@ def decode_chunk(source: bytes | str, spans: Sequence[Span], frame_pts: Sequence
                  width: int, height: int, threads: int = 1, skip_nonref: bool = True) -> None:
     """Fills out[i] ([n,H,W,3] uint8) with the frame shown at frame_pts[i], resized; MediaError if one is missing."""
     targets = _Targets(frame_pts, out, width, height)
-    container = _open(source)
+    container = open_container(source)
     try:
         stream = container.streams.video[0]
         codec = stream.codec_context
@@ -54,7 +54,7 @@ def decode_chunk(source: bytes | str, spans: Sequence[Span], frame_pts: Sequence
         for n, span in enumerate(spans):
             _decode_span(container, stream, span, targets, at_start=n == 0 and span.start == 0, can_skip=can_skip)
     except av.error.FFmpegError as e:
-        raise MediaError(f"video: corrupt stream while decoding sampled frames ({_reason(e)})") from None
+        raise MediaError(f"video: corrupt stream while decoding sampled frames ({error_reason(e)})") from None
     finally:
         container.close()
     if targets.pending:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import logging
 import pathlib
 import re
 import socket
@@ -14,7 +15,9 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from mmserve.media.preprocess import MediaError
+from mmserve.media.errors import MediaError
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("file", "http", "https")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -53,14 +56,18 @@ def resolve_file_uri(uri: str, *, media_root: str, max_bytes: int) -> pathlib.Pa
         raise MediaError(f"uri: file:// URIs must not name a host ({parsed.netloc!r})")
     if not media_root:
         raise MediaError("uri: file:// URIs are disabled (no media root configured)")
+    # The client's own path in every message: never the resolved target of a symlink, and the same answer for a
+    # path outside the root whether or not it exists there.
+    named = _short(uri)
     root = pathlib.Path(media_root).resolve()
     path = pathlib.Path(urllib.parse.unquote(parsed.path)).resolve()
     if not path.is_relative_to(root):
-        raise MediaError(f"uri: {path} is outside the media root")
+        log.info("file uri %s resolves to %s, outside the media root %s", named, path, root)
+        raise MediaError(f"uri: {named} is outside the media root")
     if not path.is_file():
-        raise MediaError(f"uri: no such file {path}")
+        raise MediaError(f"uri: no such file {named} under the media root")
     if path.stat().st_size > max_bytes:
-        raise MediaError(f"uri: {path} is larger than the {max_bytes} byte limit")
+        raise MediaError(f"uri: {named} is larger than the {max_bytes} byte limit")
     return path
 
 
@@ -197,7 +204,7 @@ async def fetch_uri(uri: str, *, policy: FetchPolicy) -> bytes:
                                        max_bytes=policy.max_bytes)
         data = await asyncio.to_thread(path.read_bytes)
         if len(data) > policy.max_bytes:  # the file grew after the check
-            raise MediaError(f"uri: {path} is larger than the {policy.max_bytes} byte limit")
+            raise MediaError(f"uri: {_short(uri)} is larger than the {policy.max_bytes} byte limit")
         return data
     try:
         async with asyncio.timeout(policy.timeout_s):
@@ -209,4 +216,6 @@ async def fetch_uri(uri: str, *, policy: FetchPolicy) -> bytes:
     except aiohttp.ClientConnectorDNSError as err:
         raise MediaError(f"uri: cannot resolve the host of {_short(uri)} ({err.os_error})") from None
     except (aiohttp.ClientError, OSError) as err:
-        raise MediaError(f"uri: fetching {_short(uri)} failed ({type(err).__name__}: {err})") from None
+        # The library's own words go to the log only: they can name internals the client has no use for.
+        log.info("fetching %s failed: %s: %s", _short(uri), type(err).__name__, err)
+        raise MediaError(f"uri: fetching {_short(uri)} failed (the server could not be reached or broke off)") from None

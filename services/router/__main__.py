@@ -17,13 +17,28 @@ from services.router.config import RouterConfig
 from services.router.flex import FlexReplica, RoleSwitcher
 from services.router.media import MediaStage
 from services.router.openai_api import OpenAiServer
+from services.router.planning import PromptBudget
 from services.router.policy import Slo, SloDefaults
 from services.router.rebalance import RoleBalancer
 from services.router.pools import build_pools, export_gauges, follow_registry
 from services.router.server import RouterServicer
+from services.router.validation import RequestLimits
 from services.router.warmup import warm_up
 
 log = logging.getLogger("services.router")
+
+
+def request_limits(config: RouterConfig, processing: ImageProcessing) -> RequestLimits:
+    """The server's caps on one request, from its settings and the model's own preprocessing bounds."""
+    return RequestLimits(
+        max_messages=config.max_messages, max_media=config.max_media_per_request,
+        max_tokens_limit=config.max_tokens_limit, max_media_bytes=config.max_media_bytes,
+        max_frames=config.max_video_frames, min_pixels=processing.min_pixels,
+        max_pixels=min(processing.max_pixels, config.max_item_pixels or processing.max_pixels),
+        max_slo_ttft_ms={"video": config.max_slo_ttft_ms or config.slo_ttft_ms_video,
+                         "image": config.max_slo_ttft_ms or config.slo_ttft_ms_image,
+                         "text": config.max_slo_ttft_ms or config.slo_ttft_ms_text},
+        max_slo_tpot_ms=config.max_slo_tpot_ms or config.slo_tpot_ms)
 
 
 async def build_router(config: RouterConfig) -> Role:
@@ -46,15 +61,19 @@ async def build_router(config: RouterConfig) -> Role:
     if config.registry_url:
         background.append(asyncio.ensure_future(follow_registry(config, pools)))
     cache = EmbeddingCache.from_options(config)
+    processing = ImageProcessing.from_pretrained(config.model)
     media = MediaStage(decoders=decoders, encoders=encoders, cache=cache,
-                       model_id=model_fingerprint(config.model),
-                       processing=ImageProcessing.from_pretrained(config.model),
+                       model_id=model_fingerprint(config.model), processing=processing,
+                       max_frames=config.max_video_frames, max_pixels=config.max_item_pixels,
                        fetch_policy=FetchPolicy(media_root=config.media_root, max_bytes=config.max_media_bytes,
                                                 timeout_s=config.fetch_timeout_s,
                                                 max_redirects=config.fetch_max_redirects,
                                                 allow_private=config.fetch_allow_private))
     service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name])
-    api_pb2_grpc.add_RouterServicer_to_server(RouterServicer(config, media, llms, controller), service.server)
+    budget = PromptBudget(config.model, max_model_len=config.max_model_len, max_vision_tokens=config.max_vision_tokens,
+                          merge_size=processing.merge_size)
+    servicer = RouterServicer(config, media, llms, controller, request_limits(config, processing), budget)
+    api_pb2_grpc.add_RouterServicer_to_server(servicer, service.server)
 
     for pool in pools:  # report SERVING once every stage can take work (or after a bounded wait)
         try:

@@ -28,6 +28,18 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     max_media_per_request: int = option(16, "images plus videos in one request")
     max_messages: int = option(256, "messages in one request")
     max_tokens_limit: int = option(8192, "largest max_tokens a request may ask for")
+    max_item_pixels: int = option(0, "largest pixel budget (min_pixels/max_pixels) a request may set for one image "
+                                     "or video frame; requests may narrow the model's own bounds "
+                                     "(preprocessor_config.json), never widen them (0: the model's max_pixels)")
+    max_video_frames: int = option(768, "most frames a request may have sampled from one video (its max_frames)")
+    max_vision_tokens: int = option(16384, "vision tokens of all media of one request together, counted from the "
+                                           "planned grids before any decode")
+    max_model_len: int = option(32768, "context length of the llm replicas (prompt plus max_tokens; the llm's "
+                                       "--max-model-len, capped by the checkpoint's max_position_embeddings): a "
+                                       "request that cannot fit is refused before any media work")
+    max_slo_ttft_ms: float = option(0.0, "largest slo.ttft_ms a request may ask for (0: its class's default target: "
+                                         "tighter targets only)")
+    max_slo_tpot_ms: float = option(0.0, "largest slo.tpot_ms a request may ask for (0: the default target)")
     policy: str = option("slo", "slo (least-slack ordering, admission, p2c replica choice with cache affinity) "
                                 "or fcfs (arrival order, round-robin, no admission control)")
     slo_ttft_ms_video: float = option(8000.0, "default time-to-first-token target of requests with a video")
@@ -69,9 +81,14 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
         super().__post_init__()
         if not self.model:
             raise ValueError("model: required")
-        for name in ("max_media_bytes", "max_media_per_request", "max_messages", "max_tokens_limit"):
+        for name in ("max_media_bytes", "max_media_per_request", "max_messages", "max_tokens_limit",
+                     "max_vision_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive")
+        if self.max_video_frames < 2:
+            raise ValueError("max_video_frames: must be at least 2")
+        if self.max_item_pixels < 0 or self.max_slo_ttft_ms < 0 or self.max_slo_tpot_ms < 0:
+            raise ValueError("max_item_pixels, max_slo_ttft_ms, max_slo_tpot_ms: must not be negative")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s: must be positive")
         if not 0 <= self.http_port < 65536:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import io
 import logging
 import math
 import time
 from typing import Callable
 
 import grpc
-import PIL.Image
 
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
@@ -26,6 +24,7 @@ from mmserve.media.fetch import FetchPolicy, fetch_uri
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
 from services.router.costs import MediaShape, ShapeEstimator
+from services.router.planning import planned_shape
 from services.router.policy import degraded_frames
 from services.router.replicas import Replica, ReplicaPool
 
@@ -61,8 +60,16 @@ class Prepared:
     params: MediaParams
     hit: CachedEmbedding | None = None  # the joined chunk entries' headers (no tensor bytes)
     num_hit_chunks: int = 0
-    shape: MediaShape | None = None
+    shape: MediaShape | None = None  # predicted decode and encode work (None on a hit)
+    planned: MediaShape | None = None  # the exact shape from the header (None: unreadable, the decoder will say)
     degraded: bool = False
+
+    @property
+    def num_patches(self) -> float:
+        """Vision patches (before the spatial merge) the item puts in the prompt, hit or not (0 if unknown)."""
+        if self.hit is not None:
+            return math.prod(self.hit.grid_thw)
+        return self.planned.num_patches if self.planned is not None else 0.0
 
     def key(self, chunk_index: int) -> str:
         return media_key(self.digest, self.model_id, self.params, chunk_index)
@@ -72,7 +79,8 @@ class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
-                 model_id: str, processing: pp.ImageProcessing, fetch_policy: FetchPolicy):
+                 model_id: str, processing: pp.ImageProcessing, fetch_policy: FetchPolicy,
+                 max_frames: int = pp.FPS_MAX_FRAMES, max_pixels: int = 0):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
@@ -80,6 +88,9 @@ class MediaStage:
         self.processing = processing
         self.fetch_policy = fetch_policy
         self.shapes = ShapeEstimator(processing.patch_size)
+        # The server's caps also bound what a request gets when it asks for nothing.
+        self.max_frames = max_frames
+        self.max_pixels = max_pixels or processing.max_pixels
 
     def params(self, item: MediaItem) -> MediaParams:
         """The effective preprocessing parameters: request overrides, else the model's defaults."""
@@ -88,14 +99,15 @@ class MediaStage:
             return MediaParams(
                 "image",
                 min_pixels=m.min_pixels if m.HasField("min_pixels") else self.processing.min_pixels,
-                max_pixels=m.max_pixels if m.HasField("max_pixels") else self.processing.max_pixels)
+                max_pixels=m.max_pixels if m.HasField("max_pixels") else min(self.processing.max_pixels,
+                                                                              self.max_pixels))
         return MediaParams(
             "video",
             fps=m.fps if m.HasField("fps") else pp.FPS,
             min_frames=pp.FPS_MIN_FRAMES,
-            max_frames=m.max_frames if m.HasField("max_frames") else pp.FPS_MAX_FRAMES,
-            min_pixels=m.min_pixels if m.HasField("min_pixels") else pp.VIDEO_MIN_PIXELS,
-            max_pixels=m.max_pixels if m.HasField("max_pixels") else pp.VIDEO_MAX_PIXELS,
+            max_frames=m.max_frames if m.HasField("max_frames") else min(pp.FPS_MAX_FRAMES, self.max_frames),
+            min_pixels=m.min_pixels if m.HasField("min_pixels") else min(pp.VIDEO_MIN_PIXELS, self.max_pixels),
+            max_pixels=m.max_pixels if m.HasField("max_pixels") else min(pp.VIDEO_MAX_PIXELS, self.max_pixels),
             total_pixels=pp.VIDEO_TOTAL_PIXELS)
 
     async def _read(self, item: MediaItem) -> bytes:
@@ -122,6 +134,9 @@ class MediaStage:
 
     async def _lookup_item(self, prepared: Prepared) -> Prepared:
         hit, num_chunks = await self._lookup(prepared.key) if self.cache is not None else (None, 0)
+        if hit is None:  # a hit's grid is in its entry; only a miss needs its header read
+            prepared = dataclasses.replace(prepared, planned=await asyncio.to_thread(
+                planned_shape, prepared.item.kind, prepared.data, prepared.params, self.processing))
         return self._with_hit(prepared, hit, num_chunks)
 
     def without_hit(self, prepared: Prepared) -> Prepared:
@@ -131,8 +146,7 @@ class MediaStage:
     def _with_hit(self, prepared: Prepared, hit: CachedEmbedding | None, num_chunks: int) -> Prepared:
         shape = None
         if hit is None:
-            shape = image_shape(prepared.data, prepared.params, self.processing.patch_size) if prepared.item.kind == "image" else None
-            shape = shape or self.shapes.estimate(prepared.item.kind, prepared.digest, len(prepared.data),
+            shape = prepared.planned or self.shapes.estimate(prepared.item.kind, prepared.digest, len(prepared.data),
                                                   max_frames=prepared.params.max_frames or 1,
                                                   max_pixels=prepared.params.max_pixels)
         return dataclasses.replace(prepared, hit=hit, num_hit_chunks=num_chunks, shape=shape)
@@ -244,17 +258,6 @@ class MediaStage:
     def _embedding(kind: str, entry: CachedEmbedding) -> llm_pb2.MediaEmbedding:
         return llm_pb2.MediaEmbedding(kind=_KINDS[kind], embeddings=entry.embeddings,
                                       grid_thw=list(entry.grid_thw), second_per_grid_t=entry.second_per_grid_t)
-
-
-def image_shape(data: bytes, params: MediaParams, patch_size: int) -> MediaShape | None:
-    """An image's exact decode and encode size from its header alone (None when the header is unreadable)."""
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-        h, w = pp.smart_resize(height, width, min_pixels=params.min_pixels, max_pixels=params.max_pixels)
-    except (OSError, ValueError, PIL.Image.DecompressionBombError):
-        return None  # the decoder names the problem
-    return MediaShape(1, h * w, (h // patch_size) * (w // patch_size))
 
 
 class ReplicaDown(Exception):

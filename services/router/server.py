@@ -13,11 +13,12 @@ from mmserve import rpc
 from mmserve.media.preprocess import MediaError
 from mmserve.v1 import api_pb2, api_pb2_grpc, llm_pb2
 from services.router import metrics
-from services.router.admission import Controller, Ticket, estimate_prompt_tokens
+from services.router.admission import Controller, Ticket
 from services.router.config import RouterConfig
 from services.router.media import Embedded, MediaItem, MediaStage, Prepared
+from services.router.planning import PromptBudget, PromptSize
 from services.router.replicas import NoReplicaError, PoolFull, ReplicaPool, is_client_error
-from services.router.validation import ValidationError, validate_request
+from services.router.validation import RequestLimits, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +60,30 @@ async def _all_or_nothing(coros) -> list:
 
 
 class RouterServicer(api_pb2_grpc.RouterServicer):
-    def __init__(self, config: RouterConfig, media: MediaStage, llms: ReplicaPool, controller: Controller):
+    def __init__(self, config: RouterConfig, media: MediaStage, llms: ReplicaPool, controller: Controller,
+                 limits: RequestLimits, budget: PromptBudget):
         self.config = config
         self.media = media
         self.llms = llms
         self.controller = controller
+        self.limits = limits
+        self.budget = budget
 
     async def Generate(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        request_id = request.request_id or uuid.uuid4().hex
-        rpc.request_id.set(request_id)
+        request_id = request.request_id or uuid.uuid4().hex  # checked (a safe alphabet) before it is used
         remaining = context.time_remaining()
         deadline = start + (remaining if remaining is not None else self.config.request_timeout_s)
         ticket: Ticket | None = None
         code = grpc.StatusCode.OK
         try:
             try:
-                validate_request(request, max_messages=self.config.max_messages,
-                                 max_media=self.config.max_media_per_request,
-                                 max_tokens_limit=self.config.max_tokens_limit,
-                                 max_media_bytes=self.config.max_media_bytes)
+                validate_request(request, self.limits)
+                rpc.request_id.set(request_id)
                 prepared = await _all_or_nothing(self.media.prepare(i) for i in media_items(request))
-                ticket, prepared = await self._admit(request, prepared, start)
+                # Exact, before any decode, encode or admission: a request that cannot fit never gets a retry hint.
+                size = await asyncio.to_thread(self.budget.check, request, [p.num_patches for p in prepared])
+                ticket, prepared = await self._admit(request, prepared, size, start)
                 if not ticket.decision.admit:
                     metrics.REFUSED.labels(ticket.cls).inc()
                     context.set_trailing_metadata((("retry-after-ms", str(int(ticket.decision.retry_after_ms))),))
@@ -123,13 +126,12 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             log.info("ended class=%s status=%s ms=%.0f", ticket.cls if ticket else "-", code.name,
                      (time.perf_counter() - start) * 1e3)
 
-    async def _admit(self, request: api_pb2.GenerateRequest, prepared: list[Prepared],
+    async def _admit(self, request: api_pb2.GenerateRequest, prepared: list[Prepared], size: PromptSize,
                      now: float) -> tuple[Ticket, list[Prepared]]:
         """The admission ticket, and the items with fewer frames when the request accepted degradation."""
         shapes = [p.shape for p in prepared if p.hit is None]
-        num_chars = sum(len(part.text) for m in request.messages for part in m.parts)
         ticket = self.controller.admit(
-            [p.item.kind for p in prepared], shapes, estimate_prompt_tokens(num_chars, shapes),
+            [p.item.kind for p in prepared], shapes, size.num_tokens,
             ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms, allow_degrade=request.slo.allow_degrade,
             now=now)
         if ticket.decision.admit and ticket.decision.frame_scale < 1.0:

@@ -148,8 +148,19 @@ def ask(*parts: api_pb2.Part, **sampling) -> Build:
     return build
 
 
-def img(make: Callable[[], bytes]) -> Build:
-    return lambda env: request(image(make()), text("What is this?"), num_tokens=4)
+def with_id(req: api_pb2.GenerateRequest, request_id: str) -> api_pb2.GenerateRequest:
+    req.request_id = request_id
+    return req
+
+
+def with_slo(req: api_pb2.GenerateRequest, **slo) -> api_pb2.GenerateRequest:
+    req.slo.CopyFrom(api_pb2.Slo(**slo))
+    return req
+
+
+def img(make: Callable[[], bytes], **options) -> Build:
+    return lambda env: request(api_pb2.Part(image=api_pb2.Media(data=make(), **options)), text("What is this?"),
+                               num_tokens=4)
 
 
 def vid(make: Callable[[], bytes], **options) -> Build:
@@ -195,6 +206,17 @@ CASES: dict[str, tuple[Build, str]] = {
                                          "exceed the context length"),
     "prompt plus max_tokens beyond the context length": (ask(text("word " * 30000), max_tokens=4000, min_tokens=0),
                                                          "exceed the context length"),
+    "a 2-million-character prompt": (ask(text("x" * 2_000_000)), "exceed the context length"),
+    "request id with a forged log line": (lambda env: with_id(request(text("hi"), num_tokens=4),
+                                                               "a\n2026-12-07 INFO forged"), "request_id: at most 128"),
+    "request id of 129 characters": (lambda env: with_id(request(text("hi"), num_tokens=4), "r" * 129),
+                                     "request_id: at most 128"),
+    "a time-to-first-token target without bound": (lambda env: with_slo(request(text("hi"), num_tokens=4),
+                                                                        ttft_ms=4_000_000_000),
+                                                   "slo.ttft_ms: 4000000000 exceeds the limit of 600000 ms"),
+    "a time-per-token target without bound": (lambda env: with_slo(request(text("hi"), num_tokens=4),
+                                                                   tpot_ms=4_000_000_000),
+                                              "slo.tpot_ms: 4000000000 exceeds the limit of 600000 ms"),
     # Sampling.
     "negative temperature": (ask(temperature=-1.0), "sampling.temperature: -1.0 is not in [0, 100]"),
     "NaN temperature": (ask(temperature=NAN), "sampling.temperature: nan"),
@@ -229,6 +251,12 @@ CASES: dict[str, tuple[Build, str]] = {
     "gif with a huge logical screen": (img(lambda: gif_with_screen(65535, 65535)), "image: dimensions too large"),
     "gif with a 10000x10000 screen": (img(lambda: gif_with_screen(10000, 10000)), "image: 10000x10000 is"),
     "webp claiming 16384x16384": (img(lambda: webp_canvas(16384, 16384)), "image: dimensions too large"),
+    "1x1 png asking for 40 million pixels": (img(lambda: make_image(width=1, height=1), min_pixels=40_000_000,
+                                                 max_pixels=40_000_000),
+                                             "image.min_pixels: 40000000 is outside the server's bounds"),
+    "two images of 16384 vision tokens each": (ask(image(png_header(3584, 3584, zlib.compress(b"\x00" * 10))),
+                                                   image(png_header(3584, 3584, zlib.compress(b"\x01" * 10)))),
+                                               "messages: 32768 vision tokens exceed the limit of 16384"),
     "image of extreme aspect ratio": (img(lambda: png_header(1000, 2, zlib.compress(bytes(3001 * 2)))),
                                       "aspect ratio 500.0 of 1000x2 exceeds the limit of 200"),
     # Videos: empty, corrupt, truncated, mislabelled, unsupported, too long.
@@ -253,9 +281,12 @@ CASES: dict[str, tuple[Build, str]] = {
                            "video: cannot sample from a clip of only 1 frame(s)"),
     "video of extreme aspect ratio": (vid(lambda: encode("mpeg4", "avi", width=2000, height=8)),
                                       "aspect ratio 250.0 of 2000x8 exceeds the limit of 200"),
-    "video header claiming 25000000 s": (vid(lambda: avi_claiming_frames(100_000_000, fps=4)),
+    # max_frames 8: few enough vision tokens for the router's plan, so the decoder's length limits are what refuse.
+    "video header claiming 25000000 s": (vid(lambda: avi_claiming_frames(100_000_000, fps=4), max_frames=8),
                                          "video: 25000000.0 s long, over the limit of 7200 s"),
-    "video header claiming 1000000 frames": (vid(lambda: avi_claiming_frames(1_000_000, fps=500)),
+    "the same header at the default frame count": (vid(lambda: avi_claiming_frames(100_000_000, fps=4)),
+                                                   "messages: 55296 vision tokens exceed the limit of 16384"),
+    "video header claiming 1000000 frames": (vid(lambda: avi_claiming_frames(1_000_000, fps=500), max_frames=8),
                                              "video: more than 432000 frames, over the limit"),
     "matroska claiming 1000000 s": (vid(lambda: mkv_claiming_seconds(1e6)), "video: 1000000.0 s long, over the limit"),
     "video fps zero": (vid(lambda: clip(True), fps=0.0), "messages[0].parts[0].video.fps: 0.0 is not in (0, 60]"),
@@ -364,6 +395,24 @@ def test_file_uri_under_the_media_root_works(router, media_root, before):
                                      num_tokens=8))
     by_bytes = collect(router, request(image(path.read_bytes()), text("What?"), num_tokens=8))
     assert by_uri.token_ids == by_bytes.token_ids
+
+
+def test_the_router_counts_the_prompt_as_the_llm_does(router, tiny_model, before):
+    """The refusal's token count, made before any media work, equals the prompt the llm builds for the same request
+    (an estimate would be off): text, an image and a video, near the context length."""
+    media = [image(make_image(width=84, height=56, seed=3)), video(make_video(seconds=1.0, fps=8, width=64, height=48))]
+    words = "the quick brown fox " * 2900  # ~26k tokens, so that max_tokens 8192 cannot fit in 32768
+
+    def ask_with(max_tokens: int) -> api_pb2.GenerateRequest:
+        req = request(*media, text(words), num_tokens=max_tokens)
+        req.sampling.min_tokens = 0
+        return req
+
+    served = collect(router, ask_with(1), timeout=120)
+    err = _status(router, ask_with(8192))
+    assert err.code() == INVALID
+    assert err.details().startswith(f"prompt: {served.final.prompt_tokens} tokens (")
+    assert err.details().endswith("+ max_tokens 8192 exceed the context length 32768")
 
 
 def test_the_stack_is_healthy_and_exact_after_the_suite(stack, router, tiny_model, before):

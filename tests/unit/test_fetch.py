@@ -204,6 +204,22 @@ async def test_file_uris_stay_under_the_media_root(tmp_path):
     assert "larger than the 100 byte limit" in await refused((root / "big.bin").as_uri(), policy)
 
 
+async def test_file_uri_refusals_reveal_nothing_outside_the_media_root(tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    (tmp_path / "secret-target").write_bytes(b"secret")
+    (root / "link.png").symlink_to(tmp_path / "secret-target")
+    (root / "dangling.png").symlink_to(tmp_path / "missing-target")
+    policy = FetchPolicy(media_root=str(root), max_bytes=100)
+    for name in ("link.png", "dangling.png"):
+        message = await refused((root / name).as_uri(), policy)
+        assert message == f"uri: file://{root}/{name} is outside the media root"  # the target is never named
+    # Outside the root, an existing and a missing file get the same answer.
+    existing = await refused((tmp_path / "secret-target").as_uri(), policy)
+    missing = await refused((tmp_path / "nothing-here").as_uri(), policy)
+    assert existing.replace("secret-target", "X") == missing.replace("nothing-here", "X")
+
+
 @pytest.mark.parametrize(("address", "reason"), [
     ("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"),
     ("169.254.169.254", "link-local"), ("224.0.0.1", "multicast"), ("240.0.0.1", "reserved"),

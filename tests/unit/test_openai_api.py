@@ -16,7 +16,7 @@ from services.router.config import RouterConfig
 from services.router.openai_protocol import (ApiError, chunk_json, completion_json, error_from_grpc,
                                              loopback_address, parse_chat_body, parse_chat_request,
                                              served_model_name, sse)
-from services.router.validation import validate_request
+from services.router.validation import RequestLimits, validate_request
 
 MODEL = "tiny"
 PNG = b"\x89PNG\r\n\x1a\n fake png bytes"
@@ -64,7 +64,7 @@ def test_parts_keep_their_order_and_media_sources():
     assert parts[3].video.uri == "file:///media/clip.mp4"
     assert parts[4].video.data == MP4
     assert not parts[4].video.HasField("fps")
-    validate_request(req, max_messages=8, max_media=8, max_tokens_limit=8192, max_media_bytes=1 << 20)
+    validate_request(req, RequestLimits(max_messages=8, max_media=8, max_tokens_limit=8192, max_media_bytes=1 << 20))
 
 
 def test_video_options_apply_to_every_video_and_a_part_may_override_them():

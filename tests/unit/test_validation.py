@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from mmserve import request_ids
 from mmserve.v1 import api_pb2
-from services.router.validation import ValidationError, validate_request
+from services.router.validation import RequestLimits, ValidationError, validate_request
 
 LIMITS = {"max_messages": 4, "max_media": 3, "max_tokens_limit": 1024, "max_media_bytes": 1000}
 
@@ -36,9 +37,9 @@ def request(*messages: api_pb2.Message, **sampling) -> api_pb2.GenerateRequest:
     return api_pb2.GenerateRequest(messages=list(messages), sampling=api_pb2.SamplingParams(**sampling))
 
 
-def rejects(req: api_pb2.GenerateRequest, field: str) -> None:
+def rejects(req: api_pb2.GenerateRequest, field: str, limits: RequestLimits | None = None) -> None:
     with pytest.raises(ValidationError) as info:
-        validate_request(req, **LIMITS)
+        validate_request(req, limits or RequestLimits(**LIMITS))
     assert field in str(info.value), str(info.value)
 
 
@@ -50,7 +51,7 @@ def test_valid_request_with_text_image_and_video_passes():
         message(text("and now?"), image(uri="file:///a.png")),
         max_tokens=1024, temperature=0.7, top_p=0.9, top_k=20, seed=1, stop=["\n\n"], min_tokens=2,
     )
-    validate_request(req, **LIMITS)
+    validate_request(req, RequestLimits(**LIMITS))
 
 
 def test_validation_error_is_a_value_error():
@@ -97,7 +98,7 @@ def test_empty_uri():
 
 
 def test_data_at_the_byte_limit_passes_and_one_more_byte_fails():
-    validate_request(request(message(image(data=b"x" * 1000))), **LIMITS)
+    validate_request(request(message(image(data=b"x" * 1000))), RequestLimits(**LIMITS))
     rejects(request(message(image(data=b"x" * 1001))), "messages[0].parts[0].image.data: 1001 bytes")
 
 
@@ -108,7 +109,7 @@ def test_fps_out_of_range(fps):
 
 @pytest.mark.parametrize("fps", [0.1, 60.0])
 def test_fps_in_range(fps):
-    validate_request(request(message(video(fps=fps))), **LIMITS)
+    validate_request(request(message(video(fps=fps))), RequestLimits(**LIMITS))
 
 
 @pytest.mark.parametrize("max_frames", [0, 1, 769])
@@ -125,7 +126,7 @@ def test_max_pixels_below_one_patch():
 
 
 def test_too_many_media_items_across_messages():
-    validate_request(request(message(image(), image()), message(video())), **LIMITS)
+    validate_request(request(message(image(), image()), message(video())), RequestLimits(**LIMITS))
     rejects(request(message(image(), image()), message(video(), image())), "messages: 4 media items exceed")
 
 
@@ -144,7 +145,7 @@ def test_bad_temperature(temperature):
 
 
 def test_zero_temperature_means_greedy_and_passes():
-    validate_request(request(temperature=0.0), **LIMITS)
+    validate_request(request(temperature=0.0), RequestLimits(**LIMITS))
 
 
 @pytest.mark.parametrize("top_p", [0.0, -0.5, 1.01, math.nan])
@@ -158,9 +159,63 @@ def test_empty_stop_string():
 
 def test_min_tokens_above_max_tokens():
     rejects(request(max_tokens=10, min_tokens=11), "sampling.min_tokens")
-    validate_request(request(max_tokens=10, min_tokens=10), **LIMITS)
+    validate_request(request(max_tokens=10, min_tokens=10), RequestLimits(**LIMITS))
 
 
 def test_min_tokens_above_default_max_tokens():
     rejects(request(min_tokens=257), "sampling.min_tokens")
-    validate_request(request(min_tokens=256), **LIMITS)
+    validate_request(request(min_tokens=256), RequestLimits(**LIMITS))
+
+
+CAPPED = RequestLimits(**LIMITS, max_frames=64, min_pixels=3136, max_pixels=1_000_000,
+                       max_slo_ttft_ms={"video": 8000, "image": 3000, "text": 1000}, max_slo_tpot_ms=200)
+
+
+def test_request_ids_are_short_and_of_a_safe_alphabet():
+    for good in ("abc-123", "req_1.2:3", "x" * 128):
+        validate_request(api_pb2.GenerateRequest(request_id=good, messages=[message(text())]), CAPPED)
+    for bad in ("x" * 129, "a\nINFO forged line", "a b", "é", "a\x00"):
+        with pytest.raises(ValidationError, match="^request_id: at most 128"):
+            validate_request(api_pb2.GenerateRequest(request_id=bad, messages=[message(text())]), CAPPED)
+
+
+def test_a_log_line_never_shows_a_raw_request_id():
+    assert request_ids.for_log("abc-1") == "abc-1"
+    assert request_ids.for_log("") == "-"
+    forged = request_ids.for_log("a\n2026-12-07 INFO forged" + "x" * 10_000)
+    assert "\n" not in forged and " " not in forged and len(forged) <= 40 and forged.startswith("invalid:")
+
+
+@pytest.mark.parametrize("field, value", [("min_pixels", 40_000_000), ("max_pixels", 40_000_000),
+                                          ("min_pixels", 1000), ("max_pixels", 1_000_001)])
+def test_pixel_bounds_may_narrow_the_models_never_widen_them(field, value):
+    other = {"min_pixels": 3136} if field == "max_pixels" else {"max_pixels": max(value, 3136)}
+    for kind in (image, video):
+        where = "image" if kind is image else "video"
+        with pytest.raises(ValidationError, match=rf"^messages\[0\].parts\[0\].{where}.{field}: {value} is outside "
+                                                  r"the server's bounds \[3136, 1000000\]"):
+            validate_request(request(message(kind(**{field: value, **other}))), CAPPED)
+    validate_request(request(message(image(min_pixels=3136, max_pixels=1_000_000))), CAPPED)
+    validate_request(request(message(video(min_pixels=50_000, max_pixels=60_000))), CAPPED)
+
+
+def test_frames_per_video_are_capped_by_the_server():
+    validate_request(request(message(video(max_frames=64))), CAPPED)
+    rejects(request(message(video(max_frames=65))), "messages[0].parts[0].video.max_frames: 65 is not in [2, 64]",
+            CAPPED)
+
+
+@pytest.mark.parametrize("parts, cls, cap", [((text(),), "text", 1000), ((image(), text()), "image", 3000),
+                                             ((image(), video()), "video", 8000)])
+def test_an_slo_may_be_tighter_than_the_servers_not_looser(parts, cls, cap):
+    req = request(message(*parts))
+    req.slo.ttft_ms = cap
+    req.slo.tpot_ms = 200
+    validate_request(req, CAPPED)
+    req.slo.ttft_ms = 4_000_000_000
+    with pytest.raises(ValidationError, match=rf"^slo.ttft_ms: 4000000000 exceeds the limit of {cap} ms for {cls}"):
+        validate_request(req, CAPPED)
+    req.slo.ttft_ms = 0
+    req.slo.tpot_ms = 201
+    with pytest.raises(ValidationError, match="^slo.tpot_ms: 201 exceeds the limit of 200 ms"):
+        validate_request(req, CAPPED)

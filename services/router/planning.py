@@ -1,0 +1,93 @@
+"""What a request will cost, known before any media work: each item's grid from its header, the prompt's length."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pathlib
+
+import PIL.Image
+
+from mmserve.cache_keys import MediaParams
+from mmserve.chat_tokens import ChatTokenCounter
+from mmserve.media import sizing
+from mmserve.media.errors import MediaError
+from mmserve.media.probe import probe_video
+from mmserve.sampling import sampling_from_proto
+from mmserve.v1 import api_pb2
+from services.router.costs import MediaShape
+from services.router.validation import ValidationError
+
+
+def planned_shape(kind: str, data: bytes, params: MediaParams,
+                  processing: sizing.ImageProcessing) -> MediaShape | None:
+    """An item's exact decode and encode size from its header alone, as the decoder will resize it (None when the
+    header is unreadable: the decoder then names the problem)."""
+    try:
+        if kind == "image":
+            with PIL.Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+            h, w = sizing.smart_resize(height, width, processing.factor, params.min_pixels, params.max_pixels)
+            return MediaShape(1, h * w, (h // processing.patch_size) * (w // processing.patch_size))
+        info = probe_video(data)
+        num_frames = sizing.smart_nframes(info.total_frames, info.fps, fps=params.fps, min_frames=params.min_frames,
+                                          max_frames=params.max_frames)
+        budget = sizing.video_max_pixels(num_frames, min_pixels=params.min_pixels, max_pixels=params.max_pixels,
+                                         total_pixels=params.total_pixels)
+        h, w = sizing.smart_resize(info.height, info.width, processing.factor, params.min_pixels, budget)
+    except (OSError, ValueError, PIL.Image.DecompressionBombError, MediaError):
+        return None
+    num_patches = (num_frames // processing.temporal_patch_size) * (h // processing.patch_size) * (
+        w // processing.patch_size)
+    return MediaShape(num_frames, num_frames * h * w, num_patches)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSize:
+    """A request's prompt in tokens, as the llm will build it."""
+
+    num_text_tokens: int
+    num_vision_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_text_tokens + self.num_vision_tokens
+
+
+class PromptBudget:
+    """Counts a request's prompt exactly (chat template, tokenizer, planned grids) and refuses, with
+    INVALID_ARGUMENT, one that exceeds the vision-token cap or cannot fit the context: such a request can never
+    succeed, so it is never told to retry."""
+
+    def __init__(self, model_dir: str, *, max_model_len: int, max_vision_tokens: int, merge_size: int):
+        self.counter = ChatTokenCounter(model_dir)
+        config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+        positions = config.get("text_config", config).get("max_position_embeddings") or max_model_len
+        self.context_len = min(max_model_len, positions)  # what the llm allows (services/llm/engine.py)
+        self.max_vision_tokens = max_vision_tokens
+        self.merge = merge_size
+
+    def check(self, request: api_pb2.GenerateRequest, num_patches: list[float]) -> PromptSize:
+        """The prompt's size given each media item's vision patches (before the spatial merge), in prompt order;
+        ValidationError when it is over a cap."""
+        num_vision = sum(int(n) // (self.merge * self.merge) for n in num_patches)
+        if num_vision > self.max_vision_tokens:
+            raise ValidationError(f"messages: {num_vision} vision tokens exceed the limit of {self.max_vision_tokens} "
+                                  "per request (fewer frames or pixels would fit)")
+        count = self.counter.count(conversation(request))
+        if count.num_media != len(num_patches):
+            raise ValidationError("text: contains a reserved media placeholder token")
+        size = PromptSize(count.num_text_tokens, num_vision)
+        max_tokens = sampling_from_proto(request.sampling).max_tokens
+        if size.num_tokens + max_tokens > self.context_len:
+            raise ValidationError(f"prompt: {size.num_tokens} tokens ({size.num_text_tokens} text + {num_vision} "
+                                  f"vision) + max_tokens {max_tokens} exceed the context length {self.context_len}")
+        return size
+
+
+def conversation(request: api_pb2.GenerateRequest) -> list[dict]:
+    """The request's messages in the chat template's content-list form, media as placeholders (as the llm does)."""
+    return [{"role": m.role, "content": [{"type": "text", "text": p.text} if p.WhichOneof("content") == "text"
+                                         else {"type": p.WhichOneof("content")} for p in m.parts]}
+            for m in request.messages]
