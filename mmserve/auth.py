@@ -44,7 +44,6 @@ def read_secret(field: str, path: str) -> str:
     return value
 
 
-
 def parse_tokens_file(text: str, source: str) -> list[str]:
     """The tokens of a file: one per line; blank lines and lines starting with # are skipped."""
     tokens = []

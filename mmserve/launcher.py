@@ -115,14 +115,14 @@ def write_secrets(directory: str) -> dict[str, str]:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     password = internal_token.generate()
     contents = {"internal-token": internal_token.generate(), "redis-password": password,
-                "redis.conf": f"requirepass {password}\n"}
+                "redis.conf": f"requirepass {password}"}
     paths = {}
     for name, text in contents.items():
         paths[name] = os.path.join(directory, name)
         # O_EXCL and mode 0600 at creation: the secret is never readable by others, not even for a moment.
         fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(text + ("" if text.endswith("\n") else "\n"))
+            f.write(text + "\n")
     return paths
 
 
@@ -181,8 +181,9 @@ def redis_server_argv(binary: str, host: str, port: int, *, maxmemory: str, work
                       config_file: str = "") -> list[str]:
     """A private, memory-bounded, non-persistent redis-server: the embedding cache evicts, never fills up;
     config_file (its password) comes first, as redis-server wants it."""
-    return [binary, *([config_file] if config_file else []), "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
-            "--loglevel", "warning", "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", workdir]
+    return [binary, *([config_file] if config_file else []), "--port", str(port), "--bind", host, "--save", "",
+            "--appendonly", "no", "--loglevel", "warning", "--maxmemory", maxmemory, "--maxmemory-policy",
+            "allkeys-lru", "--dir", workdir]
 
 
 def redis_server_binary() -> str:

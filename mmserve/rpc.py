@@ -48,11 +48,12 @@ def channel(address: str, max_message_bytes: int, client_tls: tls.ClientTls | No
                                    interceptors=internal_token.client_interceptors())
 
 
-def install_credentials(config: ServiceConfig) -> None:
+def install_credentials(config: ServiceConfig) -> str | None:
     """Makes the config's client TLS and internal token what this process's channels to other services use (files
-    are read now, so a bad setting fails start-up with a message naming it)."""
+    are read now, so a bad setting fails start-up with a message naming it); returns the internal token, if any."""
     tls.install_client(tls.client_tls(config))
-    internal_token.install(internal_token.load(config.internal_token_file))
+    internal_token.install(token := internal_token.load(config.internal_token_file))
+    return token
 
 
 # Trailing metadata of an UNAVAILABLE that blames the request's input tensors (their producer went away),
@@ -183,15 +184,16 @@ class Service:
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
         # Files are read now, so bad TLS or token settings fail start-up with a message naming the setting.
         self.credentials = tls.server_credentials(config)
-        install_credentials(config)
+        token = install_credentials(config)
         is_public = isinstance(config, AuthOptions)
         if is_public:  # installed even without tokens: a reload (SIGHUP) may bring some
             interceptors.insert(0, BearerTokenInterceptor(auth.shared_checker(config.api_tokens_file),
                                                           self.service_names))
-        if token := internal_token.load(config.internal_token_file):
+        if token is not None:
             # Health stays open everywhere; on a public port its own API (API tokens) and reflection too, while its
             # TensorStore, like every method of a stage (reflection included), takes the internal token only.
-            open_services = [health.SERVICE_NAME, *([*self.service_names, reflection.SERVICE_NAME] if is_public else [])]
+            public = [*self.service_names, reflection.SERVICE_NAME] if is_public else []
+            open_services = [health.SERVICE_NAME, *public]
             interceptors.insert(0, InternalTokenInterceptor(token, open_services))
         self.server = grpc.aio.server(
             # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
