@@ -318,15 +318,15 @@ async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0, policy: Res
             starting.cancel()
             return 0
         starting.result()
+        if spec.metrics:  # logged before the "listening" line, so a script that waits for that line finds it
+            port = free_port(spec.host)
+            prometheus_client.start_http_server(port, addr=spec.host)  # mmserve_child_restarts_total{child}
+            print(f"mmserve: launcher metrics on http://{spec.host}:{port}/metrics", file=sys.stderr, flush=True)
         print(f"mmserve: router listening on {router}", flush=True)
         if spec.http_port:
             scheme = "https" if spec.tls_dir else "http"
             print(f"mmserve: OpenAI-compatible API on {scheme}://{spec.host}:{spec.http_port}/v1", file=sys.stderr,
                   flush=True)
-        if spec.metrics:
-            port = free_port(spec.host)
-            prometheus_client.start_http_server(port, addr=spec.host)  # mmserve_child_restarts_total{child}
-            print(f"mmserve: launcher metrics on http://{spec.host}:{port}/metrics", file=sys.stderr, flush=True)
         supervising = asyncio.create_task(stack.supervise(policy))
         done, _ = await asyncio.wait([supervising, stopping], return_when=asyncio.FIRST_COMPLETED)
         if supervising in done:
