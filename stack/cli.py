@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start decoder, encoder, llm and router (and redis) on loopback",
                        description="Start the decoder, encoder, llm and router as separate processes (and a private "
                                    "redis-server unless --redis-url is given); prints the router address once all "
-                                   "are healthy and stops them all on Ctrl-C or SIGTERM.")
+                                   "are healthy, restarts any that exits (backoff 0.5 s doubling to 10 s; more "
+                                   "than 5 restarts of one within 120 s is a crash loop that stops the stack) and "
+                                   "stops them all on Ctrl-C or SIGTERM.")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--port", type=int, default=50051, help="router port")
     p.add_argument("--host", default="127.0.0.1", help="address every service binds")
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--media-root", default="", help="directory file:// URIs may read from")
     p.add_argument("--log-level", default="INFO", help="logging level of every service (DEBUG, INFO, WARNING)")
     p.add_argument("--encoder-replicas", type=int, default=1, help="encoder processes; a video's chunks spread over them")
-    p.add_argument("--metrics", action="store_true", help="give every service a Prometheus endpoint (logged)")
+    p.add_argument("--metrics", action="store_true", help="give every service a Prometheus endpoint (logged), and "
+                                                          "the launcher one with mmserve_child_restarts_total{child}")
     p.add_argument("--http-port", type=int, default=0, help="OpenAI-compatible HTTP API on this port (0: off)")
     p.add_argument("--tls-dir", default="", help="TLS on the router's ports and mutual TLS between the services, "
                                                  "from ca.pem, server.pem/.key, client.pem/.key in this directory")

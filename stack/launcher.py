@@ -14,11 +14,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+
+import prometheus_client
 
 from mmserve import internal_token, rpc, tls
 from mmserve.config import ServiceConfig
+from stack.supervisor import RestartPolicy, Restarts
 
 log = logging.getLogger("mmserve.up")
+
+RESTARTS = prometheus_client.Counter("mmserve_child_restarts", "Children of `mmserve up` restarted after they exited",
+                                     ["child"])
 
 _PR_SET_PDEATHSIG = 1
 
@@ -211,7 +218,8 @@ def redis_server_binary() -> str:
 
 
 class Stack:
-    """Starts children, waits until healthy, stops them all (SIGTERM, then SIGKILL after a grace period)."""
+    """Starts children, waits until healthy, restarts those that exit, stops them all (SIGTERM, then SIGKILL after a
+    grace period)."""
 
     def __init__(self, children: list[Child], grace_s: float = 10.0):
         self.children = children
@@ -219,11 +227,16 @@ class Stack:
 
     def start(self) -> None:
         for child in self.children:
-            # Children log to stderr: stdout carries only the "listening" line scripts wait for.
-            child.process = subprocess.Popen(child.argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
-                                             stdout=sys.stderr)
-            metrics = f", metrics on :{child.metrics_port}/metrics" if child.metrics_port else ""
-            log.info("started %s (pid %d)%s", child.name, child.process.pid, metrics)
+            self.start_child(child)
+
+    def start_child(self, child: Child) -> None:
+        """Starts one child (again) with its argv: same ports, same flags."""
+        # Called on the loop's thread: PR_SET_PDEATHSIG fires when the thread that forked exits, not the process.
+        # Children log to stderr: stdout carries only the "listening" line scripts wait for.
+        child.process = subprocess.Popen(child.argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+                                         stdout=sys.stderr)
+        metrics = f", metrics on :{child.metrics_port}/metrics" if child.metrics_port else ""
+        log.info("started %s (pid %d)%s", child.name, child.process.pid, metrics)
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Returns once every gRPC child reports SERVING; raises if one exits or the time runs out."""
@@ -235,8 +248,7 @@ class Stack:
             if exited in done:
                 name = exited.result()
                 code = next(c.process.wait() for c in self.children if c.name == name)
-                how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                raise RuntimeError(f"{name} exited during start-up ({how})")
+                raise RuntimeError(f"{name} exited during start-up ({_how(code)})")
             all_healthy.result()  # a health check's TimeoutError surfaces here
         finally:
             exited.cancel()
@@ -245,23 +257,59 @@ class Stack:
             await asyncio.gather(exited, all_healthy, return_exceptions=True)
 
     async def wait_any_exit(self) -> str:
-        """The name of the first child that exits (pidfds wake the loop; no thread, no polling)."""
-        loop = asyncio.get_running_loop()
-        first: asyncio.Future[str] = loop.create_future()
-        fds = []
+        """The name of the first child that exits."""
+        waits = {asyncio.ensure_future(self.wait_exit(c)): c.name for c in self.children}
         try:
-            for child in self.children:
-                try:
-                    fd = os.pidfd_open(child.process.pid)
-                except ProcessLookupError:  # already reaped
-                    return child.name
-                fds.append(fd)
-                loop.add_reader(fd, lambda name=child.name: first.done() or first.set_result(name))
-            return await first
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            return waits[done.pop()]
         finally:
-            for fd in fds:
-                loop.remove_reader(fd)
-                os.close(fd)
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    @staticmethod
+    async def wait_exit(child: Child) -> int:
+        """The child's exit code once it exits (a pidfd wakes the loop; no thread, no polling)."""
+        try:
+            fd = os.pidfd_open(child.process.pid)
+        except ProcessLookupError:  # already reaped
+            return child.process.wait()
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return child.process.wait()  # reaps it at once
+
+    async def supervise(self, policy: RestartPolicy) -> str:
+        """Restarts every child that exits, after its backoff; returns the name of the first that crash-loops."""
+        keepers = [asyncio.ensure_future(self._keep_running(c, Restarts(policy, time.monotonic())))
+                   for c in self.children]
+        try:
+            done, _ = await asyncio.wait(keepers, return_when=asyncio.FIRST_COMPLETED)
+            return done.pop().result()
+        finally:
+            for task in keepers:
+                task.cancel()
+            await asyncio.gather(*keepers, return_exceptions=True)
+
+    async def _keep_running(self, child: Child, restarts: Restarts) -> str:
+        while True:
+            code = await self.wait_exit(child)
+            delay = restarts.on_exit(time.monotonic())
+            if delay is None:
+                log.error("%s exited (%s) after %d restarts within %.0f s; giving up", child.name, _how(code),
+                          restarts.num_restarts, restarts.policy.window_s)
+                return child.name
+            log.warning("%s exited (%s); restarting it in %.1f s", child.name, _how(code), delay)
+            await asyncio.sleep(delay)
+            self.start_child(child)
+            restarts.on_restart(time.monotonic())
+            RESTARTS.labels(child.name).inc()
+            log.warning("%s restarted (restart %d)", child.name, restarts.num_restarts)
 
     def stop(self) -> None:
         """SIGTERM to every child (router first), SIGKILL to any still alive after the grace period."""
@@ -277,6 +325,10 @@ class Stack:
                 p.wait()
 
 
+def _how(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit code {code}"
+
+
 def port_in_use_error(spec: StackSpec) -> str | None:
     """Why the stack cannot start on its public ports (taken), or None."""
     if not port_is_free(spec.host, spec.port):
@@ -286,8 +338,9 @@ def port_in_use_error(spec: StackSpec) -> str | None:
     return None
 
 
-async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
-    """Runs the stack until SIGINT/SIGTERM or a child dies; returns the exit code."""
+async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0, policy: RestartPolicy = RestartPolicy()) -> int:
+    """Runs the stack until SIGINT/SIGTERM (exit code 0), restarting children that exit, or until one crash-loops
+    (exit code 1)."""
     if (error := port_in_use_error(spec) or tls_dir_error(spec.tls_dir)) is not None:
         print(f"mmserve up: {error}", file=sys.stderr)
         return 2
@@ -311,16 +364,23 @@ async def run_stack(spec: StackSpec, ready_timeout_s: float = 300.0) -> int:
             starting.cancel()
             return 0
         starting.result()
+        if spec.metrics:  # logged before the "listening" line, so a script that waits for that line finds it
+            port = free_port(spec.host)
+            prometheus_client.start_http_server(port, addr=spec.host)  # mmserve_child_restarts_total{child}
+            print(f"mmserve: launcher metrics on http://{spec.host}:{port}/metrics", file=sys.stderr, flush=True)
         print(f"mmserve: router listening on {router}", flush=True)
         if spec.http_port:
             scheme = "https" if spec.tls_dir else "http"
             print(f"mmserve: OpenAI-compatible API on {scheme}://{spec.host}:{spec.http_port}/v1", file=sys.stderr,
                   flush=True)
-        died = asyncio.create_task(stack.wait_any_exit())
-        done, _ = await asyncio.wait([died, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if died in done:
-            print(f"mmserve up: {died.result()} exited unexpectedly; stopping", file=sys.stderr)
+        supervising = asyncio.create_task(stack.supervise(policy))
+        done, _ = await asyncio.wait([supervising, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if supervising in done:
+            print(f"mmserve up: {supervising.result()} keeps exiting (crash loop); stopping", file=sys.stderr)
             code = 1
+        else:  # SIGINT/SIGTERM: nothing is restarted once the children are being stopped
+            supervising.cancel()
+            await asyncio.gather(supervising, return_exceptions=True)
     except (RuntimeError, TimeoutError) as err:
         print(f"mmserve up: {err}", file=sys.stderr)
         code = 1

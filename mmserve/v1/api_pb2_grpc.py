@@ -49,7 +49,11 @@ class RouterServicer:
     def Generate(self, request, context):
         """Streams text deltas, then exactly one `final` message. Errors are gRPC statuses:
         INVALID_ARGUMENT for bad input, RESOURCE_EXHAUSTED for overload, UNAVAILABLE for a
-        dead replica (the only status worth retrying).
+        dead replica (the only status worth retrying). UNAVAILABLE before the first delta is safe
+        to retry: nothing was sent. UNAVAILABLE after a delta is NOT safe to retry blindly: part of
+        the answer was already delivered (a retry repeats it, or differs when sampling); its
+        message says how many tokens were delivered, e.g. "llm: replica lost after 12 tokens were
+        delivered; not safe to retry blindly". The status message names the stage that failed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -168,7 +168,7 @@ class MediaStage:
                 return await self._decode_and_encode(request_id, prepared, deadline, latest_start, exclude)
             except ReplicaDown as down:
                 if attempt + 1 == attempts:
-                    raise down.error from None
+                    raise down from None  # the caller names the stage
                 exclude[down.pool.stage] |= {down.replica.address}
                 metrics.RETRIES.labels(down.pool.stage).inc()
                 log.warning("%s: %s %s unavailable, retrying elsewhere", request_id, down.pool.stage,

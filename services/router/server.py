@@ -15,7 +15,7 @@ from mmserve.v1 import api_pb2, api_pb2_grpc, llm_pb2
 from services.router import metrics
 from services.router.admission import Controller, Ticket
 from services.router.config import RouterConfig
-from services.router.media import Embedded, MediaItem, MediaStage, Prepared
+from services.router.media import Embedded, MediaItem, MediaStage, Prepared, ReplicaDown
 from services.router.planning import PromptBudget, PromptSize
 from services.router.replicas import NoReplicaError, PoolFull, ReplicaPool, is_client_error
 from services.router.validation import RequestLimits, ValidationError, validate_request
@@ -145,6 +145,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             return await _all_or_nothing(
                 self.media.embed(request_id, p, deadline=deadline, latest_start=ticket.latest_start,
                                  attempts=self.config.stage_attempts) for p in prepared)
+        except ReplicaDown as down:
+            raise _stage_error(down.pool.stage, down.error) from None
         except grpc.aio.AioRpcError as err:
             raise _stage_error("media", err) from None
         except NoReplicaError as err:
@@ -187,6 +189,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                         self.llms.remember(affinity, llm)
                     stream = llm.stub.Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter()))
                     first_token = 0.0
+                    num_delivered = 0
                     try:
                         async for reply in stream:
                             started = True
@@ -194,6 +197,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                                 self._observe_llm(llm, reply.final, first_token)
                             else:
                                 first_token = first_token or time.perf_counter()
+                                num_delivered += len(reply.delta.token_ids)
                             yield reply
                         return
                     except grpc.aio.AioRpcError as err:
@@ -203,7 +207,11 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                         if err.code() != grpc.StatusCode.UNAVAILABLE:
                             raise _stage_error("llm", err) from None
                         self.llms.mark_failed(llm)
-                        if started or attempt + 1 == self.config.stage_attempts:
+                        if started:  # the client has part of the answer: a blind retry would repeat or differ
+                            raise StageError(grpc.StatusCode.UNAVAILABLE,
+                                             f"llm: replica lost after {num_delivered} tokens were delivered; not "
+                                             "safe to retry blindly") from None
+                        if attempt + 1 == self.config.stage_attempts:
                             raise _stage_error("llm", err) from None
                         exclude |= {llm.address}
                         metrics.RETRIES.labels("llm").inc()
