@@ -9,7 +9,7 @@ from mmserve import rpc
 from mmserve.cache import EmbeddingCache
 from mmserve.cache_keys import model_fingerprint
 from mmserve.media.fetch import FetchPolicy
-from mmserve.media.preprocess import ImageProcessing
+from mmserve.media.sizing import ImageProcessing
 from mmserve.roles import Role
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.admission import Controller
