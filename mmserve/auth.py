@@ -1,4 +1,5 @@
-"""Bearer tokens of the public API: where they come from, and a constant-time check of a request's header."""
+"""Bearer tokens of the public API: where they come from, and a constant-time check of a request's header;
+the one-line secret files of the stack."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import pathlib
 import re
+from collections.abc import Sequence
 
 # Comma-separated tokens in the environment, so none needs to appear on a command line (visible in `ps`).
 TOKENS_ENV = "MMSERVE_API_TOKENS"
@@ -15,11 +17,31 @@ TOKENS_ENV = "MMSERVE_API_TOKENS"
 CLIENT_TOKEN_ENV = "MMSERVE_API_TOKEN"
 MISSING = "missing bearer token"
 INVALID = "invalid bearer token"
+DUPLICATE = "more than one authorization header"
 
 log = logging.getLogger(__name__)
 
 # RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
 _TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# The whole header value: the scheme (case-insensitive, as every HTTP auth scheme: RFC 7235 2.1), one space, the
+# token, nothing else.
+_BEARER = re.compile(r"(?i:Bearer) ([A-Za-z0-9\-._~+/]+=*)")
+
+
+def is_bearer_token(text: str) -> bool:
+    """Whether text may be sent as a bearer token (RFC 6750's b64token)."""
+    return _TOKEN.fullmatch(text) is not None
+
+
+def read_secret(field: str, path: str) -> str:
+    """The one-line secret in path; an unreadable, empty or multi-word file is a ValueError naming the field."""
+    try:
+        value = pathlib.Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{field}: cannot read {path}: {err}") from None
+    if not value or any(c.isspace() for c in value):  # the value itself is never echoed
+        raise ValueError(f"{field}: {path} must hold one secret on one line")
+    return value
 
 
 def parse_tokens_file(text: str, source: str) -> list[str]:
@@ -29,7 +51,7 @@ def parse_tokens_file(text: str, source: str) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if not _TOKEN.fullmatch(line):  # the token itself is never echoed: it may be a real secret
+        if not is_bearer_token(line):  # the token itself is never echoed: it may be a real secret
             raise ValueError(f"{source}:{number}: not a bearer token (letters, digits and -._~+/ only, "
                              "one token per line)")
         tokens.append(line)
@@ -40,7 +62,7 @@ def parse_tokens_env(value: str, source: str = TOKENS_ENV) -> list[str]:
     """The tokens of a comma-separated list (the environment variable)."""
     tokens = [t.strip() for t in value.split(",") if t.strip()]
     for index, token in enumerate(tokens, 1):
-        if not _TOKEN.fullmatch(token):
+        if not is_bearer_token(token):
             raise ValueError(f"{source}: entry {index} is not a bearer token (letters, digits and -._~+/ only)")
     return tokens
 
@@ -79,14 +101,10 @@ def client_token(token_file: str, environ: dict[str, str] | None = None) -> str 
 
 
 def bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive), else None."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        return None
-    return token
+    """The token of an `Authorization: Bearer <token>` value, else None: exactly the scheme (in any case), one
+    space and the token; any other whitespace or a second part makes the value malformed."""
+    match = _BEARER.fullmatch(authorization or "")
+    return match.group(1) if match else None
 
 
 class TokenChecker:
@@ -110,14 +128,24 @@ class TokenChecker:
         if not self._digests:
             return None
         token = bearer_token(authorization)
-        if token is None:
-            return MISSING
+        if token is None:  # a Bearer value that is malformed is an invalid token, anything else none at all
+            return INVALID if (authorization or "").lower().startswith("bearer ") else MISSING
+        return None if self.matches(token) else INVALID
+
+    def headers_refusal(self, values: Sequence[str]) -> str | None:
+        """Like refusal, given every Authorization value a request carried: more than one is refused (DUPLICATE)."""
+        if self._digests and len(values) > 1:  # which one would count is a guess an attacker could play with
+            return DUPLICATE
+        return self.refusal(values[0] if values else None)
+
+    def matches(self, token: str) -> bool:
+        """Whether token is one of ours, in constant time."""
         presented = _digest(token)
         # Every configured token is compared, so the time taken does not say which one matched.
         matched = False
         for expected in self._digests:
             matched |= hmac.compare_digest(presented, expected)
-        return None if matched else INVALID
+        return matched
 
 
 def _digest(token: str) -> bytes:

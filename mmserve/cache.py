@@ -13,7 +13,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from mmserve import transport
+from mmserve import registry, transport
 from mmserve.lru import ByteLRU
 from mmserve.v1 import tensor_pb2
 
@@ -102,14 +102,15 @@ def decode_value(blob: bytes, header_only: bool = False) -> CachedEmbedding | No
 class EmbeddingCache:
     """Async cache client; any Redis failure is logged once per outage, counted, and reads as a miss."""
 
-    def __init__(self, url: str, ttl_s: int = 24 * 3600, timeout_s: float = 0.05, local_bytes: int = 0):
+    def __init__(self, url: str, ttl_s: int = 24 * 3600, timeout_s: float = 0.05, local_bytes: int = 0,
+                 password: str | None = None):
         self.ttl_s = ttl_s
         # One immediate retry on a broken connection only: after a Redis restart the pooled socket is dead, and
         # a reader that saw no outage (an llm serving from its LRU) would otherwise miss once. A timeout (Redis
         # slow or paused) is never retried: it stays a fast miss.
         retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=retry)
+        self.client = aioredis.Redis.from_url(url, password=password, socket_timeout=timeout_s,
+                                              socket_connect_timeout=timeout_s, retry=retry)
         self.local: ByteLRU[CachedEmbedding] = ByteLRU(local_bytes)
         self.num_errors = 0
         self._failing = False
@@ -131,7 +132,8 @@ class EmbeddingCache:
         """The cache a service's CacheOptions describe, or None when it has no redis_url."""
         if not options.redis_url:
             return None
-        return cls(options.redis_url, options.cache_ttl_s, options.cache_timeout_ms / 1e3, options.cache_local_bytes)
+        return cls(options.redis_url, options.cache_ttl_s, options.cache_timeout_ms / 1e3, options.cache_local_bytes,
+                   registry.redis_password(options))
 
     async def get_many(self, keys: list[str], header_only: bool = False) -> list[CachedEmbedding | None]:
         """The entries under keys (None for each miss), from the local LRU, else one Redis round trip.

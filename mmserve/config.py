@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import typing
 from typing import Any, Self
 
@@ -14,6 +15,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def option(default: Any, doc: str) -> Any:
     """A config field with its one-line documentation (shown by --help)."""
     return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost, or "" (every address)
+        return False
 
 
 def _flag(name: str) -> str:
@@ -53,6 +64,14 @@ class ServiceConfig:
     tls_server_name: str = option("", "name the certificates of the services this one calls carry, when their "
                                       "addresses do not (e.g. pod IPs; empty: the address's host; needs tls_ca_file)")
 
+    # Secrets of the stack, file paths too (`mmserve up` generates both; `mmserve secrets` writes them for compose).
+    internal_token_file: str = option("", "file holding the stack's internal token: every call between the services "
+                                          "carries it and a stage refuses calls without it (health stays open); "
+                                          "needed by a stage bound to a non-loopback host unless it requires mutual "
+                                          "TLS (empty: none)")
+    redis_password_file: str = option("", "file holding the password of the Redis in redis_url and registry_url "
+                                          "(empty: none)")
+
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("port: must be in 0..65535")
@@ -67,6 +86,15 @@ class ServiceConfig:
         if self.grace_s < 0:
             raise ValueError("grace_s: must not be negative")
         self.check_tls_options()
+        self.check_exposure()
+
+    def check_exposure(self) -> None:
+        """Raises ValueError when a stage would answer the network with no credential (a public API, which has its
+        own tokens, may)."""
+        if (not isinstance(self, AuthOptions) and not is_loopback(self.host)
+                and not self.internal_token_file and not self.tls_client_ca_file):
+            raise ValueError(f"host: {self.host or 'every address'} is reachable from other hosts; a stage there needs "
+                             "internal_token_file or mutual TLS (tls_client_ca_file)")
 
     def check_tls_options(self) -> None:
         """Raises ValueError naming the TLS setting that lacks its partner."""

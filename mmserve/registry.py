@@ -15,6 +15,8 @@ import time
 
 import redis.asyncio as aioredis
 
+from mmserve import auth
+
 log = logging.getLogger(__name__)
 
 PREFIX = "mmserve:replica:"
@@ -33,11 +35,17 @@ def advertised_address(host: str, port: int, advertise: str = "") -> str:
     return f"{host}:{port}"
 
 
+def redis_password(config) -> str | None:
+    """The password of a service's Redis (its redis_password_file), or None; read now, so a bad file fails start-up."""
+    return auth.read_secret("redis_password_file", config.redis_password_file) if config.redis_password_file else None
+
+
 class Registration:
     """Keeps one replica's registry entry alive until stopped (then deletes it at once)."""
 
-    def __init__(self, url: str, stage: str, address: str, *, ttl_s: float = 3.0, interval_s: float = 1.0):
-        self.client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    def __init__(self, url: str, stage: str, address: str, *, ttl_s: float = 3.0, interval_s: float = 1.0,
+                 password: str | None = None):
+        self.client = aioredis.Redis.from_url(url, password=password, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.key = _key(stage, address)
         self.value = json.dumps({"stage": stage, "address": address, "pid": os.getpid(), "since": time.time()})
         self.ttl_ms = int(ttl_s * 1000)
@@ -74,8 +82,8 @@ class Registration:
 class RegistryReader:
     """The router's view: addresses of live replicas per stage."""
 
-    def __init__(self, url: str):
-        self.client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    def __init__(self, url: str, password: str | None = None):
+        self.client = aioredis.Redis.from_url(url, password=password, socket_timeout=1.0, socket_connect_timeout=1.0)
 
     async def members(self, stage: str) -> list[str] | None:
         """Live addresses of one stage, or None when the registry cannot be read (keep the last view)."""

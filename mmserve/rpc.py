@@ -17,7 +17,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmserve import auth, registry, request_ids, tls, transport
+from mmserve import auth, internal_token, registry, request_ids, tls, transport
 from mmserve.config import AuthOptions, ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,10 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def insecure_channel(address: str, max_message_bytes: int, options: Iterable[tuple[str, int]] = ()) -> grpc.aio.Channel:
-    """An asyncio channel to another service with our message size cap (and further channel options)."""
-    return grpc.aio.insecure_channel(address, options=[*message_options(max_message_bytes), *options])
+    """An asyncio channel to another service with our message size cap (and further channel options); its calls
+    carry the process's internal token, if one is installed."""
+    return grpc.aio.insecure_channel(address, options=[*message_options(max_message_bytes), *options],
+                                     interceptors=internal_token.client_interceptors())
 
 
 def channel(address: str, max_message_bytes: int, client_tls: tls.ClientTls | None = None,
@@ -42,7 +44,16 @@ def channel(address: str, max_message_bytes: int, client_tls: tls.ClientTls | No
     if client_tls is None:
         return insecure_channel(address, max_message_bytes, options)
     return grpc.aio.secure_channel(address, client_tls.credentials(),
-                                   options=[*message_options(max_message_bytes), *client_tls.options(), *options])
+                                   options=[*message_options(max_message_bytes), *client_tls.options(), *options],
+                                   interceptors=internal_token.client_interceptors())
+
+
+def install_credentials(config: ServiceConfig) -> str | None:
+    """Makes the config's client TLS and internal token what this process's channels to other services use (files
+    are read now, so a bad setting fails start-up with a message naming it); returns the internal token, if any."""
+    tls.install_client(tls.client_tls(config))
+    internal_token.install(token := internal_token.load(config.internal_token_file))
+    return token
 
 
 # Trailing metadata of an UNAVAILABLE that blames the request's input tensors (their producer went away),
@@ -103,11 +114,29 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self.prefixes):
             return handler
-        headers = dict(details.invocation_metadata or ())
-        refusal = self.checker.refusal(headers.get("authorization"))
+        values = [value for key, value in details.invocation_metadata or () if key == "authorization"]
+        refusal = self.checker.headers_refusal(values)
         if refusal is None:
             return handler
         AUTH_REFUSALS.labels("missing" if refusal == auth.MISSING else "invalid").inc()
+        return _refusing(handler, refusal)
+
+
+class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires the stack's internal token (internal_token.HEADER) on every method but those of the open services."""
+
+    def __init__(self, token: str, open_services: Iterable[str]):
+        self.checker = auth.TokenChecker({token})
+        self.open_prefixes = tuple(f"/{name}/" for name in open_services)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.open_prefixes):
+            return handler
+        refusal = internal_token.refusal(self.checker, details.invocation_metadata)
+        if refusal is None:
+            return handler
+        AUTH_REFUSALS.labels("internal").inc()
         return _refusing(handler, refusal)
 
 
@@ -155,10 +184,17 @@ class Service:
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
         # Files are read now, so bad TLS or token settings fail start-up with a message naming the setting.
         self.credentials = tls.server_credentials(config)
-        tls.install_client(tls.client_tls(config))
-        if isinstance(config, AuthOptions):  # installed even without tokens: a reload (SIGHUP) may bring some
+        token = install_credentials(config)
+        is_public = isinstance(config, AuthOptions)
+        if is_public:  # installed even without tokens: a reload (SIGHUP) may bring some
             interceptors.insert(0, BearerTokenInterceptor(auth.shared_checker(config.api_tokens_file),
                                                           self.service_names))
+        if token is not None:
+            # Health stays open everywhere; on a public port its own API (API tokens) and reflection too, while its
+            # TensorStore, like every method of a stage (reflection included), takes the internal token only.
+            public = [*self.service_names, reflection.SERVICE_NAME] if is_public else []
+            open_services = [health.SERVICE_NAME, *public]
+            interceptors.insert(0, InternalTokenInterceptor(token, open_services))
         self.server = grpc.aio.server(
             # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
             options=[*message_options(config.max_message_bytes), ("grpc.so_reuseport", 0),
@@ -210,7 +246,8 @@ class Service:
         if self.config.registry_url:
             stage = self.service_names[0].rsplit(".", 1)[-1].lower()
             address = registry.advertised_address(self.config.host, self.port, self.config.advertise_address)
-            self.registration = registry.Registration(self.config.registry_url, stage, address)
+            self.registration = registry.Registration(self.config.registry_url, stage, address,
+                                                      password=registry.redis_password(self.config))
             self.registration.start()
         log.info("serving %s on %s:%d", ",".join(self.service_names), self.config.host, self.port)
         return self.port

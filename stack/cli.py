@@ -1,12 +1,14 @@
-"""The `mmserve` command: tiny-model, up, generate, decode."""
+"""The `mmserve` command: tiny-model, up, generate, certs, secrets, decode."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 from mmserve import tls
 
@@ -52,11 +54,26 @@ def _up(args: argparse.Namespace) -> int:
                      media_root=args.media_root, log_level=args.log_level,
                      num_encoders=args.encoder_replicas, metrics=args.metrics, http_port=args.http_port,
                      tls_dir=args.tls_dir, api_tokens_file=args.api_tokens_file)
-    if args.aggregated:
-        from stack.aggregated import main_aggregated
+    # The stack's generated secrets (internal token, Redis password) live as long as the stack, in a 0700 directory.
+    with tempfile.TemporaryDirectory(prefix="mmserve-up-") as secrets_dir:
+        spec = dataclasses.replace(spec, secrets_dir=secrets_dir)
+        if args.aggregated:
+            from stack.aggregated import main_aggregated
 
-        return main_aggregated(spec)
-    return main_up(spec)
+            return main_aggregated(spec)
+        return main_up(spec)
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    from stack.launcher import write_secrets
+
+    try:
+        paths = write_secrets(args.out)
+    except FileExistsError as err:  # never overwrite a stack's secrets: its services and Redis hold the old ones
+        print(f"mmserve secrets: {err.filename} exists; remove it to generate new secrets", file=sys.stderr)
+        return 1
+    print("\n".join(paths.values()))
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -182,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "for (repeatable; default: localhost and 127.0.0.1)")
     p.add_argument("--days", type=int, default=825, help="validity in days")
     p.set_defaults(func=_certs)
+
+    p = sub.add_parser("secrets", help="write a stack's internal token and Redis password (compose, k8s)",
+                       description="Write a fresh internal token (internal-token), Redis password (redis-password) and "
+                                   "a redis-server config file holding it (redis.conf), mode 0600, the secrets "
+                                   "`mmserve up` generates per stack; compose.yaml and deploy/k8s read this layout.")
+    p.add_argument("--out", required=True, help="directory to write (created 0700; existing secrets are kept)")
+    p.set_defaults(func=_secrets)
 
     p = sub.add_parser("decode", help="decode one video or image with the decoder's own code path",
                        description="Decode one local video or image in this process with the decoder service's code "

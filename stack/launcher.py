@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from mmserve import rpc, tls
+from mmserve import internal_token, rpc, tls
 from mmserve.config import ServiceConfig
 
 log = logging.getLogger("mmserve.up")
@@ -75,6 +75,7 @@ class StackSpec:
     router_args: tuple[str, ...] = ()  # further router flags, e.g. ("--policy", "fcfs", "--slo-tpot-ms", "100")
     tls_dir: str = ""  # TLS_FILES: TLS on the router's ports, mutual TLS between the services ("": plaintext)
     api_tokens_file: str = ""  # bearer tokens the router's public API requires ("": $MMSERVE_API_TOKENS or open)
+    secrets_dir: str = ""  # a private directory for the stack's generated secrets (SECRET_FILES; "": none generated)
 
 
 # What `mmserve up --tls-dir` reads (`mmserve.tls.make_dev_certs` writes this layout).
@@ -102,6 +103,28 @@ def tls_dir_error(tls_dir: str) -> str | None:
         return (f"--tls-dir {tls_dir}: missing {', '.join(missing)} (`mmserve certs --out {tls_dir}` writes a "
                 "development set)")
     return None
+
+
+# What `mmserve up` generates per stack and `mmserve secrets` writes for compose and k8s: the internal token every
+# call between the services carries, the password of the private Redis, and a redis-server config file holding it
+# (a config file, as the password must not appear on redis-server's command line).
+SECRET_FILES = ("internal-token", "redis-password", "redis.conf")
+
+
+def write_secrets(directory: str) -> dict[str, str]:
+    """Writes fresh SECRET_FILES into directory, readable by this user only; returns their paths by name."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    password = internal_token.generate()
+    contents = {"internal-token": internal_token.generate(), "redis-password": password,
+                "redis.conf": f"requirepass {password}"}
+    paths = {}
+    for name, text in contents.items():
+        paths[name] = os.path.join(directory, name)
+        # O_EXCL and mode 0600 at creation: the secret is never readable by others, not even for a moment.
+        fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+    return paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,16 +159,20 @@ def plan(spec: StackSpec) -> Plan:
     internal_tls, router_tls, client_tls = tls_settings(spec.tls_dir)
     ports = {"decoder": [free_port(host)], "encoder": [free_port(host) for _ in range(spec.num_encoders)],
              "llm": [free_port(host)]}
+    secrets = write_secrets(spec.secrets_dir) if spec.secrets_dir else {}
+    credentials = dict(internal_token_file=secrets["internal-token"]) if secrets else {}
     redis_url, redis_argv = spec.redis_url, None
     if not redis_url:
         redis_port = free_port(host)
         redis_url = f"redis://{host}:{redis_port}/0"
+        if secrets:  # the private redis-server gets the password (an external one keeps its own settings)
+            credentials["redis_password_file"] = secrets["redis-password"]
         redis_argv = redis_server_argv(redis_server_binary(), host, redis_port, maxmemory=spec.redis_maxmemory,
-                                       workdir=tempfile.gettempdir())
+                                       workdir=tempfile.gettempdir(), config_file=secrets.get("redis.conf", ""))
 
     def common() -> dict:
         return dict(host=host, log_level=spec.log_level, transport=spec.transport,
-                    metrics_port=free_port(host) if spec.metrics else 0)
+                    metrics_port=free_port(host) if spec.metrics else 0, **credentials)
 
     def addresses(stage: str) -> str:
         return ",".join(f"{host}:{port}" for port in ports[stage])
@@ -165,10 +192,13 @@ def plan(spec: StackSpec) -> Plan:
     return Plan(services, redis_argv, client_tls, f"{host}:{spec.port}")
 
 
-def redis_server_argv(binary: str, host: str, port: int, *, maxmemory: str, workdir: str) -> list[str]:
-    """A private, memory-bounded, non-persistent redis-server: the embedding cache evicts, never fills up."""
-    return [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
-            "--loglevel", "warning", "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", workdir]
+def redis_server_argv(binary: str, host: str, port: int, *, maxmemory: str, workdir: str,
+                      config_file: str = "") -> list[str]:
+    """A private, memory-bounded, non-persistent redis-server: the embedding cache evicts, never fills up;
+    config_file (its password) comes first, as redis-server wants it."""
+    return [binary, *([config_file] if config_file else []), "--port", str(port), "--bind", host, "--save", "",
+            "--appendonly", "no", "--loglevel", "warning", "--maxmemory", maxmemory, "--maxmemory-policy",
+            "allkeys-lru", "--dir", workdir]
 
 
 def redis_server_binary() -> str:

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import torch
 
-from mmserve import tls
+from mmserve import internal_token, tls
 from mmserve.transport.refs import TensorUnavailable, as_bytes
 from mmserve.transport.store import TensorStore
 from mmserve.v1 import tensor_pb2
@@ -106,8 +106,10 @@ def _channel(address: str) -> grpc.aio.Channel:
     channels = _channels.setdefault(asyncio.get_running_loop(), {})
     if address not in channels:
         client = tls.installed_client()  # under mutual TLS, the producer wants our certificate here too
-        channels[address] = (grpc.aio.insecure_channel(address) if client is None else
-                             grpc.aio.secure_channel(address, client.credentials(), options=client.options()))
+        interceptors = internal_token.client_interceptors()  # and its TensorStore our internal token
+        channels[address] = (grpc.aio.insecure_channel(address, interceptors=interceptors) if client is None else
+                             grpc.aio.secure_channel(address, client.credentials(), options=client.options(),
+                                                     interceptors=interceptors))
     return channels[address]
 
 

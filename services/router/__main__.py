@@ -43,6 +43,7 @@ def request_limits(config: RouterConfig, processing: ImageProcessing) -> Request
 
 async def build_router(config: RouterConfig) -> Role:
     """Connects to the stage replicas and Redis and builds the router's server (not yet serving)."""
+    rpc.install_credentials(config)  # before the first channel to a replica: its calls carry the internal token
     pools = build_pools(config)
     decoders, encoders, llms = pools
     controller = Controller(decoders, encoders, llms, policy=config.policy, headroom=config.admission_headroom,

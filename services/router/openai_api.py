@@ -122,7 +122,7 @@ class OpenAiServer:
     async def _authorize(self, request: web.Request, handler) -> web.StreamResponse:
         """Every /v1/ route needs a valid bearer token when tokens are configured; /health stays open."""
         if request.path.startswith("/v1/"):
-            refusal = self.tokens.refusal(request.headers.get("Authorization"))
+            refusal = self.tokens.headers_refusal(request.headers.getall("Authorization", []))
             if refusal is not None:
                 rpc.AUTH_REFUSALS.labels("missing" if refusal == auth.MISSING else "invalid").inc()
                 return error_response(unauthorized(refusal))

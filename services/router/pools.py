@@ -7,7 +7,7 @@ import dataclasses
 import logging
 
 from mmserve import tls
-from mmserve.registry import RegistryReader
+from mmserve.registry import RegistryReader, redis_password
 from mmserve.v1 import decoder_pb2_grpc, encoder_pb2_grpc, llm_pb2_grpc
 from services.router import metrics
 from services.router.config import RouterConfig
@@ -50,7 +50,7 @@ def build_pools(config: RouterConfig, seeds: CostSeeds | None = None) -> Pools:
 
 async def follow_registry(config: RouterConfig, pools: Pools) -> None:
     """Keeps each pool equal to its static addresses plus the replicas alive in the registry."""
-    reader = RegistryReader(config.registry_url)
+    reader = RegistryReader(config.registry_url, redis_password(config))
     static = {pool.stage: RouterConfig.split(a)
               for pool, a in zip(pools, (config.decoder_addrs, config.encoder_addrs, config.llm_addrs))}
     for encoder, llm in config.flex_pairs():  # flex replicas stay in both pools (enabled in one)

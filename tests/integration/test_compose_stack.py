@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from mmserve import rpc, tls
-from stack.launcher import Child, Stack, free_port
+from stack.launcher import Child, Stack, free_port, write_secrets
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from tests.integration.helpers import collect, request, text
@@ -48,6 +48,9 @@ def rewrite(argv: list[str], ports: dict[str, int], compose_ports: dict[str, str
         elif flag in ("--redis-url", "--registry-url"):
             assert value.startswith("redis://redis:"), value  # compose's redis service
             out[i + 1] = redis_url
+        elif flag == "--redis-password-file":
+            assert value == "/run/secrets/redis_password", value
+            out[i + 1] = ""  # the fixture's Redis, in place of compose's, has no password
         elif host_path(value, mounts) != value:
             out[i + 1] = host_path(value, mounts)
         elif flag.endswith("-addrs") or flag == "--advertise-address":  # compose service names
@@ -88,7 +91,9 @@ def wait_healthy(children: dict[str, Child], probes: dict[str, list[str]], timeo
 @pytest.mark.slow
 @pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls"])
 def test_compose_commands_serve_a_request(tiny_model, redis_server, media_root, tmp_path, secure):
-    mounts = {"/model": str(tiny_model), "/media": str(media_root)}
+    secrets = write_secrets(str(tmp_path / "secrets"))  # what `mmserve secrets` writes for compose's secrets
+    mounts = {"/model": str(tiny_model), "/media": str(media_root),
+              "/run/secrets/internal_token": secrets["internal-token"]}
     env = dict(TEST_ENV)
     if secure:  # TLS_DIR and API_TOKENS_FILE set, as in .env; certificates for the compose names (probes, peers)
         certs = tls.make_dev_certs(tmp_path / "certs", names=(*CONFIGS, "127.0.0.1"))

@@ -52,11 +52,26 @@ def test_a_named_file_without_tokens_or_unreadable_is_an_error(tmp_path):
         auth.load_tokens("", {auth.TOKENS_ENV: "good,bad token"})
 
 
-@pytest.mark.parametrize("header, token", [("Bearer abc", "abc"), ("bearer abc", "abc"), ("BEARER  abc ", "abc"),
+@pytest.mark.parametrize("header, token", [("Bearer abc", "abc"), ("bearer abc", "abc"), ("BEARER abc", "abc"),
                                            ("Basic abc", None), ("Bearer", None), ("Bearer ", None), ("", None),
                                            (None, None), ("abc", None)])
 def test_bearer_token_of_a_header(header, token):
     assert auth.bearer_token(header) == token
+
+
+@pytest.mark.parametrize("header", ["BEARER  abc ", "Bearer  abc", "Bearer abc ", " Bearer abc", "Bearer\tabc",
+                                    "Bearer abc def", "Bearer abc,Bearer def", "Bearer abc\n", "Bearerabc"])
+def test_bearer_parsing_is_strict(header):  # one space, the token, nothing else
+    assert auth.bearer_token(header) is None
+    assert auth.TokenChecker({"abc"}).refusal(header) is not None
+
+
+def test_two_authorization_headers_are_refused_even_when_both_are_valid():
+    checker = auth.TokenChecker({"sk-one", "sk-two"})
+    assert checker.headers_refusal(["Bearer sk-one"]) is None and checker.headers_refusal([]) == auth.MISSING
+    assert checker.headers_refusal(["Bearer sk-one", "Bearer sk-two"]) == auth.DUPLICATE
+    assert checker.headers_refusal(["Bearer sk-one", "Bearer sk-one"]) == auth.DUPLICATE
+    assert auth.TokenChecker(frozenset()).headers_refusal(["a", "b"]) is None  # no tokens: open
 
 
 def test_checker_answers_missing_invalid_or_pass():

@@ -17,7 +17,7 @@ from mmserve import probe
 from stack.cli import build_parser, model_error
 from stack.launcher import free_port
 
-COMMANDS = ("tiny-model", "up", "generate", "decode", "certs")
+COMMANDS = ("tiny-model", "up", "generate", "decode", "certs", "secrets")
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -135,3 +135,17 @@ def test_probe_exit_codes(health_server):
     servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     assert probe.main([address, "--timeout", "2"]) == 1
     assert probe.main([address, "--timeout", "0"]) == 2
+
+
+def test_secrets_writes_private_files_once(tmp_path):
+    out = tmp_path / "secrets"
+    result = run("stack", "secrets", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(out / name) for name in ("internal-token", "redis-password", "redis.conf")]
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ("internal-token", "redis-password", "redis.conf"), 0o600)
+    password = (out / "redis-password").read_text().strip()
+    assert (out / "redis.conf").read_text() == f"requirepass {password}\n" and password not in result.stdout
+    again = run("stack", "secrets", "--out", str(out))  # never replaces the secrets a stack runs with
+    assert again.returncode == 1 and "exists" in again.stderr

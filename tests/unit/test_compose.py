@@ -8,6 +8,7 @@ import dataclasses
 import io
 import pathlib
 import re
+import tempfile
 from collections.abc import Mapping
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 
 from mmserve import probe, tls
 from mmserve.config import ServiceConfig
-from stack.launcher import Child, StackSpec, plan
+from stack.launcher import SECRET_FILES, Child, StackSpec, plan
 from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
@@ -30,8 +31,10 @@ GPU_SERVICES = ("decoder", "encoder", "llm")
 # `mmserve up` (one host, loopback) needs neither, its router has every address from the start.
 REGISTRY = {"registry_url", "advertise_address"}
 # Flags compose passes that `mmserve up` leaves at their defaults: GPU tuning and the registry, by design.
-COMPOSE_ONLY = {"decoder": REGISTRY, "encoder": {"dtype"} | REGISTRY, "llm": {"dtype", "kv_cache_bytes"} | REGISTRY,
-                "router": REGISTRY}
+# Compose's own Redis has a password; `mmserve up --redis-url` uses the given Redis as it is.
+COMPOSE_ONLY = {"decoder": REGISTRY | {"redis_password_file"}, "encoder": {"dtype", "redis_password_file"} | REGISTRY,
+                "llm": {"dtype", "kv_cache_bytes", "redis_password_file"} | REGISTRY,
+                "router": REGISTRY | {"redis_password_file"}}
 PLAN_ONLY: dict[str, set[str]] = {"decoder": set(), "encoder": set(), "llm": set(), "router": set()}
 
 # Where compose (and the Kubernetes manifests) mount the certificates and the bearer tokens file.
@@ -152,9 +155,10 @@ def planned() -> dict[str, tuple[ServiceConfig, Child]]:
                 log_level="WARNING", redis_maxmemory="2gb", transport="shm", num_encoders=1, metrics=True,
                 http_port=8000, tls_dir=TLS_MOUNT, api_tokens_file=TOKENS_FILE)
     # router_args passes further router flags through verbatim: no setting of its own to mirror here.
-    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args"}
+    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args", "secrets_dir"}
     assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
-    children = plan(StackSpec(**spec)).children()
+    with tempfile.TemporaryDirectory() as secrets_dir:  # generated secrets: only their flags matter here
+        children = plan(StackSpec(**spec, secrets_dir=secrets_dir)).children()
     return {c.name: (parse_command(c.argv[2:]), c) for c in children if c.name in CONFIGS}
 
 
@@ -300,6 +304,22 @@ def test_every_service_registers_under_its_compose_name(compose):
 
 def test_env_file_is_ignored_by_git():
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_secrets_come_from_compose_secrets_and_never_from_a_command_line(compose):
+    files = {name: secret["file"] for name, secret in compose["secrets"].items()}
+    assert files == {"internal_token": "./secrets/internal-token", "redis_password": "./secrets/redis-password",
+                     "redis_conf": "./secrets/redis.conf"}  # the layout `mmserve secrets --out ./secrets` writes
+    assert set(SECRET_FILES) == {pathlib.Path(f).name for f in files.values()}
+    assert "secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    for name, service in mmserve_services(compose).items():
+        assert set(service["secrets"]) == {"internal_token", "redis_password"}, name
+        config = parse_command(service["command"])
+        assert config.internal_token_file == "/run/secrets/internal_token", name  # stages on 0.0.0.0 need it
+        assert config.redis_password_file == "/run/secrets/redis_password", name
+    redis = compose["services"]["redis"]
+    assert redis["command"][:2] == ["redis-server", "/run/secrets/redis_conf"] and "redis_conf" in redis["secrets"]
+    assert "--requirepass" not in redis["command"] and "redis_password" in redis["healthcheck"]["test"][3]
 
 
 def test_model_and_media_are_mounted_read_only(compose):

@@ -23,6 +23,7 @@ K8S_ROUTER_UNLISTED = {"decoder_addrs", "encoder_addrs", "llm_addrs"}
 K8S_TLS_ONLY = {"tls_server_name"}
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 POD_IP = "10.1.2.3"
+SECRETS_MOUNT = "/secrets"  # the Secret mmserve-secrets: `mmserve secrets` files
 RUN_AS = 10001  # the image's user (Dockerfile), and the group that may read the mounted Secrets
 
 
@@ -124,7 +125,7 @@ def test_k8s_args_are_real_flags_and_probes_use_mmserve_probe():
                 assert mount["readOnly"] and volumes[mount["name"]]["persistentVolumeClaim"]["readOnly"]
         if name in GPU_SERVICES:
             assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
-        assert not secret_mounts(doc), name
+        assert secret_mounts(doc) == {SECRETS_MOUNT: "mmserve-secrets"}, name  # internal token, Redis password
     assert set(deployments()) == set(CONFIGS)
 
 
@@ -151,7 +152,7 @@ def test_components_configure_what_mmserve_up_plans(components):
             assert command[:4] == ["python", "-m", "mmserve.probe", f"127.0.0.1:{config.port}"], (name, probe)
             client = dataclasses.replace(child.client_tls, server_name=config.tls_server_name) if with_tls else None
             assert probe_tls(["CMD", *command]) == client, (name, probe)
-        mounts = {TLS_MOUNT: "mmserve-tls"} if with_tls else {}
+        mounts = {SECRETS_MOUNT: "mmserve-secrets", **({TLS_MOUNT: "mmserve-tls"} if with_tls else {})}
         if with_tokens and name == "router":
             mounts[TOKENS_FILE.rsplit("/", 1)[0]] = "mmserve-api-tokens"
         assert secret_mounts(doc) == mounts, name
