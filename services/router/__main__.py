@@ -70,7 +70,7 @@ async def build_router(config: RouterConfig) -> Role:
                                                 timeout_s=config.fetch_timeout_s,
                                                 max_redirects=config.fetch_max_redirects,
                                                 allow_private=config.fetch_allow_private))
-    service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name])
+    service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name], holds_tensors=False)
     budget = PromptBudget(config.model, max_model_len=config.max_model_len, max_vision_tokens=config.max_vision_tokens,
                           merge_size=processing.merge_size)
     servicer = RouterServicer(config, media, llms, controller, request_limits(config, processing), budget)
