@@ -178,7 +178,7 @@ def _in_context(behavior, caller: str):
 class Service:
     """One running gRPC server with the health service, reflection, and the process's tensor store."""
 
-    def __init__(self, config: ServiceConfig, service_names: Iterable[str]):
+    def __init__(self, config: ServiceConfig, service_names: Iterable[str], *, holds_tensors: bool = True):
         self.config = config
         self.service_names = list(service_names)
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
@@ -205,7 +205,9 @@ class Service:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             interceptors=interceptors,
         )
-        self.store = transport.TensorStore(config.transport, config.inline_limit_bytes, config.lease_s)
+        # A service that only moves handles (the router) holds no tensors: no store, and no torch in the process.
+        self.store = (transport.TensorStore(config.transport, config.inline_limit_bytes, config.lease_s)
+                      if holds_tensors else None)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME],
@@ -235,12 +237,13 @@ class Service:
             import prometheus_client
 
             prometheus_client.start_http_server(self.config.metrics_port, addr=self.config.host)
-        # Consumers on other hosts pull our remote refs from this server's TensorStore service.
-        transport.serve(self.store, self.server, registry.advertised_address(
-            self.config.host, self.port, self.config.advertise_address))
+        if self.store is not None:  # consumers on other hosts pull our remote refs from its TensorStore service
+            transport.serve(self.store, self.server, registry.advertised_address(
+                self.config.host, self.port, self.config.advertise_address))
         await self.server.start()
-        self.store.start()
-        transport.install_store(self.store)
+        if self.store is not None:
+            self.store.start()
+            transport.install_store(self.store)
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.registry_url:
@@ -258,9 +261,10 @@ class Service:
             await self.registration.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s)
-        if transport.current_store() is self.store:
-            transport.install_store(None)
-        self.store.close()  # unlinks every segment no consumer claimed
+        if self.store is not None:
+            if transport.current_store() is self.store:
+                transport.install_store(None)
+            self.store.close()  # unlinks every segment no consumer claimed
         if self.local_dir is not None:
             shutil.rmtree(self.local_dir, ignore_errors=True)
 

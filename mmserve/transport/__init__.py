@@ -9,18 +9,38 @@ handles. `from_ref` is the synchronous path for refs without remote or CUDA IPC 
 
 from __future__ import annotations
 
-import grpc
-import torch
+import glob
+import importlib
+import sys
+from typing import TYPE_CHECKING
 
-from mmserve.transport import cuda_ipc, remote, shm
-from mmserve.transport.refs import TensorRefError, TensorUnavailable, concat, from_ref, to_inline
-from mmserve.transport.resolve import leased_parts, release, resolve, resolve_all
-from mmserve.transport.store import POLICIES, TensorStore, caller_domain
+import grpc
+
+from mmserve.transport import shm
+from mmserve.transport.handles import TensorRefError, TensorUnavailable, caller_domain, concat, leased_parts, release
 from mmserve.v1 import tensor_pb2
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmserve.transport.refs import from_ref, to_inline
+    from mmserve.transport.consume import resolve, resolve_all
+    from mmserve.transport.store import POLICIES, TensorStore
 
 __all__ = ["POLICIES", "TensorRefError", "TensorStore", "TensorUnavailable", "caller_domain", "caller_metadata",
            "concat", "current_store", "from_ref", "install_store", "leased_parts", "release", "resolve",
            "resolve_all", "serve", "to_inline", "to_ref"]
+
+# The tensor half, imported on first use: a process that only moves handles (the router) never loads torch.
+_LAZY = {"from_ref": "refs", "to_inline": "refs", "resolve": "consume", "resolve_all": "consume",
+         "POLICIES": "store", "TensorStore": "store"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+
 
 CALLER_DOMAIN_HEADER = "mmserve-shm-domain"
 _NO_SHM = "no-shm"  # a caller without /dev/shm still says it is one of ours (it can pull remote refs)
@@ -40,17 +60,32 @@ def current_store() -> TensorStore | None:
 
 def serve(store: TensorStore, server: grpc.aio.Server, address: str) -> None:
     """Serves store's held tensors on server (before it starts); consumers pull them from address (host:port)."""
+    from mmserve.transport import remote
+
     remote.add_to_server(store, server)
     store.address = address
 
 
 def to_ref(tensor: torch.Tensor) -> tensor_pb2.TensorRef:
     """Packs a tensor for another process: through the process's store, else inline."""
-    return _store.to_ref(tensor) if _store is not None else to_inline(tensor)
+    if _store is not None:
+        return _store.to_ref(tensor)
+    from mmserve.transport.refs import to_inline
+
+    return to_inline(tensor)
 
 
 def caller_metadata() -> tuple[tuple[str, str], ...]:
     """gRPC metadata declaring our shared-memory domain and the GPUs we see, so producers on our host answer with
     shared memory (or CUDA IPC for a tensor on one of our GPUs), and producers elsewhere with remote refs."""
-    gpus = cuda_ipc.visible_gpus()
+    gpus = _visible_gpus()
     return ((CALLER_DOMAIN_HEADER, (shm.domain() or _NO_SHM) + (f"|{','.join(gpus)}" if gpus else "")),)
+
+
+def _visible_gpus() -> tuple[str, ...]:
+    """UUIDs of the GPUs this process sees; without torch loaded and no NVIDIA device node, none (no torch import)."""
+    if "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*"):
+        return ()
+    from mmserve.transport import cuda_ipc
+
+    return cuda_ipc.visible_gpus()

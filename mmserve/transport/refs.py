@@ -7,20 +7,13 @@ import math
 import torch
 
 from mmserve.transport import shm
+from mmserve.transport.handles import TensorRefError, TensorUnavailable
 from mmserve.v1 import tensor_pb2
 
 DTYPES = {
     name: getattr(torch, name)
     for name in ("uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool")
 }
-
-
-class TensorRefError(ValueError):
-    """A TensorRef that does not describe a valid tensor (INVALID_ARGUMENT)."""
-
-
-class TensorUnavailable(ConnectionError):
-    """A well-formed TensorRef whose memory cannot be reached any more (UNAVAILABLE)."""
 
 
 def dtype_name(tensor: torch.Tensor) -> str:
@@ -41,16 +34,6 @@ def to_inline(tensor: torch.Tensor) -> tensor_pb2.TensorRef:
     tensor = tensor.detach().to("cpu").contiguous()
     name = dtype_name(tensor)
     return tensor_pb2.TensorRef(dtype=name, shape=list(tensor.shape), inline_data=bytes(as_bytes(tensor)))
-
-
-def concat(refs: list[tensor_pb2.TensorRef]) -> tensor_pb2.TensorRef:
-    """A ref to the concatenation of refs along dim 0, without touching their bytes (the router's join)."""
-    if len(refs) == 1:
-        return refs[0]
-    if not refs or any(r.dtype != refs[0].dtype or list(r.shape[1:]) != list(refs[0].shape[1:]) for r in refs):
-        raise TensorRefError("tensor: concat needs at least one part, all of one dtype and trailing shape")
-    shape = [sum(r.shape[0] for r in refs), *refs[0].shape[1:]]
-    return tensor_pb2.TensorRef(dtype=refs[0].dtype, shape=shape, concat=tensor_pb2.TensorRefList(parts=refs))
 
 
 def from_ref(ref: tensor_pb2.TensorRef) -> torch.Tensor:

@@ -6,15 +6,19 @@ import asyncio
 import collections
 import logging
 import weakref
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-import torch
 
 from mmserve import internal_token, tls
-from mmserve.transport.refs import TensorUnavailable, as_bytes
-from mmserve.transport.store import TensorStore
+from mmserve.transport.handles import TensorUnavailable
 from mmserve.v1 import tensor_pb2
+
+if TYPE_CHECKING:  # the consumer's side (pull, release) needs no torch: the router releases leases too
+    import torch
+
+    from mmserve.transport.store import TensorStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ class StoreServicer:
         self.chunk_bytes = chunk_bytes
 
     async def Pull(self, request: tensor_pb2.PullRequest, context: grpc.aio.ServicerContext):
+        from mmserve.transport import refs  # torch: loaded in every producer already, never in a pure consumer
+
         tensor = self.store.claim(request.handle_id)
         if tensor is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.handle_id[:8]}… is gone (expired, "
@@ -77,7 +83,7 @@ class StoreServicer:
         try:
             if tensor.is_cuda:  # a CUDA IPC ref whose consumer does not see the GPU pulls instead
                 tensor = await asyncio.to_thread(tensor.cpu)
-            data = as_bytes(tensor)
+            data = refs.as_bytes(tensor)
             for start in range(0, len(data), self.chunk_bytes):
                 yield encode_chunk(data[start:start + self.chunk_bytes])
         finally:  # complete, cancelled or failed: the lease ends with the pull

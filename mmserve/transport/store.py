@@ -3,7 +3,6 @@ pull), expires unclaimed leases."""
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import logging
 import math
@@ -17,6 +16,7 @@ import prometheus_client
 import torch
 
 from mmserve.transport import cuda_ipc, shm
+from mmserve.transport.handles import caller_domain
 from mmserve.transport.refs import as_bytes, dtype_name, to_inline
 from mmserve.v1 import tensor_pb2
 
@@ -25,9 +25,6 @@ log = logging.getLogger(__name__)
 POLICIES = ("auto", "shm", "remote", "inline")
 REFS = prometheus_client.Counter("mmserve_tensor_refs", "Tensors handed to another process, by transport",
                                  ["transport"])  # inline_data, shared_memory, remote, cuda_ipc
-# The shared-memory domain of the process that called us, then "|" and the UUIDs of the GPUs it sees (if any);
-# a server interceptor sets it per RPC from the header transport.caller_metadata() sends.
-caller_domain: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_caller_domain", default="")
 
 
 def caller_gpus() -> set[str]:

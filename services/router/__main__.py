@@ -9,7 +9,7 @@ from mmserve import rpc
 from mmserve.cache import EmbeddingCache
 from mmserve.cache_keys import model_fingerprint
 from mmserve.media.fetch import FetchPolicy
-from mmserve.media.preprocess import ImageProcessing
+from mmserve.media.sizing import ImageProcessing
 from mmserve.roles import Role
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.admission import Controller
@@ -70,7 +70,7 @@ async def build_router(config: RouterConfig) -> Role:
                                                 timeout_s=config.fetch_timeout_s,
                                                 max_redirects=config.fetch_max_redirects,
                                                 allow_private=config.fetch_allow_private))
-    service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name])
+    service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name], holds_tensors=False)
     budget = PromptBudget(config.model, max_model_len=config.max_model_len, max_vision_tokens=config.max_vision_tokens,
                           merge_size=processing.merge_size)
     servicer = RouterServicer(config, media, llms, controller, request_limits(config, processing), budget)

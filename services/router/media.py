@@ -19,7 +19,7 @@ import grpc
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
 from mmserve.cache_keys import MediaParams, media_key
-from mmserve.media import preprocess as pp
+from mmserve.media import sizing as pp
 from mmserve.media.fetch import FetchPolicy, fetch_uri
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics

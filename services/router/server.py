@@ -10,7 +10,7 @@ import uuid
 import grpc
 
 from mmserve import rpc
-from mmserve.media.preprocess import MediaError
+from mmserve.media.errors import MediaError
 from mmserve.v1 import api_pb2, api_pb2_grpc, llm_pb2
 from services.router import metrics
 from services.router.admission import Controller, Ticket

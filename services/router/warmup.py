@@ -13,7 +13,7 @@ import time
 import grpc
 
 from mmserve import transport
-from mmserve.media import preprocess as pp
+from mmserve.media import sizing as pp
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router.pools import Pools

@@ -1,9 +1,11 @@
-"""The shared package stands below the services and the app layer: nothing under mmserve/ imports them."""
+"""The layers: nothing under mmserve/ imports the services or the app layer, and the router loads no torch."""
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -30,3 +32,12 @@ def test_the_shared_package_has_python_files():
 def test_mmserve_imports_no_service_and_no_app_layer(path):
     upward = [name for name in imported_modules(path) if name.split(".")[0] in ABOVE]
     assert not upward, f"{path.relative_to(ROOT)} imports {upward}: mmserve/ must not depend on {ABOVE}"
+
+
+def test_the_router_never_imports_torch():
+    """The router moves handles, never tensors: its entry point loads neither torch nor the tensor half of the
+    transport (2 s and ~280 MB of start-up when it did)."""
+    code = ("import sys, services.router.__main__; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,5 +1,4 @@
-"""The consumer's async path: a TensorRef of any transport into one tensor, remote parts pulled concurrently,
-CUDA IPC parts opened (or pulled by a consumer that does not see their GPU)."""
+"""The consumer's side of a TensorRef: shared memory mapped, remote parts pulled into one tensor, CUDA IPC opened."""
 
 from __future__ import annotations
 
@@ -7,19 +6,10 @@ import asyncio
 import torch
 
 from mmserve.transport import cuda_ipc, remote
-from mmserve.transport.refs import TensorRefError, check, flat_bytes, from_ref
+from mmserve.transport.handles import leased_parts, release
+from mmserve.transport.handles import TensorRefError
+from mmserve.transport.refs import check, flat_bytes, from_ref
 from mmserve.v1 import tensor_pb2
-
-
-def leased_parts(ref: tensor_pb2.TensorRef) -> list[tensor_pb2.RemoteRef | tensor_pb2.CudaIpcRef]:
-    """The refs inside ref (itself, or parts of a concatenation) held under a lease their consumer releases:
-    remote and CUDA IPC."""
-    location = ref.WhichOneof("location")
-    if location in ("remote", "cuda_ipc"):
-        return [getattr(ref, location)]
-    if location == "concat":
-        return [r for part in ref.concat.parts for r in leased_parts(part)]
-    return []
 
 
 async def resolve(ref: tensor_pb2.TensorRef, timeout_s: float | None = None) -> torch.Tensor:
@@ -43,13 +33,6 @@ async def resolve_all(refs: list[tensor_pb2.TensorRef], timeout_s: float | None 
     except BaseException:
         await release(refs)  # those never pulled; a pulled or cancelled one is gone already
         raise
-
-
-async def release(refs: list[tensor_pb2.TensorRef]) -> None:
-    """Ends the leases of remote refs nobody will resolve (shared memory needs nothing: unclaimed leases expire)."""
-    parts = [r for ref in refs for r in leased_parts(ref)]
-    if parts:
-        await asyncio.shield(remote.release(parts))
 
 
 async def _fill(ref: tensor_pb2.TensorRef, dest: torch.Tensor, timeout_s: float | None) -> None:
