@@ -97,11 +97,18 @@ class Calibration:
     requests stayed within. Until min_samples outcomes are in, predictions count start_scale times what the
     models say (a new router met by a burst has only its warm-up to go on). floor_ms keeps near-zero
     predictions (a cache hit) from turning one slow request into a huge ratio.
+
+    A quantile is only as good as the outcomes above it: the 0.95-quantile of 20 ratios is the largest one,
+    so a single noisy outcome (a request stalled by a busy neighbour) would scale every prediction by its
+    ratio, and refusing on it is a miss for sure. The scale is therefore never above the min_tail-th largest
+    ratio: it takes min_tail outcomes that slow to move it there, while a sustained under-prediction, which
+    shows in most outcomes, is corrected in full.
     """
 
     def __init__(self, *, window: int = 200, min_samples: int = 10, start_scale: float = 2.0,
-                 floor_ms: float = 5.0, bounds: tuple[float, float] = (0.25, 20.0)):
+                 floor_ms: float = 5.0, bounds: tuple[float, float] = (0.25, 20.0), min_tail: int = 4):
         self.min_samples, self.start_scale, self.floor_ms, self.bounds = min_samples, start_scale, floor_ms, bounds
+        self.min_tail = min_tail
         self._ratios: collections.deque[float] = collections.deque(maxlen=window)
         self._sorted: list[float] = []
 
@@ -112,7 +119,9 @@ class Calibration:
     def scale(self, quantile: float) -> float:
         if len(self._sorted) < self.min_samples:
             return self.start_scale
-        ratio = self._sorted[max(0, math.ceil(quantile * len(self._sorted)) - 1)]  # quantile of them are within
+        num = len(self._sorted)
+        # quantile of them are within it, and at least min_tail of them reach it
+        ratio = self._sorted[max(0, min(math.ceil(quantile * num) - 1, num - self.min_tail))]
         return min(self.bounds[1], max(self.bounds[0], ratio))
 
 
