@@ -133,12 +133,15 @@ class Strictness:
     near their targets and meet them whatever the error, so the share that meets would be ~100% while
     borderline requests that would have made it are refused (a fifth of all requests in one light run).
     Each miss raises the quantile and each success lowers it, by amounts that balance exactly when 1 -
-    target of the outcomes miss; it stays within [low, high]. It starts strict, and a miss moves it
-    target / (1 - target) times as far as a success (19 times at 0.95): an overload sends misses in a
-    burst, a quiet spell relaxes it request by request.
+    target of the outcomes miss; it stays within [low, high]. A miss moves it target / (1 - target) times
+    as far as a success (19 times at 0.95): an overload sends misses in a burst, a quiet spell relaxes it
+    request by request. It starts at the median, not strict: a refusal is a miss for the user, so until
+    outcomes say otherwise only a request predicted to miss at the typical error is refused (starting at
+    0.95, a new router below capacity refused 6-25% of its first hundred requests while fcfs, refusing
+    none, met the SLO for 93-95%); an overload's first five misses raise it to 0.95.
     """
 
-    def __init__(self, target: float, *, start: float = 0.95, low: float = 0.5, high: float = 0.99,
+    def __init__(self, target: float, *, start: float = 0.5, low: float = 0.5, high: float = 0.99,
                  rate: float = 0.1):
         self.target, self.low, self.high, self.rate = target, low, high, rate
         self.value = min(high, max(low, start))
