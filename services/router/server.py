@@ -116,12 +116,12 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         except StageError as err:
             code = err.code
             await context.abort(err.code, str(err))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (mid-stream: the generator closed)
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
             if ticket is not None:
-                self.controller.release(ticket)
+                self.controller.release(ticket, is_cancelled=code == grpc.StatusCode.CANCELLED)
             metrics.REQUESTS.labels(ticket.cls if ticket else "unknown", code.name).inc()
             log.info("ended class=%s status=%s ms=%.0f", ticket.cls if ticket else "-", code.name,
                      (time.perf_counter() - start) * 1e3)
