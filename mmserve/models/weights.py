@@ -1,0 +1,49 @@
+"""Loads one part of a checkpoint (a vision tower, a projector, a text model) from its safetensors, by key prefix."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from mmserve.media.image import _to_rgb
+
+
+def _shards(model_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    root = pathlib.Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return [root / "model.safetensors"]
+
+
+def load_part(module: torch.nn.Module, model_dir: str | pathlib.Path, pattern: str,
+              dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
+    """Fill module with the checkpoint tensors whose names match pattern (a regex of the prefix, stripped);
+    every parameter and persistent buffer must be found. Returns the module in eval mode."""
+    prefix = re.compile(pattern)
+    state = {}
+    for shard in _shards(model_dir):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                if (m := prefix.match(name)) is not None:
+                    state[name[m.end():]] = f.get_tensor(name)
+    missing, _ = module.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir}: lacks {sorted(missing)[:5]} under {pattern}")
+    if dtype is not None:
+        module.to(dtype)
+    return module.to(device or "cpu").eval()
+
+
+def pil_resize(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """uint8 [1,H,W,3] of an image converted to RGB and resized with PIL bicubic, as transformers' PIL processors do."""
+    rgb = _to_rgb(image)
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).unsqueeze(0)
