@@ -70,6 +70,9 @@ class Family(Protocol):
     def load_vision_tower(self, model_dir: str, dtype, device):
         """Only the vision tower (and projector) of the checkpoint, in eval mode on device."""
 
+    def load_language_model(self, model_dir: str, dtype, device):
+        """Only the language model and its lm_head weight."""
+
     def encode(self, tower, pixels, items: list[MediaItem]) -> list[EncodedItem]:
         """Run the tower on the items' concatenated pixels; one EncodedItem per item."""
 

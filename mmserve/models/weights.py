@@ -47,3 +47,21 @@ def pil_resize(image: Image.Image, height: int, width: int) -> torch.Tensor:
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).unsqueeze(0)
+
+
+def read_tensor(model_dir: str | pathlib.Path, name: str) -> torch.Tensor:
+    """One tensor of the checkpoint by name."""
+    for shard in _shards(model_dir):
+        with safe_open(str(shard), framework="pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise ValueError(f"checkpoint {model_dir}: lacks {name}")
+
+
+def load_text_model(cls, config, model_dir, pattern: str, dtype=None, device=None):
+    """A text model (built from its config, filled from the tensors under pattern) and its lm_head weight
+    (the input embeddings when tied)."""
+    model = load_part(cls._from_config(config.text_config), model_dir, pattern, dtype, device)
+    if config.tie_word_embeddings or getattr(config.text_config, "tie_word_embeddings", False):
+        return model, model.get_input_embeddings().weight
+    return model, read_tensor(model_dir, "lm_head.weight").to(model.dtype).to(model.device)

@@ -183,6 +183,12 @@ class Qwen3VL:
 
         return vision.load_vision_tower(model_dir, dtype, device)
 
+    def load_language_model(self, model_dir: str, dtype=None, device=None):
+        """Only the text model and its lm_head weight."""
+        from mmserve.models.qwen3_vl import prompt
+
+        return prompt.load_language_model(model_dir, dtype, device)
+
     def encode(self, tower, pixels, items: list[MediaItem]) -> list[EncodedItem]:
         """Merger output plus DeepStack features of each item."""
         from mmserve.models.qwen3_vl import vision

@@ -60,3 +60,14 @@ def language_model_inputs(family, embed_tokens, ids: list[int], encoded: list[En
     # Row 0 is the plain text position (the causal mask's), rows 1-3 the M-RoPE axes, as transformers passes them.
     position_ids = torch.cat([text_pos, pos]).unsqueeze(1)
     return dict(inputs_embeds=embeds, position_ids=position_ids, **kwargs)
+
+
+def load_language_model(model_dir: str, dtype=None, device=None):
+    """Only the text model (model.language_model.*) and the lm_head weight."""
+    from transformers import AutoConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+    from mmserve.models.weights import load_text_model
+
+    return load_text_model(Qwen3VLTextModel, AutoConfig.from_pretrained(model_dir), model_dir,
+                           r"^(model\.)?language_model\.", dtype, device)

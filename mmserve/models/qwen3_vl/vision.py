@@ -30,11 +30,19 @@ def preprocess_image(family, image) -> tuple[torch.Tensor, MediaItem]:
 
 
 def preprocess_video(family, frames: torch.Tensor, frame_indices: list[int], video_fps: float):
-    """Bicubic antialiased resize of the sampled frames (torchvision's rule), rescale, normalize, patchify."""
+    """Bicubic antialiased resize of the sampled frames, then Qwen3VLVideoProcessor's fused rescale-and-normalize
+    ((x - 255 mean) / (255 std) in float32, which rounds differently from the image path) and patchify."""
+    s = family.settings
     item = family.plan_video(frame_indices, video_fps, frames.shape[1], frames.shape[2])
-    p = family.settings.patch_size
-    pixels, grid = _pixels(family, resize_frames(frames, item.grid[1] * p, item.grid[2] * p))
-    assert grid == item.grid
+    video = resize_frames(frames, item.grid[1] * s.patch_size, item.grid[2] * s.patch_size).permute(0, 3, 1, 2)
+    mean = (torch.tensor(s.image_mean) * (1.0 / (1 / 255))).view(1, 3, 1, 1)
+    std = (torch.tensor(s.image_std) * (1.0 / (1 / 255))).view(1, 3, 1, 1)
+    video = (video.float() - mean) / std
+    if pad := -video.shape[0] % s.temporal_patch_size:
+        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+    t, (_, gh, gw), m, p = item.grid[0], item.grid, s.merge_size, s.patch_size
+    patches = video.view(t, s.temporal_patch_size, 3, gh // m, m, p, gw // m, m, p)
+    pixels = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * gh * gw, -1)
     return pixels, item
 
 
