@@ -6,12 +6,8 @@ import json
 import pathlib
 import re
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
-
-from mmserve.media.image import _to_rgb
 
 
 def _shards(model_dir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -41,21 +37,14 @@ def load_part(module: torch.nn.Module, model_dir: str | pathlib.Path, pattern: s
     return module.to(device or "cpu").eval()
 
 
-def pil_resize(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """uint8 [1,H,W,3] of an image converted to RGB and resized with PIL bicubic, as transformers' PIL processors do."""
-    rgb = _to_rgb(image)
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).unsqueeze(0)
-
-
-def read_tensor(model_dir: str | pathlib.Path, name: str) -> torch.Tensor:
-    """One tensor of the checkpoint by name."""
+def read_tensor(model_dir: str | pathlib.Path, *names: str) -> torch.Tensor:
+    """One tensor of the checkpoint, under the first of names it holds (layouts differ between exports)."""
     for shard in _shards(model_dir):
         with safe_open(str(shard), framework="pt") as f:
-            if name in f.keys():
-                return f.get_tensor(name)
-    raise ValueError(f"checkpoint {model_dir}: lacks {name}")
+            for name in names:
+                if name in f.keys():
+                    return f.get_tensor(name)
+    raise ValueError(f"checkpoint {model_dir}: lacks {' or '.join(names)}")
 
 
 def load_text_model(cls, config, model_dir, pattern: str, dtype=None, device=None):
@@ -64,4 +53,4 @@ def load_text_model(cls, config, model_dir, pattern: str, dtype=None, device=Non
     model = load_part(cls._from_config(config.text_config), model_dir, pattern, dtype, device)
     if config.tie_word_embeddings or getattr(config.text_config, "tie_word_embeddings", False):
         return model, model.get_input_embeddings().weight
-    return model, read_tensor(model_dir, "lm_head.weight").to(model.dtype).to(model.device)
+    return model, read_tensor(model_dir, "lm_head.weight", "language_model.lm_head.weight").to(model.dtype).to(model.device)

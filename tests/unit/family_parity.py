@@ -18,7 +18,6 @@ def our_prompt(family, tokenizer, conversation, items, **template_kwargs) -> lis
 def our_greedy(family, text_model, lm_head, ids, encoded, items, num_tokens=MAX_NEW_TOKENS):
     """Greedy tokens and per-step log-probs from our splice and positions fed to the text model alone."""
     inputs = family.language_model_inputs(text_model.get_input_embeddings(), ids, encoded, items)
-    _, delta = family.positions(ids, items)
     tokens, logprobs = [], []
     out = text_model(**inputs, use_cache=True)
     cache = out.past_key_values
@@ -29,8 +28,8 @@ def our_greedy(family, text_model, lm_head, ids, encoded, items, num_tokens=MAX_
         tokens.append(token)
         if step == num_tokens - 1:
             break
-        p = len(ids) + step
-        position_ids = torch.tensor([p] + [p + delta] * (inputs["position_ids"].shape[0] - 1)).view(-1, 1, 1)
+        # A generated token advances every position axis by one.
+        position_ids = inputs["position_ids"][..., -1:] + step + 1
         out = text_model(inputs_embeds=text_model.get_input_embeddings()(torch.tensor([[token]])),
                          position_ids=position_ids, past_key_values=cache, use_cache=True)
         cache = out.past_key_values

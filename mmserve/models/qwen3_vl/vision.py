@@ -8,7 +8,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from mmserve.media.preprocess import resize_frames, to_pixel_values
 from mmserve.models.family import EncodedItem, MediaItem
-from mmserve.models.weights import load_part, pil_resize
+from mmserve.models.pixels import normalize_fused, pil_resize
+from mmserve.models.weights import load_part
 
 # Hub checkpoints keep the tower under model.visual (older exports: visual).
 VISION_KEYS = r"^(model\.)?visual\."
@@ -34,10 +35,8 @@ def preprocess_video(family, frames: torch.Tensor, frame_indices: list[int], vid
     ((x - 255 mean) / (255 std) in float32, which rounds differently from the image path) and patchify."""
     s = family.settings
     item = family.plan_video(frame_indices, video_fps, frames.shape[1], frames.shape[2])
-    video = resize_frames(frames, item.grid[1] * s.patch_size, item.grid[2] * s.patch_size).permute(0, 3, 1, 2)
-    mean = (torch.tensor(s.image_mean) * (1.0 / (1 / 255))).view(1, 3, 1, 1)
-    std = (torch.tensor(s.image_std) * (1.0 / (1 / 255))).view(1, 3, 1, 1)
-    video = (video.float() - mean) / std
+    video = resize_frames(frames, item.grid[1] * s.patch_size, item.grid[2] * s.patch_size)
+    video = normalize_fused(video, s.image_mean, s.image_std)
     if pad := -video.shape[0] % s.temporal_patch_size:
         video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
     t, (_, gh, gw), m, p = item.grid[0], item.grid, s.merge_size, s.patch_size
