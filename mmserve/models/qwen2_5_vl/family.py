@@ -45,7 +45,6 @@ class Qwen25VL:
 
     def preprocess_image(self, image):
         """PIL bicubic resize to the plan, then to_pixel_values (checked against Qwen2VLImageProcessorPil)."""
-        from mmserve.media.preprocess import to_pixel_values
         from mmserve.models.pixels import pil_resize
 
         item = self.plan_image(image.height, image.width)
