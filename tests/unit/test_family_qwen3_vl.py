@@ -49,8 +49,6 @@ def hf(ckpt):
 
 @pytest.fixture(scope="module")
 def ours(ckpt, family):
-    from mmserve.models.qwen3_vl import vision  # noqa: F401  (the torch side loads here, not in family_of)
-
     text_model, lm_head = family.load_language_model(ckpt)
     return family.load_vision_tower(ckpt), text_model, lm_head
 
