@@ -20,7 +20,13 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        print(build_tiny_model(args.out, seed=args.seed, preset=args.preset, show_progress=True, dtype=dtype))
+        if args.family == "qwen2_5_vl":
+            print(build_tiny_model(args.out, seed=args.seed, preset=args.preset, show_progress=True, dtype=dtype))
+        else:
+            import importlib
+
+            tiny = importlib.import_module(f"mmserve.models.{args.family}.tiny")
+            print(tiny.build(args.out, seed=args.seed, preset=args.preset, dtype=dtype))
     except (ValueError, OSError) as err:
         print(f"mmserve tiny-model: {err}", file=sys.stderr)
         return 2
@@ -146,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "benchmarks' model) or qwen2.5-vl-3b-width (real widths, 2 text "
                                                     "layers); the last two are saved in bfloat16 like real checkpoints")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights' dtype (default: the preset's)")
+    p.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl", "internvl"), default="qwen2_5_vl",
+                   help="model family; qwen3_vl presets: tiny, qwen3-vl-2b-width; internvl: tiny, internvl3-1b-width")
     p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("up", help="start decoder, encoder, llm and router (and redis) on loopback",

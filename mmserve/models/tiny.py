@@ -79,8 +79,9 @@ def _corpus(rng: random.Random) -> list[str]:
     return lines + _EXTRA_TEXT * 20
 
 
-def _build_tokenizer() -> Tokenizer:
-    """Train a byte-level BPE like Qwen2's and append the Qwen2.5-VL added tokens in the real order."""
+def _build_tokenizer(special: list[str] = _SPECIAL_TOKENS, non_special: list[str] = _NON_SPECIAL_ADDED_TOKENS
+                     ) -> Tokenizer:
+    """Train a byte-level BPE like Qwen2's and append a family's added tokens (default Qwen2.5-VL's) in order."""
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -96,8 +97,8 @@ def _build_tokenizer() -> Tokenizer:
     )
     # The tokenizer is independent of the weight seed so token ids are stable across checkpoints.
     tok.train_from_iterator(_corpus(random.Random(0)), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _NON_SPECIAL_ADDED_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in non_special])
     return tok
 
 
