@@ -22,6 +22,7 @@ class Ticket:
     deadline: float  # perf_counter seconds by which the first token is due
     prediction: Prediction
     decision: Decision
+    admitted_at: float = float("-inf")
     jobs: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
@@ -60,6 +61,8 @@ class Controller:
         self.probe_after_s = probe_after_s
         self.probe_max_ratio = probe_max_ratio
         self.backlogs = {stage: Backlog() for stage in self.pools}
+        # When the latest admitted request that ran (was not cancelled) was admitted: one whose client went away
+        # measured nothing, so it must not postpone a probe. Counted at release: until then it is in flight.
         self._last_admitted = float("-inf")
 
     def admit(self, kinds: list[str], shapes: list[MediaShape], prompt_tokens: float, *, ttft_ms: float,
@@ -79,7 +82,7 @@ class Controller:
             metrics.PROBES.labels(cls).inc()
         ticket = Ticket(cls, slo, deadline, prediction, decision)
         if decision.admit:
-            self._last_admitted = now
+            ticket.admitted_at = now
             scale = decision.frame_scale
             decode, encode = self._media_work(shapes, scale)
             for stage, work in (("decoder", decode), ("encoder", encode), ("llm", prediction.llm.work_ms)):
@@ -105,9 +108,12 @@ class Controller:
         """A request's time per token against the step model's prediction for the batch it ran in."""
         self.tpot_calibration.observe(predicted_ms, tpot_ms)
 
-    def release(self, ticket: Ticket) -> None:
+    def release(self, ticket: Ticket, *, is_cancelled: bool = False) -> None:
+        """The request has ended; one whose client went away leaves admission as if it had never come."""
         for stage in list(ticket.jobs):
             self.finish(ticket, stage)
+        if not is_cancelled:
+            self._last_admitted = max(self._last_admitted, ticket.admitted_at)
 
     def _idle(self) -> bool:
         return not any(self.backlogs.values()) and not any(pool.num_in_flight for pool in self.pools.values())

@@ -97,11 +97,18 @@ class Calibration:
     requests stayed within. Until min_samples outcomes are in, predictions count start_scale times what the
     models say (a new router met by a burst has only its warm-up to go on). floor_ms keeps near-zero
     predictions (a cache hit) from turning one slow request into a huge ratio.
+
+    A quantile is only as good as the outcomes above it: the 0.95-quantile of 20 ratios is the largest one,
+    so a single noisy outcome (a request stalled by a busy neighbour) would scale every prediction by its
+    ratio, and refusing on it is a miss for sure. The scale is therefore never above the min_tail-th largest
+    ratio: it takes min_tail outcomes that slow to move it there, while a sustained under-prediction, which
+    shows in most outcomes, is corrected in full.
     """
 
     def __init__(self, *, window: int = 200, min_samples: int = 10, start_scale: float = 2.0,
-                 floor_ms: float = 5.0, bounds: tuple[float, float] = (0.25, 20.0)):
+                 floor_ms: float = 5.0, bounds: tuple[float, float] = (0.25, 20.0), min_tail: int = 4):
         self.min_samples, self.start_scale, self.floor_ms, self.bounds = min_samples, start_scale, floor_ms, bounds
+        self.min_tail = min_tail
         self._ratios: collections.deque[float] = collections.deque(maxlen=window)
         self._sorted: list[float] = []
 
@@ -112,7 +119,9 @@ class Calibration:
     def scale(self, quantile: float) -> float:
         if len(self._sorted) < self.min_samples:
             return self.start_scale
-        ratio = self._sorted[max(0, math.ceil(quantile * len(self._sorted)) - 1)]  # quantile of them are within
+        num = len(self._sorted)
+        # quantile of them are within it, and at least min_tail of them reach it
+        ratio = self._sorted[max(0, min(math.ceil(quantile * num) - 1, num - self.min_tail))]
         return min(self.bounds[1], max(self.bounds[0], ratio))
 
 
@@ -124,12 +133,15 @@ class Strictness:
     near their targets and meet them whatever the error, so the share that meets would be ~100% while
     borderline requests that would have made it are refused (a fifth of all requests in one light run).
     Each miss raises the quantile and each success lowers it, by amounts that balance exactly when 1 -
-    target of the outcomes miss; it stays within [low, high]. It starts strict, and a miss moves it
-    target / (1 - target) times as far as a success (19 times at 0.95): an overload sends misses in a
-    burst, a quiet spell relaxes it request by request.
+    target of the outcomes miss; it stays within [low, high]. A miss moves it target / (1 - target) times
+    as far as a success (19 times at 0.95): an overload sends misses in a burst, a quiet spell relaxes it
+    request by request. It starts at the median, not strict: a refusal is a miss for the user, so until
+    outcomes say otherwise only a request predicted to miss at the typical error is refused (starting at
+    0.95, a new router below capacity refused 6-25% of its first hundred requests while fcfs, refusing
+    none, met the SLO for 93-95%); an overload's first five misses raise it to 0.95.
     """
 
-    def __init__(self, target: float, *, start: float = 0.95, low: float = 0.5, high: float = 0.99,
+    def __init__(self, target: float, *, start: float = 0.5, low: float = 0.5, high: float = 0.99,
                  rate: float = 0.1):
         self.target, self.low, self.high, self.rate = target, low, high, rate
         self.value = min(high, max(low, start))

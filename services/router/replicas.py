@@ -18,6 +18,8 @@ from services.router.selection import Selector
 
 log = logging.getLogger(__name__)
 
+_GRID = 1024  # outstanding work is counted in 1/1024 ms
+
 
 class NoReplicaError(Exception):
     """No healthy replica of a stage can take the work."""
@@ -227,6 +229,9 @@ class ReplicaPool:
 
     def _acquire(self, replica: Replica, predicted_ms: float) -> float:
         replica.last_used = time.monotonic()  # one probe of a stale replica at a time, not a burst
+        # On a grid of 1/1024 ms the sums are exact in floating point, so calls released in any order (a
+        # cancelled burst) leave outstanding_ms exactly where it was, not a rounding error off or clamped.
+        predicted_ms = round(predicted_ms * _GRID) / _GRID
         replica.num_in_flight += 1
         replica.outstanding_ms += predicted_ms
         return predicted_ms

@@ -93,7 +93,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             raise
         finally:
             if ticket is not None:
-                self.controller.release(ticket)
+                self.controller.release(ticket, is_cancelled=code == grpc.StatusCode.CANCELLED)
             metrics.REQUESTS.labels(ticket.cls if ticket else "unknown", code.name).inc()
             log.info("ended class=%s status=%s ms=%.0f", ticket.cls if ticket else "-", code.name,
                      (time.perf_counter() - start) * 1e3)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import time
 
 import grpc
 import pytest
@@ -96,3 +98,36 @@ def test_the_decoder_queue_is_bounded_for_any_caller(cluster):
             outcomes = collections.Counter(pool.map(decode, range(16), timeout=600))
     print(dict(outcomes))
     assert outcomes["OK"] >= 1 and outcomes["RESOURCE_EXHAUSTED"] >= 1
+
+
+def _price(router) -> str:
+    """How admission prices a text request as things stand: the refusal of one with a 1 ms target states it."""
+    priced = request(text("what would this cost?"), num_tokens=8)
+    priced.slo.ttft_ms = 1  # 1 ms: far below any prediction, so never admitted as a probe
+    with pytest.raises(grpc.RpcError) as refused:
+        collect(router, priced)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    return refused.value.details()
+
+
+def test_a_cancelled_burst_leaves_the_next_request_priced_as_before(cluster):
+    router, channel = cluster.stub()
+    collect(router, _greedy())  # the models have seen a request of this kind
+    before = _price(router)
+    for wave in range(15):  # 60 requests whose clients go away, at once or after their first token
+        calls = [router.Generate(request(text(f"cancelled {wave} {i}"), num_tokens=64), timeout=120)
+                 for i in range(4)]
+        for i, call in enumerate(calls):
+            if i % 2:
+                with contextlib.suppress(grpc.RpcError):  # refused when the small queues are full
+                    next(call)
+            call.cancel()
+    # The router ends a cancelled call's bookkeeping once it sees the cancellation, a moment after the client.
+    price = _price(router)
+    for _ in range(50):
+        if price == before:
+            break
+        time.sleep(0.2)
+        price = _price(router)
+    assert price == before
+    channel.close()

@@ -314,3 +314,30 @@ def test_time_per_token_is_priced_at_the_batch_the_admitted_requests_will_make()
     assert all(admit().decision.admit for _ in range(19))  # k = 0 .. 18: up to 50 ms
     refused = admit().decision  # k = 19: 52 ms
     assert not refused.admit and "time per token" in refused.reason
+
+
+def test_a_few_noisy_outcomes_do_not_multiply_predictions():
+    calibration = Calibration(floor_ms=0.0)
+    for i in range(20):
+        calibration.observe(100.0, 1100.0 if i % 7 == 0 else 100.0)  # three outcomes eleven times slower
+    assert calibration.scale(0.95) == 1.0  # the 0.95-quantile of 20 is the largest: one stall would decide it
+    assert calibration.scale(0.99) == 1.0
+
+
+def test_a_sustained_under_prediction_is_still_corrected():
+    calibration = Calibration(floor_ms=0.0)
+    for i in range(20):
+        calibration.observe(100.0, 1000.0 + i)  # every outcome ten times what was predicted
+    assert 10.0 < calibration.scale(0.95) <= 10.19  # corrected in full (the fourth largest ratio)
+
+
+def test_a_new_router_refuses_only_what_misses_at_the_typical_error_and_tightens_on_misses():
+    controller = busy_controller(step_ms=60.0)  # against a 100 ms target
+    for i in range(200):
+        controller.record_step(60.0, 108.0 if i % 10 == 0 else 60.0)  # a tenth of the steps run 1.8× slower
+    admit = lambda: controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=100.0)  # noqa: E731
+    ticket = admit()
+    assert ticket.decision.admit  # it would meet unless it is among the slowest tenth: refusing it is a sure miss
+    for _ in range(10):
+        controller.record(ticket, ttft_ms=2000.0, met=False)  # admitted requests miss: an overload
+    assert not admit().decision.admit  # now planned at the slowest tenth: 60 ms × 1.74
