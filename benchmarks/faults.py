@@ -167,7 +167,7 @@ def main() -> None:
     model = str(build_tiny_model(pathlib.Path(workdir) / "model", seed=0, preset=args.preset))
     port = free_port()
     stderr = open(pathlib.Path(workdir) / "up.log", "w")
-    up = subprocess.Popen([sys.executable, "-m", "mmserve.cli", "up", "--model", model, "--port", str(port),
+    up = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--model", model, "--port", str(port),
                            "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         line = up.stdout.readline()

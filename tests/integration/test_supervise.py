@@ -53,7 +53,7 @@ def up(tiny_model, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("up") / "stderr.log"
     with open(log, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "mmserve.cli", "up", "--model", str(tiny_model), "--port",
+        process = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--model", str(tiny_model), "--port",
                                     str(port), "--metrics", "--log-level", "WARNING"],
                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
