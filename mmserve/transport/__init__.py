@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from mmserve.transport import shm
-from mmserve.transport.handles import TensorRefError, TensorUnavailable, caller_domain, concat, leased_parts, release
+from mmserve.transport.errors import TensorRefError, TensorUnavailable
+from mmserve.transport.handles import concat, leased_parts, release
+from mmserve.transport.shm import caller_domain
 from mmserve.v1 import tensor_pb2
 
 if TYPE_CHECKING:

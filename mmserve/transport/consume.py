@@ -7,7 +7,7 @@ import torch
 
 from mmserve.transport import cuda_ipc, remote
 from mmserve.transport.handles import leased_parts, release
-from mmserve.transport.handles import TensorRefError
+from mmserve.transport.errors import TensorRefError
 from mmserve.transport.refs import check, flat_bytes, from_ref
 from mmserve.v1 import tensor_pb2
 

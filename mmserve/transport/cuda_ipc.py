@@ -7,7 +7,7 @@ import functools
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
-from mmserve.transport.handles import TensorUnavailable
+from mmserve.transport.errors import TensorUnavailable
 from mmserve.v1 import tensor_pb2
 
 

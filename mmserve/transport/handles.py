@@ -1,4 +1,4 @@
-"""TensorRef handles without their tensors: errors, joining refs, leases and releasing them (no torch).
+"""TensorRef handles without their tensors: joining refs, their leases and releasing them (no torch).
 
 What the router needs: it moves handles, never bytes, so it imports this and never torch.
 """
@@ -6,21 +6,10 @@ What the router needs: it moves handles, never bytes, so it imports this and nev
 from __future__ import annotations
 
 import asyncio
-import contextvars
 
+from mmserve.transport import remote
+from mmserve.transport.errors import TensorRefError
 from mmserve.v1 import tensor_pb2
-
-# The shared-memory domain of the process that called us, then "|" and the UUIDs of the GPUs it sees (if any); a
-# server interceptor sets it per RPC from the header transport.caller_metadata() sends.
-caller_domain: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_caller_domain", default="")
-
-
-class TensorRefError(ValueError):
-    """A TensorRef that does not describe a valid tensor (INVALID_ARGUMENT)."""
-
-
-class TensorUnavailable(ConnectionError):
-    """A well-formed TensorRef whose memory cannot be reached any more (UNAVAILABLE)."""
 
 
 def concat(refs: list[tensor_pb2.TensorRef]) -> tensor_pb2.TensorRef:
@@ -46,8 +35,6 @@ def leased_parts(ref: tensor_pb2.TensorRef) -> list[tensor_pb2.RemoteRef | tenso
 
 async def release(refs: list[tensor_pb2.TensorRef]) -> None:
     """Ends the leases of remote refs nobody will resolve (shared memory needs nothing: unclaimed leases expire)."""
-    from mmserve.transport import remote
-
     parts = [r for ref in refs for r in leased_parts(ref)]
     if parts:
         await asyncio.shield(remote.release(parts))

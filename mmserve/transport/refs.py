@@ -7,7 +7,7 @@ import math
 import torch
 
 from mmserve.transport import shm
-from mmserve.transport.handles import TensorRefError, TensorUnavailable
+from mmserve.transport.errors import TensorRefError, TensorUnavailable
 from mmserve.v1 import tensor_pb2
 
 DTYPES = {

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from mmserve import internal_token, tls
-from mmserve.transport.handles import TensorUnavailable
+from mmserve.transport.errors import TensorUnavailable
 from mmserve.v1 import tensor_pb2
 
 if TYPE_CHECKING:  # the consumer's side (pull, release) needs no torch: the router releases leases too

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import mmap
 import os
 import pathlib
 import re
+
+# The shared-memory domain of the process that called us, then "|" and the UUIDs of the GPUs it sees (if any); a
+# server interceptor sets it per RPC from the header transport.caller_metadata() sends.
+caller_domain: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_caller_domain", default="")
 
 SHM_DIR = pathlib.Path("/dev/shm")
 # mmserve-<pid namespace>-<pid>-<process start time>-<sequence>: enough to tell whether the owner still lives.

@@ -16,7 +16,6 @@ import prometheus_client
 import torch
 
 from mmserve.transport import cuda_ipc, shm
-from mmserve.transport.handles import caller_domain
 from mmserve.transport.refs import as_bytes, dtype_name, to_inline
 from mmserve.v1 import tensor_pb2
 
@@ -29,7 +28,7 @@ REFS = prometheus_client.Counter("mmserve_tensor_refs", "Tensors handed to anoth
 
 def caller_gpus() -> set[str]:
     """UUIDs of the GPUs the current caller sees."""
-    gpus = caller_domain.get().partition("|")[2]
+    gpus = shm.caller_domain.get().partition("|")[2]
     return set(gpus.split(",")) if gpus else set()
 
 
@@ -77,7 +76,7 @@ class TensorStore:
         """
         if nbytes == 0 or nbytes < self.inline_limit_bytes or self.policy == "inline":
             return "inline"
-        caller = caller_domain.get().partition("|")[0]
+        caller = shm.caller_domain.get().partition("|")[0]
         if self.domain and (self.policy == "shm" or caller == self.domain):
             return "shm"
         if self.address and (self.policy == "remote" or (self.policy == "auto" and caller)):

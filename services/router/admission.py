@@ -8,7 +8,7 @@ from services.router import metrics
 from services.router.costs import MediaShape
 from services.router.policy import (Backlog, Calibration, Decision, Prediction, Slo, SloDefaults, StageTimes,
                                     Strictness, decide)
-from services.router.replicas import ReplicaPool
+from services.router.selection import StageView
 
 _MERGE = 4  # vision patches per LLM token (2 × 2 spatial merge)
 
@@ -48,7 +48,7 @@ class Controller:
     admits fewer, and so on down.
     """
 
-    def __init__(self, decoders: ReplicaPool, encoders: ReplicaPool, llms: ReplicaPool, *,
+    def __init__(self, decoders: StageView, encoders: StageView, llms: StageView, *,
                  defaults: SloDefaults, policy: str, headroom: float, target: float = 0.95,
                  probe_after_s: float = 5.0, probe_max_ratio: float = 4.0):
         self.pools = {"decoder": decoders, "encoder": encoders, "llm": llms}
@@ -116,8 +116,7 @@ class Controller:
             self._last_admitted = max(self._last_admitted, ticket.admitted_at)
 
     def _idle(self) -> bool:
-        return not any(self.backlogs.values()) and not any(
-            r.num_in_flight for pool in self.pools.values() for r in pool.replicas.values())
+        return not any(self.backlogs.values()) and not any(pool.num_in_flight for pool in self.pools.values())
 
     def predict(self, shapes: list[MediaShape], prompt_tokens: float, deadline: float) -> Prediction:
         decode, encode = self._media_work(shapes)

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import logging
 import math
 import time
 from typing import Callable
 
-import grpc
 
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
@@ -24,11 +22,10 @@ from mmserve.media.fetch import FetchPolicy, fetch_uri
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
 from services.router.costs import MediaShape, ShapeEstimator
+from services.router.failover import Failover, ReplicaDown, answer_from, stream_from
 from services.router.planning import planned_shape
 from services.router.policy import degraded_frames
-from services.router.replicas import Replica, ReplicaPool
-
-log = logging.getLogger(__name__)
+from services.router.replicas import ReplicaPool
 
 _KINDS = {"image": decoder_pb2.MEDIA_KIND_IMAGE, "video": decoder_pb2.MEDIA_KIND_VIDEO}
 
@@ -155,28 +152,25 @@ class MediaStage:
                     attempts: int) -> Embedded:
         """Embeddings of a prepared item: the cache hit, else decoded and encoded (the encoder writes the cache).
 
-        A replica found unavailable is withdrawn and the item is redone on others, up to attempts tries.
+        A replica found down is withdrawn and the item is redone on others, up to attempts tries (ReplicaDown
+        after the last).
         """
         if prepared.hit is not None:
             embedding = self._embedding(prepared.item.kind, prepared.hit)
             embedding.ClearField("embeddings")  # the llm reads them from the cache
             embedding.cache_keys.extend(prepared.key(i) for i in range(prepared.num_hit_chunks))
             return Embedded(embedding, cached=True)
-        exclude: dict[str, frozenset[str]] = {"decoder": frozenset(), "encoder": frozenset()}
-        for attempt in range(attempts):
+        tries = {"decoder": Failover(self.decoders, attempts, request_id),
+                 "encoder": Failover(self.encoders, attempts, request_id)}
+        while True:
             try:
-                return await self._decode_and_encode(request_id, prepared, deadline, latest_start, exclude)
+                return await self._decode_and_encode(request_id, prepared, deadline, latest_start, tries)
             except ReplicaDown as down:
-                if attempt + 1 == attempts:
-                    raise down from None  # the caller names the stage
-                exclude[down.pool.stage] |= {down.replica.address}
-                metrics.RETRIES.labels(down.pool.stage).inc()
-                log.warning("%s: %s %s unavailable, retrying elsewhere", request_id, down.pool.stage,
-                            down.replica.address)
-        raise AssertionError("unreachable")
+                if not tries[down.stage].retry(down.replica):
+                    raise  # the caller names the stage
 
     async def _decode_and_encode(self, request_id: str, prepared: Prepared, deadline: float, latest_start: float,
-                                 exclude: dict[str, frozenset[str]]) -> Embedded:
+                                 tries: dict[str, Failover]) -> Embedded:
         item, params, shape = prepared.item, prepared.params, prepared.shape
         request = decoder_pb2.DecodeRequest(
             request_id=request_id, kind=_KINDS[item.kind], data=prepared.data, fps=params.fps,
@@ -187,13 +181,13 @@ class MediaStage:
         num_frames = num_pixels = 0
         queued = time.perf_counter()
         try:
-            async with self.decoders.slot(latest_start=latest_start, exclude=exclude["decoder"],
+            async with self.decoders.slot(latest_start=latest_start, exclude=tries["decoder"].exclude,
                                           work_ms=lambda r: r.costs.predict(shape.num_frames, shape.num_pixels)
                                           ) as decoder:
                 start = time.perf_counter()
                 # Each chunk is encoded as soon as it arrives: encoding chunk 1 overlaps decoding chunk 2.
                 chunks = decoder.stub.Decode(request, timeout=_left(deadline), metadata=transport.caller_metadata())
-                async for c in _calls(self.decoders, decoder, chunks):
+                async for c in stream_from("decoder", decoder, chunks):
                     if not encodes:
                         first_chunk = time.perf_counter()
                         second_per_grid_t = (self.processing.temporal_patch_size / c.sample_fps
@@ -207,7 +201,7 @@ class MediaStage:
                     encodes.append(asyncio.ensure_future(self._encode(encoder_pb2.EncodeRequest(
                         request_id=request_id, kind=_KINDS[item.kind], frames=c.frames,
                         cache=slot if self.cache is not None else None), prepared, deadline, latest_start,
-                        exclude["encoder"])))
+                        tries["encoder"].exclude)))
                 decoded = time.perf_counter()
                 decoder.costs.observe(num_frames, num_pixels, (decoded - start) * 1e3)
             if not encodes:
@@ -240,7 +234,7 @@ class MediaStage:
                                       work_ms=lambda r: r.costs.predict(num_patches)) as encoder:
             self.encoders.remember(affinity, encoder)
             call = encoder.stub.Encode(request, timeout=_left(deadline), metadata=transport.caller_metadata())
-            reply = await _call(self.encoders, encoder, call)
+            reply = await answer_from("encoder", encoder, call)
             encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
             return reply
 
@@ -258,40 +252,6 @@ class MediaStage:
     def _embedding(kind: str, entry: CachedEmbedding) -> llm_pb2.MediaEmbedding:
         return llm_pb2.MediaEmbedding(kind=_KINDS[kind], embeddings=entry.embeddings,
                                       grid_thw=list(entry.grid_thw), second_per_grid_t=entry.second_per_grid_t)
-
-
-class ReplicaDown(Exception):
-    """A stage replica was unreachable; the work may be redone elsewhere."""
-
-    def __init__(self, pool: ReplicaPool, replica: Replica, error: grpc.aio.AioRpcError):
-        super().__init__(f"{pool.stage} {replica.address}: {error.code().name}")
-        self.pool, self.replica, self.error = pool, replica, error
-
-
-def _is_down(err: grpc.aio.AioRpcError) -> bool:
-    return err.code() == grpc.StatusCode.UNAVAILABLE
-
-
-async def _calls(pool: ReplicaPool, replica: Replica, stream):
-    """The stream's messages; an unavailable replica is withdrawn and reported as ReplicaDown."""
-    try:
-        async for message in stream:
-            yield message
-    except grpc.aio.AioRpcError as err:
-        if _is_down(err):
-            pool.mark_failed(replica)
-            raise ReplicaDown(pool, replica, err) from None
-        raise
-
-
-async def _call(pool: ReplicaPool, replica: Replica, call):
-    try:
-        return await call
-    except grpc.aio.AioRpcError as err:
-        if _is_down(err):
-            pool.mark_failed(replica)
-            raise ReplicaDown(pool, replica, err) from None
-        raise
 
 
 def _left(deadline: float) -> float:

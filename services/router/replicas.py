@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
-import itertools
 import logging
-import random
 import time
 from typing import Any, Callable
 
@@ -17,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import rpc
 from services.router.policy import SlackQueue
+from services.router.selection import Selector
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +46,10 @@ class Replica:
 
 
 class ReplicaPool:
-    """Every replica of one stage.
+    """Every replica of one stage: membership, health, and slots for calls.
 
     With policy "slo" each replica takes at most max_in_flight calls at once and the waiting calls are
-    served least slack first; the replica is chosen by predicted completion among two random healthy
-    ones (power of two choices), or by cache affinity when that replica is not much worse. A replica that
-    served nothing for refresh_s is preferred once: predictions come from what each replica's calls report,
-    so one that looked slow (a stall, a busy moment) would otherwise never be measured again. With policy
+    served least slack first; which replica takes a call is the Selector's choice (selection.py). With policy
     "fcfs" calls go round-robin straight to the replicas, which queue them in arrival order.
     """
 
@@ -63,22 +58,17 @@ class ReplicaPool:
                  affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0, client_tls: Any = None,
                  channel_options: tuple[tuple[str, int], ...] = (), max_waiting: int = 0, refresh_s: float = 5.0):
         self.stage = stage
-        self.refresh_s = refresh_s
         self.max_waiting = max_waiting  # calls that may wait for a slot (0: no limit); more get PoolFull
         self.channel_options = channel_options  # e.g. keepalive_options(): how a stalled replica is noticed
         self.client_tls = client_tls  # rpc.channel's TLS for the replicas (None: plaintext)
         self.stub_class = stub_class
         self.max_message_bytes = max_message_bytes
         self.make_costs = make_costs
-        self.policy = policy
-        self.max_in_flight = max_in_flight
-        self.affinity_slack = affinity_slack
         self.unhealthy_wait_s = unhealthy_wait_s
+        self.selector = Selector(policy=policy, max_in_flight=max_in_flight, affinity_slack=affinity_slack,
+                                 affinity_entries=affinity_entries, refresh_s=refresh_s)
         self.replicas: dict[str, Replica] = {}
         self._waiters = SlackQueue()
-        self._round_robin = itertools.count()
-        self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._affinity_entries = affinity_entries
         self._healthy_changed = asyncio.Event()
 
     # Membership -----------------------------------------------------------------------------------
@@ -114,6 +104,11 @@ class ReplicaPool:
     @property
     def num_waiting(self) -> int:
         return len(self._waiters)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Calls in flight on any of its replicas, healthy or not."""
+        return sum(r.num_in_flight for r in self.replicas.values())
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.healthy and r.enabled]
@@ -187,34 +182,14 @@ class ReplicaPool:
 
     # Selection ------------------------------------------------------------------------------------
 
-    def _has_room(self, replica: Replica) -> bool:
-        return (replica.healthy and replica.enabled
-                and (self.max_in_flight == 0 or replica.num_in_flight < self.max_in_flight))
-
     def choose(self, predict_ms: Callable[[Replica], float], affinity: str | None = None,
                exclude: frozenset[str] = frozenset()) -> Replica | None:
         """The replica for the next call among those with room, or None."""
-        candidates = [r for r in self.replicas.values() if self._has_room(r) and r.address not in exclude]
-        if not candidates:
-            return None
-        if self.policy == "fcfs":
-            return candidates[next(self._round_robin) % len(candidates)]
-        pair = random.sample(candidates, min(2, len(candidates)))
-        stale = [r for r in pair if time.monotonic() - r.last_used > self.refresh_s]
-        best = min(stale or pair, key=lambda r: r.outstanding_ms + predict_ms(r))
-        if affinity is not None and (address := self._affinity.get(affinity)) is not None:
-            sticky = self.replicas.get(address)
-            if sticky in candidates and (sticky.outstanding_ms + predict_ms(sticky)
-                                         <= self.affinity_slack * (best.outstanding_ms + predict_ms(best)) + 1.0):
-                return sticky
-        return best
+        return self.selector.choose(self.replicas.values(), predict_ms, affinity, exclude)
 
     def remember(self, affinity: str, replica: Replica) -> None:
         """Records where a media item's work went, so its next request can go there too."""
-        self._affinity[affinity] = replica.address
-        self._affinity.move_to_end(affinity)
-        while len(self._affinity) > self._affinity_entries:
-            self._affinity.popitem(last=False)
+        self.selector.remember(affinity, replica)
 
     @contextlib.asynccontextmanager
     async def slot(self, *, latest_start: float, work_ms: Callable[[Replica], float],
@@ -281,7 +256,7 @@ class ReplicaPool:
             replica = self.choose(waiter.work_ms, waiter.affinity, waiter.exclude)
             if replica is None:
                 skipped.append(waiter)
-                if not any(self._has_room(r) for r in self.replicas.values()):
+                if not any(self.selector.has_room(r) for r in self.replicas.values()):
                     break
                 continue
             waiter.future.set_result((replica, self._acquire(replica, waiter.work_ms(replica))))

@@ -15,9 +15,10 @@ from mmserve.v1 import api_pb2, api_pb2_grpc, llm_pb2
 from services.router import metrics
 from services.router.admission import Controller, Ticket
 from services.router.config import RouterConfig
-from services.router.media import Embedded, MediaItem, MediaStage, Prepared, ReplicaDown
+from services.router.failover import Failover, ReplicaDown, is_down
+from services.router.media import Embedded, MediaItem, MediaStage, Prepared
 from services.router.planning import PromptBudget, PromptSize
-from services.router.replicas import NoReplicaError, PoolFull, ReplicaPool, is_client_error
+from services.router.replicas import NoReplicaError, PoolFull, Replica, ReplicaPool, is_client_error
 from services.router.validation import RequestLimits, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -70,52 +71,23 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         self.budget = budget
 
     async def Generate(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        """validate → prepare media → admit → embed → stream; a failed step ends the call with its status."""
         start = time.perf_counter()
-        request_id = request.request_id or uuid.uuid4().hex  # checked (a safe alphabet) before it is used
         remaining = context.time_remaining()
         deadline = start + (remaining if remaining is not None else self.config.request_timeout_s)
+        request_id = request.request_id or uuid.uuid4().hex  # checked (a safe alphabet) before it is used
         ticket: Ticket | None = None
         code = grpc.StatusCode.OK
         try:
-            try:
-                validate_request(request, self.limits)
-                rpc.request_id.set(request_id)
-                prepared = await _all_or_nothing(self.media.prepare(i) for i in media_items(request))
-                # Exact, before any decode, encode or admission: a request that cannot fit never gets a retry hint.
-                size = await asyncio.to_thread(self.budget.check, request, [p.num_patches for p in prepared])
-                ticket, prepared = await self._admit(request, prepared, size, start)
-                if not ticket.decision.admit:
-                    metrics.REFUSED.labels(ticket.cls).inc()
-                    context.set_trailing_metadata((("retry-after-ms", str(int(ticket.decision.retry_after_ms))),))
-                    raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     f"over capacity: {ticket.decision.reason}; retry after "
-                                     f"{ticket.decision.retry_after_ms:.0f} ms")
-                embedded = await self._embed_all(request_id, prepared, ticket, deadline)
-            except (ValidationError, MediaError) as err:
-                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
-            self.controller.finish(ticket, "decoder")
-            self.controller.finish(ticket, "encoder")
-            media_done = time.perf_counter()
-            llm_request = self._llm_request(request, request_id, iter(embedded))
-            # The llm serves earliest deadline first (Unix seconds); fcfs ranks by arrival instead.
-            llm_request.priority = time.time() + (ticket.deadline - time.perf_counter()
-                                                  if self.config.policy == "slo" else 0.0)
-            first_token = None
-            async for reply in self._stream_llm_or_recompute(request, request_id, llm_request, embedded, ticket,
-                                                             deadline, prepared):
-                if reply.WhichOneof("event") == "delta":
-                    if first_token is None:
-                        first_token = time.perf_counter()
-                        self.controller.finish(ticket, "llm")
-                    yield api_pb2.GenerateResponse(delta=reply.delta)
-                    continue
-                final = self._final(reply.final, request_id, embedded, start, media_done, first_token,
-                                    degraded=any(p.degraded for p in prepared))
-                self._record_slo(ticket, final.timings)
-                yield api_pb2.GenerateResponse(final=final)
-        except StageError as err:
-            code = err.code
-            await context.abort(err.code, str(err))
+            self._validate(request, request_id)
+            prepared, size = await self._prepare(request)
+            ticket, prepared = await self._admit(request, prepared, size, start, context)
+            embedded = await self._embed(request_id, prepared, ticket, deadline)
+            async for response in self._stream(request, request_id, ticket, prepared, embedded, start, deadline):
+                yield response
+        except (StageError, ValidationError, MediaError) as err:
+            code = err.code if isinstance(err, StageError) else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(err))
         except (asyncio.CancelledError, GeneratorExit):  # the client went away (mid-stream: the generator closed)
             code = grpc.StatusCode.CANCELLED
             raise
@@ -126,99 +98,141 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             log.info("ended class=%s status=%s ms=%.0f", ticket.cls if ticket else "-", code.name,
                      (time.perf_counter() - start) * 1e3)
 
+    def _validate(self, request: api_pb2.GenerateRequest, request_id: str) -> None:
+        """Every field within the server's caps (ValidationError naming the first that is not)."""
+        validate_request(request, self.limits)
+        rpc.request_id.set(request_id)  # only now: log lines never carry an unchecked id
+
+    async def _prepare(self, request: api_pb2.GenerateRequest) -> tuple[list[Prepared], PromptSize]:
+        """Each media item read, looked up in the cache and planned, and the prompt's exact size: a request that
+        cannot fit is refused here, before any decode, encode or admission, and never told to retry."""
+        prepared = await _all_or_nothing(self.media.prepare(i) for i in media_items(request))
+        size = await asyncio.to_thread(self.budget.check, request, [p.num_patches for p in prepared])
+        return prepared, size
+
     async def _admit(self, request: api_pb2.GenerateRequest, prepared: list[Prepared], size: PromptSize,
-                     now: float) -> tuple[Ticket, list[Prepared]]:
-        """The admission ticket, and the items with fewer frames when the request accepted degradation."""
-        shapes = [p.shape for p in prepared if p.hit is None]
+                     now: float, context: grpc.aio.ServicerContext) -> tuple[Ticket, list[Prepared]]:
+        """The admission ticket, and the items with fewer frames when the request accepted degradation; a refusal
+        is RESOURCE_EXHAUSTED with a retry hint."""
         ticket = self.controller.admit(
-            [p.item.kind for p in prepared], shapes, size.num_tokens,
+            [p.item.kind for p in prepared], [p.shape for p in prepared if p.hit is None], size.num_tokens,
             ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms, allow_degrade=request.slo.allow_degrade,
             now=now)
-        if ticket.decision.admit and ticket.decision.frame_scale < 1.0:
+        decision = ticket.decision
+        if not decision.admit:
+            metrics.REFUSED.labels(ticket.cls).inc()
+            context.set_trailing_metadata((("retry-after-ms", str(int(decision.retry_after_ms))),))
+            raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"over capacity: {decision.reason}; retry after {decision.retry_after_ms:.0f} ms")
+        if decision.frame_scale < 1.0:
             metrics.DEGRADED.labels(ticket.cls).inc()
-            prepared = await _all_or_nothing(self.media.degrade(p, ticket.decision.frame_scale) for p in prepared)
+            prepared = await _all_or_nothing(self.media.degrade(p, decision.frame_scale) for p in prepared)
         return ticket, prepared
 
-    async def _embed_all(self, request_id: str, prepared: list[Prepared], ticket: Ticket,
-                         deadline: float) -> list[Embedded]:
+    async def _embed(self, request_id: str, prepared: list[Prepared], ticket: Ticket,
+                     deadline: float) -> list[Embedded]:
+        """Every item's embeddings: cache keys for hits, else decoded and encoded (a dead stage named)."""
         try:
-            return await _all_or_nothing(
+            embedded = await _all_or_nothing(
                 self.media.embed(request_id, p, deadline=deadline, latest_start=ticket.latest_start,
                                  attempts=self.config.stage_attempts) for p in prepared)
         except ReplicaDown as down:
-            raise _stage_error(down.pool.stage, down.error) from None
+            raise _stage_error(down.stage, down.error) from None
         except grpc.aio.AioRpcError as err:
             raise _stage_error("media", err) from None
         except NoReplicaError as err:
             raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
         except PoolFull as err:
             raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
+        self.controller.finish(ticket, "decoder")
+        self.controller.finish(ticket, "encoder")
+        return embedded
 
-    async def _stream_llm_or_recompute(self, request: api_pb2.GenerateRequest, request_id: str,
-                                       llm_request: llm_pb2.LlmRequest, embedded: list[Embedded], ticket: Ticket,
-                                       deadline: float, prepared: list[Prepared]):
-        """The llm's replies; when it found cached embeddings evicted since our lookup, the media is computed
-        again (embedded and prepared are updated in place) and the llm asked once more."""
-        try:
-            async for reply in self._stream_llm(llm_request, ticket, deadline, prepared):
-                yield reply
-            return
-        except EmbeddingsEvicted as evicted:
-            log.info("%s: %s; computing the media again", request_id, evicted)
-            metrics.RETRIES.labels("evicted").inc()
-        # The llm dropped every ref of the request, so all of its media is computed again.
-        prepared[:] = [self.media.without_hit(p) for p in prepared]
-        embedded[:] = await self._embed_all(request_id, prepared, ticket, deadline)
-        retry = self._llm_request(request, request_id, iter(embedded))
-        retry.priority = llm_request.priority
-        async for reply in self._stream_llm(retry, ticket, deadline, prepared):
-            yield reply
+    async def _stream(self, request: api_pb2.GenerateRequest, request_id: str, ticket: Ticket,
+                      prepared: list[Prepared], embedded: list[Embedded], start: float, deadline: float):
+        """The llm's tokens as deltas, then the final. Cached embeddings evicted between our lookup and the llm's
+        read (or whose producer went away) are computed once more and the llm asked again."""
+        media_done = time.perf_counter()
+        # The llm serves earliest deadline first (Unix seconds); fcfs ranks by arrival instead.
+        priority = time.time() + (ticket.deadline - media_done if self.config.policy == "slo" else 0.0)
+        for is_retry in (False, True):
+            try:
+                async for response in self._responses(self._llm_request(request, request_id, embedded, priority),
+                                                      ticket, prepared, embedded, start, media_done, deadline):
+                    yield response
+                return
+            except EmbeddingsEvicted as evicted:
+                if is_retry:
+                    raise StageError(grpc.StatusCode.UNAVAILABLE, f"llm: {evicted}") from None
+                log.info("%s: %s; computing the media again", request_id, evicted)
+                metrics.RETRIES.labels("evicted").inc()
+            # The llm dropped every ref of the request, so all of its media is computed again.
+            prepared = [self.media.without_hit(p) for p in prepared]
+            embedded = await self._embed(request_id, prepared, ticket, deadline)
+
+    async def _responses(self, llm_request: llm_pb2.LlmRequest, ticket: Ticket, prepared: list[Prepared],
+                         embedded: list[Embedded], start: float, media_done: float, deadline: float):
+        """One llm call's replies as the client's responses; the final carries the request's timings."""
+        first_token = None
+        async for reply in self._stream_llm(llm_request, ticket, deadline, prepared):
+            if reply.WhichOneof("event") == "delta":
+                if first_token is None:
+                    first_token = time.perf_counter()
+                    self.controller.finish(ticket, "llm")
+                yield api_pb2.GenerateResponse(delta=reply.delta)
+                continue
+            final = self._final(reply.final, llm_request.request_id, embedded, start, media_done, first_token,
+                                degraded=any(p.degraded for p in prepared))
+            self._record_slo(ticket, final.timings)
+            yield api_pb2.GenerateResponse(final=final)
 
     async def _stream_llm(self, llm_request: llm_pb2.LlmRequest, ticket: Ticket, deadline: float,
                           prepared: list[Prepared]):
-        """The llm's replies; a replica that is unavailable before its first reply is replaced by another."""
+        """The llm's replies; a replica found down before its first reply is replaced by another."""
         affinity = prepared[0].digest if prepared else None  # its KV prefix may still be cached there
         prefill_ms = ticket.prediction.llm.work_ms
-        exclude: frozenset[str] = frozenset()
-        for attempt in range(self.config.stage_attempts):
-            started = False
+        tries = Failover(self.llms, self.config.stage_attempts, llm_request.request_id)
+        while True:
             try:
-                async with self.llms.slot(latest_start=ticket.deadline, affinity=affinity, exclude=exclude,
+                async with self.llms.slot(latest_start=ticket.deadline, affinity=affinity, exclude=tries.exclude,
                                           work_ms=lambda r: prefill_ms + r.costs.step.predict(r.num_in_flight)) as llm:
                     if affinity is not None:
                         self.llms.remember(affinity, llm)
-                    stream = llm.stub.Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter()))
-                    first_token = 0.0
-                    num_delivered = 0
-                    try:
-                        async for reply in stream:
-                            started = True
-                            if reply.WhichOneof("event") == "final":
-                                self._observe_llm(llm, reply.final, first_token)
-                            else:
-                                first_token = first_token or time.perf_counter()
-                                num_delivered += len(reply.delta.token_ids)
-                            yield reply
-                        return
-                    except grpc.aio.AioRpcError as err:
-                        # Evicted cache entries, or embeddings whose producer went away: compute them again.
-                        if not started and (err.code() == grpc.StatusCode.NOT_FOUND or rpc.is_input_gone(err)):
-                            raise EmbeddingsEvicted(err.details()) from None
-                        if err.code() != grpc.StatusCode.UNAVAILABLE:
-                            raise _stage_error("llm", err) from None
-                        self.llms.mark_failed(llm)
-                        if started:  # the client has part of the answer: a blind retry would repeat or differ
-                            raise StageError(grpc.StatusCode.UNAVAILABLE,
-                                             f"llm: replica lost after {num_delivered} tokens were delivered; not "
-                                             "safe to retry blindly") from None
-                        if attempt + 1 == self.config.stage_attempts:
-                            raise _stage_error("llm", err) from None
-                        exclude |= {llm.address}
-                        metrics.RETRIES.labels("llm").inc()
-                        log.warning("%s: llm %s unavailable, retrying elsewhere", llm_request.request_id,
-                                    llm.address)
+                    async for reply in self._replies(llm, llm_request, deadline):
+                        yield reply
+                    return
+            except ReplicaDown as down:
+                if not tries.retry(down.replica):
+                    raise _stage_error("llm", down.error) from None
             except NoReplicaError as err:
                 raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+
+    async def _replies(self, llm: Replica, llm_request: llm_pb2.LlmRequest, deadline: float):
+        """One replica's replies, its cost models fed from the final; ReplicaDown when it was gone before its first
+        reply (another may be tried), UNAVAILABLE naming the tokens delivered when it went away after."""
+        stream = llm.stub.Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter()))
+        first_token = 0.0
+        num_delivered = 0
+        try:
+            async for reply in stream:
+                if reply.WhichOneof("event") == "final":
+                    self._observe_llm(llm, reply.final, first_token)
+                else:
+                    first_token = first_token or time.perf_counter()
+                    num_delivered += len(reply.delta.token_ids)
+                yield reply
+        except grpc.aio.AioRpcError as err:
+            started = bool(first_token)
+            # Evicted cache entries, or embeddings whose producer went away: compute them again.
+            if not started and (err.code() == grpc.StatusCode.NOT_FOUND or rpc.is_input_gone(err)):
+                raise EmbeddingsEvicted(err.details()) from None
+            if not is_down(err):
+                raise _stage_error("llm", err) from None
+            if not started:
+                raise ReplicaDown("llm", llm, err) from None
+            self.llms.mark_failed(llm)  # the client has part of the answer: a blind retry would repeat or differ
+            raise StageError(grpc.StatusCode.UNAVAILABLE, f"llm: replica lost after {num_delivered} tokens were "
+                                                          "delivered; not safe to retry blindly") from None
 
     def _observe_llm(self, llm, final: llm_pb2.LlmFinal, first_token: float) -> None:
         """Feeds the replica's cost models: prefill by prompt tokens, decode step by the sequences it ran with."""
@@ -240,13 +254,14 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         metrics.SLO.labels(ticket.cls, outcome).inc()
 
     @staticmethod
-    def _llm_request(request: api_pb2.GenerateRequest, request_id: str, embedded) -> llm_pb2.LlmRequest:
-        messages = []
-        for m in request.messages:
-            parts = [llm_pb2.LlmPart(text=p.text) if p.WhichOneof("content") == "text"
-                     else llm_pb2.LlmPart(media=next(embedded).embedding) for p in m.parts]
-            messages.append(llm_pb2.LlmMessage(role=m.role, parts=parts))
-        return llm_pb2.LlmRequest(request_id=request_id, messages=messages, sampling=request.sampling)
+    def _llm_request(request: api_pb2.GenerateRequest, request_id: str, embedded: list[Embedded],
+                     priority: float) -> llm_pb2.LlmRequest:
+        items = iter(embedded)
+        messages = [llm_pb2.LlmMessage(role=m.role, parts=[
+            llm_pb2.LlmPart(text=p.text) if p.WhichOneof("content") == "text" else llm_pb2.LlmPart(
+                media=next(items).embedding) for p in m.parts]) for m in request.messages]
+        return llm_pb2.LlmRequest(request_id=request_id, messages=messages, sampling=request.sampling,
+                                  priority=priority)
 
     @staticmethod
     def _final(final: llm_pb2.LlmFinal, request_id: str, embedded: list[Embedded], start: float,

@@ -16,6 +16,7 @@ import torch
 from google.protobuf import struct_pb2
 
 from mmserve import rpc, transport
+from mmserve.transport import remote
 from mmserve.config import ServiceConfig
 from mmserve.v1 import tensor_pb2
 
@@ -73,8 +74,8 @@ async def run_consumer(address: str, num_handoffs: int, cancel_fraction: float, 
         produce = produce_call(channel)
         if stall:
             ref = await produce(tensor_pb2.TensorRef(shape=[256 * 1024 * 1024, 0]))
-            pull = channel.unary_stream(f"/{transport.remote.SERVICE}/Pull", tensor_pb2.PullRequest.SerializeToString,
-                                        transport.remote.decode_chunk)(tensor_pb2.PullRequest(
+            pull = channel.unary_stream(f"/{remote.SERVICE}/Pull", tensor_pb2.PullRequest.SerializeToString,
+                                        remote.decode_chunk)(tensor_pb2.PullRequest(
                                             handle_id=ref.remote.handle_id))
             await pull.read()
             print(json.dumps({"pulling": ref.remote.handle_id}), flush=True)

@@ -173,7 +173,7 @@ async def test_a_replica_that_looked_slow_is_measured_again_after_refresh_s():
     slow, fast = pool.replicas["r0"], pool.replicas["r1"]
     predicted = {"r0": 10.0, "r1": 5.0}  # r0 looked slow once (a stall) and then got nothing to show otherwise
     fast.last_used = time.monotonic()
-    slow.last_used = time.monotonic() - pool.refresh_s - 1
+    slow.last_used = time.monotonic() - pool.selector.refresh_s - 1
     assert pool.choose(lambda r: predicted[r.address]) is slow
     async with pool.slot(latest_start=0.0, work_ms=lambda r: predicted[r.address]) as probed:
         assert probed is slow
