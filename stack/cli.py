@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -59,7 +60,8 @@ def _up(args: argparse.Namespace) -> int:
     spec = StackSpec(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
                      media_root=args.media_root, log_level=args.log_level,
                      num_encoders=args.encoder_replicas, metrics=args.metrics, http_port=args.http_port,
-                     tls_dir=args.tls_dir, api_tokens_file=args.api_tokens_file)
+                     tls_dir=args.tls_dir, api_tokens_file=args.api_tokens_file,
+                     router_args=tuple(shlex.split(args.router_flags)))
     # The stack's generated secrets (internal token, Redis password) live as long as the stack, in a 0700 directory.
     with tempfile.TemporaryDirectory(prefix="mmserve-up-") as secrets_dir:
         spec = dataclasses.replace(spec, secrets_dir=secrets_dir)
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "from ca.pem, server.pem/.key, client.pem/.key in this directory")
     p.add_argument("--api-tokens-file", default="", help="bearer tokens the public API requires, one per line "
                                                          "(or MMSERVE_API_TOKENS=a,b in the environment)")
+    p.add_argument("--router-flags", default="", help="further flags for the router, e.g. \"--slo-ttft-ms-text 500 "
+                   "--max-vision-tokens 8192\" (python -m services.router --help lists them)")
     p.add_argument("--aggregated", action="store_true",
                    help="run all four stages in this one process (one event loop) instead of four processes")
     p.set_defaults(func=_up)
