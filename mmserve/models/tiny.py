@@ -102,15 +102,30 @@ def _build_tokenizer(special: list[str] = _SPECIAL_TOKENS, non_special: list[str
     return tok
 
 
+def added_tokens_decoder(tok: Tokenizer, special: list[str], non_special: list[str]) -> dict:
+    """tokenizer_config.json's added_tokens_decoder for a family's added tokens."""
+    return {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                      "single_word": False, "special": t in special}
+            for t in special + non_special}
+
+
+def make_input_sensitive(model, *, eos: int, endoftext: int) -> None:
+    """Re-draws every matrix with std _INIT_STD and sets greedy generation defaults. The library's default init
+    leaves logits nearly tied, so greedy output ignores the input (a parity test on it proves nothing) and flips
+    on tiny batched-vs-unbatched float differences."""
+    from transformers import GenerationConfig
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, _INIT_STD)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext, eos_token_id=[eos, endoftext], pad_token_id=endoftext, do_sample=False)
+
+
 def _tokenizer_config(tok: Tokenizer) -> dict:
     """tokenizer_config.json mirroring Qwen2.5-VL-Instruct's, including the chat template."""
-    added = {
-        str(tok.token_to_id(t)): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": t in _SPECIAL_TOKENS,
-        }
-        for t in _SPECIAL_TOKENS + _NON_SPECIAL_ADDED_TOKENS
-    }  # fmt: skip
+    added = added_tokens_decoder(tok, _SPECIAL_TOKENS, _NON_SPECIAL_ADDED_TOKENS)
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
@@ -195,7 +210,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "t
     in dtype (default: the preset's)."""
     if preset not in PRESETS:
         raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,15 +266,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "t
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    # Re-draw every matrix explicitly: the library default (std 0.02) leaves logits nearly tied,
-    # which makes greedy decoding flip on tiny batched-vs-unbatched float differences.
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, _INIT_STD)
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext, eos_token_id=[eos, endoftext], pad_token_id=endoftext, do_sample=False
-    )
+    make_input_sensitive(model, eos=eos, endoftext=endoftext)
     model.to(dtype or preset_dtype)  # drawn in float32 either way: the same seed gives the same model, rounded
     bar.update()
     bar.set_postfix_str("save weights")

@@ -55,7 +55,7 @@ def build(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny",
     """Write a random-weight InternVL checkpoint to out_dir."""
     if preset not in PRESETS:
         raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
-    from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,20 +82,12 @@ def build(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny",
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
-    with torch.no_grad():  # see mmserve.models.tiny: the default init leaves greedy output blind to the input
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, base._INIT_STD)
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext, eos_token_id=[eos, endoftext], pad_token_id=endoftext, do_sample=False)
+    base.make_input_sensitive(model, eos=eos, endoftext=endoftext)
     model.to(dtype or preset_dtype).save_pretrained(out, safe_serialization=True)
 
     tok.save(str(out / "tokenizer.json"))
     tokenizer_config = base._tokenizer_config(tok)
-    tokenizer_config["added_tokens_decoder"] = {
-        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                  "single_word": False, "special": t in SPECIAL_TOKENS}
-        for t in SPECIAL_TOKENS + NON_SPECIAL_TOKENS}
+    tokenizer_config["added_tokens_decoder"] = base.added_tokens_decoder(tok, SPECIAL_TOKENS, NON_SPECIAL_TOKENS)
     tokenizer_config["extra_special_tokens"] = {"start_image_token": "<img>", "end_image_token": "</img>",
                                                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
     tokenizer_config["chat_template"] = CHAT_TEMPLATE

@@ -47,7 +47,7 @@ def build(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", think
     """Write a random-weight Qwen3-VL checkpoint (the Thinking variant's template if thinking) to out_dir."""
     if preset not in PRESETS:
         raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
-    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,20 +75,12 @@ def build(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", think
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
-    with torch.no_grad():  # see mmserve.models.tiny: the default init leaves greedy output blind to the input
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, base._INIT_STD)
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext, eos_token_id=[eos, endoftext], pad_token_id=endoftext, do_sample=False)
+    base.make_input_sensitive(model, eos=eos, endoftext=endoftext)
     model.to(dtype or preset_dtype).save_pretrained(out, safe_serialization=True)
 
     tok.save(str(out / "tokenizer.json"))
     config_json = base._tokenizer_config(tok)
-    config_json["added_tokens_decoder"] = {
-        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                  "single_word": False, "special": t in SPECIAL_TOKENS}
-        for t in SPECIAL_TOKENS + NON_SPECIAL_TOKENS}
+    config_json["added_tokens_decoder"] = base.added_tokens_decoder(tok, SPECIAL_TOKENS, NON_SPECIAL_TOKENS)
     config_json["chat_template"] = chat_template.THINKING if thinking else chat_template.INSTRUCT
     config_json["model_max_length"] = 262144
     (out / "tokenizer_config.json").write_text(json.dumps(config_json, indent=2, ensure_ascii=False))
