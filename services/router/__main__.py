@@ -7,9 +7,10 @@ import logging
 
 from mmserve import rpc
 from mmserve.cache import EmbeddingCache
-from mmserve.cache_keys import model_fingerprint
+from mmserve.cache_keys import encoder_id, model_fingerprint
 from mmserve.media.fetch import FetchPolicy
 from mmserve.media.sizing import ImageProcessing
+from mmserve.models.dtypes import cpu_dtype_name
 from mmserve.models.family import Family, family_of
 from mmserve.roles import Role
 from mmserve.v1 import api_pb2, api_pb2_grpc
@@ -65,8 +66,11 @@ async def build_router(config: RouterConfig) -> Role:
         background.append(asyncio.ensure_future(follow_registry(config, pools)))
     cache = EmbeddingCache.from_options(config)
     family = family_of(config.model)
-    media = MediaStage(decoders=decoders, encoders=encoders, cache=cache, model_id=model_fingerprint(config.model),
-                       family=family,
+    # The encoders' dtype as they resolve their own --dtype: known before any encode, so keys can carry it.
+    dtype_name = cpu_dtype_name(config.encoder_dtype, config.model)
+    media = MediaStage(decoders=decoders, encoders=encoders, cache=cache,
+                       model_id=encoder_id(model_fingerprint(config.model), family.name, dtype_name),
+                       encoder_dtype=dtype_name, family=family,
                        processing=ImageProcessing.from_pretrained(config.model),
                        max_frames=config.max_video_frames, max_pixels=config.max_item_pixels,
                        fetch_policy=FetchPolicy(media_root=config.media_root, max_bytes=config.max_media_bytes,

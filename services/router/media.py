@@ -77,12 +77,13 @@ class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
-                 model_id: str, family: Family, processing: pp.ImageProcessing, fetch_policy: FetchPolicy,
+                 model_id: str, encoder_dtype: str, family: Family, processing: pp.ImageProcessing, fetch_policy: FetchPolicy,
                  max_frames: int = 0, max_pixels: int = 0):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
         self.model_id = model_id
+        self.encoder_dtype = encoder_dtype
         self.family = family
         self.processing = processing  # patch size (cost estimates) and warm-up bounds
         self.fetch_policy = fetch_policy
@@ -242,8 +243,8 @@ class MediaStage:
         """The whole item's entry headers joined, and its number of chunks: chunk 0 says how many there are, the
         rest come in one trip. Only headers are read: the llm fetches the tensors by key."""
         (first,) = await self.cache.get_many([key(0)], header_only=True)
-        if first is None:
-            return None, 0
+        if first is None or first.embeddings.dtype != self.encoder_dtype:
+            return None, 0  # another dtype's entry (an encoder whose --dtype resolved otherwise) is a miss
         rest = (await self.cache.get_many([key(i) for i in range(1, first.num_chunks)], header_only=True)
                 if first.num_chunks > 1 else [])
         return join_chunks([first, *rest]), first.num_chunks
