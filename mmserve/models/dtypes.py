@@ -28,6 +28,7 @@ def cpu_dtype_name(name: str, model_dir: str, flags: set[str] | None = None) -> 
     "auto" takes the checkpoint's declared dtype when the CPU runs it in hardware, else float32."""
     if name != "auto":
         return name
-    declared = str(read_config(model_dir).get("dtype") or read_config(model_dir).get("torch_dtype") or "float32")
+    config = read_config(model_dir)
+    declared = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     flags = cpu_flags() if flags is None else flags
     return declared if declared == "float32" or flags & CPU_NATIVE_FLAGS.get(declared, set()) else "float32"

@@ -12,6 +12,8 @@ import torch
 
 from mmserve.cache import CachedEmbedding, EmbeddingCache, decode_value, encode_value
 from mmserve.cache_keys import MediaParams, encoder_id, media_key, model_fingerprint
+from mmserve.models import loading
+from mmserve.models.dtypes import cpu_dtype_name
 from mmserve.transport import from_ref, to_ref
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -195,3 +197,15 @@ def test_encoder_dtype_and_family_change_the_key():
     other_family = encoder_id("abc123", "qwen3_vl", "float32")
     assert len({key(model_id=f32), key(model_id=bf16), key(model_id=other_family)}) == 3
     assert key(model_id=f32) == key(model_id=encoder_id("abc123", "qwen2_5_vl", "float32"))
+
+
+@pytest.mark.parametrize("name, declared, flags, expected", [
+    ("float32", "bfloat16", {"avx512_bf16"}, "float32"),  # an explicit --dtype is taken as given
+    ("auto", "bfloat16", {"avx512_bf16"}, "bfloat16"),
+    ("auto", "bfloat16", {"avx2"}, "float32"),  # no hardware bfloat16: the encoders compute in float32
+    ("auto", "float32", {"amx_bf16"}, "float32"),
+])
+def test_the_router_resolves_the_encoders_dtype_as_they_do(tmp_path, name, declared, flags, expected):
+    (tmp_path / "config.json").write_text(f'{{"model_type": "qwen2_5_vl", "dtype": "{declared}"}}')
+    assert cpu_dtype_name(name, str(tmp_path), flags) == expected
+    assert loading.resolve_dtype(name, str(tmp_path), torch.device("cpu"), flags) == getattr(torch, expected)
