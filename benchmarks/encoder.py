@@ -56,7 +56,8 @@ async def batched(tower, family, inputs, concurrency: int) -> float:
     try:
         start = time.perf_counter()
         for i in range(0, len(inputs), concurrency):
-            await asyncio.gather(*(batcher.encode(pv, MediaItem("image", grid)) for pv, grid in inputs[i:i + concurrency]))
+            await asyncio.gather(*(batcher.encode(pv, MediaItem("image", grid))
+                                   for pv, grid in inputs[i:i + concurrency]))
         return time.perf_counter() - start
     finally:
         await batcher.stop()

@@ -77,8 +77,8 @@ class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
-                 model_id: str, encoder_dtype: str, family: Family, processing: pp.ImageProcessing, fetch_policy: FetchPolicy,
-                 max_frames: int = 0, max_pixels: int = 0):
+                 model_id: str, encoder_dtype: str, family: Family, processing: pp.ImageProcessing,
+                 fetch_policy: FetchPolicy, max_frames: int = 0, max_pixels: int = 0):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
