@@ -24,6 +24,7 @@ from mmserve import rpc, transport
 from stack.launcher import free_port
 from mmserve.media.preprocess import ImageProcessing, to_pixel_values
 from mmserve.models import loading
+from mmserve.models.family import MediaItem, family_of
 from mmserve.models.tiny import build_tiny_model
 from mmserve.v1 import decoder_pb2, encoder_pb2, encoder_pb2_grpc
 from services.encoder.batcher import Batcher
@@ -49,13 +50,14 @@ def one_at_a_time(tower, inputs) -> float:
     return time.perf_counter() - start
 
 
-async def batched(tower, inputs, concurrency: int) -> float:
-    batcher = Batcher(tower, max_batch_patches=1 << 20, max_queue=1024)
+async def batched(tower, family, inputs, concurrency: int) -> float:
+    batcher = Batcher(tower, family.encode, max_batch_patches=1 << 20, max_queue=1024)
     batcher.start()
     try:
         start = time.perf_counter()
         for i in range(0, len(inputs), concurrency):
-            await asyncio.gather(*(batcher.encode(pv, grid) for pv, grid in inputs[i:i + concurrency]))
+            await asyncio.gather(*(batcher.encode(pv, MediaItem("image", grid))
+                                   for pv, grid in inputs[i:i + concurrency]))
         return time.perf_counter() - start
     finally:
         await batcher.stop()
@@ -127,7 +129,7 @@ def run_preset(preset: str, workdir: pathlib.Path) -> float:
         tokens = sum(pv.shape[0] for pv, _ in inputs) // 4
         one_at_a_time(tower, inputs[:2])  # warm-up
         sequential = one_at_a_time(tower, inputs)
-        together = asyncio.run(batched(tower, inputs, concurrency))
+        together = asyncio.run(batched(tower, family_of(model), inputs, concurrency))
         speedup[concurrency] = sequential / together
         print(f"{concurrency:>10} {n / sequential:>20.2f} {n / together:>14.2f} {tokens / together:>14.0f} "
               f"{speedup[concurrency]:>8.2f}")

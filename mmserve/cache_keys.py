@@ -43,8 +43,14 @@ def model_fingerprint(model: str) -> str:
     return h.hexdigest()[:16]
 
 
+def encoder_id(model_fingerprint: str, family: str, dtype: str) -> str:
+    """What made an entry: the checkpoint, its family and the encoders' compute dtype (a float32 and a bfloat16
+    tower give different embeddings, so a fleet mixing them must not share entries)."""
+    return f"{model_fingerprint}:{family}:{dtype}"
+
+
 def media_key(data_sha256: str, model_id: str, params: MediaParams, chunk_index: int = 0) -> str:
-    """The Redis key of one media item's (or temporal chunk's) embeddings."""
+    """The Redis key of one media item's (or temporal chunk's) embeddings; model_id is an encoder_id."""
     blob = json.dumps(
         {"media": data_sha256, "model": model_id, "pre": PREPROCESS_VERSION, "chunk": chunk_index,
          **dataclasses.asdict(params)},

@@ -12,6 +12,8 @@ import json
 import pathlib
 from typing import Any, Protocol
 
+from mmserve.cache_keys import MediaParams
+
 
 @dataclasses.dataclass(frozen=True)
 class MediaItem:
@@ -39,12 +41,33 @@ class EncodedItem:
         return EncodedItem(self.embeddings[start:stop], tuple(d[start:stop] for d in self.deepstack))
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """What the decoder makes of one image or video: frames kept, the size each is resized to, and the item."""
+
+    num_frames: int
+    height: int
+    width: int
+    item: MediaItem
+
+
 class Family(Protocol):
     """Everything that differs by model family; one implementation per folder under mmserve/models/."""
 
     name: str
+    patches_per_token: int  # vision patches merged into one embedding row
 
     # -- planning: plain Python --------------------------------------------------------------------------
+    def default_params(self, kind: str) -> MediaParams:
+        """The preprocessing parameters an image or video gets when the request asks for nothing."""
+
+    def plan_decode(self, kind: str, params: MediaParams, height: int, width: int, total_frames: int = 1,
+                    video_fps: float = 0.0) -> DecodePlan:
+        """What the decoder makes of an item of this header under params (sampling and resize rules)."""
+
+    def second_per_grid_t(self, sample_fps: float) -> float:
+        """Seconds per temporal patch of a video sampled at sample_fps (0 where the family has no time axis)."""
+
     def plan_image(self, height: int, width: int) -> MediaItem:
         """The item an image of this size becomes (resize rule, tiling)."""
 
@@ -61,6 +84,9 @@ class Family(Protocol):
         """Token ids of expand_prompt's text with each pad repeated to the rows of its group."""
 
     # -- torch side ---------------------------------------------------------------------------------------
+    def preprocess_frames(self, kind: str, frames) -> tuple[Any, MediaItem]:
+        """uint8 [T,H,W,3] frames the decoder already sampled and resized → (pixel tensor, item), on their device."""
+
     def preprocess_image(self, image) -> tuple[Any, MediaItem]:
         """A PIL image → (pixel tensor the tower takes, item)."""
 

@@ -16,6 +16,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLTextModel,
 )
 
+from mmserve.models.dtypes import CPU_NATIVE_FLAGS, cpu_flags  # noqa: F401 (cpu_flags: part of this API)
+
 # Hub checkpoints store `visual.*`, `model.*` and `lm_head.*`; transformers 5 maps `model.*` to
 # `model.language_model.*` on load. These patterns strip the prefixes so each tower loads alone.
 _VISION_KEYS = {r"^(model\.)?visual\.": ""}
@@ -52,30 +54,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them (x86 "flags", Arm "Features"); empty elsewhere."""
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
 def native_dtypes(device: torch.device, flags: set[str] | None = None) -> set[torch.dtype]:
     """Half-precision dtypes the device computes in hardware (emulated ones are slower than float32)."""
     if device.type == "cuda":
         return {torch.float16} | ({torch.bfloat16} if torch.cuda.is_bf16_supported() else set())
     flags = cpu_flags() if flags is None else flags
-    native = set()
-    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 or AMX; Arm's BF16 extension
-        native.add(torch.bfloat16)
-    if flags & {"avx512_fp16", "amx_fp16", "fphp"}:
-        native.add(torch.float16)
-    return native
+    return {getattr(torch, name) for name, native in CPU_NATIVE_FLAGS.items() if flags & native}
 
 
 def resolve_dtype(name: str, model: str, device: torch.device, flags: set[str] | None = None) -> torch.dtype:

@@ -8,8 +8,8 @@ import torch
 
 from mmserve import rpc
 from mmserve.cache import EmbeddingCache
-from mmserve.media.preprocess import ImageProcessing
 from mmserve.models import loading
+from mmserve.models.family import family_of
 from mmserve.roles import Role
 from mmserve.v1 import encoder_pb2, encoder_pb2_grpc
 from services.encoder.batcher import Batcher
@@ -22,12 +22,13 @@ async def build_encoder(config: EncoderConfig) -> Role:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = loading.resolve_device(config.device)
-    tower = loading.load_vision_tower(config.model, loading.resolve_dtype(config.dtype, config.model, device), device)
-    batcher = Batcher(tower, config.max_batch_patches, config.max_queue)
+    family = family_of(config.model)
+    tower = family.load_vision_tower(config.model, loading.resolve_dtype(config.dtype, config.model, device), device)
+    batcher = Batcher(tower, family.encode, config.max_batch_patches, config.max_queue)
     batcher.start()
     service = rpc.Service(config, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name])
     cache = EmbeddingCache.from_options(config)
-    servicer = EncoderServicer(batcher, ImageProcessing.from_pretrained(config.model), cache)
+    servicer = EncoderServicer(batcher, family, cache)
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, service.server)
 
     async def stop() -> None:

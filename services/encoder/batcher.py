@@ -8,9 +8,11 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import torch
 
+from mmserve.models.family import EncodedItem, MediaItem
 from services.encoder import metrics
 
 log = logging.getLogger(__name__)
@@ -23,18 +25,18 @@ class EncoderOverloaded(Exception):
 @dataclasses.dataclass(eq=False)
 class _Job:
     pixel_values: torch.Tensor  # [num_patches, patch_dim]
-    grid_thw: tuple[int, int, int]
+    item: MediaItem
     done: asyncio.Future
 
 
 class Batcher:
-    """Queues (pixel_values, grid) jobs and runs the vision tower on batches in a worker thread."""
+    """Queues (pixel_values, item) jobs and runs the vision tower on batches in a worker thread."""
 
-    def __init__(self, tower, max_batch_patches: int, max_queue: int):
+    def __init__(self, tower, encode: Callable[..., list[EncodedItem]], max_batch_patches: int, max_queue: int):
         self.tower = tower
+        self.encode_items = encode  # the family's encode(tower, pixels, items)
         self.max_batch_patches = max_batch_patches
         self.max_queue = max_queue
-        self.merge_unit = tower.config.spatial_merge_size ** 2
         self.device = next(tower.parameters()).device
         self.jobs: collections.deque[_Job] = collections.deque()
         self._has_jobs = asyncio.Event()
@@ -51,12 +53,12 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def encode(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        """The embeddings [num_tokens, hidden] of one image or video."""
+    async def encode(self, pixel_values: torch.Tensor, item: MediaItem) -> EncodedItem:
+        """What the tower makes of one image or video (its embeddings [num_tokens, hidden], on the CPU)."""
         if len(self.jobs) >= self.max_queue:
             metrics.REFUSED.inc()
             raise EncoderOverloaded(f"encoder: {self.max_queue} requests already queued")
-        job = _Job(pixel_values, grid_thw, asyncio.get_running_loop().create_future())
+        job = _Job(pixel_values, item, asyncio.get_running_loop().create_future())
         self.jobs.append(job)
         self._has_jobs.set()
         metrics.REQUESTS.inc()
@@ -95,10 +97,8 @@ class Batcher:
                     job.done.set_result(out)
 
     @torch.inference_mode()
-    def _encode(self, batch: list[_Job]) -> list[torch.Tensor]:
-        pixel_values = torch.cat([job.pixel_values for job in batch]).to(self.tower.dtype)
-        grid = torch.tensor([job.grid_thw for job in batch], device=self.device)
+    def _encode(self, batch: list[_Job]) -> list[EncodedItem]:
+        pixel_values = torch.cat([job.pixel_values for job in batch])
         # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
-        embeddings = self.tower(pixel_values, grid_thw=grid).pooler_output
-        sizes = [job.pixel_values.shape[0] // self.merge_unit for job in batch]
-        return list(torch.split(embeddings.cpu(), sizes))
+        encoded = self.encode_items(self.tower, pixel_values, [job.item for job in batch])
+        return [EncodedItem(e.embeddings.cpu(), tuple(d.cpu() for d in e.deepstack)) for e in encoded]

@@ -9,23 +9,20 @@ import grpc
 
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache
-from mmserve.media.preprocess import ImageProcessing, to_pixel_values
-from mmserve.v1 import encoder_pb2, encoder_pb2_grpc
+from mmserve.models.family import Family
+from mmserve.v1 import decoder_pb2, encoder_pb2, encoder_pb2_grpc
 from services.encoder.batcher import Batcher, EncoderOverloaded
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
-    def __init__(self, batcher: Batcher, processing: ImageProcessing, cache: EmbeddingCache | None = None):
+    def __init__(self, batcher: Batcher, family: Family, cache: EmbeddingCache | None = None):
         self.batcher = batcher
-        self.processing = processing
+        self.family = family
         self.cache = cache
 
-    def _pixel_values(self, frames):
-        p = self.processing
+    def _pixel_values(self, kind: str, frames):
         # Normalise and patchify where the tower runs (on a GPU the frames go up once, as uint8).
-        return to_pixel_values(frames.to(self.batcher.device), patch_size=p.patch_size,
-                               temporal_patch_size=p.temporal_patch_size, merge_size=p.merge_size,
-                               image_mean=p.image_mean, image_std=p.image_std, rescale_factor=p.rescale_factor)
+        return self.family.preprocess_frames(kind, frames.to(self.batcher.device))
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
         try:
@@ -33,8 +30,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             frames = await transport.resolve(request.frames, context.time_remaining())
             # encode_ms prices this replica's work for the router: a pull from a slow producer is not part of it.
             start = time.perf_counter()
-            pixel_values, grid = await asyncio.to_thread(self._pixel_values, frames)
-            embeddings = await self.batcher.encode(pixel_values, grid)
+            pixel_values, item = await asyncio.to_thread(self._pixel_values, _kind(request), frames)
+            embeddings = (await self.batcher.encode(pixel_values, item)).embeddings
+            grid = item.grid
         except transport.TensorUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"frames: {err}")
         except ValueError as err:  # includes TensorRefError and bad frame shapes
@@ -55,3 +53,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                   else await asyncio.to_thread(transport.to_inline, embeddings))
         await self.cache.put(slot.key, CachedEmbedding(inline, grid, slot.second_per_grid_t, slot.chunk_index,
                                                        max(slot.num_chunks, 1), slot.first_frame, slot.num_frames))
+
+
+def _kind(request: encoder_pb2.EncodeRequest) -> str:
+    # An unspecified kind (older callers, warm-up) is an image: one or more frames encoded as they come.
+    return "video" if request.kind == decoder_pb2.MEDIA_KIND_VIDEO else "image"

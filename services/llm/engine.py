@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from mmserve.models import loading
+from mmserve.models.family import family_of
 from services.llm import metrics
 from services.llm.block_manager import BlockManager
 from services.llm.cuda_graphs import default_block_size
@@ -78,12 +79,12 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.device = loading.resolve_device(config.device)
         dtype = loading.resolve_dtype(config.dtype, config.model, self.device)
-        model_config = loading.load_config(config.model)
+        family = family_of(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.prompts = PromptBuilder(self.tokenizer, model_config)
+        self.prompts = PromptBuilder(self.tokenizer, family, loading.load_config(config.model))
         eos = GenerationConfig.from_pretrained(config.model).eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        text_model, lm_head = loading.load_language_model(config.model, dtype)
+        text_model, lm_head = family.load_language_model(config.model, dtype, self.device)
         per_token = ModelRunner.kv_bytes_per_token(text_model.config, dtype)
         block_size = config.block_size or default_block_size(self.device, dtype)
         num_blocks = max(1, config.kv_cache_bytes // (per_token * block_size))

@@ -1,10 +1,12 @@
-"""Chat messages → token ids with media placeholders expanded, spliced embeddings and M-RoPE positions."""
+"""Chat messages → token ids with media placeholders expanded, spliced embeddings and the family's positions."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+
+from mmserve.models.family import Family, MediaItem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,7 @@ class MultimodalPrompt:
 
     embeddings: torch.Tensor | None  # [num_media_tokens, hidden], in prompt order
     rows: torch.Tensor | None  # [num_prompt_tokens] row into embeddings, -1 for text
-    positions: torch.Tensor  # [3, num_prompt_tokens]
+    positions: torch.Tensor  # [axes, num_prompt_tokens] (3 for M-RoPE)
     rope_delta: int  # generated token at index p sits at position p + rope_delta on every axis
     spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # each media's placeholder range
     media: list[MediaInput] = dataclasses.field(default_factory=list)  # in prompt order
@@ -40,13 +42,14 @@ class PromptError(ValueError):
 
 
 class PromptBuilder:
-    """Applies the checkpoint's chat template and places media the way Qwen2.5-VL's processor does."""
+    """Applies the checkpoint's chat template, then the family's placeholder expansion and positions."""
 
-    def __init__(self, tokenizer, config):
+    def __init__(self, tokenizer, family: Family, config):
         self.tokenizer = tokenizer
-        self.merge = config.vision_config.spatial_merge_size
-        self.tokens_per_second = config.vision_config.tokens_per_second
-        self.pad_ids = {"image": config.image_token_id, "video": config.video_token_id}
+        self.family = family
+        # The template writes one placeholder per item; the config names each kind's token.
+        self.pad_ids = {kind: getattr(config, f"{kind}_token_id") for kind in ("image", "video")
+                        if getattr(config, f"{kind}_token_id", None) is not None}
 
     def build(self, messages: list[ChatMessage]) -> tuple[list[int], MultimodalPrompt]:
         """Token ids of the prompt (ending with the assistant turn's header) and its multimodal data."""
@@ -56,72 +59,38 @@ class PromptBuilder:
             for m in messages
         ]
         text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
         media = [p for m in messages for p in m.parts if not isinstance(p, str)]
-        return self._expand(ids, media)
-
-    def _expand(self, ids: list[int], media: list[MediaInput]) -> tuple[list[int], MultimodalPrompt]:
-        by_kind = {kind: [m for m in media if m.kind == kind] for kind in self.pad_ids}
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
         for kind, pad in self.pad_ids.items():
-            if ids.count(pad) != len(by_kind[kind]):
+            if ids.count(pad) != sum(1 for m in media if m.kind == kind):
                 raise PromptError(f"text: contains the reserved placeholder token for {kind}s")
-        pending = {kind: iter(items) for kind, items in by_kind.items()}
-        kind_of = {pad: kind for kind, pad in self.pad_ids.items()}
-        out: list[int] = []
-        rows: list[int] = []
-        ordered: list[MediaInput] = []
-        spans: list[tuple[int, int]] = []
-        num_media_tokens = 0
-        for token in ids:
-            kind = kind_of.get(token)
-            if kind is None:
-                out.append(token)
-                rows.append(-1)
-                continue
-            item = next(pending[kind])
-            n = item.embeddings.shape[0]
-            t, h, w = item.grid_thw
-            if n != t * h * w // (self.merge * self.merge):
-                raise PromptError(f"{kind}: {n} embeddings do not match grid {item.grid_thw}")
-            spans.append((len(out), len(out) + n))
-            out += [token] * n
-            rows += range(num_media_tokens, num_media_tokens + n)
-            num_media_tokens += n
-            ordered.append(item)
-        positions = self.positions(out, ordered)
-        delta = int(positions.max()) + 1 - len(out)
-        if not ordered:
-            return out, MultimodalPrompt(None, None, positions, delta)
-        embeddings = torch.cat([m.embeddings for m in ordered])
-        return out, MultimodalPrompt(embeddings, torch.tensor(rows), positions, delta, spans, ordered)
+        items = [MediaItem(m.kind, m.grid_thw, second_per_grid_t=m.second_per_grid_t) for m in media]
+        expanded = self.family.expand_prompt(text, items)
+        if expanded != text:
+            ids = self.tokenizer.encode(expanded, add_special_tokens=False)
+        return self._expand(ids, media, items)
 
-    def positions(self, ids: list[int], media: list[MediaInput]) -> torch.Tensor:
-        """Qwen2.5-VL's 3-axis rotary positions: text advances all axes, media spreads over (t, h, w)."""
+    def _expand(self, ids: list[int], media: list[MediaInput],
+                items: list[MediaItem]) -> tuple[list[int], MultimodalPrompt]:
+        for m, item in zip(media, items):
+            if m.embeddings.shape[0] != self.family.num_tokens(item):
+                raise PromptError(f"{m.kind}: {m.embeddings.shape[0]} embeddings do not match grid {m.grid_thw}")
+        try:
+            out = self.family.expand_ids(ids, items)
+        except ValueError as err:
+            raise PromptError(f"text: contains a reserved media placeholder token ({err})") from None
+        positions, delta = self.family.positions(out, items)
+        if not media:
+            return out, MultimodalPrompt(None, None, positions, delta)
+        # Embedding rows fill the placeholders in prompt order; an item's span runs from its first to last row.
         pads = set(self.pad_ids.values())
-        parts: list[torch.Tensor] = []
-        current = 0
-        i = 0
-        items = iter(media)
-        while i < len(ids):
-            if ids[i] not in pads:
-                j = i
-                while j < len(ids) and ids[j] not in pads:
-                    j += 1
-                parts.append(torch.arange(j - i).expand(3, -1) + current)
-                current += j - i
-                i = j
-                continue
-            item = next(items)
-            t, h, w = item.grid_thw
-            gh, gw = h // self.merge, w // self.merge
-            # Same arithmetic as transformers' get_rope_index (float32 interval, truncation).
-            interval = (torch.tensor(item.second_per_grid_t, dtype=torch.float32) * self.tokens_per_second
-                        if item.kind == "video" else 1)
-            tt = (torch.arange(t) * interval).long()
-            grid = torch.stack(torch.meshgrid(tt, torch.arange(gh) + current, torch.arange(gw) + current,
-                                              indexing="ij")).reshape(3, -1)
-            grid[0] += current
-            parts.append(grid)
-            current += max(h, w) // self.merge
-            i += t * gh * gw
-        return torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+        where = [i for i, token in enumerate(out) if token in pads]
+        rows = torch.full((len(out),), -1, dtype=torch.long)
+        rows[where] = torch.arange(len(where))
+        spans, first = [], 0
+        for m in media:
+            last = first + m.embeddings.shape[0]
+            spans.append((where[first], where[last - 1] + 1))
+            first = last
+        embeddings = torch.cat([m.embeddings for m in media])
+        return out, MultimodalPrompt(embeddings, rows, positions, delta, spans, media)

@@ -7,9 +7,11 @@ import logging
 
 from mmserve import rpc
 from mmserve.cache import EmbeddingCache
-from mmserve.cache_keys import model_fingerprint
+from mmserve.cache_keys import encoder_id, model_fingerprint
 from mmserve.media.fetch import FetchPolicy
 from mmserve.media.sizing import ImageProcessing
+from mmserve.models.dtypes import cpu_dtype_name
+from mmserve.models.family import Family, family_of
 from mmserve.roles import Role
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.admission import Controller
@@ -28,13 +30,14 @@ from services.router.warmup import warm_up
 log = logging.getLogger("services.router")
 
 
-def request_limits(config: RouterConfig, processing: ImageProcessing) -> RequestLimits:
+def request_limits(config: RouterConfig, family: Family) -> RequestLimits:
     """The server's caps on one request, from its settings and the model's own preprocessing bounds."""
+    image = family.default_params("image")
     return RequestLimits(
         max_messages=config.max_messages, max_media=config.max_media_per_request,
         max_tokens_limit=config.max_tokens_limit, max_media_bytes=config.max_media_bytes,
-        max_frames=config.max_video_frames, min_pixels=processing.min_pixels,
-        max_pixels=min(processing.max_pixels, config.max_item_pixels or processing.max_pixels),
+        max_frames=config.max_video_frames, min_pixels=image.min_pixels,
+        max_pixels=min(image.max_pixels, config.max_item_pixels or image.max_pixels),
         max_slo_ttft_ms={"video": config.max_slo_ttft_ms or config.slo_ttft_ms_video,
                          "image": config.max_slo_ttft_ms or config.slo_ttft_ms_image,
                          "text": config.max_slo_ttft_ms or config.slo_ttft_ms_text},
@@ -62,9 +65,13 @@ async def build_router(config: RouterConfig) -> Role:
     if config.registry_url:
         background.append(asyncio.ensure_future(follow_registry(config, pools)))
     cache = EmbeddingCache.from_options(config)
-    processing = ImageProcessing.from_pretrained(config.model)
+    family = family_of(config.model)
+    # The encoders' dtype as they resolve their own --dtype: known before any encode, so keys can carry it.
+    dtype_name = cpu_dtype_name(config.encoder_dtype, config.model)
     media = MediaStage(decoders=decoders, encoders=encoders, cache=cache,
-                       model_id=model_fingerprint(config.model), processing=processing,
+                       model_id=encoder_id(model_fingerprint(config.model), family.name, dtype_name),
+                       encoder_dtype=dtype_name, family=family,
+                       processing=ImageProcessing.from_pretrained(config.model),
                        max_frames=config.max_video_frames, max_pixels=config.max_item_pixels,
                        fetch_policy=FetchPolicy(media_root=config.media_root, max_bytes=config.max_media_bytes,
                                                 timeout_s=config.fetch_timeout_s,
@@ -72,8 +79,8 @@ async def build_router(config: RouterConfig) -> Role:
                                                 allow_private=config.fetch_allow_private))
     service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name], holds_tensors=False)
     budget = PromptBudget(config.model, max_model_len=config.max_model_len, max_vision_tokens=config.max_vision_tokens,
-                          merge_size=processing.merge_size)
-    servicer = RouterServicer(config, media, llms, controller, request_limits(config, processing), budget)
+                          patches_per_token=family.patches_per_token)
+    servicer = RouterServicer(config, media, llms, controller, request_limits(config, family), budget)
     api_pb2_grpc.add_RouterServicer_to_server(servicer, service.server)
 
     for pool in pools:  # report SERVING once every stage can take work (or after a bounded wait)

@@ -12,6 +12,9 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     """Router service: the public API; validates, consults the cache, orchestrates decode → encode → llm."""
 
     model: str = option("", "checkpoint directory or hub id (preprocessing defaults, cache keys)")
+    encoder_dtype: str = option("auto", "compute dtype of the encoders, part of every cache key (a cached entry of "
+                                        "another dtype is a miss); auto resolves as a CPU encoder on this host "
+                                        "would: name the dtype when the encoders run on GPUs")
     decoder_addrs: str = option("", "comma-separated decoder replica addresses")
     encoder_addrs: str = option("", "comma-separated encoder replica addresses")
     llm_addrs: str = option("", "comma-separated llm replica addresses")

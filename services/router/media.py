@@ -19,6 +19,7 @@ from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
 from mmserve.cache_keys import MediaParams, media_key
 from mmserve.media import sizing as pp
 from mmserve.media.fetch import FetchPolicy, fetch_uri
+from mmserve.models.family import Family
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
 from services.router.costs import MediaShape, ShapeEstimator
@@ -76,36 +77,36 @@ class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
-                 model_id: str, processing: pp.ImageProcessing, fetch_policy: FetchPolicy,
-                 max_frames: int = pp.FPS_MAX_FRAMES, max_pixels: int = 0):
+                 model_id: str, encoder_dtype: str, family: Family, processing: pp.ImageProcessing,
+                 fetch_policy: FetchPolicy, max_frames: int = 0, max_pixels: int = 0):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
         self.model_id = model_id
-        self.processing = processing
+        self.encoder_dtype = encoder_dtype
+        self.family = family
+        self.processing = processing  # patch size (cost estimates) and warm-up bounds
         self.fetch_policy = fetch_policy
         self.shapes = ShapeEstimator(processing.patch_size)
         # The server's caps also bound what a request gets when it asks for nothing.
-        self.max_frames = max_frames
-        self.max_pixels = max_pixels or processing.max_pixels
+        self.max_frames = max_frames or family.default_params("video").max_frames
+        self.max_pixels = max_pixels or family.default_params("image").max_pixels
 
     def params(self, item: MediaItem) -> MediaParams:
-        """The effective preprocessing parameters: request overrides, else the model's defaults."""
-        m = item.media
+        """The effective preprocessing parameters: request overrides, else the family's defaults within the
+        server's caps."""
+        m, default = item.media, self.family.default_params(item.kind)
         if item.kind == "image":
-            return MediaParams(
-                "image",
-                min_pixels=m.min_pixels if m.HasField("min_pixels") else self.processing.min_pixels,
-                max_pixels=m.max_pixels if m.HasField("max_pixels") else min(self.processing.max_pixels,
-                                                                              self.max_pixels))
-        return MediaParams(
-            "video",
-            fps=m.fps if m.HasField("fps") else pp.FPS,
-            min_frames=pp.FPS_MIN_FRAMES,
-            max_frames=m.max_frames if m.HasField("max_frames") else min(pp.FPS_MAX_FRAMES, self.max_frames),
-            min_pixels=m.min_pixels if m.HasField("min_pixels") else min(pp.VIDEO_MIN_PIXELS, self.max_pixels),
-            max_pixels=m.max_pixels if m.HasField("max_pixels") else min(pp.VIDEO_MAX_PIXELS, self.max_pixels),
-            total_pixels=pp.VIDEO_TOTAL_PIXELS)
+            return dataclasses.replace(
+                default,
+                min_pixels=m.min_pixels if m.HasField("min_pixels") else default.min_pixels,
+                max_pixels=m.max_pixels if m.HasField("max_pixels") else min(default.max_pixels, self.max_pixels))
+        return dataclasses.replace(
+            default,
+            fps=m.fps if m.HasField("fps") else default.fps,
+            max_frames=m.max_frames if m.HasField("max_frames") else min(default.max_frames, self.max_frames),
+            min_pixels=m.min_pixels if m.HasField("min_pixels") else min(default.min_pixels, self.max_pixels),
+            max_pixels=m.max_pixels if m.HasField("max_pixels") else min(default.max_pixels, self.max_pixels))
 
     async def _read(self, item: MediaItem) -> bytes:
         if item.media.WhichOneof("source") == "data":
@@ -133,7 +134,7 @@ class MediaStage:
         hit, num_chunks = await self._lookup(prepared.key) if self.cache is not None else (None, 0)
         if hit is None:  # a hit's grid is in its entry; only a miss needs its header read
             prepared = dataclasses.replace(prepared, planned=await asyncio.to_thread(
-                planned_shape, prepared.item.kind, prepared.data, prepared.params, self.processing))
+                planned_shape, prepared.item.kind, prepared.data, prepared.params, self.family))
         return self._with_hit(prepared, hit, num_chunks)
 
     def without_hit(self, prepared: Prepared) -> Prepared:
@@ -190,7 +191,7 @@ class MediaStage:
                 async for c in stream_from("decoder", decoder, chunks):
                     if not encodes:
                         first_chunk = time.perf_counter()
-                        second_per_grid_t = (self.processing.temporal_patch_size / c.sample_fps
+                        second_per_grid_t = (self.family.second_per_grid_t(c.sample_fps)
                                              if item.kind == "video" else 0.0)
                     slot = encoder_pb2.CacheSlot(
                         key=prepared.key(c.chunk_index), chunk_index=c.chunk_index, num_chunks=c.num_chunks,
@@ -242,8 +243,8 @@ class MediaStage:
         """The whole item's entry headers joined, and its number of chunks: chunk 0 says how many there are, the
         rest come in one trip. Only headers are read: the llm fetches the tensors by key."""
         (first,) = await self.cache.get_many([key(0)], header_only=True)
-        if first is None:
-            return None, 0
+        if first is None or first.embeddings.dtype != self.encoder_dtype:
+            return None, 0  # another dtype's entry (an encoder whose --dtype resolved otherwise) is a miss
         rest = (await self.cache.get_many([key(i) for i in range(1, first.num_chunks)], header_only=True)
                 if first.num_chunks > 1 else [])
         return join_chunks([first, *rest]), first.num_chunks

@@ -11,36 +11,30 @@ import PIL.Image
 
 from mmserve.cache_keys import MediaParams
 from mmserve.chat_tokens import ChatTokenCounter
-from mmserve.media import sizing
 from mmserve.media.errors import MediaError
 from mmserve.media.probe import probe_video
+from mmserve.models.family import Family
 from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2
 from services.router.costs import MediaShape
 from services.router.validation import ValidationError
 
 
-def planned_shape(kind: str, data: bytes, params: MediaParams,
-                  processing: sizing.ImageProcessing) -> MediaShape | None:
+def planned_shape(kind: str, data: bytes, params: MediaParams, family: Family) -> MediaShape | None:
     """An item's exact decode and encode size from its header alone, as the decoder will resize it (None when the
     header is unreadable: the decoder then names the problem)."""
     try:
         if kind == "image":
             with PIL.Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
-            h, w = sizing.smart_resize(height, width, processing.factor, params.min_pixels, params.max_pixels)
-            return MediaShape(1, h * w, (h // processing.patch_size) * (w // processing.patch_size))
-        info = probe_video(data)
-        num_frames = sizing.smart_nframes(info.total_frames, info.fps, fps=params.fps, min_frames=params.min_frames,
-                                          max_frames=params.max_frames)
-        budget = sizing.video_max_pixels(num_frames, min_pixels=params.min_pixels, max_pixels=params.max_pixels,
-                                         total_pixels=params.total_pixels)
-        h, w = sizing.smart_resize(info.height, info.width, processing.factor, params.min_pixels, budget)
+            plan = family.plan_decode("image", params, height, width)
+        else:
+            info = probe_video(data)
+            plan = family.plan_decode("video", params, info.height, info.width, info.total_frames, info.fps)
     except (OSError, ValueError, PIL.Image.DecompressionBombError, MediaError):
         return None
-    num_patches = (num_frames // processing.temporal_patch_size) * (h // processing.patch_size) * (
-        w // processing.patch_size)
-    return MediaShape(num_frames, num_frames * h * w, num_patches)
+    return MediaShape(plan.num_frames, plan.num_frames * plan.height * plan.width,
+                      family.num_tokens(plan.item) * family.patches_per_token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,18 +54,18 @@ class PromptBudget:
     INVALID_ARGUMENT, one that exceeds the vision-token cap or cannot fit the context: such a request can never
     succeed, so it is never told to retry."""
 
-    def __init__(self, model_dir: str, *, max_model_len: int, max_vision_tokens: int, merge_size: int):
+    def __init__(self, model_dir: str, *, max_model_len: int, max_vision_tokens: int, patches_per_token: int):
         self.counter = ChatTokenCounter(model_dir)
         config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
         positions = config.get("text_config", config).get("max_position_embeddings") or max_model_len
         self.context_len = min(max_model_len, positions)  # what the llm allows (services/llm/engine.py)
         self.max_vision_tokens = max_vision_tokens
-        self.merge = merge_size
+        self.patches_per_token = patches_per_token  # the family's spatial merge
 
     def check(self, request: api_pb2.GenerateRequest, num_patches: list[float]) -> PromptSize:
         """The prompt's size given each media item's vision patches (before the spatial merge), in prompt order;
         ValidationError when it is over a cap."""
-        num_vision = sum(int(n) // (self.merge * self.merge) for n in num_patches)
+        num_vision = sum(int(n) // self.patches_per_token for n in num_patches)
         if num_vision > self.max_vision_tokens:
             raise ValidationError(f"messages: {num_vision} vision tokens exceed the limit of {self.max_vision_tokens} "
                                   "per request (fewer frames or pixels would fit)")

@@ -8,7 +8,12 @@ import types
 import pytest
 import torch
 
+from mmserve.media.sizing import ImageProcessing
+from mmserve.models.family import MediaItem
+from mmserve.models.qwen2_5_vl import Qwen25VL
 from services.encoder.batcher import Batcher, EncoderOverloaded
+
+FAMILY = Qwen25VL(ImageProcessing(), {"image_token_id": 1, "video_token_id": 2, "vision_config": {}})
 
 
 class FakeTower(torch.nn.Module):
@@ -21,22 +26,26 @@ class FakeTower(torch.nn.Module):
         self.dtype = torch.float32
         self.batches: list[list[tuple[int, int, int]]] = []
 
-    def forward(self, pixel_values, grid_thw):
+    def forward(self, pixel_values, grid_thw, return_dict=True):
         self.batches.append([tuple(g) for g in grid_thw.tolist()])
         # One output row per 4 patches: the patches' first column, so results are traceable.
         return types.SimpleNamespace(pooler_output=pixel_values[::4, :1] * self.weight)
 
 
-def job(value: float, num_patches: int = 8) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    return torch.full((num_patches, 3), value), (1, 2, num_patches // 2)
+def job(value: float, num_patches: int = 8) -> tuple[torch.Tensor, MediaItem]:
+    return torch.full((num_patches, 3), value), MediaItem("image", (1, 2, num_patches // 2))
+
+
+def make_batcher(tower, **kwargs) -> Batcher:
+    return Batcher(tower, FAMILY.encode, **kwargs)
 
 
 async def test_lone_request_is_encoded_at_once():
     tower = FakeTower()
-    batcher = Batcher(tower, max_batch_patches=1000, max_queue=8)
+    batcher = make_batcher(tower, max_batch_patches=1000, max_queue=8)
     batcher.start()
     try:
-        out = await batcher.encode(*job(3.0))
+        out = (await batcher.encode(*job(3.0))).embeddings
         assert out.shape == (2, 1) and torch.all(out == 3.0)
         assert tower.batches == [[(1, 2, 4)]]
     finally:
@@ -45,12 +54,12 @@ async def test_lone_request_is_encoded_at_once():
 
 async def test_requests_queued_together_share_a_batch_and_each_gets_its_own_rows():
     tower = FakeTower()
-    batcher = Batcher(tower, max_batch_patches=1000, max_queue=8)
+    batcher = make_batcher(tower, max_batch_patches=1000, max_queue=8)
     results = asyncio.gather(*(batcher.encode(*job(float(i))) for i in range(5)))
     await asyncio.sleep(0)  # all five queued before the worker starts
     batcher.start()
     try:
-        outs = await results
+        outs = [r.embeddings for r in await results]
         assert len(tower.batches) == 1 and len(tower.batches[0]) == 5
         assert [float(o[0, 0]) for o in outs] == [0.0, 1.0, 2.0, 3.0, 4.0]
     finally:
@@ -59,7 +68,7 @@ async def test_requests_queued_together_share_a_batch_and_each_gets_its_own_rows
 
 async def test_the_patch_budget_splits_batches():
     tower = FakeTower()
-    batcher = Batcher(tower, max_batch_patches=16, max_queue=8)
+    batcher = make_batcher(tower, max_batch_patches=16, max_queue=8)
     results = asyncio.gather(*(batcher.encode(*job(float(i))) for i in range(5)))
     await asyncio.sleep(0)
     batcher.start()
@@ -72,7 +81,7 @@ async def test_the_patch_budget_splits_batches():
 
 async def test_cancelled_requests_are_dropped_before_encoding():
     tower = FakeTower()
-    batcher = Batcher(tower, max_batch_patches=1000, max_queue=8)
+    batcher = make_batcher(tower, max_batch_patches=1000, max_queue=8)
     keep = asyncio.ensure_future(batcher.encode(*job(1.0)))
     drop = asyncio.ensure_future(batcher.encode(*job(2.0, num_patches=12)))
     await asyncio.sleep(0)
@@ -87,7 +96,7 @@ async def test_cancelled_requests_are_dropped_before_encoding():
 
 
 async def test_full_queue_is_refused():
-    batcher = Batcher(FakeTower(), max_batch_patches=1000, max_queue=2)
+    batcher = make_batcher(FakeTower(), max_batch_patches=1000, max_queue=2)
     pending = [asyncio.ensure_future(batcher.encode(*job(1.0))) for _ in range(2)]
     await asyncio.sleep(0)
     with pytest.raises(EncoderOverloaded):

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from mmserve.cache import CachedEmbedding, EmbeddingCache, decode_value, encode_value
-from mmserve.cache_keys import MediaParams, media_key, model_fingerprint
+from mmserve.cache_keys import MediaParams, encoder_id, media_key, model_fingerprint
+from mmserve.models import loading
+from mmserve.models.dtypes import cpu_dtype_name
 from mmserve.transport import from_ref, to_ref
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -187,3 +189,23 @@ def test_header_only_decoding_reads_no_tensor_bytes():
     assert header.embeddings.dtype == "float32" and list(header.embeddings.shape) == [40, 8]
     assert header.embeddings.WhichOneof("location") is None
     assert decode_value(blob[:10], header_only=True) is None
+
+
+def test_encoder_dtype_and_family_change_the_key():
+    """A fleet mixing float32 and bfloat16 encoders (or two families of one checkpoint id) shares no entries."""
+    f32, bf16 = encoder_id("abc123", "qwen2_5_vl", "float32"), encoder_id("abc123", "qwen2_5_vl", "bfloat16")
+    other_family = encoder_id("abc123", "qwen3_vl", "float32")
+    assert len({key(model_id=f32), key(model_id=bf16), key(model_id=other_family)}) == 3
+    assert key(model_id=f32) == key(model_id=encoder_id("abc123", "qwen2_5_vl", "float32"))
+
+
+@pytest.mark.parametrize("name, declared, flags, expected", [
+    ("float32", "bfloat16", {"avx512_bf16"}, "float32"),  # an explicit --dtype is taken as given
+    ("auto", "bfloat16", {"avx512_bf16"}, "bfloat16"),
+    ("auto", "bfloat16", {"avx2"}, "float32"),  # no hardware bfloat16: the encoders compute in float32
+    ("auto", "float32", {"amx_bf16"}, "float32"),
+])
+def test_the_router_resolves_the_encoders_dtype_as_they_do(tmp_path, name, declared, flags, expected):
+    (tmp_path / "config.json").write_text(f'{{"model_type": "qwen2_5_vl", "dtype": "{declared}"}}')
+    assert cpu_dtype_name(name, str(tmp_path), flags) == expected
+    assert loading.resolve_dtype(name, str(tmp_path), torch.device("cpu"), flags) == getattr(torch, expected)

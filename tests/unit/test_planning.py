@@ -13,12 +13,14 @@ from mmserve.media import preprocess as pp
 from mmserve.media.image import decode_image
 from mmserve.media.samples import make_image, make_video
 from mmserve.media.video import decode_video
+from mmserve.models.family import family_of
+from mmserve.models.qwen2_5_vl import Qwen25VL
 from mmserve.v1 import api_pb2
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
 from services.router.planning import PromptBudget, planned_shape
 from services.router.validation import ValidationError
 
-PROCESSING = pp.ImageProcessing()
+FAMILY = Qwen25VL(pp.ImageProcessing(), {"image_token_id": 1, "video_token_id": 2, "vision_config": {}})
 IMAGE = MediaParams("image", min_pixels=pp.MIN_PIXELS, max_pixels=pp.MAX_PIXELS)
 VIDEO = MediaParams("video", fps=pp.FPS, min_frames=pp.FPS_MIN_FRAMES, max_frames=pp.FPS_MAX_FRAMES,
                     min_pixels=pp.VIDEO_MIN_PIXELS, max_pixels=pp.VIDEO_MAX_PIXELS, total_pixels=pp.VIDEO_TOTAL_PIXELS)
@@ -30,7 +32,7 @@ def test_image_grid_is_the_decoders(size, bounds):
     data = make_image(width=size[0], height=size[1], fmt="JPEG")
     params = dataclasses.replace(IMAGE, min_pixels=bounds[0], max_pixels=bounds[1])
     frames = decode_image(data, min_pixels=bounds[0], max_pixels=bounds[1])
-    shape = planned_shape("image", data, params, PROCESSING)
+    shape = planned_shape("image", data, params, FAMILY)
     _, h, w, _ = frames.shape
     assert (shape.num_frames, shape.num_pixels, shape.num_patches) == (1, h * w, (h // 14) * (w // 14))
 
@@ -45,22 +47,23 @@ def test_video_grid_is_the_decoders(clip, options):
     decoded = decode_video(data, fps=params.fps, min_frames=params.min_frames, max_frames=params.max_frames,
                            min_pixels=params.min_pixels, max_pixels=params.max_pixels, total_pixels=params.total_pixels)
     t, h, w, _ = decoded.frames.shape
-    shape = planned_shape("video", data, params, PROCESSING)
+    shape = planned_shape("video", data, params, FAMILY)
     assert (shape.num_frames, shape.num_pixels, shape.num_patches) == (t, t * h * w, (t // 2) * (h // 14) * (w // 14))
 
 
 def test_unreadable_media_is_left_to_the_decoder():
-    assert planned_shape("image", b"not a picture", IMAGE, PROCESSING) is None
-    assert planned_shape("video", b"\x00garbage" * 50, VIDEO, PROCESSING) is None
+    assert planned_shape("image", b"not a picture", IMAGE, FAMILY) is None
+    assert planned_shape("video", b"\x00garbage" * 50, VIDEO, FAMILY) is None
 
 
 @pytest.fixture(scope="module")
 def builder(tiny_model):
-    return PromptBuilder(AutoTokenizer.from_pretrained(tiny_model), AutoConfig.from_pretrained(tiny_model))
+    return PromptBuilder(AutoTokenizer.from_pretrained(tiny_model), family_of(tiny_model),
+                         AutoConfig.from_pretrained(tiny_model))
 
 
 def budget(tiny_model, **caps) -> PromptBudget:
-    return PromptBudget(str(tiny_model), **{"max_model_len": 32768, "max_vision_tokens": 16384, "merge_size": 2,
+    return PromptBudget(str(tiny_model), **{"max_model_len": 32768, "max_vision_tokens": 16384, "patches_per_token": 4,
                                             **caps})
 
 

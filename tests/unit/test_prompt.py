@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from mmserve.models.family import family_of
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder, PromptError
 
 HIDDEN = 64
@@ -23,8 +24,8 @@ def config(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def builder(tokenizer, config):
-    return PromptBuilder(tokenizer, config)
+def builder(tokenizer, config, tiny_model):
+    return PromptBuilder(tokenizer, family_of(tiny_model), config)
 
 
 @pytest.fixture(scope="module")

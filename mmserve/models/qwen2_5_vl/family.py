@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pathlib
 
+from mmserve.cache_keys import MediaParams
+from mmserve.media import sizing
 from mmserve.media.sizing import ImageProcessing, smart_resize
-from mmserve.models.family import EncodedItem, MediaItem, expand_pads, read_config
+from mmserve.models.family import DecodePlan, EncodedItem, MediaItem, expand_pads, read_config
 
 
 class Qwen25VL:
@@ -18,6 +20,33 @@ class Qwen25VL:
         self.processing = processing
         self.image_token_id, self.video_token_id = config["image_token_id"], config["video_token_id"]
         self.tokens_per_second = config["vision_config"].get("tokens_per_second", 2)
+        self.patches_per_token = processing.merge_size ** 2
+
+    def default_params(self, kind: str) -> MediaParams:
+        """The processor's pixel bounds for images; qwen-vl-utils' fetch_video defaults for videos."""
+        if kind == "image":
+            return MediaParams("image", min_pixels=self.processing.min_pixels, max_pixels=self.processing.max_pixels)
+        return MediaParams("video", fps=sizing.FPS, min_frames=sizing.FPS_MIN_FRAMES, max_frames=sizing.FPS_MAX_FRAMES,
+                           min_pixels=sizing.VIDEO_MIN_PIXELS, max_pixels=sizing.VIDEO_MAX_PIXELS,
+                           total_pixels=sizing.VIDEO_TOTAL_PIXELS)
+
+    def plan_decode(self, kind: str, params: MediaParams, height: int, width: int, total_frames: int = 1,
+                    video_fps: float = 0.0) -> DecodePlan:
+        """smart_resize within the params' bounds; a video keeps smart_nframes frames under a total pixel budget."""
+        p = self.processing
+        num_frames, max_pixels = 1, params.max_pixels
+        if kind == "video":
+            num_frames = sizing.smart_nframes(total_frames, video_fps, fps=params.fps, min_frames=params.min_frames,
+                                              max_frames=params.max_frames)
+            max_pixels = sizing.video_max_pixels(num_frames, min_pixels=params.min_pixels,
+                                                 max_pixels=params.max_pixels, total_pixels=params.total_pixels)
+        h, w = smart_resize(height, width, p.factor, params.min_pixels, max_pixels)
+        num_groups = max(num_frames // p.temporal_patch_size, 1)
+        return DecodePlan(num_frames, h, w, MediaItem(kind, (num_groups, h // p.patch_size, w // p.patch_size)))
+
+    def second_per_grid_t(self, sample_fps: float) -> float:
+        """One temporal patch spans temporal_patch_size sampled frames."""
+        return self.processing.temporal_patch_size / sample_fps
 
     def plan_image(self, height: int, width: int) -> MediaItem:
         """smart_resize to multiples of 28 within the pixel bounds."""
@@ -58,12 +87,18 @@ class Qwen25VL:
         pixels, grid = self._pixels(frames)
         return pixels, MediaItem("video", grid, second_per_grid_t=self.processing.temporal_patch_size / sample_fps)
 
+    def preprocess_frames(self, kind: str, frames):
+        """Normalise and patchify on the frames' own device (on a GPU they go up once, as uint8)."""
+        pixels, grid = self._pixels(frames)
+        return pixels, MediaItem(kind, tuple(grid))
+
     def _pixels(self, frames):
         from mmserve.media.preprocess import to_pixel_values
 
         p = self.processing
         return to_pixel_values(frames, patch_size=p.patch_size, temporal_patch_size=p.temporal_patch_size,
-                               merge_size=p.merge_size, image_mean=p.image_mean, image_std=p.image_std)
+                               merge_size=p.merge_size, image_mean=p.image_mean, image_std=p.image_std,
+                               rescale_factor=p.rescale_factor)
 
     def load_vision_tower(self, model_dir: str, dtype=None, device=None):
         """models/loading.py's tower-only load."""
@@ -87,7 +122,7 @@ class Qwen25VL:
         import torch
 
         with torch.no_grad():
-            grid = torch.tensor([item.grid for item in items])
+            grid = torch.tensor([item.grid for item in items], device=pixels.device)
             out = tower(pixels.to(tower.dtype), grid_thw=grid, return_dict=True).pooler_output
         return [EncodedItem(e) for e in out.split([self.num_tokens(i) for i in items])]
 
