@@ -49,7 +49,7 @@ class IncrementalDetokenizer:
 
     def _decode_unread(self) -> tuple[str, str]:
         """The text of the ids already read in the window, and of the whole window with the unread ones."""
-        prefix, full = self.tokenizer.decode_batch(self._windows(), skip_special_tokens=True)
+        prefix, full = (self.tokenizer.decode(window, skip_special_tokens=True) for window in self._windows())
         return prefix, full
 
     def _windows(self) -> list[list[int]]:
@@ -79,5 +79,8 @@ def add_tokens(detokenizers: list[IncrementalDetokenizer], token_ids: list[int])
         windows += detokenizer._windows()
     if not windows:
         return []
-    texts = detokenizers[0].tokenizer.decode_batch(windows, skip_special_tokens=True)
+    # One decode per window in a loop: tokenizers' decode_batch wakes a thread pool, which costs more than
+    # it saves at these sizes (27 µs against 2 µs for one stream; about even at 32).
+    decode = detokenizers[0].tokenizer.decode
+    texts = [decode(window, skip_special_tokens=True) for window in windows]
     return [d._take(prefix, full) for d, prefix, full in zip(detokenizers, texts[0::2], texts[1::2])]
