@@ -56,8 +56,9 @@ def greedy(n: int) -> SamplingOptions:
 
 
 async def engine_step_ms(model: str, batch: int, num_tokens: int = 40, prompt_words: int = 24,
-                         num_threads: int = 0) -> float:
-    """Median time between tokens while `batch` sequences decode together (= one engine step)."""
+                         num_threads: int = 0) -> tuple[float, int]:
+    """Median time between tokens while `batch` sequences decode together (= one engine step), and the mean
+    context length of the steps measured."""
     engine = Engine(LlmConfig(model=model, max_num_seqs=batch, num_threads=num_threads))
     engine.start()
     try:
@@ -66,7 +67,8 @@ async def engine_step_ms(model: str, batch: int, num_tokens: int = 40, prompt_wo
                 for i in range(batch)]
         arrivals = await asyncio.gather(*(stream(engine, s) for s in seqs))
         gaps = [b - a for times in arrivals for a, b in zip(times[10:-5], times[11:-5])]
-        return statistics.median(gaps) * 1e3
+        context = statistics.mean(s.num_prompt_tokens for s in seqs) + (10 + num_tokens - 5) / 2
+        return statistics.median(gaps) * 1e3, round(context)
     finally:
         engine.stop()
 
@@ -163,8 +165,8 @@ def step_efficiency(model: str, batches=(1, 8, 32), num_threads: int = 0) -> dic
         torch.set_num_threads(num_threads)
     efficiency = {}
     for batch in batches:
-        engine_ms = asyncio.run(engine_step_ms(model, batch, num_threads=num_threads))
-        floor_ms = floor_step_ms(model, batch)
+        engine_ms, context = asyncio.run(engine_step_ms(model, batch, num_threads=num_threads))
+        floor_ms = floor_step_ms(model, batch, context)  # over as many tokens as the engine's steps attend to
         efficiency[batch] = floor_ms / engine_ms
         print(f"{'':26}{batch:>6} {engine_ms:>9.2f} {floor_ms:>9.2f} {efficiency[batch]:>11.2f}")
     return efficiency
