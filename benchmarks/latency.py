@@ -1,6 +1,7 @@
 """Lone-request latency: mmserve over gRPC and over its OpenAI endpoint against transformers in-process.
 
     python benchmarks/latency.py [--preset small] [--model DIR] [--rounds 10] [--max-tokens 32] [--skip-efficiency]
+                                 [--num-threads N]
 
 One run, the same checkpoint and dtype (`auto`) everywhere. Per case (lone text, a 224² and a 448² image, an
 8-frame video): TTFT and time per output token (TPOT), best and median of --rounds, each request alone, after one
@@ -164,7 +165,8 @@ def idle_rss_mb(pid: int) -> dict[str, float]:
         except OSError:
             continue
         kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        name = next((a.decode() for a in argv if a.startswith((b"services.", b"up"))), argv[0].decode())
+        name = ("forkserver" if b"forkserver" in b" ".join(argv) else
+                next((a.decode() for a in argv if a.startswith((b"services.", b"up"))), argv[0].decode()))
         rss[f"{name} ({p})"] = kb / 1024
     return rss
 
@@ -210,6 +212,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (min_tokens too: fixed length)")
     parser.add_argument("--skip-efficiency", action="store_true", help="do not run llm_engine's batch-32 step")
+    parser.add_argument("--num-threads", type=int, default=0, help="torch threads of the efficiency step (see "
+                                                                    "llm_engine.py --num-threads)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_tiny_model(pathlib.Path(tmp) / args.preset, seed=0, preset=args.preset))
@@ -231,7 +235,7 @@ def main() -> None:
             timed = [via_transformers(hf, grpc_request(s, args.max_tokens), args.max_tokens)
                      for s in samples(case, args.rounds + 1, 1000)]
             results[("transformers", case)] = timed[1:]
-        efficiency = float("nan") if args.skip_efficiency else step_efficiency(model, (8, 32))[32]
+        efficiency = float("nan") if args.skip_efficiency else step_efficiency(model, (8, 32), args.num_threads)[32]
     print(f"\nmmserve up to healthy {startup_s:.1f} s; idle RSS {sum(rss.values()):.0f} MB summed: "
           + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss.items())))
     print(f"\n{'system':16} {'case':16} {'TTFT best':>10} {'median':>8} {'TPOT best':>10} {'median':>8}  (ms)")
