@@ -219,7 +219,7 @@ class Engine:
         one wake-up of each event loop for all its events."""
         is_eos = [token in self.eos_ids for token in tokens]
         texts = [(r.detokenizer, token) for r, token, eos in zip(requests, tokens, is_eos) if not eos]
-        is_stop_string = iter(add_tokens(*zip(*texts)) if texts else [])
+        is_stop_string = iter(add_tokens([d for d, _ in texts], [token for _, token in texts]))
         events = []
         for request, token, eos in zip(requests, tokens, is_eos):
             seq = request.seq
