@@ -28,7 +28,6 @@ import tempfile
 import time
 
 import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc loads; see its __init__)
-import grpc
 import openai
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -109,9 +108,9 @@ def via_openai(client: openai.OpenAI, model: str, sample: Sample, num_tokens: in
     content = [{"type": f"{kind}_url", f"{kind}_url": {"url": url}}] if kind else []
     content.append({"type": "text", "text": prompt})
     clock, usage = Clock(), None
+    extra = {"min_tokens": num_tokens, "ttft_ms": LOOSE_SLO_MS, "tpot_ms": LOOSE_SLO_MS}
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], stream=True,
-                                            max_tokens=num_tokens, temperature=0.0, extra_body={"min_tokens": num_tokens, "ttft_ms": LOOSE_SLO_MS,
-                                                                        "tpot_ms": LOOSE_SLO_MS},
+                                            max_tokens=num_tokens, temperature=0.0, extra_body=extra,
                                             stream_options={"include_usage": True})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
