@@ -1,6 +1,7 @@
 """LLM engine benchmark: step efficiency vs the bare forward, throughput vs transformers, stall-free decoding.
 
-    python benchmarks/llm_engine.py [--preset tiny|qwen2.5-vl-3b-width|both] [--requests 64] [--max-output 24]
+    python benchmarks/llm_engine.py [--preset tiny|small|qwen2.5-vl-3b-width|both] [--requests 64] [--max-output 24]
+                                    [--only a] [--num-threads N]
 
 (a) decode step time at batch 1, 8, 32 against the same weights' bare forward on pre-built inputs
     (HF text model + lm_head with a pre-filled DynamicCache): efficiency = floor / engine step;
@@ -54,9 +55,11 @@ def greedy(n: int) -> SamplingOptions:
     return SamplingOptions(max_tokens=n, min_tokens=n, temperature=0.0)
 
 
-async def engine_step_ms(model: str, batch: int, num_tokens: int = 40, prompt_words: int = 24) -> float:
-    """Median time between tokens while `batch` sequences decode together (= one engine step)."""
-    engine = Engine(LlmConfig(model=model, max_num_seqs=batch))
+async def engine_step_ms(model: str, batch: int, num_tokens: int = 40, prompt_words: int = 24,
+                         num_threads: int = 0) -> tuple[float, int]:
+    """Median time between tokens while `batch` sequences decode together (= one engine step), and the mean
+    context length of the steps measured."""
+    engine = Engine(LlmConfig(model=model, max_num_seqs=batch, num_threads=num_threads))
     engine.start()
     try:
         rng = random.Random(batch)
@@ -64,7 +67,8 @@ async def engine_step_ms(model: str, batch: int, num_tokens: int = 40, prompt_wo
                 for i in range(batch)]
         arrivals = await asyncio.gather(*(stream(engine, s) for s in seqs))
         gaps = [b - a for times in arrivals for a, b in zip(times[10:-5], times[11:-5])]
-        return statistics.median(gaps) * 1e3
+        context = statistics.mean(s.num_prompt_tokens for s in seqs) + (10 + num_tokens - 5) / 2
+        return statistics.median(gaps) * 1e3, round(context)
     finally:
         engine.stop()
 
@@ -153,16 +157,28 @@ async def tbt_p99_ms(model: str, budget: int, long_words: int, num_long: int = 6
         engine.stop()
 
 
-def run_preset(preset: str, workdir: pathlib.Path, num_requests: int, max_output: int) -> tuple[float, float]:
-    model = str(build_tiny_model(workdir / preset, seed=0, preset=preset))
-    print(f"\n== {preset} ==")
+def step_efficiency(model: str, batches=(1, 8, 32), num_threads: int = 0) -> dict[int, float]:
+    """(a): the engine's decode step against the bare forward at each batch, both on num_threads torch threads
+    (0: torch's default); prints a row per batch."""
     print(f"(a) decode step, ms       {'batch':>6} {'engine':>9} {'floor':>9} {'efficiency':>11}")
+    if num_threads:
+        torch.set_num_threads(num_threads)
     efficiency = {}
-    for batch in (1, 8, 32):
-        engine_ms = asyncio.run(engine_step_ms(model, batch))
-        floor_ms = floor_step_ms(model, batch)
+    for batch in batches:
+        engine_ms, context = asyncio.run(engine_step_ms(model, batch, num_threads=num_threads))
+        floor_ms = floor_step_ms(model, batch, context)  # over as many tokens as the engine's steps attend to
         efficiency[batch] = floor_ms / engine_ms
         print(f"{'':26}{batch:>6} {engine_ms:>9.2f} {floor_ms:>9.2f} {efficiency[batch]:>11.2f}")
+    return efficiency
+
+
+def run_preset(preset: str, workdir: pathlib.Path, num_requests: int, max_output: int,
+               only_a: bool = False, num_threads: int = 0) -> tuple[float, float]:
+    model = str(build_tiny_model(workdir / preset, seed=0, preset=preset))
+    print(f"\n== {preset} ==")
+    efficiency = step_efficiency(model, num_threads=num_threads)
+    if only_a:
+        return efficiency[32], float("nan")
     workload = mixed_workload(num_requests, max_output)
     engine_s = asyncio.run(engine_total_s(model, workload))
     hf_s = hf_total_s(model, workload)
@@ -179,14 +195,19 @@ def run_preset(preset: str, workdir: pathlib.Path, num_requests: int, max_output
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="both", choices=["tiny", "qwen2.5-vl-3b-width", "both"])
+    parser.add_argument("--preset", default="both", choices=["tiny", "small", "qwen2.5-vl-3b-width", "both"])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-output", type=int, default=24, help="longest answer of (b), in tokens (24 keeps the "
                                                                     "run short; chat answers run to hundreds)")
+    parser.add_argument("--only", choices=["a"], help="run only part (a), the step efficiency")
+    parser.add_argument("--num-threads", type=int, default=0,
+                        help="torch threads of (a)'s engine and floor alike (0: torch's default). On a machine whose "
+                             "cores others use too, 1: a thread team waits at every barrier for a descheduled peer")
     args = parser.parse_args()
     presets = ["tiny", "qwen2.5-vl-3b-width"] if args.preset == "both" else [args.preset]
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_preset(p, pathlib.Path(tmp), args.requests, args.max_output) for p in presets]
+        results = [run_preset(p, pathlib.Path(tmp), args.requests, args.max_output, args.only == "a",
+                              args.num_threads) for p in presets]
     efficiency, speedup = results[-1]
     print(f"engine_efficiency_b32={efficiency:.2f} speedup_vs_hf={speedup:.1f}")
 

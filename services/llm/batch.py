@@ -32,7 +32,7 @@ class Batch:
     prefill: list[tuple[int, int, torch.Tensor]]  # (offset, n, context slots) for chunks of n > 1
     decode_rows: torch.Tensor  # [B] token offset of each single-token chunk
     decode_index: torch.Tensor  # [B, longest context] context slots, zero-padded
-    decode_mask: torch.Tensor  # [B, 1, 1, longest context] True where the slot is real
+    decode_bias: torch.Tensor  # [1, B, 1, longest context] float32: 0 where the slot is real, -inf on padding
     # flash-attn: every chunk in one varlen call over the KV pages.
     cu_seqlens_q: torch.Tensor | None = None  # [chunks + 1] int32
     cu_seqlens_k: torch.Tensor | None = None  # [chunks + 1] int32, context lengths
@@ -49,5 +49,5 @@ class Batch:
             self, ids=move(self.ids), positions=move(self.positions), slots=move(self.slots),
             prefill=[(start, n, move(context)) for start, n, context in self.prefill],
             decode_rows=move(self.decode_rows), decode_index=move(self.decode_index),
-            decode_mask=move(self.decode_mask), cu_seqlens_q=move(self.cu_seqlens_q),
+            decode_bias=move(self.decode_bias), cu_seqlens_q=move(self.cu_seqlens_q),
             cu_seqlens_k=move(self.cu_seqlens_k), block_table=move(self.block_table))

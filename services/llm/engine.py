@@ -19,7 +19,7 @@ from services.llm import metrics
 from services.llm.block_manager import BlockManager
 from services.llm.cuda_graphs import default_block_size
 from services.llm.config import LlmConfig
-from services.llm.detokenizer import IncrementalDetokenizer
+from services.llm.detokenizer import IncrementalDetokenizer, add_tokens
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
 from services.llm.runner import ModelRunner
 from services.llm.sampler import make_generator, sample_rows
@@ -84,6 +84,7 @@ class Engine:
         self.prompts = PromptBuilder(self.tokenizer, family, loading.load_config(config.model))
         eos = GenerationConfig.from_pretrained(config.model).eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self._eos_tensor = torch.tensor(self.eos_ids)
         text_model, lm_head = family.load_language_model(config.model, dtype, self.device)
         per_token = ModelRunner.kv_bytes_per_token(text_model.config, dtype)
         block_size = config.block_size or default_block_size(self.device, dtype)
@@ -191,17 +192,15 @@ class Engine:
                 metrics.CACHED_PROMPT_TOKENS.inc(chunk.seq.num_cached_tokens)
         logits = self.runner.run(chunks)
         seqs = [c.seq for c in chunks if c.completes_sequence]
-        for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.sampling.min_tokens:
-                logits[row, self.eos_ids] = float("-inf")
+        too_short = [row for row, seq in enumerate(seqs) if seq.num_output_tokens < seq.sampling.min_tokens]
+        if too_short:
+            logits[torch.tensor(too_short)[:, None], self._eos_tensor] = float("-inf")
         tokens = sample_rows(logits, [seq.sampling for seq in seqs],
                              [self._requests[seq.seq_id].generator for seq in seqs])
-        new_tokens = dict(zip(seqs, tokens))
-        self.scheduler.postprocess(chunks, new_tokens)
+        self.scheduler.postprocess(chunks, dict(zip(seqs, tokens)))
         now = time.monotonic()
-        for seq, token in new_tokens.items():
-            self._emit(self._requests[seq.seq_id], token, now, len(chunks))
-        self._observe(chunks, len(new_tokens), now - start)
+        self._emit([self._requests[seq.seq_id] for seq in seqs], tokens, now, len(chunks))
+        self._observe(chunks, len(seqs), now - start)
 
     def _observe(self, chunks, num_generated: int, seconds: float) -> None:
         metrics.STEP_SECONDS.observe(seconds)
@@ -216,40 +215,59 @@ class Engine:
         metrics.WAITING.set(len(self.scheduler.waiting))
         metrics.KV_BLOCKS_USED.set(self.block_manager.num_blocks - self.block_manager.num_free_blocks)
 
-    def _emit(self, request: _Request, token: int, now: float, batch: int) -> None:
-        seq = request.seq
-        if request.first_token:
-            request.batch_sum += batch
-            request.decode_steps += 1
-        request.first_token = request.first_token or now
-        reason = None
-        if token in self.eos_ids:
-            reason = "stop"
-        elif request.detokenizer.add(token):
-            reason = "stop"
-        elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None and request.detokenizer.finish():
-            reason = "stop"  # the held-back end of the text completed a stop string
-        text = request.detokenizer.delta(final=reason is not None)
-        self._send(request, Delta(text, [token]))
-        if reason is not None:
-            metrics.FINISHED.labels(reason).inc()
-            self.scheduler.finish(seq, reason)
-            self._requests.pop(seq.seq_id, None)
-            start = seq.arrival_time
-            self._send(request, Finished(
-                reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                queue_ms=(request.first_scheduled - start) * 1e3,
-                prefill_ms=(request.first_token - request.first_scheduled) * 1e3,
-                ttft_ms=(request.first_token - start) * 1e3,
-                decode_batch=request.batch_sum / request.decode_steps if request.decode_steps else 0.0))
+    def _emit(self, requests: list[_Request], tokens: list[int], now: float, batch: int) -> None:
+        """Hands each request its new token: stop checks and detokenisation for the whole batch at once, and
+        one wake-up of each event loop for all its events."""
+        is_eos = [token in self.eos_ids for token in tokens]
+        texts = [(r.detokenizer, token) for r, token, eos in zip(requests, tokens, is_eos) if not eos]
+        is_stop_string = iter(add_tokens([d for d, _ in texts], [token for _, token in texts]))
+        events = []
+        for request, token, eos in zip(requests, tokens, is_eos):
+            seq = request.seq
+            if request.first_token:
+                request.batch_sum += batch
+                request.decode_steps += 1
+            request.first_token = request.first_token or now
+            reason = None
+            if eos or next(is_stop_string):
+                reason = "stop"
+            elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason is not None and request.detokenizer.finish():
+                reason = "stop"  # the held-back end of the text completed a stop string
+            events.append((request, Delta(request.detokenizer.delta(final=reason is not None), [token])))
+            if reason is not None:
+                events.append((request, self._finish(request, reason)))
+        self._send(events)
 
-    def _send(self, request: _Request, event) -> None:
-        request.loop.call_soon_threadsafe(request.events.put_nowait, event)
+    def _finish(self, request: _Request, reason: str) -> Finished:
+        seq = request.seq
+        metrics.FINISHED.labels(reason).inc()
+        self.scheduler.finish(seq, reason)
+        self._requests.pop(seq.seq_id, None)
+        start = seq.arrival_time
+        return Finished(reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                        queue_ms=(request.first_scheduled - start) * 1e3,
+                        prefill_ms=(request.first_token - request.first_scheduled) * 1e3,
+                        ttft_ms=(request.first_token - start) * 1e3,
+                        decode_batch=request.batch_sum / request.decode_steps if request.decode_steps else 0.0)
+
+    @staticmethod
+    def _send(events: list[tuple[_Request, object]]) -> None:
+        # One call_soon_threadsafe per loop and step, not per token: each call writes to the loop's wake-up pipe.
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request, event in events:
+            by_loop.setdefault(request.loop, []).append((request.events, event))
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _fail_all(self) -> None:
-        for request in list(self._requests.values()):
+        for request in self._requests.values():
             self.scheduler.finish(request.seq, "error")
-            self._send(request, RuntimeError("llm: model step failed"))
+        self._send([(request, RuntimeError("llm: model step failed")) for request in self._requests.values()])
         self._requests.clear()
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, event in deliveries:
+        queue.put_nowait(event)

@@ -47,7 +47,12 @@ class ModelRunner:
                         "attention falls back to SDPA", block_size, FLASH_PAGE)
         # One block past the block manager's: a scratch page that CUDA graphs' padding rows write to.
         self.num_pages = block_manager.num_blocks + 1
-        shape = (len(text_model.layers), self.num_pages * block_size, self.num_kv_heads, self.head_dim)
+        num_slots = self.num_pages * block_size
+        # flash-attn reads pages [pages, block_size, kv heads, head_dim]; SDPA gets the cache head-major
+        # [kv heads, slots, head_dim], so a decode gathers each head's context rows into the layout its matmuls
+        # take, with no second copy to transpose them.
+        shape = ((len(text_model.layers), num_slots, self.num_kv_heads, self.head_dim) if self.flash
+                 else (len(text_model.layers), self.num_kv_heads, num_slots, self.head_dim))
         # empty, not zeros: untouched pages cost no memory, and every slot is written before it is read.
         self.k_cache = torch.empty(shape, dtype=dtype, device=device)
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)
@@ -66,7 +71,7 @@ class ModelRunner:
         return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
 
     def pages(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's K and V caches as pages [pages, block_size, kv_heads, head_dim] (views, no copy)."""
+        """One layer's K and V caches as flash-attn's pages [pages, block_size, kv_heads, head_dim] (views)."""
         shape = (self.num_pages, self.block_manager.block_size, self.num_kv_heads, self.head_dim)
         return self.k_cache[layer_index].view(shape), self.v_cache[layer_index].view(shape)
 
@@ -98,45 +103,47 @@ class ModelRunner:
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> Batch:
         block_size = self.block_manager.block_size
-        ids, spans, prefill, prefill_positions = [], [], [], []
-        decode_seqs, decode_rows, decode_positions, decode_slots = [], [], [], []
-        offset = 0
-        for chunk in chunks:
+        offsets = [0, *itertools.accumulate(c.num_new_tokens for c in chunks)]
+        decodes = [(offset, c.seq) for offset, c in zip(offsets, chunks) if is_decode(c.seq, c.num_new_tokens)]
+        num_tokens = offsets[-1]
+        ids = torch.tensor([t for c in chunks for t in
+                            c.seq.token_ids[c.seq.num_computed_tokens:c.seq.num_computed_tokens + c.num_new_tokens]])
+        positions = torch.empty(3, num_tokens, dtype=torch.long)
+        slots = torch.empty(num_tokens, dtype=torch.long)
+        prefill = []
+        for offset, chunk in zip(offsets, chunks):
             seq, n = chunk.seq, chunk.num_new_tokens
-            start = seq.num_computed_tokens
-            ids += seq.token_ids[start:start + n]
-            spans.append((offset, n))
             if is_decode(seq, n):
-                decode_seqs.append(seq)
-                decode_rows.append(offset)
-                decode_positions.append(start + seq.mm.rope_delta)
-                decode_slots.append(self.block_manager.slot(seq, start))
-            else:
-                prefill_positions.append(self._positions(seq.mm, seq.num_prompt_tokens, start, start + n))
-                context = kv_slots(torch.tensor(seq.block_table), torch.arange(start + n), block_size)
-                prefill.append((offset, n, context))
-            offset += n
-        rows = torch.tensor(decode_rows, dtype=torch.long)
-        positions = torch.empty(3, offset, dtype=torch.long)
-        slots = torch.empty(offset, dtype=torch.long)
-        positions[:, rows] = torch.tensor(decode_positions, dtype=torch.long)
-        slots[rows] = torch.tensor(decode_slots, dtype=torch.long)
-        for (start, n, context), pos in zip(prefill, prefill_positions):
-            positions[:, start:start + n] = pos
-            slots[start:start + n] = context[-n:]
-        batch = Batch(torch.tensor(ids), positions, slots, spans, prefill, rows, *self._decode_context(decode_seqs))
+                continue
+            start = seq.num_computed_tokens
+            positions[:, offset:offset + n] = self._positions(seq.mm, seq.num_prompt_tokens, start, start + n)
+            context = kv_slots(torch.tensor(seq.block_table), torch.arange(start + n), block_size)
+            slots[offset:offset + n] = context[-n:]
+            prefill.append((offset, n, context))
+        rows = torch.tensor([offset for offset, _ in decodes], dtype=torch.long)
+        decode_seqs = [seq for _, seq in decodes]
+        index, bias = torch.zeros(len(decodes), 0, dtype=torch.long), torch.zeros(1, len(decodes), 1, 0)
+        if decode_seqs:
+            # Each decoding sequence computes its token at position num_computed_tokens: its slot and its
+            # context (every slot up to it) come from one padded block table.
+            at = torch.tensor([seq.num_computed_tokens for seq in decode_seqs])
+            table = block_tables(decode_seqs)
+            positions[:, rows] = at + torch.tensor([seq.mm.rope_delta for seq in decode_seqs])
+            slots[rows] = table.gather(1, (at // block_size)[:, None])[:, 0] * block_size + at % block_size
+            if not self.flash:
+                index, bias = self._decode_context(table, at + 1)
+        batch = Batch(ids, positions, slots, [(o, c.num_new_tokens) for o, c in zip(offsets, chunks)], prefill,
+                      rows, index, bias)
         return self._flash_metadata(batch, chunks) if self.flash else batch
 
-    def _decode_context(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDPA's view of the decoding sequences: one padded tensor of context slots, and its mask."""
-        if not seqs or self.flash:
-            return torch.zeros(len(seqs), 0, dtype=torch.long), torch.zeros(len(seqs), 1, 1, 0, dtype=torch.bool)
-        block_size = self.block_manager.block_size
-        lengths = torch.tensor([s.num_computed_tokens + 1 for s in seqs])
+    def _decode_context(self, table: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDPA's view of the decoding sequences: their context slots padded to the longest [B, T] (padding reads
+        slot 0), and an additive mask [1, B, 1, T] that is -inf on the padding."""
         token_positions = torch.arange(int(lengths.max()))
-        index = kv_slots(block_tables(seqs), token_positions, block_size)
-        mask = (token_positions[None, :] < lengths[:, None])[:, None, None, :]
-        return index.masked_fill(~mask[:, 0, 0, :], 0), mask
+        index = kv_slots(table, token_positions, self.block_manager.block_size)
+        is_padding = token_positions[None, :] >= lengths[:, None]
+        bias = torch.zeros(is_padding.shape).masked_fill_(is_padding, float("-inf"))
+        return index.masked_fill_(is_padding, 0), bias[None, :, None, :]
 
     @staticmethod
     def _flash_metadata(batch: Batch, chunks: list[ScheduledChunk]) -> Batch:
@@ -176,40 +183,53 @@ class ModelRunner:
         v = attn.v_proj(x).view(n_tokens, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        self.k_cache[layer_index][slots] = k
-        self.v_cache[layer_index][slots] = v
+        self._write_kv(layer_index, slots, k, v)
         return attn.o_proj(attend(q, layer_index).reshape(n_tokens, -1))
 
+    def _write_kv(self, layer_index: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.flash:
+            self.k_cache[layer_index][slots] = k
+            self.v_cache[layer_index][slots] = v
+        else:  # head-major: [kv heads, slots, head_dim]
+            self.k_cache[layer_index].index_copy_(1, slots, k.transpose(0, 1))
+            self.v_cache[layer_index].index_copy_(1, slots, v.transpose(0, 1))
+
     def _sdpa_attend(self, q: torch.Tensor, layer_index: int, batch: Batch) -> torch.Tensor:
-        k_cache, v_cache = self.k_cache[layer_index], self.v_cache[layer_index]
+        k_cache, v_cache = self.k_cache[layer_index], self.v_cache[layer_index]  # [kv heads, slots, head_dim]
+        rows = batch.decode_rows
+        if len(rows) == q.shape[0]:  # decodes only: their output is the whole step's, in order
+            return self._decode_attend(q, k_cache, v_cache, batch)
         out = torch.empty_like(q)
         for start, n, context in batch.prefill:
             # Batched 4-D inputs: SDPA's fused CPU kernels take these; unbatched 3-D ones fell to a
             # path ~16x slower. A chunk after cached or earlier tokens uses a lower-right causal bias.
             qi = q[start:start + n].transpose(0, 1)[None]
-            ki, vi = k_cache[context].transpose(0, 1)[None], v_cache[context].transpose(0, 1)[None]
+            ki, vi = k_cache.index_select(1, context)[None], v_cache.index_select(1, context)[None]
             past = len(context) - n
             causal = {"is_causal": True} if past == 0 else {"attn_mask": causal_lower_right(n, len(context))}
             o = F.scaled_dot_product_attention(qi, ki, vi, scale=self.scale, enable_gqa=True, **causal)
             out[start:start + n] = o[0].transpose(0, 1)
-        if len(batch.decode_rows) == 1:  # nothing to pad: SDPA without a mask
-            qd = q[batch.decode_rows][:, :, None, :]  # [1, H, 1, D]
-            kd = k_cache[batch.decode_index].permute(0, 2, 1, 3)
-            vd = v_cache[batch.decode_index].permute(0, 2, 1, 3)
-            out[batch.decode_rows] = F.scaled_dot_product_attention(qd, kd, vd, scale=self.scale,
-                                                                    enable_gqa=True)[:, :, 0, :]
-        elif len(batch.decode_rows):
-            # Every decoding sequence at once: contexts padded to the longest, padding masked out. Two batched
-            # matmuls, not SDPA: its CPU kernel with a mask took 4-10x as long for one query per sequence in
-            # bfloat16 (2x in float32). Query head h reads KV head h // group, as in the model.
-            rows = batch.decode_rows
-            qd = q[rows].view(len(rows), self.num_kv_heads, -1, self.head_dim)  # [B, kv heads, group, D]
-            kd = k_cache[batch.decode_index].permute(0, 2, 3, 1)  # [B, kv heads, D, context]
-            vd = v_cache[batch.decode_index].permute(0, 2, 1, 3)  # [B, kv heads, context, D]
-            scores = torch.matmul(qd, kd).mul_(self.scale).masked_fill_(~batch.decode_mask, float("-inf"))
-            probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-            out[rows] = torch.matmul(probs, vd).reshape(len(rows), self.num_heads, self.head_dim)
+        if len(rows):
+            out[rows] = self._decode_attend(q[rows], k_cache, v_cache, batch)
         return out
+
+    def _decode_attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       batch: Batch) -> torch.Tensor:
+        """Every decoding sequence's one query [B, heads, head_dim] at once over its context, padded to the longest.
+
+        One gather per cache, each context row copied once into [kv heads, B, context, head_dim], then two batched
+        matmuls. Not SDPA: its CPU kernel with a mask took 4-10x as long for one query per sequence in bfloat16;
+        and not a gather in the slot-major layout, whose transposes made the matmuls copy the context again.
+        Query head h reads KV head h // group, as in the model.
+        """
+        num_seqs, context = batch.decode_index.shape
+        flat = batch.decode_index.view(-1)
+        kd = k_cache.index_select(1, flat).view(self.num_kv_heads, num_seqs, context, self.head_dim)
+        vd = v_cache.index_select(1, flat).view(self.num_kv_heads, num_seqs, context, self.head_dim)
+        qd = q.view(num_seqs, self.num_kv_heads, -1, self.head_dim).transpose(0, 1)  # [kv heads, B, group, D]
+        scores = torch.matmul(qd, kd.transpose(-1, -2)).float().mul_(self.scale).add_(batch.decode_bias)
+        out = torch.matmul(scores.softmax(-1).to(q.dtype), vd)  # [kv heads, B, group, D]
+        return out.transpose(0, 1).reshape(num_seqs, self.num_heads, self.head_dim)
 
     def _flash_attend(self, q: torch.Tensor, layer_index: int, batch: Batch) -> torch.Tensor:
         # Prefill chunks and decodes in one varlen call; causal aligns each chunk's queries to the end of

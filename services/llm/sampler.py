@@ -1,4 +1,4 @@
-"""Greedy, temperature, top-k and top-p sampling with per-request seeded generators."""
+"""Greedy, temperature, top-k and top-p sampling for the whole batch at once, with per-request seeded generators."""
 
 from __future__ import annotations
 
@@ -9,29 +9,42 @@ from services.llm.sequence import SamplingOptions
 
 def sample_rows(logits: torch.Tensor, options: list[SamplingOptions],
                 generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of logits [rows, vocab]: every greedy row in one argmax, the others drawn."""
-    greedy = [row for row, o in enumerate(options) if o.is_greedy]
-    tokens = dict(zip(greedy, logits[greedy].argmax(-1).tolist()))
-    for row, (o, generator) in enumerate(zip(options, generators)):
-        if not o.is_greedy:
-            tokens[row] = _draw(logits[row], o, generator)
-    return [tokens[row] for row in range(len(options))]
+    """One token per row of logits [rows, vocab]: greedy rows by one argmax, the others drawn together."""
+    tokens = logits.argmax(-1)
+    drawn = [row for row, o in enumerate(options) if not o.is_greedy]
+    if drawn:
+        probs = filtered_probs(logits[drawn], [options[row] for row in drawn])
+        # One uniform number per row from the request's own generator: a seeded request draws the same
+        # tokens whatever else shares its batch.
+        uniform = torch.tensor([float(torch.rand((), dtype=torch.float64, generator=generators[row]))
+                                for row in drawn], dtype=torch.float64)
+        tokens[drawn] = invert_cdf(probs, uniform)
+    return tokens.tolist()
 
 
-def _draw(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
-    """Draws one token from a row of logits [vocab] with temperature, top-k and top-p."""
-    logits = logits / options.temperature
-    if options.top_k and options.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, options.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if options.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= options.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def filtered_probs(logits: torch.Tensor, options: list[SamplingOptions]) -> torch.Tensor:
+    """Unnormalised probabilities [rows, vocab] after each row's temperature, top-k and top-p."""
+    vocab = logits.shape[-1]
+    temperature = torch.tensor([o.temperature for o in options], dtype=logits.dtype)
+    logits = logits / temperature[:, None]
+    top_k = torch.tensor([o.top_k if o.top_k and o.top_k < vocab else vocab for o in options])
+    sorted_logits, order = logits.sort(-1, descending=True)
+    kth = sorted_logits.gather(1, (top_k - 1)[:, None])
+    probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token); rows at 1.0 keep all.
+    top_p = torch.tensor([o.top_p if o.top_p < 1.0 else float("inf") for o in options], dtype=probs.dtype)
+    sorted_probs = probs.gather(1, order)
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
+    return probs.scatter(1, order, sorted_probs.masked_fill_(drop, 0.0))
+
+
+def invert_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The token of each row [rows, vocab] whose cumulative mass first exceeds uniform [rows] of the row's total."""
+    cdf = probs.double().cumsum(-1)
+    picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
+    # Rounding can carry a draw of almost 1 past the end: it belongs to the last token with mass.
+    last = (probs > 0).long().cumsum(-1).argmax(-1)
+    return torch.minimum(picked, last)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

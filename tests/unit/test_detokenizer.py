@@ -184,3 +184,20 @@ def test_finish_after_a_stop_string_adds_nothing(tokenizer):
             break
     assert detok.finish() is False
     assert detok.delta(final=True) == "Crab 🦀 "
+
+
+@pytest.mark.parametrize("stop", [(), ("owl",), ("k ", "?")])
+def test_a_batch_of_streams_gives_each_the_text_and_stops_it_would_give_alone(tokenizer, stop):
+    from services.llm.detokenizer import add_tokens
+
+    ids = [tokenizer.encode(text) for text in TEXTS]
+    alone = [stream(tokenizer, one, stop) for one in ids]
+    detoks = [IncrementalDetokenizer(tokenizer, stop) for _ in ids]
+    deltas, stopped_at = [[] for _ in ids], [None] * len(ids)
+    for i in range(max(map(len, ids))):
+        live = [n for n, one in enumerate(ids) if i < len(one) and stopped_at[n] is None]
+        for n, stopped in zip(live, add_tokens([detoks[n] for n in live], [ids[n][i] for n in live])):
+            if stopped:
+                stopped_at[n] = i
+            deltas[n].append(detoks[n].delta(final=stopped or i == len(ids[n]) - 1))
+    assert [("".join(d), s) for d, s in zip(deltas, stopped_at)] == [("".join(d), s) for d, s in alone]
