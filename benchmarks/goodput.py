@@ -39,7 +39,7 @@ from stack.launcher import Child, Stack, StackSpec, free_port
 from mmserve.models.tiny import build_tiny_model
 
 # A sibling module: the scripts run as `python benchmarks/<name>.py`.
-from workload import (failures, flush, highest_rate, lone_latencies, make_media, make_trace, plot, replay,
+from workload import (LOOSE_SLO_CAPS, failures, flush, highest_rate, lone_latencies, make_media, make_trace, plot, replay,
                       slo_targets, start_redis, start_stack, summarize)
 
 SYSTEMS = ("mmserve", "aggregated", "transformers")
@@ -61,7 +61,8 @@ def start_system(name: str, model: str, redis_url: str, router_args: tuple[str, 
         return start_stack(model, redis_url, router_args)
     port = free_port()
     if name == "aggregated":  # `mmserve up --aggregated`, with the router flags `mmserve up` has no option for
-        spec = StackSpec(model=model, port=port, redis_url=redis_url, log_level="ERROR", router_args=router_args)
+        spec = StackSpec(model=model, port=port, redis_url=redis_url, log_level="ERROR",
+                         router_args=LOOSE_SLO_CAPS + tuple(router_args))
         code = ("import sys; from stack.aggregated import main_aggregated; from stack.launcher import StackSpec; "
                 f"sys.exit(main_aggregated({spec!r}))")
         return start_process(name, [sys.executable, "-c", code], port)

@@ -37,6 +37,7 @@ from mmserve.media.samples import make_image, make_video
 from mmserve.models.tiny import build_tiny_model
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from stack.launcher import free_port
+from workload import LOOSE_SLO_CAPS
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from hf_baseline import HfModel  # noqa: E402
@@ -174,7 +175,8 @@ def start_up(model: str, port: int, http_port: int) -> tuple[subprocess.Popen, f
     """`mmserve up` with the OpenAI endpoint; returns it and the seconds until it said it was healthy."""
     start = time.perf_counter()
     up = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--model", model, "--port", str(port),
-                           "--http-port", str(http_port), "--log-level", "WARNING"],
+                           "--http-port", str(http_port), "--log-level", "WARNING",
+                           "--router-flags", " ".join(LOOSE_SLO_CAPS)],
                           stdout=subprocess.PIPE, text=True)
     for line in up.stdout:
         if "router listening" in line:

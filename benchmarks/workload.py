@@ -124,9 +124,15 @@ def slo_targets(lone: dict[str, float], factor: float, floor_ms: float) -> dict[
     return {c: max(floor_ms, factor * lone[c]) for c in CLASSES} | {"tpot": max(floor_ms / 4, factor * lone["tpot"])}
 
 
+# A benchmark's stack lets its clients ask for loose SLO targets (lone latencies, capacity, warm-ups measure speed,
+# not admission); a production router caps them at its own defaults.
+LOOSE_SLO_CAPS = ("--max-slo-ttft-ms", "1e9", "--max-slo-tpot-ms", "1e9")
+
+
 def start_stack(model: str, redis_url: str, router_args: tuple[str, ...] = ()) -> tuple[Stack, str]:
     """mmserve's four services as separate processes, healthy; returns the stack and the router address."""
-    spec = StackSpec(model=model, port=free_port(), redis_url=redis_url, log_level="ERROR", router_args=router_args)
+    spec = StackSpec(model=model, port=free_port(), redis_url=redis_url, log_level="ERROR",
+                     router_args=LOOSE_SLO_CAPS + tuple(router_args))
     planned = plan(spec)
     children, address = planned.children(), planned.router_address
     stack = Stack(children)
