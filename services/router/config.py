@@ -51,7 +51,7 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     slo_tpot_ms: float = option(200.0, "default time-per-output-token target")
     admission_headroom: float = option(1.0, "refuse a request whose calibrated predicted TTFT (or time per token) "
                                             "exceeds this times its target")
-    admission_target: float = option(0.95, "share of admitted requests that should meet their SLO: admission "
+    admission_target: float = option(0.9, "share of admitted requests that should meet their SLO: admission "
                                            "plans for a quantile of its prediction errors that outcomes move")
     decoder_max_in_flight: int = option(2, "decode calls one decoder replica gets at once (slo policy)")
     encoder_max_in_flight: int = option(4, "encode calls one encoder replica gets at once (slo policy)")
