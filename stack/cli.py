@@ -73,7 +73,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _secrets(args: argparse.Namespace) -> int:
-    from stack.launcher import write_secrets
+    from stack.secrets import write_secrets
 
     try:
         paths = write_secrets(args.out)

@@ -18,8 +18,9 @@ import time
 
 import prometheus_client
 
-from mmserve import internal_token, rpc, tls
+from mmserve import rpc, tls
 from mmserve.config import ServiceConfig
+from stack.secrets import write_secrets
 from stack.supervisor import RestartPolicy, Restarts
 
 log = logging.getLogger("mmserve.up")
@@ -82,7 +83,7 @@ class StackSpec:
     router_args: tuple[str, ...] = ()  # further router flags, e.g. ("--policy", "fcfs", "--slo-tpot-ms", "100")
     tls_dir: str = ""  # TLS_FILES: TLS on the router's ports, mutual TLS between the services ("": plaintext)
     api_tokens_file: str = ""  # bearer tokens the router's public API requires ("": $MMSERVE_API_TOKENS or open)
-    secrets_dir: str = ""  # a private directory for the stack's generated secrets (SECRET_FILES; "": none generated)
+    secrets_dir: str = ""  # a private directory for the stack's generated secrets (stack.secrets; "": none generated)
 
 
 # What `mmserve up --tls-dir` reads (`mmserve.tls.make_dev_certs` writes this layout).
@@ -110,28 +111,6 @@ def tls_dir_error(tls_dir: str) -> str | None:
         return (f"--tls-dir {tls_dir}: missing {', '.join(missing)} (`mmserve certs --out {tls_dir}` writes a "
                 "development set)")
     return None
-
-
-# What `mmserve up` generates per stack and `mmserve secrets` writes for compose and k8s: the internal token every
-# call between the services carries, the password of the private Redis, and a redis-server config file holding it
-# (a config file, as the password must not appear on redis-server's command line).
-SECRET_FILES = ("internal-token", "redis-password", "redis.conf")
-
-
-def write_secrets(directory: str) -> dict[str, str]:
-    """Writes fresh SECRET_FILES into directory, readable by this user only; returns their paths by name."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    password = internal_token.generate()
-    contents = {"internal-token": internal_token.generate(), "redis-password": password,
-                "redis.conf": f"requirepass {password}"}
-    paths = {}
-    for name, text in contents.items():
-        paths[name] = os.path.join(directory, name)
-        # O_EXCL and mode 0600 at creation: the secret is never readable by others, not even for a moment.
-        fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-    return paths
 
 
 @dataclasses.dataclass(frozen=True)

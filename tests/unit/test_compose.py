@@ -16,7 +16,8 @@ import yaml
 
 from mmserve import probe, tls
 from mmserve.config import ServiceConfig
-from stack.launcher import SECRET_FILES, Child, StackSpec, plan
+from stack.launcher import Child, StackSpec, plan
+from stack.secrets import SECRET_FILES
 from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
