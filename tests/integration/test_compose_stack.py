@@ -17,7 +17,7 @@ from stack.secrets import write_secrets
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from tests.integration.helpers import collect, request, text
-from tests.unit.test_compose import CONFIGS, TLS_ENV, TLS_MOUNT, TOKENS_FILE, load_compose, option_value
+from tests.unit.compose_files import CONFIGS, TLS_ENV, TLS_MOUNT, TOKENS_FILE, load_compose, option_value
 
 # What a test machine's .env would say: the tiny model needs no 8 GiB KV cache (and its float32 stays float32).
 TEST_ENV = {"DTYPE": "auto", "LLM_KV_CACHE_BYTES": str(64 * 1024 * 1024), "LOG_LEVEL": "WARNING"}

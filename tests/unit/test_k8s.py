@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.unit.test_compose import (COMPOSE_ONLY, CONFIGS, GPU_SERVICES, PLAN_ONLY, ROOT, TLS_FIELDS, TLS_MOUNT,
+from tests.unit.compose_files import (COMPOSE_ONLY, CONFIGS, GPU_SERVICES, PLAN_ONLY, ROOT, TLS_FIELDS, TLS_MOUNT,
                                      TOKENS_FILE, flag_names, parse_command, planned, planned_flags, probe_tls)
 
 K8S = ROOT / "deploy" / "k8s"
