@@ -10,8 +10,6 @@ from services.router.policy import (Backlog, Calibration, Decision, Prediction, 
                                     Strictness, decide)
 from services.router.selection import StageView
 
-_MERGE = 4  # vision patches per LLM token (2 × 2 spatial merge)
-
 
 @dataclasses.dataclass
 class Ticket:
@@ -151,8 +149,3 @@ class Controller:
     def _report(self) -> None:
         for stage, backlog in self.backlogs.items():
             metrics.BACKLOG_MS.labels(stage).set(backlog.total_ms())
-
-
-def estimate_prompt_tokens(num_text_chars: int, shapes: list[MediaShape]) -> float:
-    """Prompt tokens before tokenising: about 3 characters per token plus the merged vision tokens."""
-    return num_text_chars / 3 + sum(s.num_patches / _MERGE for s in shapes) + 8

@@ -17,7 +17,8 @@ from typing import Callable
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
 from mmserve.cache_keys import MediaParams, media_key
-from mmserve.media import sizing as pp
+from mmserve.media import sizing
+from mmserve.media.errors import MediaError
 from mmserve.media.fetch import FetchPolicy, fetch_uri
 from mmserve.models.family import Family
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
@@ -77,7 +78,7 @@ class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
-                 model_id: str, encoder_dtype: str, family: Family, processing: pp.ImageProcessing,
+                 model_id: str, encoder_dtype: str, family: Family, processing: sizing.ImageProcessing,
                  fetch_policy: FetchPolicy, max_frames: int = 0, max_pixels: int = 0):
         self.decoders = decoders
         self.encoders = encoders
@@ -113,8 +114,8 @@ class MediaStage:
             return item.media.data
         try:
             return await fetch_uri(item.media.uri, policy=self.fetch_policy)
-        except pp.MediaError as err:
-            raise pp.MediaError(f"{item.where}.{err}") from None
+        except MediaError as err:
+            raise MediaError(f"{item.where}.{err}") from None
 
     async def prepare(self, item: MediaItem) -> Prepared:
         """Reads the item, looks every chunk up in the cache and, on a miss, predicts what it will cost."""
@@ -206,7 +207,7 @@ class MediaStage:
                 decoded = time.perf_counter()
                 decoder.costs.observe(num_frames, num_pixels, (decoded - start) * 1e3)
             if not encodes:
-                raise pp.MediaError(f"{item.where}: the decoder returned no frames")
+                raise MediaError(f"{item.where}: the decoder returned no frames")
             replies = await asyncio.gather(*encodes)
         except BaseException:
             # Chunks already encoded will not be used: their producers may free them now, not at lease expiry.

@@ -13,7 +13,7 @@ import time
 import grpc
 
 from mmserve import transport
-from mmserve.media import sizing as pp
+from mmserve.media import sizing
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router.pools import Pools
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 _TIMEOUT_S = 60.0
 
 
-async def warm_up(pools: Pools, processing: pp.ImageProcessing) -> None:
+async def warm_up(pools: Pools, processing: sizing.ImageProcessing) -> None:
     """Profiles every healthy replica once; failures are logged and ignored (live traffic refines anyway)."""
     try:
         for pool in pools:
@@ -40,7 +40,7 @@ async def warm_up(pools: Pools, processing: pp.ImageProcessing) -> None:
         log.warning("warm-up profile incomplete: %s", err)
 
 
-async def _decode(decoder, image: bytes, processing: pp.ImageProcessing):
+async def _decode(decoder, image: bytes, processing: sizing.ImageProcessing):
     request = decoder_pb2.DecodeRequest(request_id="warmup", kind=decoder_pb2.MEDIA_KIND_IMAGE, data=image,
                                         min_pixels=processing.min_pixels, max_pixels=processing.max_pixels)
     start = time.perf_counter()
