@@ -148,3 +148,19 @@ def replace_each(text: str, placeholder: str, replacements: list[str]) -> str:
     if len(parts) != len(replacements) + 1:
         raise ValueError(f"prompt: {len(parts) - 1} {placeholder} placeholders for {len(replacements)} items")
     return parts[0] + "".join(r + rest for r, rest in zip(replacements, parts[1:]))
+
+
+def pack(item: EncodedItem):
+    """One tensor [rows, hidden * (1 + DeepStack layers)] for the wire and the cache: the DeepStack features as
+    column blocks after the embeddings, so rows stay rows and a video's chunks concatenate as before."""
+    import torch
+
+    return torch.cat([item.embeddings, *item.deepstack], dim=1) if item.deepstack else item.embeddings
+
+
+def unpack(tensor, hidden_size: int) -> EncodedItem:
+    """pack's inverse: the first hidden_size columns are the embeddings, each further block one DeepStack layer."""
+    if tensor.shape[1] % hidden_size:
+        raise ValueError(f"embeddings: {tensor.shape[1]} columns are not a multiple of the hidden size {hidden_size}")
+    first, *rest = tensor.split(hidden_size, dim=1)
+    return EncodedItem(first, tuple(rest))

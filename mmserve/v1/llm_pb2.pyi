@@ -38,18 +38,20 @@ class LlmPart(_message.Message):
     def __init__(self, text: _Optional[str] = ..., media: _Optional[_Union[MediaEmbedding, _Mapping]] = ...) -> None: ...
 
 class MediaEmbedding(_message.Message):
-    __slots__ = ("kind", "embeddings", "grid_thw", "second_per_grid_t", "cache_keys")
+    __slots__ = ("kind", "embeddings", "grid_thw", "second_per_grid_t", "cache_keys", "timestamps")
     KIND_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     GRID_THW_FIELD_NUMBER: _ClassVar[int]
     SECOND_PER_GRID_T_FIELD_NUMBER: _ClassVar[int]
     CACHE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     kind: _decoder_pb2.MediaKind
     embeddings: _tensor_pb2.TensorRef
     grid_thw: _containers.RepeatedScalarFieldContainer[int]
     second_per_grid_t: float
     cache_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[_Union[_decoder_pb2.MediaKind, str]] = ..., embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., second_per_grid_t: _Optional[float] = ..., cache_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    timestamps: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, kind: _Optional[_Union[_decoder_pb2.MediaKind, str]] = ..., embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., second_per_grid_t: _Optional[float] = ..., cache_keys: _Optional[_Iterable[str]] = ..., timestamps: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LlmResponse(_message.Message):
     __slots__ = ("delta", "final")
