@@ -22,6 +22,7 @@ class Ticket:
     decision: Decision
     admitted_at: float = float("-inf")
     jobs: dict[str, int] = dataclasses.field(default_factory=dict)
+    is_at_llm: bool = False  # holds an llm slot (counted in its replica's num_in_flight) before its first token
 
     @property
     def latest_start(self) -> float:
@@ -59,6 +60,8 @@ class Controller:
         self.probe_after_s = probe_after_s
         self.probe_max_ratio = probe_max_ratio
         self.backlogs = {stage: Backlog() for stage in self.pools}
+        # Tickets in the llm backlog that already hold an llm slot: the replica counts them in num_in_flight.
+        self._num_at_llm = 0
         # When the latest admitted request that ran (was not cancelled) was admitted: one whose client went away
         # measured nothing, so it must not postpone a probe. Counted at release: until then it is in flight.
         self._last_admitted = float("-inf")
@@ -90,9 +93,17 @@ class Controller:
 
     def finish(self, ticket: Ticket, stage: str) -> None:
         """The ticket's work at this stage is done (or abandoned)."""
+        if stage == "llm":
+            self.at_llm(ticket, False)
         if (job := ticket.jobs.pop(stage, None)) is not None:
             self.backlogs[stage].remove(job)
             self._report()
+
+    def at_llm(self, ticket: Ticket, is_at_llm: bool) -> None:
+        """The ticket took (True) or gave back (False) an llm slot before its first token."""
+        if "llm" in ticket.jobs and ticket.is_at_llm != is_at_llm:
+            ticket.is_at_llm = is_at_llm
+            self._num_at_llm += 1 if is_at_llm else -1
 
     def record(self, ticket: Ticket, ttft_ms: float, met: bool) -> None:
         """A completed request: its time to first token against what admission predicted for it, and
@@ -123,8 +134,9 @@ class Controller:
             media_wait = max(self._wait_ms("decoder", deadline), self._wait_ms("encoder", deadline))
         llm = self._best("llm", lambda r: r.costs.prefill.predict(prompt_tokens))
         # The batch it will decode in: what runs now, itself, and the admitted requests still on their way
-        # (in decode, encode or prefill: counted in the llm backlog until their first token).
-        coming = len(self.backlogs["llm"]) / max(1, len(self.pools["llm"].healthy()))
+        # (in decode, encode or the llm's queue: counted in the llm backlog until their first token). One already
+        # at an llm is in its num_in_flight too: counted twice, a near-capacity stack refused what it could serve.
+        coming = (len(self.backlogs["llm"]) - self._num_at_llm) / max(1, len(self.pools["llm"].healthy()))
         step = self._best("llm", lambda r: r.costs.step.predict(r.num_in_flight + coming + 1))
         return Prediction(StageTimes(media_wait, decode + encode),
                           StageTimes(self._wait_ms("llm", deadline), llm), step)

@@ -196,12 +196,14 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             try:
                 async with self.llms.slot(latest_start=ticket.deadline, affinity=affinity, exclude=tries.exclude,
                                           work_ms=lambda r: prefill_ms + r.costs.step.predict(r.num_in_flight)) as llm:
+                    self.controller.at_llm(ticket, True)
                     if affinity is not None:
                         self.llms.remember(affinity, llm)
                     async for reply in self._replies(llm, llm_request, deadline):
                         yield reply
                     return
             except ReplicaDown as down:
+                self.controller.at_llm(ticket, False)  # its slot is given back; another replica may take it
                 if not tries.retry(down.replica):
                     raise _stage_error("llm", down.error) from None
             except NoReplicaError as err:

@@ -50,6 +50,7 @@ async def serve(controller: Controller, i: int, hang_at: str | None, *, tpot_ms:
         prefill_ms = ticket.prediction.llm.work_ms
         async with pools["llm"].slot(latest_start=ticket.deadline,
                                      work_ms=lambda r: prefill_ms + r.costs.step.predict(r.num_in_flight)):
+            controller.at_llm(ticket, True)
             await (hang.wait() if hang_at == "prefill" else asyncio.sleep(0))
             controller.finish(ticket, "llm")  # the first token
             await (hang.wait() if hang_at == "decode" else asyncio.sleep(0))
