@@ -23,6 +23,7 @@ class Settings:
     image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     num_frames: int = 8
+    patches_per_token: int = 4  # pixel shuffle by downsample_ratio: (1 / ratio)² patches in one row
 
 
 def load_settings(model_dir: str | pathlib.Path) -> Settings:
@@ -42,6 +43,7 @@ def load_settings(model_dir: str | pathlib.Path) -> Settings:
         image_mean=tuple(image.get("image_mean", defaults.image_mean)),
         image_std=tuple(image.get("image_std", defaults.image_std)),
         num_frames=int(video.get("num_frames") or defaults.num_frames),
+        patches_per_token=round(1 / float(config.get("downsample_ratio", 0.5)) ** 2),
     )
 
 
@@ -69,6 +71,7 @@ class InternVL:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.patches_per_token = settings.patches_per_token
 
     # -- planning ------------------------------------------------------------------------------------------
     def plan_image(self, height: int, width: int, max_tiles: int = 0) -> MediaItem:

@@ -102,6 +102,7 @@ class Qwen3VL:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.patches_per_token = settings.merge_size ** 2
 
     # -- planning ------------------------------------------------------------------------------------------
     def plan_image(self, height: int, width: int) -> MediaItem:
