@@ -91,9 +91,7 @@ def decode_image_with(data: bytes, frames_of: Callable[[Image.Image], torch.Tens
             return frames_of(img)
         except OSError as e:
             raise MediaError(f"image: truncated or corrupt {fmt} data ({e})") from None
-        except MediaError:
-            raise
-        except ValueError as e:  # the family's resize rule refused the size
+        except ValueError as e:  # a MediaError, or the family's resize rule refusing the size
             raise MediaError(str(e)) from None
         except Exception as e:
             raise MediaError(f"image: cannot decode {fmt} data ({type(e).__name__}: {e})") from None

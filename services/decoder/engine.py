@@ -83,9 +83,7 @@ def plan_video(index: VideoIndex, options: VideoOptions, num_chunks: int, costs:
     info = index.info
     try:
         plan = family.plan_decode("video", options.params(), info.height, info.width, info.total_frames, info.fps)
-    except MediaError:
-        raise
-    except ValueError as err:  # the family's rules refuse this clip (too few frames, odd shape)
+    except ValueError as err:  # the family's rules refuse this clip (too few frames, odd shape): bad media
         raise MediaError(str(err)) from None
     indices = list(plan.frame_indices)
     sample_fps = len(indices) / max(info.total_frames, 1e-6) * info.fps
@@ -93,7 +91,7 @@ def plan_video(index: VideoIndex, options: VideoOptions, num_chunks: int, costs:
     # Frame i is the i-th packet by pts only when every packet is shown once and the counts agree.
     if not index.has_discarded and len(index.pts) == info.total_frames:
         with contextlib.suppress(PlanError):
-            chunks = plan_chunks(index.pts, index.is_key, indices, num_chunks, costs, step=frames_per_cut(family, plan))
+            chunks = plan_chunks(index.pts, index.is_key, indices, num_chunks, costs, frames_per_cut(family, plan))
     return VideoPlan(indices, sample_fps, (len(indices), plan.height, plan.width, 3), chunks, info.fps)
 
 

@@ -66,13 +66,6 @@ class Prepared:
     degraded: bool = False
 
     @property
-    def num_patches(self) -> float:
-        """Vision patches (before the spatial merge) the item puts in the prompt, hit or not (0 if unknown)."""
-        if self.hit is not None:
-            return math.prod(self.hit.grid_thw)
-        return self.planned.num_patches if self.planned is not None else 0.0
-
-    @property
     def family_item(self) -> FamilyItem:
         """The family's item the prompt will hold, hit or not (an empty grid when the header is unreadable: the
         decoder names the problem later)."""
