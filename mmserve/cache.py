@@ -34,13 +34,14 @@ ERRORS = prometheus_client.Counter("mmserve_embedding_cache_errors", "Redis fail
 class CachedEmbedding:
     """One temporal chunk's (or a whole image's) vision embeddings and what the LLM needs to place them."""
 
-    embeddings: tensor_pb2.TensorRef  # inline [num_tokens, hidden]; dtype and shape only when peeked
-    grid_thw: tuple[int, int, int]  # of this chunk
+    embeddings: tensor_pb2.TensorRef  # inline packed [num_tokens, hidden * (1 + DeepStack)]; dtype, shape if peeked
+    grid_thw: tuple[int, int, int]  # of this chunk (the family's grid)
     second_per_grid_t: float
     chunk_index: int = 0
     num_chunks: int = 1
     first_frame: int = 0  # position of the chunk's first frame in the sampled sequence
     num_frames: int = 0
+    timestamps: tuple[float, ...] = ()  # seconds of each temporal group, where the family writes them (Qwen3-VL)
 
 
 def join_chunks(chunks: list[CachedEmbedding | None]) -> CachedEmbedding | None:
@@ -64,7 +65,8 @@ def join_chunks(chunks: list[CachedEmbedding | None]) -> CachedEmbedding | None:
         return first
     grid = (sum(c.grid_thw[0] for c in chunks), *first.grid_thw[1:])
     joined = transport.concat([c.embeddings for c in chunks])
-    return CachedEmbedding(joined, grid, first.second_per_grid_t, 0, 1, 0, frame)
+    return CachedEmbedding(joined, grid, first.second_per_grid_t, 0, 1, 0, frame,
+                           tuple(t for c in chunks for t in c.timestamps))
 
 
 def encode_value(item: CachedEmbedding) -> bytes:
@@ -73,7 +75,7 @@ def encode_value(item: CachedEmbedding) -> bytes:
     header = json.dumps({"dtype": ref.dtype, "shape": list(ref.shape), "grid_thw": list(item.grid_thw),
                          "second_per_grid_t": item.second_per_grid_t, "chunk_index": item.chunk_index,
                          "num_chunks": item.num_chunks, "first_frame": item.first_frame,
-                         "num_frames": item.num_frames}).encode()
+                         "num_frames": item.num_frames, "timestamps": list(item.timestamps)}).encode()
     return _HEADER.pack(_MAGIC, _FORMAT_VERSION, len(header)) + header + ref.inline_data
 
 
@@ -93,7 +95,7 @@ def decode_value(blob: bytes, header_only: bool = False) -> CachedEmbedding | No
             ref.inline_data = blob[_HEADER.size + n:]
         item = CachedEmbedding(ref, grid, float(h["second_per_grid_t"]), int(h.get("chunk_index", 0)),
                                int(h.get("num_chunks", 1)), int(h.get("first_frame", 0)),
-                               int(h.get("num_frames", 0)))
+                               int(h.get("num_frames", 0)), tuple(float(t) for t in h.get("timestamps", ())))
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     return item if len(grid) == 3 and 0 <= item.chunk_index < item.num_chunks else None

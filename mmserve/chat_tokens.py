@@ -41,12 +41,24 @@ class ChatTokenCounter:
         self.placeholder_ids = frozenset(config[name] for name in ("image_token_id", "video_token_id")
                                          if name in config)
 
+    def render(self, conversation: list[dict[str, Any]]) -> str:
+        """The chat template's text of a conversation, ending with the assistant turn's header."""
+        return self.template.render(messages=conversation, add_generation_prompt=True, **self.special_tokens)
+
     def count(self, conversation: list[dict[str, Any]]) -> PromptCount:
         """Tokens of a conversation in transformers' content-list form ({"type": "text"|"image"|"video"})."""
-        text = self.template.render(messages=conversation, add_generation_prompt=True, **self.special_tokens)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.tokenizer.encode(self.render(conversation), add_special_tokens=False).ids
         num_media = sum(1 for i in ids if i in self.placeholder_ids)
         return PromptCount(len(ids) - num_media, num_media)
+
+    def count_expanded(self, conversation: list[dict[str, Any]], family, items: list) -> PromptCount:
+        """Tokens of the prompt the llm builds for these planned items: the family's markup around each
+        (expand_prompt: Qwen3-VL's timestamps, InternVL's <img> and frame labels) and its pads repeated to the
+        items' rows (expand_ids); ValueError when the text's placeholders do not match the items."""
+        ids = self.tokenizer.encode(family.expand_prompt(self.render(conversation), items),
+                                    add_special_tokens=False).ids
+        num_tokens = len(family.expand_ids(ids, items))
+        return PromptCount(num_tokens - sum(family.num_tokens(item) for item in items), len(items))
 
 
 def _chat_template(model_dir: pathlib.Path, settings: dict) -> str:

@@ -163,8 +163,8 @@ def plan(spec: StackSpec) -> Plan:
     def addresses(stage: str) -> str:
         return ",".join(f"{host}:{port}" for port in ports[stage])
 
-    services = [("decoder", DecoderConfig(port=ports["decoder"][0], media_root=spec.media_root, **common(),
-                                          **internal_tls))]
+    services = [("decoder", DecoderConfig(port=ports["decoder"][0], model=spec.model, media_root=spec.media_root,
+                                          **common(), **internal_tls))]
     services += [("encoder", EncoderConfig(port=port, model=spec.model, redis_url=redis_url, **common(),
                                            **internal_tls))
                  for port in ports["encoder"]]

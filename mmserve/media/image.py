@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,6 +48,22 @@ def decode_image(
     max_input_pixels: int = MAX_INPUT_PIXELS,
 ) -> torch.Tensor:
     """Decode a JPEG/PNG/WebP/GIF (first frame) to uint8 [1,H,W,3], resized to smart_resize(h, w)."""
+
+    def resize(img: Image.Image) -> torch.Tensor:
+        target_h, target_w = smart_resize(img.height, img.width, factor, min_pixels, max_pixels)
+        rgb = _to_rgb(img)
+        # HF resizes with PIL BICUBIC and no reducing_gap, even when the size is unchanged (a copy).
+        if rgb.size != (target_w, target_h):
+            rgb = rgb.resize((target_w, target_h), resample=Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).unsqueeze(0)
+
+    return decode_image_with(data, resize, max_input_pixels=max_input_pixels)
+
+
+def decode_image_with(data: bytes, frames_of: Callable[[Image.Image], torch.Tensor], *,
+                      max_input_pixels: int = MAX_INPUT_PIXELS) -> torch.Tensor:
+    """frames_of(image) for a JPEG/PNG/WebP/GIF (first frame) whose header is within the limits; bad or truncated
+    data is a MediaError."""
     if not data:
         raise MediaError("image: empty data")
     try:
@@ -69,16 +86,12 @@ def decode_image(
             )
         if max(width, height) > MAX_INPUT_SIDE:
             raise MediaError(f"image: {width}x{height} has a side over the limit of {MAX_INPUT_SIDE} pixels")
-        target_h, target_w = smart_resize(height, width, factor, min_pixels, max_pixels)
         fmt = img.format
         try:
-            rgb = _to_rgb(img)
-            # HF resizes with PIL BICUBIC and no reducing_gap, even when the size is unchanged (a copy).
-            if rgb.size != (target_w, target_h):
-                rgb = rgb.resize((target_w, target_h), resample=Image.Resampling.BICUBIC)
-            array = np.array(rgb, dtype=np.uint8)
+            return frames_of(img)
         except OSError as e:
             raise MediaError(f"image: truncated or corrupt {fmt} data ({e})") from None
+        except ValueError as e:  # a MediaError, or the family's resize rule refusing the size
+            raise MediaError(str(e)) from None
         except Exception as e:
             raise MediaError(f"image: cannot decode {fmt} data ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(array).unsqueeze(0)

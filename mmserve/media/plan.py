@@ -167,8 +167,9 @@ def split_outputs(starts: Sequence[int], ends: Sequence[int], num_chunks: int, c
 
 
 def plan_chunks(pts: Sequence[int | None], is_key: Sequence[bool], targets: Sequence[int], num_chunks: int,
-                costs: CostModel = CostModel()) -> list[Chunk]:
-    """Chunks decoding the frames at presentation indices targets (ascending), each an even number of frames.
+                costs: CostModel = CostModel(), step: int = 2) -> list[Chunk]:
+    """Chunks decoding the frames at presentation indices targets (ascending), each a multiple of step frames
+    (the model's temporal group) but the last.
 
     pts and is_key describe the stream's packets in decode order. Frames are matched by pts, so B-frames and
     open GOPs cannot shift them. Raises PlanError when the index cannot be trusted.
@@ -182,7 +183,7 @@ def plan_chunks(pts: Sequence[int | None], is_key: Sequence[bool], targets: Sequ
     starts = [starts_by_frame[i] for i in targets]
     ends = [order[i] for i in targets]
     chunks = []
-    for index, (a, b) in enumerate(split_outputs(starts, ends, num_chunks, costs)):
+    for index, (a, b) in enumerate(split_outputs(starts, ends, num_chunks, costs, step)):
         meter = _CostMeter(costs)
         for t in range(a, b):
             meter.add(starts[t], ends[t])

@@ -96,14 +96,20 @@ def decode_video(
     max_pixels: float = VIDEO_MAX_PIXELS,
     total_pixels: float = VIDEO_TOTAL_PIXELS,
     threads: int = 1,
+    indices: list[int] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> DecodedVideo:
-    """Sample frames as qwen-vl-utils does (linspace over the clip) and resize them to the Qwen2.5-VL grid."""
+    """Sample frames as qwen-vl-utils does (linspace over the clip) and resize them to the Qwen2.5-VL grid, or
+    keep the given frame indices (ascending) resized to size (height, width): another family's plan."""
     info = probe_video(data)
-    indices, sample_fps = sample_frame_indices(
-        info.total_frames, info.fps, fps=fps, min_frames=min_frames, max_frames=max_frames
-    )
-    budget = video_max_pixels(len(indices), min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
-    out_h, out_w = smart_resize(info.height, info.width, IMAGE_FACTOR, min_pixels, budget)
+    if indices is None or size is None:
+        indices, _ = sample_frame_indices(info.total_frames, info.fps, fps=fps, min_frames=min_frames,
+                                          max_frames=max_frames)
+        budget = video_max_pixels(len(indices), min_pixels=min_pixels, max_pixels=max_pixels,
+                                  total_pixels=total_pixels)
+        size = smart_resize(info.height, info.width, IMAGE_FACTOR, min_pixels, budget)
+    sample_fps = len(indices) / max(info.total_frames, 1e-6) * info.fps
+    out_h, out_w = size
     frames = torch.empty((len(indices), out_h, out_w, 3), dtype=torch.uint8)
     container = open_container(data)
     filled, frame_index, reached = 0, -1, 0.0

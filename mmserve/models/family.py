@@ -43,12 +43,14 @@ class EncodedItem:
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-    """What the decoder makes of one image or video: frames kept, the size each is resized to, and the item."""
+    """What the decoder makes of one image or video: frames kept (their indices in the clip), the size each is
+    resized to, and the item. An InternVL image is several frames: its tiles and thumbnail, each height x width."""
 
     num_frames: int
     height: int
     width: int
     item: MediaItem
+    frame_indices: tuple[int, ...] = (0,)
 
 
 class Family(Protocol):
@@ -67,6 +69,12 @@ class Family(Protocol):
 
     def second_per_grid_t(self, sample_fps: float) -> float:
         """Seconds per temporal patch of a video sampled at sample_fps (0 where the family has no time axis)."""
+
+    def timestamps(self, frame_indices: list[int], video_fps: float) -> tuple[float, ...]:
+        """Seconds the prompt shows before each temporal group of these sampled frames (() where it shows none)."""
+
+    def image_frames(self, image, plan: DecodePlan):
+        """The decoder's uint8 [T,H,W,3] frames of a PIL image under plan (preprocess_frames' input)."""
 
     def plan_image(self, height: int, width: int) -> MediaItem:
         """The item an image of this size becomes (resize rule, tiling)."""
@@ -129,6 +137,14 @@ def family_of(model_dir: str | pathlib.Path) -> Family:
     if model_type not in _FAMILIES:
         raise ValueError(f"model: model_type {model_type!r} is not one of {sorted(_FAMILIES)}")
     return importlib.import_module(_FAMILIES[model_type]).from_pretrained(model_dir)
+
+
+def planning_family(model_dir: str | pathlib.Path) -> Family:
+    """The family whose sampling and resize rules a service without a checkpoint follows: the checkpoint's, or
+    Qwen2.5-VL's processor defaults when model_dir is empty."""
+    if model_dir:
+        return family_of(model_dir)
+    return importlib.import_module(_FAMILIES["qwen2_5_vl"]).from_defaults()
 
 
 def expand_pads(ids: list[int], pad_ids: set[int], counts: list[int]) -> list[int]:

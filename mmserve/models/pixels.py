@@ -21,6 +21,6 @@ def pil_resize(image: Image.Image, height: int, width: int) -> torch.Tensor:
 def normalize_fused(frames: torch.Tensor, mean, std) -> torch.Tensor:
     """float32 [T,3,H,W] of uint8 [T,H,W,3] frames as (x - 255 mean) / (255 std): transformers' video processors
     fold the 1/255 rescale into the constants, which rounds differently from rescaling first."""
-    mean = (torch.tensor(mean) * 255.0).view(1, 3, 1, 1)
-    std = (torch.tensor(std) * 255.0).view(1, 3, 1, 1)
+    mean = (torch.tensor(mean, device=frames.device) * 255.0).view(1, 3, 1, 1)
+    std = (torch.tensor(std, device=frames.device) * 255.0).view(1, 3, 1, 1)
     return (frames.permute(0, 3, 1, 2).float() - mean) / std

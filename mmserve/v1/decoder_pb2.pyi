@@ -42,17 +42,21 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., data: _Optional[bytes] = ..., uri: _Optional[str] = ..., fps: _Optional[float] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., total_pixels: _Optional[int] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
-    __slots__ = ("chunk_index", "num_chunks", "frames", "frame_indices", "sample_fps", "decode_ms")
+    __slots__ = ("chunk_index", "num_chunks", "frames", "frame_indices", "sample_fps", "decode_ms", "video_fps", "grid")
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     FRAME_INDICES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FPS_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
     chunk_index: int
     num_chunks: int
     frames: _tensor_pb2.TensorRef
     frame_indices: _containers.RepeatedScalarFieldContainer[int]
     sample_fps: float
     decode_ms: float
-    def __init__(self, chunk_index: _Optional[int] = ..., num_chunks: _Optional[int] = ..., frames: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., frame_indices: _Optional[_Iterable[int]] = ..., sample_fps: _Optional[float] = ..., decode_ms: _Optional[float] = ...) -> None: ...
+    video_fps: float
+    grid: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, chunk_index: _Optional[int] = ..., num_chunks: _Optional[int] = ..., frames: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., frame_indices: _Optional[_Iterable[int]] = ..., sample_fps: _Optional[float] = ..., decode_ms: _Optional[float] = ..., video_fps: _Optional[float] = ..., grid: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -12,6 +12,8 @@ from mmserve.config import ServiceConfig, option
 class DecoderConfig(ServiceConfig):
     """Decoder service: images and videos into sampled, resized RGB frames."""
 
+    model: str = option("", "checkpoint directory whose family's sampling and resize rules the decoder follows "
+                            "(reads only its JSON files; empty: Qwen2.5-VL's defaults)")
     media_root: str = option("", "directory file:// URIs may read from (empty disables file://)")
     max_media_bytes: int = option(200 * 1024 * 1024, "largest encoded media file accepted")
     num_workers: int = option(0, "decoder worker processes (0: one per available CPU core)")

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmserve.cache_keys import MediaParams
 from mmserve.media import nvdec
 from mmserve.media import preprocess as pp
 from mmserve.media.plan import Chunk, CostModel, PlanError, plan_chunks, workers_for_request
 from mmserve.media.preprocess import MediaError
 from mmserve.media.video import VideoIndex
+from mmserve.models.family import DecodePlan, Family, planning_family
 from services.decoder.config import DecoderConfig
 from services.decoder.pool import WorkerError, WorkerPool
 from services.decoder.worker import ChunkTask, ImageTask, IndexTask, SequentialTask, WorkerSettings
@@ -33,7 +35,7 @@ FAULT_INJECTION_ENV = "MMSERVE_DECODER_FAULT_INJECTION"
 
 @dataclasses.dataclass(frozen=True)
 class VideoOptions:
-    """Sampling and sizing of one video (qwen-vl-utils fetch_video parameters)."""
+    """Sampling and sizing of one video (defaults: qwen-vl-utils fetch_video's; the family reads what it uses)."""
 
     fps: float = pp.FPS
     min_frames: int = pp.FPS_MIN_FRAMES
@@ -41,6 +43,12 @@ class VideoOptions:
     min_pixels: float = pp.VIDEO_MIN_PIXELS
     max_pixels: float = pp.VIDEO_MAX_PIXELS
     total_pixels: float = pp.VIDEO_TOTAL_PIXELS
+
+    def params(self) -> MediaParams:
+        """The options as the family's planning takes them."""
+        return MediaParams("video", fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames,
+                           min_pixels=int(self.min_pixels), max_pixels=int(self.max_pixels),
+                           total_pixels=int(self.total_pixels))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,8 @@ class DecodedChunk:
     frame_indices: list[int]
     sample_fps: float
     decode_ms: float  # time inside the worker
+    video_fps: float = 0.0  # of the clip the frame indices count in (videos)
+    grid: tuple[int, ...] = ()  # an image's grid as the family planned it (InternVL: tiles, columns, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,22 +73,31 @@ class VideoPlan:
     sample_fps: float
     out_shape: tuple[int, int, int, int]
     chunks: list[Chunk] | None
+    video_fps: float = 0.0
 
 
-def plan_video(index: VideoIndex, options: VideoOptions, num_chunks: int, costs: CostModel) -> VideoPlan:
-    """Sampled frames and chunks for a video, with decode_video's sampling and resize rules."""
+def plan_video(index: VideoIndex, options: VideoOptions, num_chunks: int, costs: CostModel,
+               family: Family) -> VideoPlan:
+    """Sampled frames and chunks for a video, with the family's sampling and resize rules; chunks are cut only
+    where the family's embeddings may be cut."""
     info = index.info
-    indices, sample_fps = pp.sample_frame_indices(info.total_frames, info.fps, fps=options.fps,
-                                                  min_frames=options.min_frames, max_frames=options.max_frames)
-    budget = pp.video_max_pixels(len(indices), min_pixels=options.min_pixels, max_pixels=options.max_pixels,
-                                 total_pixels=options.total_pixels)
-    out_h, out_w = pp.smart_resize(info.height, info.width, pp.IMAGE_FACTOR, options.min_pixels, budget)
+    try:
+        plan = family.plan_decode("video", options.params(), info.height, info.width, info.total_frames, info.fps)
+    except ValueError as err:  # the family's rules refuse this clip (too few frames, odd shape): bad media
+        raise MediaError(str(err)) from None
+    indices = list(plan.frame_indices)
+    sample_fps = len(indices) / max(info.total_frames, 1e-6) * info.fps
     chunks = None
     # Frame i is the i-th packet by pts only when every packet is shown once and the counts agree.
     if not index.has_discarded and len(index.pts) == info.total_frames:
         with contextlib.suppress(PlanError):
-            chunks = plan_chunks(index.pts, index.is_key, indices, num_chunks, costs)
-    return VideoPlan(indices, sample_fps, (len(indices), out_h, out_w, 3), chunks)
+            chunks = plan_chunks(index.pts, index.is_key, indices, num_chunks, costs, frames_per_cut(family, plan))
+    return VideoPlan(indices, sample_fps, (len(indices), plan.height, plan.width, 3), chunks, info.fps)
+
+
+def frames_per_cut(family: Family, plan: DecodePlan) -> int:
+    """Frames between two places the family's chunk_boundaries allow a cut (its temporal group)."""
+    return -(-plan.num_frames // (len(family.chunk_boundaries(plan.item)) + 1))
 
 
 def fault_injection_enabled() -> bool:
@@ -99,7 +118,8 @@ class DecodeEngine:
 
     def __init__(self, config: DecoderConfig):
         self.config = config
-        settings = WorkerSettings(config.ffmpeg_threads, config.skip_nonref, fault_injection_enabled())
+        self.family = planning_family(config.model)
+        settings = WorkerSettings(config.ffmpeg_threads, config.skip_nonref, fault_injection_enabled(), self.family)
         self.pool = WorkerPool(config.effective_workers, settings, config.task_timeout_s)
         self.costs = CostModel(min_chunk=config.min_chunk_cost)
         self.scratch_dir = config.scratch_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -134,12 +154,12 @@ class DecodeEngine:
 
     async def decode_image(self, source: bytes | Path, *, min_pixels: float, max_pixels: float,
                            fault: str = "") -> DecodedChunk:
-        """One image as a single-frame chunk."""
+        """One image as one chunk: a single resized frame, or the family's tiles."""
         async with self._admitted(source, "image") as (workdir, path):
             out_path = os.path.join(workdir, "frames")
-            shape, ms = await self.pool.run(ImageTask(path, out_path, min_pixels, max_pixels, fault))
+            (shape, grid), ms = await self.pool.run(ImageTask(path, out_path, min_pixels, max_pixels, fault))
             frames = await asyncio.to_thread(lambda: np.fromfile(out_path, dtype=np.uint8).reshape(shape))
-        return DecodedChunk(0, 1, torch.from_numpy(frames), [0], 0.0, ms)
+        return DecodedChunk(0, 1, torch.from_numpy(frames), [0], 0.0, ms, grid=grid)
 
     async def decode_video(self, source: bytes | Path, options: VideoOptions = VideoOptions(), *,
                            fault: str = "") -> AsyncIterator[DecodedChunk]:
@@ -151,7 +171,8 @@ class DecodeEngine:
             on_gpus = not fault and await self._nvdec_takes(path)
             num_decoders = self.gpus.num_devices * c.nvdec_sessions_per_gpu if on_gpus else self.pool.num_workers
             workers = workers_for_request(num_decoders, self.num_active)
-            plan = await asyncio.to_thread(plan_video, index, options, workers * c.chunks_per_worker, self.costs)
+            plan = await asyncio.to_thread(plan_video, index, options, workers * c.chunks_per_worker, self.costs,
+                                           self.family)
             if on_gpus and plan.chunks is not None:
                 async for chunk in self._decode_on_gpus(path, plan):
                     yield chunk
@@ -164,13 +185,13 @@ class DecodeEngine:
             try:
                 if plan.chunks is None:
                     _, ms = await tasks[0]
-                    yield DecodedChunk(0, 1, torch.from_numpy(out), plan.indices, plan.sample_fps, ms)
+                    yield DecodedChunk(0, 1, torch.from_numpy(out), plan.indices, plan.sample_fps, ms, plan.video_fps)
                     return
                 for chunk, task in zip(plan.chunks, tasks):
                     _, ms = await task
                     end = chunk.first + len(chunk.frame_indices)
                     yield DecodedChunk(chunk.index, len(plan.chunks), torch.from_numpy(out[chunk.first:end]),
-                                       list(chunk.frame_indices), plan.sample_fps, ms)
+                                       list(chunk.frame_indices), plan.sample_fps, ms, plan.video_fps)
             finally:
                 for task in tasks:
                     task.cancel()
@@ -206,7 +227,7 @@ class DecodeEngine:
             for chunk, task in zip(plan.chunks, tasks):
                 frames, ms = await task
                 yield DecodedChunk(chunk.index, len(plan.chunks), frames, list(chunk.frame_indices),
-                                   plan.sample_fps, ms)
+                                   plan.sample_fps, ms, plan.video_fps)
         finally:
             for task in tasks:
                 task.cancel()
@@ -243,7 +264,7 @@ def _allocate(path: str, shape: tuple[int, ...]) -> np.memmap:
 def _tasks(plan: VideoPlan, index: VideoIndex, options: VideoOptions, path: str, out_path: str, fault: str):
     """(worker task, packets it decodes) for each chunk of the plan."""
     if plan.chunks is None:
-        return [(SequentialTask(path, out_path, plan.out_shape, dataclasses.asdict(options), fault), len(index.pts))]
+        return [(SequentialTask(path, out_path, plan.out_shape, plan.indices, fault), len(index.pts))]
     info = index.info
     # A test fault breaks only the first chunk's worker, so what the test sees does not race with the others.
     return [(ChunkTask(path, out_path, plan.out_shape, c.first, c.spans, c.frame_pts, info.width, info.height,

@@ -74,4 +74,5 @@ def _message(chunk: DecodedChunk) -> decoder_pb2.DecodeChunk:
     """The wire form of a chunk (copies the frames into the TensorRef; run off the event loop)."""
     return decoder_pb2.DecodeChunk(chunk_index=chunk.index, num_chunks=chunk.num_chunks,
                                    frames=transport.to_ref(chunk.frames), frame_indices=chunk.frame_indices,
-                                   sample_fps=chunk.sample_fps, decode_ms=chunk.decode_ms)
+                                   sample_fps=chunk.sample_fps, decode_ms=chunk.decode_ms, video_fps=chunk.video_fps,
+                                   grid=chunk.grid)

@@ -9,12 +9,14 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 import torch
 
+from mmserve.cache_keys import MediaParams
 from mmserve.media.chunked import decode_chunk
-from mmserve.media.image import decode_image
+from mmserve.media.image import decode_image_with
 from mmserve.media.plan import Span
 from mmserve.media.preprocess import MediaError
 from mmserve.media.video import decode_video, index_video
@@ -46,18 +48,19 @@ class ChunkTask:
 
 @dataclasses.dataclass(frozen=True)
 class SequentialTask:
-    """Decode the whole video front to back (streams whose index cannot be planned), as decode_video does."""
+    """Decode the whole video front to back (streams whose index cannot be planned), keeping frame_indices."""
 
     source: str
     out_path: str
     out_shape: tuple[int, int, int, int]
-    options: dict
+    frame_indices: list[int]
     fault: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageTask:
-    """Decode an image into a new [1,H,W,3] uint8 file at out_path; the reply is its shape."""
+    """Decode an image into a new [T,H,W,3] uint8 file at out_path (the family's frames of it); the reply is their
+    shape and the item's grid."""
 
     source: str
     out_path: str
@@ -73,6 +76,7 @@ class WorkerSettings:
     ffmpeg_threads: int = 1
     skip_nonref: bool = True
     allow_fault_injection: bool = False
+    family: Any = None  # the model family whose resize rules (and InternVL tiling) images follow
 
 
 def _output(task) -> np.memmap:
@@ -93,16 +97,25 @@ def run_task(task, settings: WorkerSettings):
         out.flush()
         return None
     if isinstance(task, SequentialTask):
-        video = decode_video(task.source, threads=settings.ffmpeg_threads, **task.options)
+        video = decode_video(task.source, threads=settings.ffmpeg_threads, indices=task.frame_indices,
+                             size=task.out_shape[1:3])
         out = _output(task)
         out[:] = video.frames.numpy()
         out.flush()
         return None
     if isinstance(task, ImageTask):
+        family, params = settings.family, MediaParams("image", min_pixels=task.min_pixels, max_pixels=task.max_pixels)
+        grid = []
+
+        def frames_of(image):
+            plan = family.plan_decode("image", params, image.height, image.width)
+            grid.extend(plan.item.grid)
+            return family.image_frames(image, plan)
+
         with open(task.source, "rb") as f:
-            frames = decode_image(f.read(), min_pixels=task.min_pixels, max_pixels=task.max_pixels)
+            frames = decode_image_with(f.read(), frames_of)
         frames.numpy().tofile(task.out_path)
-        return tuple(frames.shape)
+        return tuple(frames.shape), tuple(grid)
     raise TypeError(f"unknown task {type(task).__name__}")
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import grpc
 
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache
-from mmserve.models.family import Family
+from mmserve.models.family import Family, MediaItem, pack
 from mmserve.v1 import decoder_pb2, encoder_pb2, encoder_pb2_grpc
 from services.encoder.batcher import Batcher, EncoderOverloaded
 
@@ -31,8 +32,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             # encode_ms prices this replica's work for the router: a pull from a slow producer is not part of it.
             start = time.perf_counter()
             pixel_values, item = await asyncio.to_thread(self._pixel_values, _kind(request), frames)
-            embeddings = (await self.batcher.encode(pixel_values, item)).embeddings
-            grid = item.grid
+            grid = self._grid(request, item)
+            embeddings = pack(await self.batcher.encode(pixel_values, item))
         except transport.TensorUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"frames: {err}")
         except ValueError as err:  # includes TensorRefError and bad frame shapes
@@ -45,6 +46,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         return encoder_pb2.EncodeResponse(embeddings=ref, grid_thw=list(grid),
                                           encode_ms=(time.perf_counter() - start) * 1e3)
 
+    def _grid(self, request: encoder_pb2.EncodeRequest, item: MediaItem) -> tuple[int, ...]:
+        """The decoder's planned grid where it sent one (InternVL's tile layout), else the frames' own."""
+        if not request.grid:
+            return item.grid
+        planned = dataclasses.replace(item, grid=tuple(request.grid))
+        if self.family.num_tokens(planned) != self.family.num_tokens(item):
+            raise ValueError(f"grid {list(request.grid)} does not match the frames' {list(item.grid)}")
+        return planned.grid
+
     async def _write_cache(self, slot: encoder_pb2.CacheSlot, embeddings, ref,
                            grid: tuple[int, int, int]) -> None:
         """Best effort: a slow or absent Redis costs at most its short timeout and never fails the request."""
@@ -52,7 +62,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         inline = (ref if ref.WhichOneof("location") == "inline_data"
                   else await asyncio.to_thread(transport.to_inline, embeddings))
         await self.cache.put(slot.key, CachedEmbedding(inline, grid, slot.second_per_grid_t, slot.chunk_index,
-                                                       max(slot.num_chunks, 1), slot.first_frame, slot.num_frames))
+                                                       max(slot.num_chunks, 1), slot.first_frame, slot.num_frames,
+                                                       tuple(slot.timestamps)))
 
 
 def _kind(request: encoder_pb2.EncodeRequest) -> str:

@@ -78,8 +78,8 @@ async def build_router(config: RouterConfig) -> Role:
                                                 max_redirects=config.fetch_max_redirects,
                                                 allow_private=config.fetch_allow_private))
     service = rpc.Service(config, [api_pb2.DESCRIPTOR.services_by_name["Router"].full_name], holds_tensors=False)
-    budget = PromptBudget(config.model, max_model_len=config.max_model_len, max_vision_tokens=config.max_vision_tokens,
-                          patches_per_token=family.patches_per_token)
+    budget = PromptBudget(config.model, family, max_model_len=config.max_model_len,
+                          max_vision_tokens=config.max_vision_tokens)
     servicer = RouterServicer(config, media, llms, controller, request_limits(config, family), budget)
     api_pb2_grpc.add_RouterServicer_to_server(servicer, service.server)
 

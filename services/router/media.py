@@ -21,11 +21,12 @@ from mmserve.media import sizing
 from mmserve.media.errors import MediaError
 from mmserve.media.fetch import FetchPolicy, fetch_uri
 from mmserve.models.family import Family
+from mmserve.models.family import MediaItem as FamilyItem
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
 from services.router.costs import MediaShape, ShapeEstimator
 from services.router.failover import Failover, ReplicaDown, answer_from, stream_from
-from services.router.planning import planned_shape
+from services.router.planning import decode_plan, shape_of
 from services.router.policy import degraded_frames
 from services.router.replicas import ReplicaPool
 
@@ -61,14 +62,17 @@ class Prepared:
     num_hit_chunks: int = 0
     shape: MediaShape | None = None  # predicted decode and encode work (None on a hit)
     planned: MediaShape | None = None  # the exact shape from the header (None: unreadable, the decoder will say)
+    planned_item: FamilyItem | None = None  # the family's item from the header (grid, Qwen3-VL's timestamps)
     degraded: bool = False
 
     @property
-    def num_patches(self) -> float:
-        """Vision patches (before the spatial merge) the item puts in the prompt, hit or not (0 if unknown)."""
+    def family_item(self) -> FamilyItem:
+        """The family's item the prompt will hold, hit or not (an empty grid when the header is unreadable: the
+        decoder names the problem later)."""
         if self.hit is not None:
-            return math.prod(self.hit.grid_thw)
-        return self.planned.num_patches if self.planned is not None else 0.0
+            return FamilyItem(self.item.kind, tuple(self.hit.grid_thw), self.hit.timestamps,
+                              self.hit.second_per_grid_t)
+        return self.planned_item or FamilyItem(self.item.kind, (0, 0, 0))
 
     def key(self, chunk_index: int) -> str:
         return media_key(self.digest, self.model_id, self.params, chunk_index)
@@ -134,8 +138,10 @@ class MediaStage:
     async def _lookup_item(self, prepared: Prepared) -> Prepared:
         hit, num_chunks = await self._lookup(prepared.key) if self.cache is not None else (None, 0)
         if hit is None:  # a hit's grid is in its entry; only a miss needs its header read
-            prepared = dataclasses.replace(prepared, planned=await asyncio.to_thread(
-                planned_shape, prepared.item.kind, prepared.data, prepared.params, self.family))
+            plan = await asyncio.to_thread(decode_plan, prepared.item.kind, prepared.data, prepared.params,
+                                           self.family)
+            prepared = dataclasses.replace(prepared, planned=shape_of(plan, self.family) if plan else None,
+                                           planned_item=plan.item if plan else None)
         return self._with_hit(prepared, hit, num_chunks)
 
     def without_hit(self, prepared: Prepared) -> Prepared:
@@ -179,6 +185,7 @@ class MediaStage:
             min_frames=params.min_frames, max_frames=params.max_frames, min_pixels=params.min_pixels,
             max_pixels=params.max_pixels, total_pixels=params.total_pixels)
         encodes: list[asyncio.Future] = []
+        timestamps: list[float] = []
         first_chunk = second_per_grid_t = 0.0
         num_frames = num_pixels = 0
         queued = time.perf_counter()
@@ -194,14 +201,18 @@ class MediaStage:
                         first_chunk = time.perf_counter()
                         second_per_grid_t = (self.family.second_per_grid_t(c.sample_fps)
                                              if item.kind == "video" else 0.0)
+                    # Chunks hold whole temporal groups, so each chunk's timestamps are its share of the item's.
+                    stamps = (self.family.timestamps(list(c.frame_indices), c.video_fps)
+                              if item.kind == "video" else ())
+                    timestamps += stamps
                     slot = encoder_pb2.CacheSlot(
                         key=prepared.key(c.chunk_index), chunk_index=c.chunk_index, num_chunks=c.num_chunks,
                         second_per_grid_t=second_per_grid_t, first_frame=num_frames,
-                        num_frames=len(c.frame_indices))
+                        num_frames=len(c.frame_indices), timestamps=stamps)
                     num_frames += len(c.frame_indices)
                     num_pixels += math.prod(c.frames.shape[:3])
                     encodes.append(asyncio.ensure_future(self._encode(encoder_pb2.EncodeRequest(
-                        request_id=request_id, kind=_KINDS[item.kind], frames=c.frames,
+                        request_id=request_id, kind=_KINDS[item.kind], frames=c.frames, grid=c.grid,
                         cache=slot if self.cache is not None else None), prepared, deadline, latest_start,
                         tries["encoder"].exclude)))
                 decoded = time.perf_counter()
@@ -223,7 +234,8 @@ class MediaStage:
         metrics.STAGE_SECONDS.labels("decode").observe(decoded - start)
         metrics.STAGE_SECONDS.labels("encode").observe(encoded - first_chunk)
         # The router only joins handles: the llm maps (or reads) the chunks' tensors itself.
-        entry = CachedEmbedding(transport.concat([r.embeddings for r in replies]), (t, h, w), second_per_grid_t)
+        entry = CachedEmbedding(transport.concat([r.embeddings for r in replies]), (t, h, w), second_per_grid_t,
+                                timestamps=tuple(timestamps))
         return Embedded(self._embedding(item.kind, entry), cached=False, decode_ms=(decoded - start) * 1e3,
                         encode_ms=(encoded - first_chunk) * 1e3, wait_ms=(start - queued) * 1e3)
 
@@ -253,7 +265,8 @@ class MediaStage:
     @staticmethod
     def _embedding(kind: str, entry: CachedEmbedding) -> llm_pb2.MediaEmbedding:
         return llm_pb2.MediaEmbedding(kind=_KINDS[kind], embeddings=entry.embeddings,
-                                      grid_thw=list(entry.grid_thw), second_per_grid_t=entry.second_per_grid_t)
+                                      grid_thw=list(entry.grid_thw), second_per_grid_t=entry.second_per_grid_t,
+                                      timestamps=list(entry.timestamps))
 
 
 def _left(deadline: float) -> float:

@@ -13,28 +13,38 @@ from mmserve.cache_keys import MediaParams
 from mmserve.chat_tokens import ChatTokenCounter
 from mmserve.media.errors import MediaError
 from mmserve.media.probe import probe_video
-from mmserve.models.family import Family
+from mmserve.models.family import DecodePlan, Family, MediaItem
 from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2
 from services.router.costs import MediaShape
 from services.router.validation import ValidationError
 
 
-def planned_shape(kind: str, data: bytes, params: MediaParams, family: Family) -> MediaShape | None:
-    """An item's exact decode and encode size from its header alone, as the decoder will resize it (None when the
-    header is unreadable: the decoder then names the problem)."""
+def decode_plan(kind: str, data: bytes, params: MediaParams, family: Family) -> DecodePlan | None:
+    """What the decoder will make of an item, from its header alone (None when the header is unreadable or the
+    family refuses it: the decoder then names the problem)."""
     try:
         if kind == "image":
             with PIL.Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
-            plan = family.plan_decode("image", params, height, width)
-        else:
-            info = probe_video(data)
-            plan = family.plan_decode("video", params, info.height, info.width, info.total_frames, info.fps)
+            return family.plan_decode("image", params, height, width)
+        info = probe_video(data)
+        return family.plan_decode("video", params, info.height, info.width, info.total_frames, info.fps)
     except (OSError, ValueError, PIL.Image.DecompressionBombError, MediaError):
         return None
+
+
+def shape_of(plan: DecodePlan, family: Family) -> MediaShape:
+    """The decode and encode size of a plan."""
     return MediaShape(plan.num_frames, plan.num_frames * plan.height * plan.width,
                       family.num_tokens(plan.item) * family.patches_per_token)
+
+
+def planned_shape(kind: str, data: bytes, params: MediaParams, family: Family) -> MediaShape | None:
+    """An item's exact decode and encode size from its header alone, as the decoder will resize it (None when the
+    header is unreadable: the decoder then names the problem)."""
+    plan = decode_plan(kind, data, params, family)
+    return shape_of(plan, family) if plan is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,28 +60,29 @@ class PromptSize:
 
 
 class PromptBudget:
-    """Counts a request's prompt exactly (chat template, tokenizer, planned grids) and refuses, with
-    INVALID_ARGUMENT, one that exceeds the vision-token cap or cannot fit the context: such a request can never
-    succeed, so it is never told to retry."""
+    """Counts a request's prompt exactly (chat template, the family's markup around each item, tokenizer, planned
+    grids) and refuses, with INVALID_ARGUMENT, one that exceeds the vision-token cap or cannot fit the context: such
+    a request can never succeed, so it is never told to retry."""
 
-    def __init__(self, model_dir: str, *, max_model_len: int, max_vision_tokens: int, patches_per_token: int):
+    def __init__(self, model_dir: str, family: Family, *, max_model_len: int, max_vision_tokens: int):
         self.counter = ChatTokenCounter(model_dir)
+        self.family = family
         config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
         positions = config.get("text_config", config).get("max_position_embeddings") or max_model_len
         self.context_len = min(max_model_len, positions)  # what the llm allows (services/llm/engine.py)
         self.max_vision_tokens = max_vision_tokens
-        self.patches_per_token = patches_per_token  # the family's spatial merge
 
-    def check(self, request: api_pb2.GenerateRequest, num_patches: list[float]) -> PromptSize:
-        """The prompt's size given each media item's vision patches (before the spatial merge), in prompt order;
-        ValidationError when it is over a cap."""
-        num_vision = sum(int(n) // self.patches_per_token for n in num_patches)
+    def check(self, request: api_pb2.GenerateRequest, items: list[MediaItem]) -> PromptSize:
+        """The prompt's size given each media item as the family plans it, in prompt order; ValidationError when
+        it is over a cap."""
+        num_vision = sum(self.family.num_tokens(item) for item in items)
         if num_vision > self.max_vision_tokens:
             raise ValidationError(f"messages: {num_vision} vision tokens exceed the limit of {self.max_vision_tokens} "
                                   "per request (fewer frames or pixels would fit)")
-        count = self.counter.count(conversation(request))
-        if count.num_media != len(num_patches):
-            raise ValidationError("text: contains a reserved media placeholder token")
+        try:
+            count = self.counter.count_expanded(conversation(request), self.family, items)
+        except ValueError:  # the text holds a placeholder of its own: the family's expansion finds one too many
+            raise ValidationError("text: contains a reserved media placeholder token") from None
         size = PromptSize(count.num_text_tokens, num_vision)
         max_tokens = sampling_from_proto(request.sampling).max_tokens
         if size.num_tokens + max_tokens > self.context_len:

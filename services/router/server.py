@@ -107,7 +107,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         """Each media item read, looked up in the cache and planned, and the prompt's exact size: a request that
         cannot fit is refused here, before any decode, encode or admission, and never told to retry."""
         prepared = await _all_or_nothing(self.media.prepare(i) for i in media_items(request))
-        size = await asyncio.to_thread(self.budget.check, request, [p.num_patches for p in prepared])
+        size = await asyncio.to_thread(self.budget.check, request, [p.family_item for p in prepared])
         return prepared, size
 
     async def _admit(self, request: api_pb2.GenerateRequest, prepared: list[Prepared], size: PromptSize,

@@ -28,7 +28,7 @@ def replica(stage: str, name: str, tiny_model, redis_server, registry: bool = Tr
     common = dict(port=port, metrics_port=metrics_port, log_level="WARNING", **options)
     if registry:
         common["registry_url"] = redis_server.url
-    config = {"decoder": lambda: DecoderConfig(**common),
+    config = {"decoder": lambda: DecoderConfig(model=str(tiny_model), **common),
               "encoder": lambda: EncoderConfig(model=str(tiny_model), redis_url=redis_server.url, **common),
               "llm": lambda: LlmConfig(model=str(tiny_model), **common)}[stage]()
     return Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv()], f"127.0.0.1:{port}",

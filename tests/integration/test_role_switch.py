@@ -33,7 +33,7 @@ class FlexStack:
         ports = {name: free_port() for name in ("decoder", "encoder", "llm", "flex-encoder", "flex-llm", "router")}
         self.flex_metrics, self.router_metrics = free_port(), free_port()
         configs = {
-            "decoder": DecoderConfig(port=ports["decoder"], **common),
+            "decoder": DecoderConfig(port=ports["decoder"], model=model, **common),
             "encoder": EncoderConfig(port=ports["encoder"], model=model, redis_url=redis_url, **common),
             "llm": LlmConfig(port=ports["llm"], model=model, **common),
         }

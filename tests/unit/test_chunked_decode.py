@@ -11,6 +11,7 @@ from mmserve.media.chunked import decode_chunk
 from mmserve.media.plan import CostModel, Span, plan_chunks
 from mmserve.media.samples import make_video
 from mmserve.media.video import decode_video, index_video
+from mmserve.models.family import planning_family
 from services.decoder.engine import VideoOptions, plan_video
 
 SMALL = 28 * 28 * 4
@@ -34,7 +35,8 @@ def clip(request):
 
 def chunked(data: bytes, fps: float, num_chunks: int, skip_nonref: bool = True):
     index = index_video(data, max_frames=10_000, max_seconds=60)
-    plan = plan_video(index, VideoOptions(fps=fps, min_pixels=SMALL), num_chunks, CostModel(min_chunk=0))
+    plan = plan_video(index, VideoOptions(fps=fps, min_pixels=SMALL), num_chunks, CostModel(min_chunk=0),
+                      planning_family(""))
     assert plan.chunks is not None, "the index should be plannable"
     out = np.zeros(plan.out_shape, np.uint8)
     for c in plan.chunks:

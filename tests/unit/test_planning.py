@@ -13,7 +13,7 @@ from mmserve.media import preprocess as pp
 from mmserve.media.image import decode_image
 from mmserve.media.samples import make_image, make_video
 from mmserve.media.video import decode_video
-from mmserve.models.family import family_of
+from mmserve.models.family import MediaItem, family_of
 from mmserve.models.qwen2_5_vl import Qwen25VL
 from mmserve.v1 import api_pb2
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
@@ -63,8 +63,12 @@ def builder(tiny_model):
 
 
 def budget(tiny_model, **caps) -> PromptBudget:
-    return PromptBudget(str(tiny_model), **{"max_model_len": 32768, "max_vision_tokens": 16384, "patches_per_token": 4,
-                                            **caps})
+    return PromptBudget(str(tiny_model), family_of(tiny_model), **{"max_model_len": 32768, "max_vision_tokens": 16384,
+                                                                   **caps})
+
+
+def images(*grids) -> list[MediaItem]:
+    return [MediaItem("image", grid) for grid in grids]
 
 
 def part(kind: str, value) -> api_pb2.Part:
@@ -93,7 +97,8 @@ def test_prompt_length_is_the_llms(tiny_model, builder, name):
         kind, torch.zeros(value[0] * value[1] * value[2] // 4, 8), value) for kind, value in parts])
         for role, parts in conversation]
     ids, _ = builder.build(messages)
-    size = budget(tiny_model).check(request, [t * h * w for t, h, w in grids])
+    kinds = [kind for _, parts in conversation for kind, _ in parts if kind != "text"]
+    size = budget(tiny_model).check(request, [MediaItem(kind, grid) for kind, grid in zip(kinds, grids)])
     assert size.num_tokens == len(ids)
     assert size.num_vision_tokens == sum(t * h * w // 4 for t, h, w in grids)
 
@@ -101,11 +106,11 @@ def test_prompt_length_is_the_llms(tiny_model, builder, name):
 def test_a_prompt_that_cannot_fit_names_its_parts(tiny_model, builder):
     request = api_pb2.GenerateRequest(messages=[api_pb2.Message(role="user", parts=[
         part("image", None), part("text", "words " * 50)])], sampling=api_pb2.SamplingParams(max_tokens=100))
-    size = budget(tiny_model).check(request, [8 * 8])
+    size = budget(tiny_model).check(request, images((1, 8, 8)))
     context = size.num_tokens + 100
-    budget(tiny_model, max_model_len=context).check(request, [8 * 8])  # exactly full: accepted
+    budget(tiny_model, max_model_len=context).check(request, images((1, 8, 8)))  # exactly full: accepted
     with pytest.raises(ValidationError) as info:
-        budget(tiny_model, max_model_len=context - 1).check(request, [8 * 8])
+        budget(tiny_model, max_model_len=context - 1).check(request, images((1, 8, 8)))
     assert str(info.value) == (f"prompt: {size.num_tokens} tokens ({size.num_text_tokens} text + 16 vision) + "
                                f"max_tokens 100 exceed the context length {context - 1}")
 
@@ -113,9 +118,9 @@ def test_a_prompt_that_cannot_fit_names_its_parts(tiny_model, builder):
 def test_vision_tokens_over_the_cap_are_refused(tiny_model):
     request = api_pb2.GenerateRequest(messages=[api_pb2.Message(role="user", parts=[
         part("image", None), part("image", None), part("text", "hi")])])
-    budget(tiny_model, max_vision_tokens=200).check(request, [400, 400])
+    budget(tiny_model, max_vision_tokens=200).check(request, images((1, 20, 20), (1, 20, 20)))
     with pytest.raises(ValidationError, match="messages: 202 vision tokens exceed the limit of 200"):
-        budget(tiny_model, max_vision_tokens=200).check(request, [400, 408])
+        budget(tiny_model, max_vision_tokens=200).check(request, images((1, 20, 20), (1, 24, 17)))
 
 
 def test_a_placeholder_in_the_text_is_refused(tiny_model):

@@ -7,7 +7,8 @@ import dataclasses
 import json
 import pathlib
 
-from mmserve.models.family import EncodedItem, MediaItem, expand_pads, read_config, replace_each
+from mmserve.cache_keys import MediaParams
+from mmserve.models.family import DecodePlan, EncodedItem, MediaItem, expand_pads, read_config, replace_each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Settings:
     image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     num_frames: int = 8
+    patches_per_token: int = 4  # pixel shuffle by downsample_ratio: (1 / ratio)² patches in one row
 
 
 def load_settings(model_dir: str | pathlib.Path) -> Settings:
@@ -41,6 +43,7 @@ def load_settings(model_dir: str | pathlib.Path) -> Settings:
         image_mean=tuple(image.get("image_mean", defaults.image_mean)),
         image_std=tuple(image.get("image_std", defaults.image_std)),
         num_frames=int(video.get("num_frames") or defaults.num_frames),
+        patches_per_token=round(1 / float(config.get("downsample_ratio", 0.5)) ** 2),
     )
 
 
@@ -68,15 +71,53 @@ class InternVL:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.patches_per_token = settings.patches_per_token
 
     # -- planning ------------------------------------------------------------------------------------------
-    def plan_image(self, height: int, width: int) -> MediaItem:
-        """columns x rows tiles of the canvas, plus a thumbnail when there is more than one; grid (tiles, cols, rows)."""
+    def plan_image(self, height: int, width: int, max_tiles: int = 0) -> MediaItem:
+        """columns x rows tiles of the canvas, plus a thumbnail when there is more than one; grid (tiles, cols, rows).
+        max_tiles: at most this many canvas tiles (unset: the configured bound)."""
         s = self.settings
-        cols, rows = tile_grid(height, width, s.tile_size, s.min_tiles, s.max_tiles)
-        if s.max_tiles <= 1:
+        max_tiles = max_tiles or s.max_tiles
+        cols, rows = tile_grid(height, width, s.tile_size, s.min_tiles, max_tiles)
+        if max_tiles <= 1:
             cols, rows = 1, 1
         return MediaItem("image", (cols * rows + (cols * rows > 1), cols, rows))
+
+    def default_params(self, kind: str) -> MediaParams:
+        """Images: the canvas' pixel bounds (min and max tiles of tile_size squared); videos: num_frames tiles."""
+        s = self.settings
+        tile = s.tile_size * s.tile_size
+        if kind == "image":
+            return MediaParams("image", min_pixels=s.min_tiles * tile, max_pixels=s.max_tiles * tile)
+        return MediaParams("video", max_frames=s.num_frames, min_pixels=tile, max_pixels=tile)
+
+    def plan_decode(self, kind: str, params: MediaParams, height: int, width: int, total_frames: int = 1,
+                    video_fps: float = 0.0) -> DecodePlan:
+        """An image: plan_image with at most max_pixels // tile_size² canvas tiles, every tile (and the thumbnail)
+        one tile_size frame; a video: sample_frames of max_frames (at most the clip's), each resized to one tile."""
+        s = self.settings
+        if kind == "image":
+            max_tiles = min(s.max_tiles, max(s.min_tiles, params.max_pixels // s.tile_size ** 2))
+            item = self.plan_image(height, width, max_tiles if params.max_pixels else 0)
+            return DecodePlan(item.grid[0], s.tile_size, s.tile_size, item, tuple(range(item.grid[0])))
+        num_frames = min(params.max_frames or s.num_frames, total_frames)
+        indices = self.sample_frames(total_frames, num_frames)
+        return DecodePlan(num_frames, s.tile_size, s.tile_size, self.plan_video(num_frames), tuple(indices))
+
+    def second_per_grid_t(self, sample_fps: float) -> float:
+        """0: InternVL's positions have no time axis."""
+        return 0.0
+
+    def timestamps(self, frame_indices: list[int], video_fps: float) -> tuple[float, ...]:
+        """InternVL labels frames 'FrameN:' and writes no time."""
+        return ()
+
+    def image_frames(self, image, plan: DecodePlan):
+        """The plan's tiles of the canvas, then the thumbnail, each tile_size square (preprocess_image's resize)."""
+        from mmserve.models.internvl import frames
+
+        return frames.image_frames(self, image, plan.item)
 
     def sample_frames(self, total_frames: int, num_frames: int | None = None) -> list[int]:
         """num_frames indices from the middle of equal segments (InternVLVideoProcessor.sample_frames)."""
@@ -114,6 +155,14 @@ class InternVL:
         return expand_pads(ids, {self.settings.image_token_id}, [self.settings.tokens_per_tile] * num_pads)
 
     # -- torch side ----------------------------------------------------------------------------------------
+    def preprocess_frames(self, kind: str, frames):
+        """The decoder's tiles (images: canvas tiles then thumbnail) or resized frames → (pixel values, item) as
+        preprocess_image / preprocess_video make them; an image's grid is (tiles, 0, 0): the tiles alone do not
+        tell the canvas' columns and rows."""
+        from mmserve.models.internvl import frames as decoded
+
+        return decoded.preprocess_frames(self, kind, frames)
+
     def preprocess_image(self, image):
         """A PIL image → (pixel_values [tiles, 3, 448, 448], item), as GotOcr2ImageProcessorPil with crop_to_patches."""
         from mmserve.models.internvl import vision

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
+
 from mmserve.cache_keys import MediaParams
 from mmserve.media import sizing
 from mmserve.media.sizing import ImageProcessing, smart_resize
@@ -42,11 +44,23 @@ class Qwen25VL:
                                                  max_pixels=params.max_pixels, total_pixels=params.total_pixels)
         h, w = smart_resize(height, width, p.factor, params.min_pixels, max_pixels)
         num_groups = max(num_frames // p.temporal_patch_size, 1)
-        return DecodePlan(num_frames, h, w, MediaItem(kind, (num_groups, h // p.patch_size, w // p.patch_size)))
+        indices = linspace_indices(total_frames, num_frames) if kind == "video" else (0,)
+        return DecodePlan(num_frames, h, w, MediaItem(kind, (num_groups, h // p.patch_size, w // p.patch_size)),
+                          indices)
 
     def second_per_grid_t(self, sample_fps: float) -> float:
         """One temporal patch spans temporal_patch_size sampled frames."""
         return self.processing.temporal_patch_size / sample_fps
+
+    def timestamps(self, frame_indices: list[int], video_fps: float) -> tuple[float, ...]:
+        """Qwen2.5-VL writes no time into the prompt (M-RoPE's time axis carries it)."""
+        return ()
+
+    def image_frames(self, image, plan: DecodePlan):
+        """PIL bicubic resize to the plan, as preprocess_image does."""
+        from mmserve.models.pixels import pil_resize
+
+        return pil_resize(image, plan.height, plan.width)
 
     def plan_image(self, height: int, width: int) -> MediaItem:
         """smart_resize to multiples of 28 within the pixel bounds."""
@@ -165,6 +179,24 @@ class Qwen25VL:
             mask = ((input_ids == self.image_token_id) | (input_ids == self.video_token_id)).unsqueeze(-1)
             embeds = embeds.masked_scatter(mask, torch.cat([e.embeddings for e in encoded]).to(embeds.dtype))
         return dict(inputs_embeds=embeds, position_ids=self.positions(ids, items)[0].unsqueeze(1))
+
+
+def linspace_indices(total_frames: int, num_frames: int) -> tuple[int, ...]:
+    """round(torch.linspace(0, total_frames - 1, num_frames)) in float32 as torch computes it (qwen-vl-utils'
+    sampling), without torch: the halves are stepped from either end."""
+    if num_frames == 1:
+        return (0,)
+    end = np.float32(total_frames - 1)
+    step = end / np.float32(num_frames - 1)
+    i = np.arange(num_frames)
+    values = np.where(i < num_frames // 2, i.astype(np.float32) * step,
+                      end - (num_frames - 1 - i).astype(np.float32) * step).astype(np.float32)
+    return tuple(int(x) for x in np.round(values))
+
+
+def from_defaults() -> Qwen25VL:
+    """The family with the processor's default settings (a decoder started without a checkpoint)."""
+    return Qwen25VL(ImageProcessing(), {"image_token_id": -1, "video_token_id": -1, "vision_config": {}})
 
 
 def from_pretrained(model_dir: str | pathlib.Path) -> Qwen25VL:

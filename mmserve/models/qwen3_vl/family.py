@@ -8,8 +8,9 @@ import json
 import math
 import pathlib
 
+from mmserve.cache_keys import MediaParams
 from mmserve.media.sizing import smart_resize
-from mmserve.models.family import EncodedItem, MediaItem, expand_pads, read_config, replace_each
+from mmserve.models.family import DecodePlan, EncodedItem, MediaItem, expand_pads, read_config, replace_each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Qwen3VL:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.patches_per_token = settings.merge_size ** 2
 
     # -- planning ------------------------------------------------------------------------------------------
     def plan_image(self, height: int, width: int) -> MediaItem:
@@ -109,31 +111,73 @@ class Qwen3VL:
         h, w = smart_resize(height, width, s.factor, s.min_pixels, s.max_pixels)
         return MediaItem("image", (1, h // s.patch_size, w // s.patch_size))
 
-    def sample_frames(self, total_frames: int, video_fps: float) -> list[int]:
-        """Indices of the frames to keep (Qwen3VLVideoProcessor.sample_frames at the configured fps)."""
+    def sample_frames(self, total_frames: int, video_fps: float, fps: float = 0.0, min_frames: int = 0,
+                      max_frames: int = 0) -> list[int]:
+        """Indices of the frames to keep (Qwen3VLVideoProcessor.sample_frames; unset bounds: the configured ones)."""
         s = self.settings
-        n = int(total_frames / video_fps * s.fps)
-        n = min(max(n, s.min_frames), s.max_frames, total_frames)
+        n = int(total_frames / video_fps * (fps or s.fps))
+        n = min(max(n, min_frames or s.min_frames), max_frames or s.max_frames, total_frames)
         if n == 1:
             return [0]
         step = (total_frames - 1) / (n - 1)
         return [int(round(i * step)) for i in range(n)]
 
-    def frame_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
-        """(height, width) every sampled frame is resized to."""
+    def frame_size(self, num_frames: int, height: int, width: int, min_pixels: int = 0,
+                   max_pixels: int = 0) -> tuple[int, int]:
+        """(height, width) every sampled frame is resized to (unset bounds: the configured ones)."""
         s = self.settings
         return video_resize(num_frames, height, width, s.factor, s.temporal_patch_size,
-                            s.video_min_pixels, s.video_max_pixels)
+                            min_pixels or s.video_min_pixels, max_pixels or s.video_max_pixels)
 
     def plan_video(self, frame_indices: list[int], video_fps: float, height: int, width: int) -> MediaItem:
         """The item of sampled frames of a clip at video_fps, with one timestamp per temporal group."""
         s = self.settings
         h, w = self.frame_size(len(frame_indices), height, width)
-        tp = s.temporal_patch_size
+        return self._video_item(frame_indices, video_fps, h, w)
+
+    def _video_item(self, frame_indices: list[int], video_fps: float, height: int, width: int) -> MediaItem:
+        s = self.settings
+        num_groups = -(-len(frame_indices) // s.temporal_patch_size)
+        return MediaItem("video", (num_groups, height // s.patch_size, width // s.patch_size),
+                         timestamps=self.timestamps(frame_indices, video_fps))
+
+    def timestamps(self, frame_indices: list[int], video_fps: float) -> tuple[float, ...]:
+        """Mid-time in seconds of each temporal group (the last frame repeated to fill the last group), as
+        Qwen3VLProcessor writes before each group."""
+        tp = self.settings.temporal_patch_size
         padded = list(frame_indices) + [frame_indices[-1]] * ((-len(frame_indices)) % tp)
         seconds = [i / video_fps for i in padded]
-        stamps = tuple((seconds[i] + seconds[i + tp - 1]) / 2 for i in range(0, len(seconds), tp))
-        return MediaItem("video", (len(padded) // tp, h // s.patch_size, w // s.patch_size), timestamps=stamps)
+        return tuple((seconds[i] + seconds[i + tp - 1]) / 2 for i in range(0, len(seconds), tp))
+
+    def default_params(self, kind: str) -> MediaParams:
+        """The processors' own bounds: image pixels; video fps, frame counts and the pixel budget of all frames."""
+        s = self.settings
+        if kind == "image":
+            return MediaParams("image", min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+        return MediaParams("video", fps=s.fps, min_frames=s.min_frames, max_frames=s.max_frames,
+                           min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels)
+
+    def plan_decode(self, kind: str, params: MediaParams, height: int, width: int, total_frames: int = 1,
+                    video_fps: float = 0.0) -> DecodePlan:
+        """An image resized within the params' pixel bounds; a video's sample_frames at the params' fps and
+        frame bounds, each frame resized by frame_size within the params' budget, with its timestamps."""
+        s = self.settings
+        if kind == "image":
+            h, w = smart_resize(height, width, s.factor, params.min_pixels, params.max_pixels)
+            return DecodePlan(1, h, w, MediaItem("image", (1, h // s.patch_size, w // s.patch_size)))
+        indices = self.sample_frames(total_frames, video_fps, params.fps, params.min_frames, params.max_frames)
+        h, w = self.frame_size(len(indices), height, width, params.min_pixels, params.max_pixels)
+        return DecodePlan(len(indices), h, w, self._video_item(indices, video_fps, h, w), tuple(indices))
+
+    def second_per_grid_t(self, sample_fps: float) -> float:
+        """0: Qwen3-VL writes each group's time into the prompt instead of stretching M-RoPE's time axis."""
+        return 0.0
+
+    def image_frames(self, image, plan: DecodePlan):
+        """PIL bicubic resize to the plan, as preprocess_image does."""
+        from mmserve.models.pixels import pil_resize
+
+        return pil_resize(image, plan.height, plan.width)
 
     def tokens_per_group(self, item: MediaItem) -> int:
         """Rows of one temporal group (the whole of an image)."""
@@ -165,6 +209,13 @@ class Qwen3VL:
         return expand_pads(ids, {s.image_token_id, s.video_token_id}, self.group_counts(items))
 
     # -- torch side ----------------------------------------------------------------------------------------
+    def preprocess_frames(self, kind: str, frames):
+        """The decoder's resized uint8 frames → (pixel values, item) as preprocess_image / preprocess_video make
+        them (timestamps left to the router, which knows the frames' place in the clip)."""
+        from mmserve.models.qwen3_vl import frames as decoded
+
+        return decoded.preprocess_frames(self, kind, frames)
+
     def preprocess_image(self, image):
         """A PIL image → (pixel_values [patches, 3*2*16*16], item), as Qwen2VLImageProcessorPil with 16-px patches."""
         from mmserve.models.qwen3_vl import vision

@@ -1,0 +1,139 @@
+"""The decoder's and router's plan per family: plan_decode against the family's own sampling, sizing and tiling;
+the router's exact prompt count against the llm's expanded ids; cache entries with DeepStack columns and times."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from mmserve.cache import CachedEmbedding, decode_value, encode_value, join_chunks
+from mmserve.models.family import EncodedItem, MediaItem, family_of, pack, unpack
+from mmserve.models.qwen2_5_vl.family import linspace_indices
+from mmserve.transport import from_ref, to_ref
+from mmserve.v1 import api_pb2
+from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
+from services.router.planning import PromptBudget
+
+SIZES = [(72, 96), (200, 300), (500, 900), (1080, 1920), (40, 900)]
+CLIPS = [(40, 10.0), (300, 30.0), (7, 25.0), (2000, 24.0)]
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "internvl"])
+def ckpt(request, tmp_path_factory):
+    from mmserve.models.internvl.tiny import build as build_internvl
+    from mmserve.models.qwen3_vl.tiny import build as build_qwen3_vl
+
+    build = {"qwen3_vl": build_qwen3_vl, "internvl": build_internvl}[request.param]
+    return str(build(tmp_path_factory.mktemp(request.param), seed=0))
+
+
+@pytest.fixture(scope="module")
+def family(ckpt):
+    return family_of(ckpt)
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+def test_image_plan_is_the_familys(family, height, width):
+    plan = family.plan_decode("image", family.default_params("image"), height, width)
+    item = family.plan_image(height, width)
+    assert plan.item == item
+    if family.name == "internvl":  # the tiles and thumbnail, each one tile
+        assert (plan.num_frames, plan.height, plan.width) == (item.grid[0], 448, 448)
+    else:
+        s = family.settings
+        assert (plan.num_frames, plan.height, plan.width) == (1, item.grid[1] * s.patch_size, item.grid[2] * s.patch_size)
+
+
+@pytest.mark.parametrize("total,fps", CLIPS)
+@pytest.mark.parametrize("height,width", SIZES[:3])
+def test_video_plan_is_the_familys(family, total, fps, height, width):
+    plan = family.plan_decode("video", family.default_params("video"), height, width, total, fps)
+    if family.name == "internvl":
+        indices = family.sample_frames(total, min(family.settings.num_frames, total))
+        assert (plan.height, plan.width, plan.item) == (448, 448, family.plan_video(len(indices)))
+    else:
+        indices = family.sample_frames(total, fps)
+        assert (plan.height, plan.width) == family.frame_size(len(indices), height, width)
+        assert plan.item == family.plan_video(indices, fps, height, width)  # timestamps included
+    assert list(plan.frame_indices) == indices and plan.num_frames == len(indices)
+
+
+def test_qwen2_5_frame_indices_are_torch_linspace():
+    for total, n in [(40, 4), (300, 20), (1001, 768), (7, 4), (95, 94)]:
+        assert list(linspace_indices(total, n)) == torch.linspace(0, total - 1, n).round().long().tolist()
+
+
+def _video_item(family, total=60, fps=10.0, height=72, width=96) -> MediaItem:
+    return family.plan_decode("video", family.default_params("video"), height, width, total, fps).item
+
+
+CONVERSATIONS = {
+    "image": [("user", ["image:200x300", "What is in the picture?"])],
+    "two images and a video, turns": [
+        ("system", ["You answer in one word."]),
+        ("user", ["image:72x96", "and", "image:500x900", "compare héllo 日本"]),
+        ("assistant", ["Cats."]),
+        ("user", ["video", "Now this clip?"])],
+    "video then image": [("user", ["video", "image:40x900", ""])],
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_router_count_is_the_llms_expanded_ids(ckpt, family, name):
+    def item_of(part: str) -> MediaItem:
+        if part == "video":
+            return _video_item(family)
+        height, width = (int(x) for x in part.removeprefix("image:").split("x"))
+        return family.plan_image(height, width)
+
+    def is_media(part: str) -> bool:
+        return part == "video" or part.startswith("image:")
+
+    conversation = CONVERSATIONS[name]
+    items = [item_of(p) for _, parts in conversation for p in parts if is_media(p)]
+    pending = iter(items)
+    timed = "timestamps" in {f.name for f in dataclasses.fields(MediaInput)}
+    messages = [ChatMessage(role, [part if not is_media(part) else _media_input(family, next(pending), timed)
+                                   for part in parts]) for role, parts in conversation]
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(ckpt), family, AutoConfig.from_pretrained(ckpt))
+    if timed or not any(i.timestamps for i in items):
+        ids, _ = builder.build(messages)
+    else:  # until the llm passes timestamps on: PromptBuilder.build's steps with the items' own
+        tokenizer = builder.tokenizer
+        text = tokenizer.apply_chat_template(_conversation(messages), tokenize=False, add_generation_prompt=True)
+        ids, _ = builder._expand(tokenizer.encode(family.expand_prompt(text, items), add_special_tokens=False),
+                                 [p for m in messages for p in m.parts if not isinstance(p, str)], items)
+    request = api_pb2.GenerateRequest(messages=[api_pb2.Message(role=role, parts=[
+        api_pb2.Part(**{part.split(":")[0]: api_pb2.Media(data=b"x")}) if is_media(part) else api_pb2.Part(text=part)
+        for part in parts]) for role, parts in conversation])
+    size = PromptBudget(ckpt, family, max_model_len=1 << 20, max_vision_tokens=1 << 20).check(request, items)
+    assert size.num_tokens == len(ids)
+    assert size.num_vision_tokens == sum(family.num_tokens(i) for i in items)
+
+
+def _media_input(family, item: MediaItem, timed: bool) -> MediaInput:
+    extra = {"timestamps": item.timestamps} if timed else {}
+    return MediaInput(item.kind, torch.zeros(family.num_tokens(item), 8), item.grid, **extra)
+
+
+def _conversation(messages: list[ChatMessage]) -> list[dict]:
+    return [{"role": m.role, "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": p.kind}
+                                         for p in m.parts]} for m in messages]
+
+
+def test_cache_entries_keep_deepstack_columns_and_timestamps():
+    hidden, rows = 8, 6
+    encoded = EncodedItem(torch.randn(2 * rows, hidden), (torch.randn(2 * rows, hidden), torch.randn(2 * rows, hidden)))
+    chunks = [CachedEmbedding(to_ref(pack(encoded.rows(i * rows, (i + 1) * rows))), (1, 4, 6), 0.0, i, 2,
+                              2 * i, 2, timestamps=(0.25 + i,)) for i in range(2)]
+    read = [decode_value(encode_value(c)) for c in chunks]
+    assert [r.timestamps for r in read] == [(0.25,), (1.25,)]
+    joined = join_chunks(read)
+    assert joined.grid_thw == (2, 4, 6) and joined.timestamps == (0.25, 1.25)
+    back = unpack(from_ref(joined.embeddings), hidden)
+    assert torch.equal(back.embeddings, encoded.embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(back.deepstack, encoded.deepstack)) and len(back.deepstack) == 2
+    assert decode_value(encode_value(chunks[0]), header_only=True).timestamps == (0.25,)
