@@ -11,6 +11,8 @@ DEFAULT_MAX_TOKENS = 256
 # Stop strings are matched on every delta and the longest one bounds how much text is held back.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+# The default of the router's cap on top_logprobs (OpenAI's own cap).
+DEFAULT_MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)

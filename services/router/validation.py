@@ -7,7 +7,7 @@ import math
 
 from mmserve import request_ids
 from mmserve.media import sizing
-from mmserve.sampling import sampling_from_proto
+from mmserve.sampling import DEFAULT_MAX_TOP_LOGPROBS, sampling_from_proto
 from mmserve.v1 import api_pb2
 
 ROLES = ("system", "user", "assistant")
@@ -26,7 +26,7 @@ class RequestLimits:
     max_pixels: int = sizing.MAX_PIXELS  # ... which a request may narrow, never widen
     max_slo_ttft_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # by request class; absent: open
     max_slo_tpot_ms: float = 0.0  # 0: open
-    max_top_logprobs: int = 20  # alternatives at each token
+    max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS  # alternatives at each token
 
 
 class ValidationError(ValueError):
