@@ -19,7 +19,7 @@ from services.llm import metrics
 from services.llm.block_manager import BlockManager
 from services.llm.cuda_graphs import default_block_size
 from services.llm.config import LlmConfig
-from services.llm.detokenizer import IncrementalDetokenizer, add_tokens
+from services.llm.detokenizer import IncrementalDetokenizer, TokenTexts, add_tokens
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
 from services.llm.runner import ModelRunner
 from services.llm.sampler import TokenLogprobs, make_generator, model_logprobs, sample_rows, token_logprobs
@@ -82,6 +82,7 @@ class Engine:
         dtype = loading.resolve_dtype(config.dtype, config.model, self.device)
         family = family_of(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.token_texts = TokenTexts(self.tokenizer)  # the text and bytes of tokens in log-probabilities
         self.prompts = PromptBuilder(self.tokenizer, family, loading.load_config(config.model))
         eos = GenerationConfig.from_pretrained(config.model).eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]

@@ -10,7 +10,6 @@ from mmserve import rpc, transport
 from mmserve.cache import EmbeddingCache, join_chunks
 from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
-from services.llm.detokenizer import TokenTexts
 from services.llm.engine import Delta, Engine, EngineOverloaded, Finished
 from services.llm.prompt import ChatMessage, MediaInput, PromptError
 
@@ -75,7 +74,6 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
     def __init__(self, engine: Engine, cache: EmbeddingCache | None):
         self.engine = engine
         self.cache = cache
-        self.token_texts = TokenTexts(engine.tokenizer)
 
     async def _messages(self, request: llm_pb2.LlmRequest, context) -> list[ChatMessage]:
         """The request's messages with every embedding materialised: mapped, pulled or read from the cache."""
@@ -126,5 +124,5 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
         return out
 
     def _logprob(self, token_id: int, logprob: float) -> api_pb2.TokenLogprob:
-        text, token_bytes = self.token_texts.get(token_id)
+        text, token_bytes = self.engine.token_texts.get(token_id)
         return api_pb2.TokenLogprob(token_id=token_id, logprob=logprob, text=text, token_bytes=token_bytes)
