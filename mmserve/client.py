@@ -21,14 +21,17 @@ def media_from_arg(value: str, **options) -> api_pb2.Media:
 
 
 def build_request(prompt: str, images: list[str], videos: list[str], *, max_tokens: int, temperature: float,
-                  seed: int | None = None, system: str | None = None, **video_options) -> api_pb2.GenerateRequest:
-    """A one-turn request: media first, then the prompt text (the order Qwen2.5-VL was trained on)."""
+                  seed: int | None = None, system: str | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                  **video_options) -> api_pb2.GenerateRequest:
+    """A one-turn request: media first, then the prompt text (the order Qwen2.5-VL was trained on); logprobs asks
+    for each token's log-probability, top_logprobs for that many alternatives at each step too."""
     parts = [api_pb2.Part(image=media_from_arg(p)) for p in images]
     parts += [api_pb2.Part(video=media_from_arg(p, **video_options)) for p in videos]
     parts.append(api_pb2.Part(text=prompt))
     messages = [api_pb2.Message(role="system", parts=[api_pb2.Part(text=system)])] if system else []
     messages.append(api_pb2.Message(role="user", parts=parts))
-    sampling = api_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    sampling = api_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                      logprobs=logprobs, top_logprobs=top_logprobs)
     if seed is not None:
         sampling.seed = seed
     return api_pb2.GenerateRequest(messages=messages, sampling=sampling)
@@ -46,6 +49,12 @@ def format_final(final: api_pb2.Final) -> str:
     return "\n".join(lines)
 
 
+def format_logprobs(entry: api_pb2.TokenLogprobs) -> str:
+    """One line per generated token: its text and log-probability, then the alternatives."""
+    top = "  ".join(f"{t.text!r} {t.logprob:.4f}" for t in entry.top)
+    return f"{entry.chosen.text!r} {entry.chosen.logprob:.4f}" + (f"  | {top}" if top else "")
+
+
 def open_channel(addr: str, max_message_bytes: int, client_tls: tls.ClientTls | None = None) -> grpc.Channel:
     """A blocking channel to the router: TLS when client_tls is given, else plaintext."""
     options = rpc.message_options(max_message_bytes)
@@ -56,8 +65,10 @@ def open_channel(addr: str, max_message_bytes: int, client_tls: tls.ClientTls | 
 
 def run_generate(addr: str, request: api_pb2.GenerateRequest, timeout_s: float, max_message_bytes: int,
                  client_tls: tls.ClientTls | None = None, token: str | None = None) -> int:
-    """Streams the answer to stdout and the timing table after it; returns the exit code."""
+    """Streams the answer to stdout and the timing table after it (and, when asked, each token's
+    log-probabilities after the answer); returns the exit code."""
     metadata = (("authorization", f"Bearer {token}"),) if token else None
+    logprobs = []
     with open_channel(addr, max_message_bytes, client_tls) as channel:
         stub = api_pb2_grpc.RouterStub(channel)
         try:
@@ -65,7 +76,10 @@ def run_generate(addr: str, request: api_pb2.GenerateRequest, timeout_s: float, 
                 if reply.WhichOneof("event") == "delta":
                     sys.stdout.write(reply.delta.text)
                     sys.stdout.flush()
+                    logprobs += reply.delta.logprobs
                 else:
+                    if logprobs:
+                        print("\n\n" + "\n".join(map(format_logprobs, logprobs)), end="")
                     print("\n\n" + format_final(reply.final))
         except grpc.RpcError as err:
             print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)

@@ -11,6 +11,8 @@ DEFAULT_MAX_TOKENS = 256
 # Stop strings are matched on every delta and the longest one bounds how much text is held back.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+# The default of the router's cap on top_logprobs (OpenAI's own cap).
+DEFAULT_MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,8 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_tokens: int = 0
+    logprobs: bool = False  # each token's log-probability under the model (before temperature and filters)
+    top_logprobs: int = 0  # and the step's most likely tokens with theirs
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -36,6 +40,10 @@ class SamplingOptions:
             raise ValueError("sampling.top_k: must not be negative")
         if self.min_tokens > self.max_tokens:
             raise ValueError("sampling.min_tokens: larger than max_tokens")
+        if self.top_logprobs < 0:
+            raise ValueError("sampling.top_logprobs: must not be negative")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("sampling.top_logprobs: needs sampling.logprobs")
         if any(not s for s in self.stop):
             raise ValueError("sampling.stop: empty stop string")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -59,4 +67,6 @@ def sampling_from_proto(p: api_pb2.SamplingParams) -> SamplingOptions:
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         min_tokens=p.min_tokens,
+        logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
     )

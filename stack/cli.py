@@ -96,6 +96,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         request = build_request(args.prompt, args.image, args.video, max_tokens=args.max_tokens,
                                 temperature=args.temperature, seed=args.seed, system=args.system,
+                                logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0,
                                 fps=args.fps, max_frames=args.max_frames, min_pixels=args.min_pixels,
                                 max_pixels=args.max_pixels)
     except OSError as err:
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature above 0)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="print each token's log-probability and the N most likely at each step (0: none)")
     p.add_argument("--fps", type=float, default=None, help="video sampling rate (default 2)")
     p.add_argument("--max-frames", type=int, default=None, help="most frames sampled per video")
     p.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor for videos")

@@ -84,3 +84,36 @@ def add_tokens(detokenizers: list[IncrementalDetokenizer], token_ids: list[int])
     decode = detokenizers[0].tokenizer.decode
     texts = [decode(window, skip_special_tokens=True) for window in windows]
     return [d._take(prefix, full) for d, prefix, full in zip(detokenizers, texts[0::2], texts[1::2])]
+
+
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme), mapped back to the byte: printable
+    Latin-1 bytes stand for themselves, the others for the code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+class TokenTexts:
+    """Each token's text alone and its exact bytes, for log-probabilities; cached, as the same tokens recur."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        # Byte-level vocabularies (Qwen's, InternLM's) spell each byte by one character: the exact bytes of a token
+        # that holds part of a UTF-8 character. Others fall back to the UTF-8 of its text.
+        is_byte_level = type(getattr(self.tokenizer, "decoder", None)).__name__ == "ByteLevel"
+        self.byte_table = _byte_level_table() if is_byte_level else None
+        self.cache: dict[int, tuple[str, bytes]] = {}
+
+    def get(self, token_id: int) -> tuple[str, bytes]:
+        """The token's text (special tokens shown; U+FFFD for part of a character) and its bytes."""
+        if (known := self.cache.get(token_id)) is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            known = self.cache[token_id] = (text, self._bytes(token_id, text))
+        return known
+
+    def _bytes(self, token_id: int, text: str) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id) if self.byte_table is not None else None
+        if piece is None or any(c not in self.byte_table for c in piece):  # e.g. an added token spelled plainly
+            return text.encode()
+        return bytes(self.byte_table[c] for c in piece)

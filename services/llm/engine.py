@@ -19,10 +19,10 @@ from services.llm import metrics
 from services.llm.block_manager import BlockManager
 from services.llm.cuda_graphs import default_block_size
 from services.llm.config import LlmConfig
-from services.llm.detokenizer import IncrementalDetokenizer, add_tokens
+from services.llm.detokenizer import IncrementalDetokenizer, TokenTexts, add_tokens
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
 from services.llm.runner import ModelRunner
-from services.llm.sampler import make_generator, sample_rows
+from services.llm.sampler import TokenLogprobs, make_generator, model_logprobs, sample_rows, token_logprobs
 from services.llm.scheduler import Scheduler
 from services.llm.sequence import SamplingOptions, Sequence
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 class Delta:
     text: str
     token_ids: list[int]
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when the request asked for them
 
 
 @dataclasses.dataclass
@@ -81,6 +82,7 @@ class Engine:
         dtype = loading.resolve_dtype(config.dtype, config.model, self.device)
         family = family_of(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.token_texts = TokenTexts(self.tokenizer)  # the text and bytes of tokens in log-probabilities
         self.prompts = PromptBuilder(self.tokenizer, family, loading.load_config(config.model))
         eos = GenerationConfig.from_pretrained(config.model).eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -192,14 +194,21 @@ class Engine:
                 metrics.CACHED_PROMPT_TOKENS.inc(chunk.seq.num_cached_tokens)
         logits = self.runner.run(chunks)
         seqs = [c.seq for c in chunks if c.completes_sequence]
+        # Only the rows that ask pay for log-probabilities, taken before min_tokens masks end-of-sequence.
+        wanted = [row for row, seq in enumerate(seqs) if seq.sampling.logprobs]
+        log_probs = model_logprobs(logits[wanted]) if wanted else None
         too_short = [row for row, seq in enumerate(seqs) if seq.num_output_tokens < seq.sampling.min_tokens]
         if too_short:
             logits[torch.tensor(too_short)[:, None], self._eos_tensor] = float("-inf")
         tokens = sample_rows(logits, [seq.sampling for seq in seqs],
                              [self._requests[seq.seq_id].generator for seq in seqs])
         self.scheduler.postprocess(chunks, dict(zip(seqs, tokens)))
+        logprobs = {}
+        if wanted:
+            logprobs = dict(zip(wanted, token_logprobs(log_probs, [tokens[row] for row in wanted],
+                                                       [seqs[row].sampling.top_logprobs for row in wanted])))
         now = time.monotonic()
-        self._emit([self._requests[seq.seq_id] for seq in seqs], tokens, now, len(chunks))
+        self._emit([self._requests[seq.seq_id] for seq in seqs], tokens, logprobs, now, len(chunks))
         self._observe(chunks, len(seqs), now - start)
 
     def _observe(self, chunks, num_generated: int, seconds: float) -> None:
@@ -215,14 +224,15 @@ class Engine:
         metrics.WAITING.set(len(self.scheduler.waiting))
         metrics.KV_BLOCKS_USED.set(self.block_manager.num_blocks - self.block_manager.num_free_blocks)
 
-    def _emit(self, requests: list[_Request], tokens: list[int], now: float, batch: int) -> None:
-        """Hands each request its new token: stop checks and detokenisation for the whole batch at once, and
-        one wake-up of each event loop for all its events."""
+    def _emit(self, requests: list[_Request], tokens: list[int], logprobs: dict[int, TokenLogprobs], now: float,
+              batch: int) -> None:
+        """Hands each request its new token (with its log-probabilities, by row, when asked): stop checks and
+        detokenisation for the whole batch at once, and one wake-up of each event loop for all its events."""
         is_eos = [token in self.eos_ids for token in tokens]
         texts = [(r.detokenizer, token) for r, token, eos in zip(requests, tokens, is_eos) if not eos]
         is_stop_string = iter(add_tokens([d for d, _ in texts], [token for _, token in texts]))
         events = []
-        for request, token, eos in zip(requests, tokens, is_eos):
+        for row, (request, token, eos) in enumerate(zip(requests, tokens, is_eos)):
             seq = request.seq
             if request.first_token:
                 request.batch_sum += batch
@@ -235,7 +245,8 @@ class Engine:
                 reason = "length"
             if reason is not None and request.detokenizer.finish():
                 reason = "stop"  # the held-back end of the text completed a stop string
-            events.append((request, Delta(request.detokenizer.delta(final=reason is not None), [token])))
+            events.append((request, Delta(request.detokenizer.delta(final=reason is not None), [token],
+                                          (logprobs[row],) if row in logprobs else ())))
             if reason is not None:
                 events.append((request, self._finish(request, reason)))
         self._send(events)

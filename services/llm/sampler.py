@@ -1,6 +1,9 @@
-"""Greedy, temperature, top-k and top-p sampling for the whole batch at once, with per-request seeded generators."""
+"""Greedy, temperature, top-k and top-p sampling for the whole batch at once, with per-request seeded generators,
+and the log-probabilities of the sampled tokens for the rows that ask for them."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -55,3 +58,28 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability under the model, and the step's most likely (token, log-probability)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [rows, vocab] of the model's own distribution: log_softmax of the float32 logits, before
+    temperature and filters, as OpenAI and vLLM report them."""
+    return logits.float().log_softmax(-1)
+
+
+def token_logprobs(log_probs: torch.Tensor, tokens: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+    """Each row's token and its num_top most likely tokens, from log-probabilities [rows, vocab]; one topk for all
+    the rows."""
+    chosen = log_probs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    k = min(max(num_top), log_probs.shape[-1])
+    values, ids = log_probs.topk(k, -1)
+    return [TokenLogprobs(token, logprob, list(zip(row_ids[:n], row_values[:n])))
+            for token, logprob, row_ids, row_values, n in zip(tokens, chosen, ids.tolist(), values.tolist(), num_top)]

@@ -10,7 +10,7 @@ from mmserve import rpc, transport
 from mmserve.cache import EmbeddingCache, join_chunks
 from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
-from services.llm.engine import Engine, EngineOverloaded, Finished
+from services.llm.engine import Delta, Engine, EngineOverloaded, Finished
 from services.llm.prompt import ChatMessage, MediaInput, PromptError
 
 _KINDS = {decoder_pb2.MEDIA_KIND_IMAGE: "image", decoder_pb2.MEDIA_KIND_VIDEO: "video"}
@@ -100,7 +100,7 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
                         prefill_ms=event.prefill_ms, ttft_ms=event.ttft_ms,
                         decode_batch=event.decode_batch))
                 else:
-                    yield llm_pb2.LlmResponse(delta=api_pb2.Delta(text=event.text, token_ids=event.token_ids))
+                    yield llm_pb2.LlmResponse(delta=self._delta(event))
         except (ValueError, PromptError, transport.TensorRefError) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except EngineOverloaded as err:
@@ -114,3 +114,15 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
             if resolving:  # refused or cancelled before the embeddings were taken: free the producers' leases
                 await transport.release([p.media.embeddings for m in request.messages for p in m.parts
                                          if p.WhichOneof("content") == "media"])
+
+    def _delta(self, delta: Delta) -> api_pb2.Delta:
+        """The wire delta; each log-probability entry with its token's text and bytes."""
+        out = api_pb2.Delta(text=delta.text, token_ids=delta.token_ids)
+        for lp in delta.logprobs:
+            entry = out.logprobs.add(chosen=self._logprob(lp.token_id, lp.logprob))
+            entry.top.extend(self._logprob(token_id, logprob) for token_id, logprob in lp.top)
+        return out
+
+    def _logprob(self, token_id: int, logprob: float) -> api_pb2.TokenLogprob:
+        text, token_bytes = self.engine.token_texts.get(token_id)
+        return api_pb2.TokenLogprob(token_id=token_id, logprob=logprob, text=text, token_bytes=token_bytes)

@@ -36,6 +36,7 @@ def request_limits(config: RouterConfig, family: Family) -> RequestLimits:
     return RequestLimits(
         max_messages=config.max_messages, max_media=config.max_media_per_request,
         max_tokens_limit=config.max_tokens_limit, max_media_bytes=config.max_media_bytes,
+        max_top_logprobs=config.max_top_logprobs,
         max_frames=config.max_video_frames, min_pixels=image.min_pixels,
         max_pixels=min(image.max_pixels, config.max_item_pixels or image.max_pixels),
         max_slo_ttft_ms={"video": config.max_slo_ttft_ms or config.slo_ttft_ms_video,

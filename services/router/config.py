@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from mmserve.config import AuthOptions, CacheOptions, ServiceConfig, option
+from mmserve.sampling import DEFAULT_MAX_TOP_LOGPROBS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     max_media_per_request: int = option(16, "images plus videos in one request")
     max_messages: int = option(256, "messages in one request")
     max_tokens_limit: int = option(8192, "largest max_tokens a request may ask for")
+    max_top_logprobs: int = option(DEFAULT_MAX_TOP_LOGPROBS, "most alternatives a request may ask for at each token (top_logprobs)")
     max_item_pixels: int = option(0, "largest pixel budget (min_pixels/max_pixels) a request may set for one image "
                                      "or video frame; requests may narrow the model's own bounds "
                                      "(preprocessor_config.json), never widen them (0: the model's max_pixels)")
@@ -88,6 +90,8 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                      "max_vision_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive")
+        if self.max_top_logprobs < 0:
+            raise ValueError("max_top_logprobs: must not be negative")
         if self.max_video_frames < 2:
             raise ValueError("max_video_frames: must be at least 2")
         if self.max_item_pixels < 0 or self.max_slo_ttft_ms < 0 or self.max_slo_tpot_ms < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mmserve import auth, rpc, tls
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.config import RouterConfig
+from services.router.openai_logprobs import logprobs_json
 from services.router.openai_protocol import (ApiError, ChatRequest, chunk_json, completion_json, dumps,
                                              error_from_grpc, loopback_address, mmserve_json, parse_chat_body,
                                              served_model_name, sse, usage_json)
@@ -161,10 +163,9 @@ class OpenAiServer:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:  # a chunked body (no Content-Length) past the limit
                 raise too_large(limit) from None
-            if len(raw) > PARSE_IN_THREAD_BYTES:
-                chat = await asyncio.to_thread(parse_chat_body, raw, model_name=self.model_name, request_id=request_id)
-            else:
-                chat = parse_chat_body(raw, model_name=self.model_name, request_id=request_id)
+            parse = functools.partial(parse_chat_body, raw, model_name=self.model_name, request_id=request_id,
+                                      max_top_logprobs=self.config.max_top_logprobs)
+            chat = await asyncio.to_thread(parse) if len(raw) > PARSE_IN_THREAD_BYTES else parse()
         except ApiError as err:
             return error_response(err)
         if self.router is None:
@@ -185,24 +186,27 @@ class OpenAiServer:
             chat_id = f"chatcmpl-{request_id}"
             if chat.stream:
                 return await self._stream(request, chat, chat_id, _chain(first, replies))
-            return await self._complete(chat_id, _chain(first, replies))
+            return await self._complete(chat, chat_id, _chain(first, replies))
         finally:
             call.cancel()  # a no-op when the call ended; otherwise the client left or something raised
 
-    async def _complete(self, chat_id: str, replies: AsyncIterator[api_pb2.GenerateResponse]) -> web.Response:
-        texts, final = [], None
+    async def _complete(self, chat: ChatRequest, chat_id: str,
+                        replies: AsyncIterator[api_pb2.GenerateResponse]) -> web.Response:
+        texts, logprobs, final = [], [], None
         try:
             async for reply in replies:
                 if reply.WhichOneof("event") == "delta":
                     texts.append(reply.delta.text)
+                    logprobs += reply.delta.logprobs
                 else:
                     final = reply.final
         except grpc.aio.AioRpcError as err:
             return grpc_error_response(err)
         if final is None:
             return error_response(NO_FINAL)
-        return web.json_response(completion_json(chat_id, self.model_name, int(time.time()), "".join(texts), final),
-                                 dumps=dumps)
+        answer = completion_json(chat_id, self.model_name, int(time.time()), "".join(texts), final,
+                                 logprobs_json(logprobs) if chat.grpc_request.sampling.logprobs else None)
+        return web.json_response(answer, dumps=dumps)
 
     async def _stream(self, request: web.Request, chat: ChatRequest, chat_id: str,
                       replies: AsyncIterator[api_pb2.GenerateResponse]) -> web.StreamResponse:
@@ -219,8 +223,10 @@ class OpenAiServer:
                 await response.write(chunk({"role": "assistant", "content": ""}))
                 async for reply in replies:
                     if reply.WhichOneof("event") == "delta":
-                        if reply.delta.text:
-                            await response.write(chunk({"content": reply.delta.text}))
+                        # A token whose text is held back (part of a character) still brings its log-probability.
+                        if reply.delta.text or reply.delta.logprobs:
+                            await response.write(chunk({"content": reply.delta.text}, logprobs=logprobs_json(
+                                reply.delta.logprobs) if reply.delta.logprobs else None))
                         continue
                     final = reply.final
                     await response.write(chunk({}, final.finish_reason or "stop", mmserve=mmserve_json(final)))

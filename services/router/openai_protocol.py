@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from mmserve.sampling import DEFAULT_MAX_TOP_LOGPROBS
 from mmserve.v1 import api_pb2
 from services.router import json_body
 from services.router.config import RouterConfig
@@ -25,13 +26,13 @@ HARMLESS_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "u
                              "service_tier", "parallel_tool_calls"})
 # Fields whose other values ask for something we do not do: the values that are fine.
 UNSUPPORTED_UNLESS = {
-    "n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+    "n": (None, 1), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
 }
 SAMPLING_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-                             "top_k", "min_tokens", "fps", "max_frames"})
+                             "top_k", "min_tokens", "fps", "max_frames", "logprobs", "top_logprobs"})
 # mmserve extras mapped to GenerateRequest.slo (targets in ms; 0 or absent: the router's default for the class).
 SLO_FIELDS = frozenset({"ttft_ms", "tpot_ms", "allow_degrade"})
 HTTP_STATUS = {
@@ -89,16 +90,16 @@ class ChatRequest(NamedTuple):
     include_usage: bool
 
 
-def parse_chat_body(raw: bytes, *, model_name: str, request_id: str) -> ChatRequest:
+def parse_chat_body(raw: bytes, *, model_name: str, request_id: str, max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS) -> ChatRequest:
     """A chat-completions HTTP body as a GenerateRequest; raises ApiError naming the field at fault."""
     try:
         body = json_body.decode(raw)
     except json_body.JsonBodyError as err:
         raise bad_request(err.param, err.problem) from None
-    return parse_chat_request(body, model_name=model_name, request_id=request_id)
+    return parse_chat_request(body, model_name=model_name, request_id=request_id, max_top_logprobs=max_top_logprobs)
 
 
-def parse_chat_request(body: Any, *, model_name: str, request_id: str) -> ChatRequest:
+def parse_chat_request(body: Any, *, model_name: str, request_id: str, max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS) -> ChatRequest:
     """A decoded chat-completions body as a GenerateRequest; raises ApiError naming the field at fault."""
     if not isinstance(body, dict):
         raise bad_request("body", "must be a JSON object")
@@ -116,7 +117,8 @@ def parse_chat_request(body: Any, *, model_name: str, request_id: str) -> ChatRe
     options = _optional(body, "stream_options", dict, "stream_options") or {}
     include_usage = _optional(options, "include_usage", bool, "stream_options.include_usage") or False
     messages = _messages(body.get("messages"), _video_options(body, ""))
-    return ChatRequest(api_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=_sampling(body),
+    sampling = _sampling(body, max_top_logprobs)
+    return ChatRequest(api_pb2.GenerateRequest(request_id=request_id, messages=messages, sampling=sampling,
                                                slo=_slo(body)), stream, include_usage)
 
 
@@ -147,15 +149,20 @@ def _number(obj: dict, key: str, where: str) -> float | None:
     return float(value)
 
 
-def _sampling(body: dict) -> api_pb2.SamplingParams:
+def _sampling(body: dict, max_top_logprobs: int) -> api_pb2.SamplingParams:
     s = api_pb2.SamplingParams()
+    logprobs = _optional(body, "logprobs", bool, "logprobs")
+    top_logprobs = _int(body, "top_logprobs", 0, max_top_logprobs, "top_logprobs")
+    if top_logprobs and not logprobs:
+        raise bad_request("top_logprobs", "needs logprobs: true")
     max_tokens = _int(body, "max_completion_tokens", 1, UINT32, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1, UINT32, "max_tokens")
     top_k = _int(body, "top_k", -1, UINT32, "top_k")  # -1 means off, as in vLLM
     fields = {"max_tokens": max_tokens, "temperature": _number(body, "temperature", "temperature"),
               "top_p": _number(body, "top_p", "top_p"), "seed": _int(body, "seed", 0, UINT64, "seed"),
-              "top_k": top_k if top_k != -1 else None, "min_tokens": _int(body, "min_tokens", 0, UINT32, "min_tokens")}
+              "top_k": top_k if top_k != -1 else None, "min_tokens": _int(body, "min_tokens", 0, UINT32, "min_tokens"),
+              "logprobs": logprobs, "top_logprobs": top_logprobs}
     for name, value in fields.items():
         if value is not None:
             setattr(s, name, value)
@@ -258,18 +265,20 @@ def mmserve_json(final: api_pb2.Final) -> dict:
     return extras
 
 
-def completion_json(chat_id: str, model: str, created: int, text: str, final: api_pb2.Final) -> dict:
-    """The non-streaming `chat.completion` object."""
+def completion_json(chat_id: str, model: str, created: int, text: str, final: api_pb2.Final,
+                    logprobs: dict | None = None) -> dict:
+    """The non-streaming `chat.completion` object (logprobs: openai_logprobs.logprobs_json's, when asked)."""
     return {"id": chat_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": final.finish_reason or "stop"}],
             "usage": usage_json(final), "mmserve": mmserve_json(final)}
 
 
 def chunk_json(chat_id: str, model: str, created: int, delta: dict | None, finish_reason: str | None = None,
-               **extra: Any) -> dict:
+               logprobs: dict | None = None, **extra: Any) -> dict:
     """One `chat.completion.chunk`; delta None gives the choice-less usage chunk."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish_reason}]
     return {"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": choices, **extra}
 

@@ -7,7 +7,7 @@ import math
 
 from mmserve import request_ids
 from mmserve.media import sizing
-from mmserve.sampling import sampling_from_proto
+from mmserve.sampling import DEFAULT_MAX_TOP_LOGPROBS, sampling_from_proto
 from mmserve.v1 import api_pb2
 
 ROLES = ("system", "user", "assistant")
@@ -26,6 +26,7 @@ class RequestLimits:
     max_pixels: int = sizing.MAX_PIXELS  # ... which a request may narrow, never widen
     max_slo_ttft_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # by request class; absent: open
     max_slo_tpot_ms: float = 0.0  # 0: open
+    max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS  # alternatives at each token
 
 
 class ValidationError(ValueError):
@@ -62,7 +63,7 @@ def validate_request(request: api_pb2.GenerateRequest, limits: RequestLimits) ->
             _validate_media(getattr(part, kind), f"{where}.parts[{j}].{kind}", limits)
     if num_media > max_media:
         raise ValidationError(f"messages: {num_media} media items exceed the limit of {max_media}")
-    _validate_sampling(request.sampling, limits.max_tokens_limit)
+    _validate_sampling(request.sampling, limits)
     _validate_slo(request.slo, "video" if "video" in kinds else "image" if "image" in kinds else "text", limits)
 
 
@@ -92,13 +93,15 @@ def _validate_media(media: api_pb2.Media, where: str, limits: RequestLimits) -> 
                                   "never widen them)")
 
 
-def _validate_sampling(s: api_pb2.SamplingParams, max_tokens_limit: int) -> None:
+def _validate_sampling(s: api_pb2.SamplingParams, limits: RequestLimits) -> None:
     try:
         options = sampling_from_proto(s)  # the llm's own checks, applied before any work
     except ValueError as err:
         raise ValidationError(str(err)) from None
-    if options.max_tokens > max_tokens_limit:
-        raise ValidationError(f"sampling.max_tokens: {options.max_tokens} is not in [1, {max_tokens_limit}]")
+    if options.max_tokens > (cap := limits.max_tokens_limit):
+        raise ValidationError(f"sampling.max_tokens: {options.max_tokens} is not in [1, {cap}]")
+    if options.top_logprobs > (cap := limits.max_top_logprobs):
+        raise ValidationError(f"sampling.top_logprobs: {options.top_logprobs} is not in [0, {cap}]")
 
 
 def _validate_slo(slo: api_pb2.Slo, cls: str, limits: RequestLimits) -> None:

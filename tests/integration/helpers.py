@@ -80,20 +80,22 @@ class Result:
     token_ids: list[int]
     text: str
     final: api_pb2.Final
+    logprobs: list[api_pb2.TokenLogprobs] = dataclasses.field(default_factory=list)  # when the request asked
 
 
 def collect(router, req: api_pb2.GenerateRequest, timeout: float = 120) -> Result:
     """Runs one request to the end; asserts the stream ends with exactly one final message."""
-    ids, chunks, finals = [], [], []
+    ids, chunks, finals, logprobs = [], [], [], []
     for reply in router.Generate(req, timeout=timeout):
         assert not finals, "a message arrived after the final one"
         if reply.WhichOneof("event") == "delta":
             ids += reply.delta.token_ids
             chunks.append(reply.delta.text)
+            logprobs += reply.delta.logprobs
         else:
             finals.append(reply.final)
     assert len(finals) == 1
-    return Result(ids, "".join(chunks), finals[0])
+    return Result(ids, "".join(chunks), finals[0], logprobs)
 
 
 def metric(port: int, name: str, **labels) -> float:

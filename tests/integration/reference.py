@@ -32,3 +32,33 @@ class Reference:
         out = self.model.generate(**inputs, do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens,
                                   output_logits=True, return_dict_in_generate=True)
         return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), [step[0].float() for step in out.logits]
+
+
+def with_logprobs(request: api_pb2.GenerateRequest, num_top: int = 5) -> api_pb2.GenerateRequest:
+    """The request asking for each token's log-probability and the num_top most likely at each step."""
+    request.sampling.logprobs, request.sampling.top_logprobs = True, num_top
+    return request
+
+
+def assert_logprobs_match(logprobs: list[api_pb2.TokenLogprobs], expected_tokens: list[int],
+                          expected_logits: list[torch.Tensor], *, atol: float, num_top: int = 5,
+                          may_part: bool = False) -> int:
+    """At every step the chosen token is the reference's, and its log-probability and the num_top most likely
+    tokens' equal log_softmax of the reference's raw logits (Reference.generate_scored) within atol. Two tokens
+    whose log-probabilities lie within atol may swap places in the top, so each top token is checked by its id.
+    may_part: the tokens may part (half precision, at a tie the caller judged with assert_follows); the comparison
+    ends there, as what follows has another context. Returns the number of steps compared."""
+    assert len(logprobs) == len(expected_tokens), "one log-probability entry per token"
+    for step, (entry, want, logits) in enumerate(zip(logprobs, expected_tokens, expected_logits)):
+        if entry.chosen.token_id != want:
+            assert may_part, f"step {step}: token {entry.chosen.token_id}, transformers chose {want}"
+            return step
+        expected = torch.log_softmax(logits.float(), -1)
+        assert abs(entry.chosen.logprob - float(expected[want])) <= atol, \
+            f"step {step}: chosen token's log-probability {entry.chosen.logprob} != {float(expected[want])}"
+        top = torch.tensor([t.logprob for t in entry.top])
+        assert len(top) == num_top and torch.all(top[:-1] >= top[1:]), f"step {step}: not the {num_top} best, sorted"
+        assert torch.allclose(top, expected.topk(num_top).values, atol=atol, rtol=0), f"step {step}: top values differ"
+        for t in entry.top:
+            assert abs(t.logprob - float(expected[t.token_id])) <= atol, f"step {step}: token {t.token_id}'s differs"
+    return len(logprobs)

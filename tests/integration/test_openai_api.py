@@ -20,6 +20,7 @@ from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.config import RouterConfig
 from services.router.openai_api import ROUTER_SERVICE, OpenAiServer
 from tests.integration.helpers import collect, image, request, text, video
+from tests.integration.reference import with_logprobs
 
 
 def data_url(mime: str, data: bytes) -> str:
@@ -115,6 +116,46 @@ def test_video_data_url_with_fps_equals_grpc(client, model, router):
     assert answer.choices[0].message.content == expected.text
     assert answer.usage.prompt_tokens == expected.final.prompt_tokens
     assert answer.model_extra["mmserve"]["num_media"] == 1
+
+
+def openai_tuples(content) -> list[tuple]:
+    """OpenAI's logprobs content as (token, logprob, bytes, top) tuples."""
+    return [(c.token, c.logprob, bytes(c.bytes), [(t.token, t.logprob, bytes(t.bytes)) for t in c.top_logprobs])
+            for c in content]
+
+
+def grpc_tuples(entries) -> list[tuple]:
+    """The router's Delta.logprobs entries as (token, logprob, bytes, top) tuples."""
+    return [(e.chosen.text, e.chosen.logprob, e.chosen.token_bytes, [(t.text, t.logprob, t.token_bytes) for t in e.top])
+            for e in entries]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_equal_grpc(client, model, router, stream):
+    prompt = "Say it in French: été, über, 海."
+    expected = collect(router, with_logprobs(request(text(prompt), num_tokens=12), num_top=3))
+    assert len(expected.logprobs) == 12 and all(len(e.top) == 3 for e in expected.logprobs)
+    answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                            logprobs=True, top_logprobs=3, stream=stream, **greedy(12))
+    if stream:
+        chunks = [c.choices[0] for c in answer if c.choices]
+        content = [lp for c in chunks if c.logprobs for lp in c.logprobs.content]
+        assert "".join(c.delta.content or "" for c in chunks) == expected.text
+    else:
+        content = answer.choices[0].logprobs.content
+        assert answer.choices[0].message.content == expected.text
+    assert openai_tuples(content) == grpc_tuples(expected.logprobs)
+
+
+def test_top_logprobs_over_the_cap_is_refused(client, model, router):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                       top_logprobs=21, max_tokens=2)
+    assert info.value.body["param"] == "top_logprobs"
+    with pytest.raises(grpc.RpcError) as refused:
+        collect(router, with_logprobs(request(text("hi"), num_tokens=2), num_top=21))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("sampling.top_logprobs: 21")
 
 
 BAD = {

@@ -1,4 +1,5 @@
-"""Greedy output of the whole pipeline over gRPC equals transformers' generate."""
+"""Greedy output of the whole pipeline over gRPC equals transformers' generate: the tokens, and at every step the
+log-probabilities of the chosen token and the five most likely (float32: within 1e-4)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 
 from mmserve.media.samples import make_image, make_video
 from tests.integration.helpers import collect, image, request, text, video
-from tests.integration.reference import Reference
+from tests.integration.reference import Reference, assert_logprobs_match, with_logprobs
 
 NUM_TOKENS = 32
+LOGPROB_ATOL = 1e-4  # float32 on both sides: only summation order differs
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +38,15 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_matches_transformers(router, reference, clip, case):
-    req = CASES[case](clip)
+    req = with_logprobs(CASES[case](clip))
     result = collect(router, req)
-    expected = reference.generate(req, NUM_TOKENS)
+    expected, logits = reference.generate_scored(req, NUM_TOKENS)
     assert len(expected) == NUM_TOKENS
     assert result.token_ids == expected
     assert result.final.completion_tokens == NUM_TOKENS
     assert result.final.finish_reason == "length"
     assert result.text == reference.tokenizer.decode(expected, skip_special_tokens=True)
+    assert assert_logprobs_match(result.logprobs, expected, logits, atol=LOGPROB_ATOL) == NUM_TOKENS
 
 
 def test_eight_requests_in_flight_each_match(router, reference, clip):
@@ -55,7 +58,13 @@ def test_eight_requests_in_flight_each_match(router, reference, clip):
     ] + [
         request(video(clip), text(f"Scene {i}: what moves?"), num_tokens=NUM_TOKENS) for i in range(2)
     ]
+    requests = [with_logprobs(r) if i % 2 else r for i, r in enumerate(requests)]  # asking beside not asking
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(lambda r: collect(router, r), requests))
     for req, result in zip(requests, results):
-        assert result.token_ids == reference.generate(req, NUM_TOKENS)
+        expected, logits = reference.generate_scored(req, NUM_TOKENS)
+        assert result.token_ids == expected
+        if req.sampling.logprobs:
+            assert_logprobs_match(result.logprobs, expected, logits, atol=LOGPROB_ATOL)
+        else:
+            assert result.logprobs == []

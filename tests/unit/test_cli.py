@@ -149,3 +149,17 @@ def test_secrets_writes_private_files_once(tmp_path):
     assert (out / "redis.conf").read_text() == f"requirepass {password}\n" and password not in result.stdout
     again = run("stack", "secrets", "--out", str(out))  # never replaces the secrets a stack runs with
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_generate_logprobs_asks_for_them_and_prints_one_line_per_token():
+    from mmserve.client import build_request, format_logprobs
+    from mmserve.v1 import api_pb2
+
+    assert build_parser().parse_args(["generate", "--prompt", "hi", "--logprobs", "3"]).logprobs == 3
+    sampling = build_request("hi", [], [], max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=3).sampling
+    assert (sampling.logprobs, sampling.top_logprobs) == (True, 3)
+    assert not build_request("hi", [], [], max_tokens=4, temperature=0.0).sampling.logprobs
+    entry = api_pb2.TokenLogprobs(chosen=api_pb2.TokenLogprob(text=" sea", logprob=-0.5),
+                                  top=[api_pb2.TokenLogprob(text=" sea", logprob=-0.5),
+                                       api_pb2.TokenLogprob(text=" sky", logprob=-1.25)])
+    assert format_logprobs(entry) == "' sea' -0.5000  | ' sea' -0.5000  ' sky' -1.2500"

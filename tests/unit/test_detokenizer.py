@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from services.llm.detokenizer import IncrementalDetokenizer
+from services.llm.detokenizer import IncrementalDetokenizer, TokenTexts
 
 TEXTS = [
     "Hello, world! The answer is 42.",
@@ -201,3 +201,15 @@ def test_a_batch_of_streams_gives_each_the_text_and_stops_it_would_give_alone(to
                 stopped_at[n] = i
             deltas[n].append(detoks[n].delta(final=stopped or i == len(ids[n]) - 1))
     assert [("".join(d), s) for d, s in zip(deltas, stopped_at)] == [("".join(d), s) for d, s in alone]
+
+
+def test_token_texts_bytes_join_the_characters_their_texts_split(tokenizer):
+    texts = TokenTexts(tokenizer)
+    ids = tokenizer.encode("wörld 海 🙂<|im_end|>")
+    pieces = [texts.get(i) for i in ids]
+    assert any("\ufffd" in text for text, _ in pieces), "the sample splits a character over tokens"
+    assert b"".join(token_bytes for _, token_bytes in pieces).decode() == "wörld 海 🙂<|im_end|>"
+    assert pieces[-1] == ("<|im_end|>", b"<|im_end|>")  # special tokens are shown
+    for (text, token_bytes), token_id in zip(pieces, ids):
+        assert text == tokenizer.decode([token_id])
+        assert "\ufffd" in text or token_bytes == text.encode()

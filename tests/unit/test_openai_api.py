@@ -13,6 +13,7 @@ from stack.cli import build_parser
 from stack.launcher import StackSpec, plan
 from mmserve.v1 import api_pb2
 from services.router.config import RouterConfig
+from services.router.openai_logprobs import logprobs_json
 from services.router.openai_protocol import (ApiError, chunk_json, completion_json, error_from_grpc,
                                              loopback_address, parse_chat_body, parse_chat_request,
                                              served_model_name, sse)
@@ -116,7 +117,11 @@ GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 BAD = {
     "n=2": ({**GOOD, "n": 2}, "n"),
     "tools": ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    "logprobs": ({**GOOD, "logprobs": True}, "logprobs"),
+    "logprobs a string": ({**GOOD, "logprobs": "yes"}, "logprobs"),
+    "top_logprobs without logprobs": ({**GOOD, "top_logprobs": 2}, "top_logprobs"),
+    "top_logprobs over the cap": ({**GOOD, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    "top_logprobs negative": ({**GOOD, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    "top_logprobs a float": ({**GOOD, "logprobs": True, "top_logprobs": 2.0}, "top_logprobs"),
     "json mode": ({**GOOD, "response_format": {"type": "json_object"}}, "response_format"),
     "penalty": ({**GOOD, "frequency_penalty": 0.5}, "frequency_penalty"),
     "unknown field": ({**GOOD, "best_of": 3}, "best_of"),
@@ -278,3 +283,34 @@ def test_mmserve_up_http_port_reaches_the_router_command_line():
     assert router.http_port == 8000
     children = plan(StackSpec(model="m", redis_url="redis://127.0.0.1:1/0")).children()
     assert RouterConfig.parse(next(c for c in children if c.name == "router").argv[3:]).http_port == 0
+
+
+def test_logprobs_and_top_logprobs_become_sampling_fields_under_the_cap():
+    sampling = parse(GOOD, logprobs=True, top_logprobs=20).grpc_request.sampling
+    assert (sampling.logprobs, sampling.top_logprobs) == (True, 20)
+    assert not parse(GOOD, logprobs=False, top_logprobs=0).grpc_request.sampling.logprobs
+    with pytest.raises(ApiError) as info:
+        parse_chat_request({**GOOD, "logprobs": True, "top_logprobs": 3}, model_name=MODEL, request_id="r1",
+                           max_top_logprobs=2)
+    assert info.value.param == "top_logprobs" and "[0, 2]" in info.value.message
+
+
+def logprob(token_id: int, value: float, token_bytes: bytes) -> api_pb2.TokenLogprob:
+    return api_pb2.TokenLogprob(token_id=token_id, logprob=value, text=token_bytes.decode(errors="replace"),
+                                token_bytes=token_bytes)
+
+
+def test_logprobs_are_what_the_openai_client_parses():
+    entries = [api_pb2.TokenLogprobs(chosen=logprob(5, -0.25, b"\xc3"), top=[logprob(5, -0.25, b"\xc3"),
+                                                                             logprob(9, float("-inf"), b" x")]),
+               api_pb2.TokenLogprobs(chosen=logprob(6, -1.5, b"\xa9"))]
+    body = json.loads(json.dumps(completion_json("c", MODEL, 1, "é", final(), logprobs_json(entries))))
+    content = ChatCompletion.model_validate(body).choices[0].logprobs.content
+    assert [(c.token, c.logprob, c.bytes) for c in content] == [("\ufffd", -0.25, [0xC3]), ("\ufffd", -1.5, [0xA9])]
+    assert bytes(content[0].bytes + content[1].bytes).decode() == "é"  # the bytes join what the texts cannot
+    assert [(t.token, t.logprob) for t in content[0].top_logprobs] == [("\ufffd", -0.25), (" x", -9999.0)]
+    assert content[1].top_logprobs == []
+    chunk = ChatCompletionChunk.model_validate(chunk_json("c", MODEL, 1, {"content": ""}, logprobs=logprobs_json(
+        entries[1:])))
+    assert chunk.choices[0].logprobs.content[0].logprob == -1.5
+    assert completion_json("c", MODEL, 1, "x", final())["choices"][0]["logprobs"] is None

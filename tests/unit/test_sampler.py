@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from services.llm.sampler import filtered_probs, invert_cdf, make_generator, sample_rows
+from services.llm.sampler import (filtered_probs, invert_cdf, make_generator, model_logprobs, sample_rows,
+                                  token_logprobs)
 from services.llm.sequence import SamplingOptions
 
 OPTIONS = [
@@ -64,3 +65,27 @@ def test_inverting_the_cdf_never_picks_a_token_without_mass():
     assert invert_cdf(probs, torch.tensor([0.0, 0.0], dtype=torch.float64)).tolist() == [1, 2]
     assert invert_cdf(probs, torch.tensor([0.49, 0.5], dtype=torch.float64)).tolist() == [1, 2]
     assert invert_cdf(probs, torch.tensor([1.0, 1.0], dtype=torch.float64)).tolist() == [3, 2]
+
+
+def test_logprobs_are_the_models_log_softmax_whatever_the_row_samples_with():
+    logits = torch.randn(len(OPTIONS), 300, generator=torch.Generator().manual_seed(2)) * 4
+    generators = [make_generator(7) for _ in OPTIONS]
+    tokens = sample_rows(logits.clone(), OPTIONS, generators)
+    num_top = [0, 1, 5, 20, 300, 1000]  # more than the vocabulary: all of it
+    picked = token_logprobs(model_logprobs(logits), tokens, num_top)
+    expected = torch.log_softmax(logits.double(), -1)
+    for row, (token, lp) in enumerate(zip(tokens, picked)):
+        assert lp.token_id == token
+        assert abs(lp.logprob - float(expected[row, token])) < 1e-5, f"row {row}: not the raw distribution's"
+        assert len(lp.top) == min(num_top[row], 300)
+        top_ids = [token_id for token_id, _ in lp.top]
+        assert top_ids == expected[row].topk(len(top_ids)).indices.tolist()
+        for token_id, logprob in lp.top:
+            assert abs(logprob - float(expected[row, token_id])) < 1e-5
+
+
+def test_logprobs_of_rows_taken_apart_equal_those_taken_together():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    together = token_logprobs(model_logprobs(logits), [1, 2, 3], [2, 0, 4])
+    alone = [token_logprobs(model_logprobs(logits[[row]]), [row + 1], [n])[0] for row, n in enumerate([2, 0, 4])]
+    assert together == alone

@@ -219,3 +219,14 @@ def test_an_slo_may_be_tighter_than_the_servers_not_looser(parts, cls, cap):
     req.slo.tpot_ms = 201
     with pytest.raises(ValidationError, match="^slo.tpot_ms: 201 exceeds the limit of 200 ms"):
         validate_request(req, CAPPED)
+
+
+def test_top_logprobs_up_to_the_server_cap_pass_and_one_more_fails():
+    validate_request(request(logprobs=True, top_logprobs=20), RequestLimits(**LIMITS))
+    rejects(request(logprobs=True, top_logprobs=21), "sampling.top_logprobs: 21 is not in [0, 20]")
+    rejects(request(logprobs=True, top_logprobs=6), "sampling.top_logprobs", RequestLimits(**LIMITS, max_top_logprobs=5))
+
+
+def test_top_logprobs_without_logprobs():
+    rejects(request(top_logprobs=3), "sampling.top_logprobs: needs sampling.logprobs")
+    validate_request(request(logprobs=True), RequestLimits(**LIMITS))
