@@ -14,6 +14,7 @@ from stack.launcher import StackSpec, free_port, plan
 from mmserve.media.samples import make_image, make_video
 from mmserve.models import loading
 from mmserve.models.tiny import build_tiny_model
+from tests.conftest import RELAXED_SLOS
 from tests.integration.helpers import assert_follows, collect, image, request, router_stub, running, text, video
 from tests.integration.reference import Reference, assert_logprobs_match, with_logprobs
 
@@ -39,8 +40,9 @@ def bf16_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bf16_router(bf16_model, redis_server):
+    # Relaxed targets: this test is about numbers, not admission (a busy machine once got a refusal here).
     planned = plan(StackSpec(model=str(bf16_model), port=free_port(), redis_url=redis_server.url,
-                             log_level="WARNING"))
+                             log_level="WARNING", router_args=RELAXED_SLOS))
     children, address = planned.children(), planned.router_address
     with running(children), router_stub(address) as stub:
         yield stub
