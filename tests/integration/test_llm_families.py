@@ -25,7 +25,7 @@ from services.llm.engine import Engine, Finished
 from services.llm.server import messages_from_proto
 from services.llm.sequence import SamplingOptions
 
-NUM_TOKENS = 8
+NUM_TOKENS = 12
 VIDEO_FPS = 4.0
 BUILDERS = {"qwen3_vl": (build_qwen3_vl, Qwen3VLForConditionalGeneration),
             "internvl": (build_internvl, InternVLForConditionalGeneration)}
@@ -68,7 +68,7 @@ class Served:
         return Media(pixels, item, self.family.encode(self.tower, pixels, [item])[0])
 
 
-def clip(seed: int, num_frames: int = 24, height: int = 64, width: int = 80) -> torch.Tensor:
+def clip(seed: int, num_frames: int = 24, height: int = 96, width: int = 128) -> torch.Tensor:
     """Frames of one random colour each plus blocky noise (a tiny random model tells colours apart, not noise)."""
     rng = np.random.default_rng(seed)
     colors = rng.integers(0, 256, (num_frames, 1, 1, 3))
