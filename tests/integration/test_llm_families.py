@@ -22,6 +22,7 @@ from mmserve.models.qwen3_vl.tiny import build as build_qwen3_vl
 from mmserve.v1 import decoder_pb2, llm_pb2
 from services.llm.config import LlmConfig
 from services.llm.engine import Engine, Finished
+from services.llm.prompt import PromptError
 from services.llm.server import messages_from_proto
 from services.llm.sequence import SamplingOptions
 
@@ -222,3 +223,12 @@ async def test_different_media_change_the_greedy_output(served):
     video = await answer(served.video(5), "video5")
     assert video != await answer(served.video(6), "video6")
     assert video != await answer(served.video(5, reverse=True), "video5-reversed")
+
+
+def test_an_item_without_the_models_deepstack_layers_is_refused(served):
+    image = served.image(7)
+    # Qwen3-VL's items must bring their DeepStack features; InternVL takes none.
+    deepstack = () if image.encoded.deepstack else (image.encoded.embeddings,)
+    wrong = dataclasses.replace(image, encoded=EncodedItem(image.encoded.embeddings, deepstack))
+    with pytest.raises(PromptError, match="DeepStack layers"):
+        prepare(served, "wrong-deepstack", [("user", [wrong, "Describe."])])
