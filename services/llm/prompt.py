@@ -72,19 +72,24 @@ class PromptBuilder:
             if ids.count(pad) != sum(1 for m in media if m.kind == kind):
                 raise PromptError(f"text: contains the reserved placeholder token for {kind}s")
         items = [MediaItem(m.kind, tuple(m.grid_thw), tuple(m.timestamps), m.second_per_grid_t) for m in media]
+        self._check(media, items)
         expanded = self.family.expand_prompt(text, items)
         if expanded != text:
             ids = self.tokenizer.encode(expanded, add_special_tokens=False)
         return self._expand(ids, media, items)
 
-    def _expand(self, ids: list[int], media: list[MediaInput],
-                items: list[MediaItem]) -> tuple[list[int], MultimodalPrompt]:
+    def _check(self, media: list[MediaInput], items: list[MediaItem]) -> None:
         for m, item in zip(media, items):
             if m.embeddings.shape[0] != self.family.num_tokens(item):
                 raise PromptError(f"{m.kind}: {m.embeddings.shape[0]} embeddings do not match grid {m.grid_thw}")
             if len(m.deepstack) != self.num_deepstack_layers:
                 raise PromptError(f"{m.kind}: embeddings carry {len(m.deepstack)} DeepStack layers, the model "
                                   f"takes {self.num_deepstack_layers}")
+            if m.timestamps and len(m.timestamps) != m.grid_thw[0]:
+                raise PromptError(f"{m.kind}: {len(m.timestamps)} timestamps for {m.grid_thw[0]} temporal groups")
+
+    def _expand(self, ids: list[int], media: list[MediaInput],
+                items: list[MediaItem]) -> tuple[list[int], MultimodalPrompt]:
         try:
             out = self.family.expand_ids(ids, items)
         except ValueError as err:

@@ -207,3 +207,10 @@ def test_packed_embeddings_not_in_blocks_of_the_hidden_size_are_refused():
         messages_from_proto([message], [torch.zeros(6, HIDDEN + 1)], HIDDEN)
     parsed = messages_from_proto([message], [torch.zeros(6, 3 * HIDDEN)], HIDDEN)[0].parts[0]
     assert parsed.embeddings.shape == (6, HIDDEN) and len(parsed.deepstack) == 2
+
+
+def test_timestamps_not_one_per_temporal_group_are_refused(builder):
+    clip = video(t=4)
+    stamped = MediaInput(clip.kind, clip.embeddings, clip.grid_thw, clip.second_per_grid_t, timestamps=(0.5, 1.5))
+    with pytest.raises(PromptError, match="video: 2 timestamps for 4 temporal groups"):
+        builder.build([user(stamped, "What happens?")])
