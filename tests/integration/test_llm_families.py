@@ -28,8 +28,10 @@ from services.llm.sequence import SamplingOptions
 
 NUM_TOKENS = 12
 VIDEO_FPS = 4.0
-BUILDERS = {"qwen3_vl": (build_qwen3_vl, Qwen3VLForConditionalGeneration),
-            "internvl": (build_internvl, InternVLForConditionalGeneration)}
+# checkpoint name -> (builder, its preset, transformers' class); InternVL with its Qwen2 and its Qwen3 text model.
+BUILDERS = {"qwen3_vl": (build_qwen3_vl, "tiny", Qwen3VLForConditionalGeneration),
+            "internvl": (build_internvl, "tiny", InternVLForConditionalGeneration),
+            "internvl_qwen3": (build_internvl, "tiny-qwen3", InternVLForConditionalGeneration)}
 _KINDS = {"image": decoder_pb2.MEDIA_KIND_IMAGE, "video": decoder_pb2.MEDIA_KIND_VIDEO}
 
 
@@ -58,7 +60,7 @@ class Served:
 
     def video(self, seed: int, reverse: bool = False) -> Media:
         frames = clip(seed)
-        if self.name == "internvl":
+        if self.family.name == "internvl":
             frames = frames[self.family.sample_frames(frames.shape[0], 2)]
             return self._encode(*self.family.preprocess_video(frames.flip(0) if reverse else frames))
         indices = self.family.sample_frames(frames.shape[0], VIDEO_FPS)
@@ -79,8 +81,8 @@ def clip(seed: int, num_frames: int = 24, height: int = 96, width: int = 128) ->
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def served(request, tmp_path_factory):
-    build, model_class = BUILDERS[request.param]
-    checkpoint = str(build(tmp_path_factory.mktemp(request.param), seed=0))
+    build, preset, model_class = BUILDERS[request.param]
+    checkpoint = str(build(tmp_path_factory.mktemp(request.param), seed=0, preset=preset))
     family = family_of(checkpoint)
     engine = make_engine(checkpoint)
     try:
@@ -121,9 +123,9 @@ def reference(served: Served, seq, conversation: list) -> list[int]:
     ids = torch.tensor([seq.token_ids[:seq.num_prompt_tokens]])
     media = [p for _, parts in conversation for p in parts if isinstance(p, Media)]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if served.name == "internvl" and media:  # every tile and frame in prompt order
+    if served.family.name == "internvl" and media:  # every tile and frame in prompt order
         inputs["pixel_values"] = torch.cat([m.pixels for m in media])
-    elif served.name == "qwen3_vl":
+    elif served.family.name == "qwen3_vl":
         settings = served.family.settings
         types = torch.zeros_like(ids, dtype=torch.int32)
         types[ids == settings.image_token_id] = 1
