@@ -203,7 +203,7 @@ class ModelRunner:
             offset += n
         if not where_parts:
             return hidden, None
-        layers = [torch.cat(rows).to(self.device, hidden.dtype) for rows in zip(*deepstack_parts)]
+        layers = [torch.cat(parts).to(self.device, hidden.dtype) for parts in zip(*deepstack_parts)]
         return hidden, DeepStack(torch.cat(where_parts).to(self.device), layers)
 
     def _attention(self, attn, layer_index: int, x, cos, sin, slots: torch.Tensor, attend: Attend) -> torch.Tensor:

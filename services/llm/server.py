@@ -66,9 +66,11 @@ def messages_from_proto(messages, embeddings: list, hidden_size: int) -> list[Ch
             if part.WhichOneof("content") == "text":
                 parts.append(part.text)
                 continue
-            media = part.media
+            media, tensor = part.media, next(tensors)
+            if tensor.dim() != 2:
+                raise ValueError(f"messages[{i}].media.embeddings: shape {list(tensor.shape)} is not [rows, columns]")
             try:
-                encoded = unpack(next(tensors), hidden_size)
+                encoded = unpack(tensor, hidden_size)
             except ValueError as err:
                 raise ValueError(f"messages[{i}].media.{err}") from None
             parts.append(MediaInput(_KINDS[media.kind], encoded.embeddings, tuple(media.grid_thw),

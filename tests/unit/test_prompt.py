@@ -205,6 +205,8 @@ def test_packed_embeddings_not_in_blocks_of_the_hidden_size_are_refused():
     message.parts.add(media=llm_pb2.MediaEmbedding(kind=decoder_pb2.MEDIA_KIND_IMAGE, grid_thw=(1, 4, 6)))
     with pytest.raises(ValueError, match=r"messages\[0\]\.media\.embeddings: 65 columns"):
         messages_from_proto([message], [torch.zeros(6, HIDDEN + 1)], HIDDEN)
+    with pytest.raises(ValueError, match=r"messages\[0\]\.media\.embeddings: shape \[6\] is not"):
+        messages_from_proto([message], [torch.zeros(6)], HIDDEN)
     parsed = messages_from_proto([message], [torch.zeros(6, 3 * HIDDEN)], HIDDEN)[0].parts[0]
     assert parsed.embeddings.shape == (6, HIDDEN) and len(parsed.deepstack) == 2
 
