@@ -25,6 +25,7 @@ from services.llm.engine import Engine, Finished
 from services.llm.prompt import PromptError
 from services.llm.server import messages_from_proto
 from services.llm.sequence import SamplingOptions
+from tests.unit.family_parity import our_prompt
 
 NUM_TOKENS = 12
 VIDEO_FPS = 4.0
@@ -119,9 +120,15 @@ def prepare(served: Served, request_id: str, conversation: list, engine: Engine 
 
 @torch.no_grad()
 def reference(served: Served, seq, conversation: list) -> list[int]:
-    """transformers' greedy generate on the same prompt ids and the same pixel values."""
-    ids = torch.tensor([seq.token_ids[:seq.num_prompt_tokens]])
+    """transformers' greedy generate on the same prompt ids and the same pixel values; the ids are first checked
+    against the family's expansion of the planned items (proved equal to transformers' processors in the unit
+    tests), so grids and timestamps must have crossed the wire intact."""
     media = [p for _, parts in conversation for p in parts if isinstance(p, Media)]
+    chat = [{"role": role, "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": p.item.kind}
+                                       for p in parts]} for role, parts in conversation]
+    expected = our_prompt(served.family, served.engine.tokenizer, chat, [m.item for m in media])
+    assert seq.token_ids[:seq.num_prompt_tokens] == expected
+    ids = torch.tensor([expected])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if served.family.name == "internvl" and media:  # every tile and frame in prompt order
         inputs["pixel_values"] = torch.cat([m.pixels for m in media])
