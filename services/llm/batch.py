@@ -25,7 +25,7 @@ class Batch:
     """One step's flattened tokens and where each sequence's attention reads its context from."""
 
     ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [3, num_tokens] M-RoPE positions
+    positions: torch.Tensor  # [axes, num_tokens]: 3 for M-RoPE, 1 for plain RoPE
     slots: torch.Tensor  # [num_tokens] KV slots written this step
     spans: list[tuple[int, int]]  # (offset, num_new_tokens) per chunk
     # SDPA: each multi-token chunk on its own, the single-token ones together.

@@ -44,7 +44,7 @@ class DecodeGraphs:
         self.sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
         n, device = self.sizes[-1], runner.device
         self.ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(3, n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(runner.num_position_axes, n, dtype=torch.long, device=device)
         self.slots = torch.full((n,), scratch_block * self.block_size, dtype=torch.long, device=device)
         self.block_table = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
@@ -80,6 +80,7 @@ class DecodeGraphs:
                                        softmax_scale=runner.scale, causal=True)[:, 0]
 
         hidden = runner.model.embed_tokens(self.ids[:size])
+        # A decode has no visual rows: no DeepStack injection, so the graph is the same for every family.
         hidden = runner.forward(hidden, self.positions[:, :size], self.slots[:size], attend)
         return runner.model.norm(hidden) @ runner.lm_head.T
 
@@ -98,7 +99,7 @@ class DecodeGraphs:
         positions = [i + s.mm.rope_delta for s, i in zip(seqs, at)] + [0] * pad
         slots = [block_manager.slot(s, i) for s, i in zip(seqs, at)] + [self.scratch_block * self.block_size] * pad
         self.ids[:size].copy_(torch.tensor(ids))
-        self.positions[:, :size].copy_(torch.tensor(positions).expand(3, -1))
+        self.positions[:, :size].copy_(torch.tensor(positions).expand(len(self.positions), -1))
         self.slots[:size].copy_(torch.tensor(slots))
         self.context_lens[:size].copy_(torch.tensor([i + 1 for i in at] + [1] * pad, dtype=torch.int32))
         self.block_table[:n].copy_(block_tables(seqs, self.max_blocks, self.scratch_block, torch.int32))

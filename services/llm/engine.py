@@ -48,9 +48,11 @@ class Finished:
 
 
 def media_digest(item: MediaInput) -> str:
-    """What makes two media items' KV equal: their embeddings and how M-RoPE places them."""
-    h = hashlib.sha256(f"{item.kind}:{item.grid_thw}:{item.second_per_grid_t!r}:{item.embeddings.dtype}".encode())
-    h.update(item.embeddings.contiguous().view(torch.uint8).numpy())
+    """What makes two media items' KV equal: their embeddings, DeepStack features and how the rotary places them."""
+    h = hashlib.sha256(f"{item.kind}:{tuple(item.grid_thw)}:{item.second_per_grid_t!r}:{item.timestamps!r}:"
+                       f"{item.embeddings.dtype}:{len(item.deepstack)}".encode())
+    for tensor in (item.embeddings, *item.deepstack):
+        h.update(tensor.contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -88,6 +90,7 @@ class Engine:
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         self._eos_tensor = torch.tensor(self.eos_ids)
         text_model, lm_head = family.load_language_model(config.model, dtype, self.device)
+        self.hidden_size = text_model.config.hidden_size  # an item's packed columns are blocks of this width
         per_token = ModelRunner.kv_bytes_per_token(text_model.config, dtype)
         block_size = config.block_size or default_block_size(self.device, dtype)
         num_blocks = max(1, config.kv_cache_bytes // (per_token * block_size))

@@ -11,12 +11,14 @@ from mmserve.models.family import Family, MediaItem
 
 @dataclasses.dataclass(frozen=True)
 class MediaInput:
-    """One image or video's vision embeddings as the encoder produced them."""
+    """One image or video's vision embeddings as the encoder produced them (unpacked)."""
 
     kind: str  # "image" or "video"
     embeddings: torch.Tensor  # [num_tokens, hidden]
-    grid_thw: tuple[int, int, int]
+    grid_thw: tuple[int, int, int]  # the family's grid: Qwen (t, h, w); InternVL (tiles, columns, rows)
     second_per_grid_t: float = 0.0
+    timestamps: tuple[float, ...] = ()  # video: seconds of each temporal group (Qwen3-VL writes them in the prompt)
+    deepstack: tuple[torch.Tensor, ...] = ()  # [num_tokens, hidden] per DeepStack layer (Qwen3-VL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +29,16 @@ class ChatMessage:
 
 @dataclasses.dataclass(frozen=True)
 class MultimodalPrompt:
-    """What the runner needs beyond token ids: media rows to splice in and 3-axis positions."""
+    """What the runner needs beyond token ids: media rows to splice in, DeepStack rows to add, and positions."""
 
     embeddings: torch.Tensor | None  # [num_media_tokens, hidden], in prompt order
-    rows: torch.Tensor | None  # [num_prompt_tokens] row into embeddings, -1 for text
-    positions: torch.Tensor  # [axes, num_prompt_tokens] (3 for M-RoPE)
+    rows: torch.Tensor | None  # [num_prompt_tokens] row into embeddings (and deepstack), -1 for text
+    positions: torch.Tensor  # [axes, num_prompt_tokens] (3 for M-RoPE, 1 for plain RoPE)
     rope_delta: int  # generated token at index p sits at position p + rope_delta on every axis
     spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # each media's placeholder range
     media: list[MediaInput] = dataclasses.field(default_factory=list)  # in prompt order
+    # One [num_media_tokens, hidden] per DeepStack layer, rows aligned with embeddings: added after that layer.
+    deepstack: tuple[torch.Tensor, ...] = ()
 
 
 class PromptError(ValueError):
@@ -50,6 +54,9 @@ class PromptBuilder:
         # The template writes one placeholder per item; the config names each kind's token.
         self.pad_ids = {kind: getattr(config, f"{kind}_token_id") for kind in ("image", "video")
                         if getattr(config, f"{kind}_token_id", None) is not None}
+        # Every item must bring the features of each layer the text model adds them after (Qwen3-VL's DeepStack).
+        vision = getattr(config, "vision_config", None)
+        self.num_deepstack_layers = len(getattr(vision, "deepstack_visual_indexes", None) or ())
 
     def build(self, messages: list[ChatMessage]) -> tuple[list[int], MultimodalPrompt]:
         """Token ids of the prompt (ending with the assistant turn's header) and its multimodal data."""
@@ -64,17 +71,25 @@ class PromptBuilder:
         for kind, pad in self.pad_ids.items():
             if ids.count(pad) != sum(1 for m in media if m.kind == kind):
                 raise PromptError(f"text: contains the reserved placeholder token for {kind}s")
-        items = [MediaItem(m.kind, m.grid_thw, second_per_grid_t=m.second_per_grid_t) for m in media]
+        items = [MediaItem(m.kind, tuple(m.grid_thw), tuple(m.timestamps), m.second_per_grid_t) for m in media]
+        self._check(media, items)
         expanded = self.family.expand_prompt(text, items)
         if expanded != text:
             ids = self.tokenizer.encode(expanded, add_special_tokens=False)
         return self._expand(ids, media, items)
 
-    def _expand(self, ids: list[int], media: list[MediaInput],
-                items: list[MediaItem]) -> tuple[list[int], MultimodalPrompt]:
+    def _check(self, media: list[MediaInput], items: list[MediaItem]) -> None:
         for m, item in zip(media, items):
             if m.embeddings.shape[0] != self.family.num_tokens(item):
                 raise PromptError(f"{m.kind}: {m.embeddings.shape[0]} embeddings do not match grid {m.grid_thw}")
+            if len(m.deepstack) != self.num_deepstack_layers:
+                raise PromptError(f"{m.kind}: embeddings carry {len(m.deepstack)} DeepStack layers, the model "
+                                  f"takes {self.num_deepstack_layers}")
+            if m.timestamps and len(m.timestamps) != m.grid_thw[0]:
+                raise PromptError(f"{m.kind}: {len(m.timestamps)} timestamps for {m.grid_thw[0]} temporal groups")
+
+    def _expand(self, ids: list[int], media: list[MediaInput],
+                items: list[MediaItem]) -> tuple[list[int], MultimodalPrompt]:
         try:
             out = self.family.expand_ids(ids, items)
         except ValueError as err:
@@ -93,4 +108,5 @@ class PromptBuilder:
             spans.append((where[first], where[last - 1] + 1))
             first = last
         embeddings = torch.cat([m.embeddings for m in media])
-        return out, MultimodalPrompt(embeddings, rows, positions, delta, spans, media)
+        deepstack = tuple(torch.cat(layer) for layer in zip(*(m.deepstack for m in media)))
+        return out, MultimodalPrompt(embeddings, rows, positions, delta, spans, media, deepstack)

@@ -24,6 +24,19 @@ log = logging.getLogger(__name__)
 Attend = Callable[[torch.Tensor, int], torch.Tensor]
 
 
+@dataclasses.dataclass(frozen=True)
+class DeepStack:
+    """One step's DeepStack injection: the batch's visual tokens and, per injected layer, the rows added there."""
+
+    where: torch.Tensor  # [num_visual] token offsets in the step's flat batch
+    layers: list[torch.Tensor]  # [num_visual, hidden] per layer, added after decoder layer i
+
+
+def head_dim(config) -> int:
+    """Width of one attention head: explicit in Qwen3 configs (where it may differ from hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class ModelRunner:
     """Holds the language model's weights and the KV cache; turns scheduled chunks into logits."""
 
@@ -37,7 +50,10 @@ class ModelRunner:
         self.block_manager = block_manager
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
+        # M-RoPE rotaries (Qwen2.5-VL, Qwen3-VL) take positions on 3 axes; plain RoPE (InternVL's LM) on one.
+        self.num_position_axes = 3 if hasattr(self.model.rotary_emb, "mrope_section") else 1
+        self.has_qk_norm = hasattr(text_model.layers[0].self_attn, "q_norm")
         self.scale = self.head_dim ** -0.5
         block_size = block_manager.block_size
         flash_here = flash_usable(device, dtype)
@@ -66,9 +82,8 @@ class ModelRunner:
     @staticmethod
     def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
         """KV cache bytes one token takes over all layers."""
-        head_dim = config.hidden_size // config.num_attention_heads
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * itemsize
 
     def pages(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V caches as flash-attn's pages [pages, block_size, kv_heads, head_dim] (views)."""
@@ -82,16 +97,19 @@ class ModelRunner:
             return self.graphs.run([c.seq for c in chunks])
         batch = self._prepare(chunks).to(self.device)
         attend = self._flash_attend if self.flash else self._sdpa_attend
-        hidden = self.forward(self._embed(batch.ids, chunks), batch.positions, batch.slots,
-                              lambda q, layer_index: attend(q, layer_index, batch))
+        hidden, deepstack = self._embed(batch.ids, chunks)
+        hidden = self.forward(hidden, batch.positions, batch.slots,
+                              lambda q, layer_index: attend(q, layer_index, batch), deepstack)
         last = [start + n - 1 for (start, n), c in zip(batch.spans, chunks) if c.completes_sequence]
         hidden = self.model.norm(hidden[last])
         return (hidden @ self.lm_head.T).float().cpu()
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                attend: Attend) -> torch.Tensor:
-        """The decoder layers over a flat batch of tokens: writes their K/V to slots, attends with attend."""
-        cos, sin = self.model.rotary_emb(hidden[None], positions[:, None, :])
+                attend: Attend, deepstack: DeepStack | None = None) -> torch.Tensor:
+        """The decoder layers over a flat batch of tokens: writes their K/V to slots, attends with attend, and
+        adds each DeepStack layer's rows at the visual tokens after its decoder layer."""
+        # Both rotaries give cos/sin [1, tokens, head_dim]: M-RoPE from positions [3, 1, tokens], RoPE from [1, tokens].
+        cos, sin = self.model.rotary_emb(hidden[None], positions[:, None, :] if len(positions) > 1 else positions)
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         for layer_index, layer in enumerate(self.model.layers):
             residual = hidden
@@ -99,6 +117,8 @@ class ModelRunner:
             x = self._attention(layer.self_attn, layer_index, x, cos, sin, slots, attend)
             hidden = residual + x
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            if deepstack is not None and layer_index < len(deepstack.layers):
+                hidden[deepstack.where] = hidden[deepstack.where] + deepstack.layers[layer_index]
         return hidden
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> Batch:
@@ -108,7 +128,7 @@ class ModelRunner:
         num_tokens = offsets[-1]
         ids = torch.tensor([t for c in chunks for t in
                             c.seq.token_ids[c.seq.num_computed_tokens:c.seq.num_computed_tokens + c.num_new_tokens]])
-        positions = torch.empty(3, num_tokens, dtype=torch.long)
+        positions = torch.empty(self.num_position_axes, num_tokens, dtype=torch.long)
         slots = torch.empty(num_tokens, dtype=torch.long)
         prefill = []
         for offset, chunk in zip(offsets, chunks):
@@ -160,11 +180,14 @@ class ModelRunner:
         if end <= num_prompt:
             return prompt_part
         generated = torch.arange(max(start, num_prompt), end) + mm.rope_delta
-        return torch.cat([prompt_part, generated.expand(3, -1)], dim=1)
+        return torch.cat([prompt_part, generated.expand(len(prompt_part), -1)], dim=1)
 
-    def _embed(self, ids: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, DeepStack | None]:
+        """Token embeddings with the media rows of the prefill chunks spliced in, and the DeepStack rows of the
+        same tokens (only those inside each chunk: a chunk boundary may cut an item)."""
         hidden = self.model.embed_tokens(ids)
         offset = 0
+        where_parts, deepstack_parts = [], []
         for chunk in chunks:
             seq, n = chunk.seq, chunk.num_new_tokens
             mm: MultimodalPrompt = seq.mm
@@ -172,15 +195,24 @@ class ModelRunner:
             if mm.embeddings is not None and start < seq.num_prompt_tokens:
                 rows = mm.rows[start:min(start + n, seq.num_prompt_tokens)]
                 where = (rows >= 0).nonzero().squeeze(1)
-                hidden[offset + where.to(self.device)] = mm.embeddings[rows[where]].to(self.device, hidden.dtype)
+                media_rows = rows[where]
+                hidden[offset + where.to(self.device)] = mm.embeddings[media_rows].to(self.device, hidden.dtype)
+                if mm.deepstack and len(where):
+                    where_parts.append(offset + where)
+                    deepstack_parts.append([layer[media_rows] for layer in mm.deepstack])
             offset += n
-        return hidden
+        if not where_parts:
+            return hidden, None
+        layers = [torch.cat(parts).to(self.device, hidden.dtype) for parts in zip(*deepstack_parts)]
+        return hidden, DeepStack(torch.cat(where_parts).to(self.device), layers)
 
     def _attention(self, attn, layer_index: int, x, cos, sin, slots: torch.Tensor, attend: Attend) -> torch.Tensor:
         n_tokens = x.shape[0]
         q = attn.q_proj(x).view(n_tokens, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(n_tokens, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(n_tokens, self.num_kv_heads, self.head_dim)
+        if self.has_qk_norm:  # Qwen3: RMSNorm over each head's q and k before the rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         self._write_kv(layer_index, slots, k, v)

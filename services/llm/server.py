@@ -8,6 +8,7 @@ import grpc
 
 from mmserve import rpc, transport
 from mmserve.cache import EmbeddingCache, join_chunks
+from mmserve.models.family import unpack
 from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import Delta, Engine, EngineOverloaded, Finished
@@ -31,7 +32,7 @@ def check_messages(messages) -> list[llm_pb2.MediaEmbedding]:
             if part.WhichOneof("content") != "media":
                 continue
             if part.media.kind not in _KINDS or len(part.media.grid_thw) != 3:
-                raise ValueError(f"messages[{i}]: media without a kind or a (t, h, w) grid")
+                raise ValueError(f"messages[{i}]: media without a kind or a 3-int grid_thw")
             media.append(part.media)
     return media
 
@@ -54,18 +55,26 @@ async def cached_refs(cache: EmbeddingCache | None, media: list[llm_pb2.MediaEmb
     return refs
 
 
-def messages_from_proto(messages, embeddings: list) -> list[ChatMessage]:
-    """Internal chat messages, the media parts taking embeddings (tensors, in prompt order)."""
+def messages_from_proto(messages, embeddings: list, hidden_size: int) -> list[ChatMessage]:
+    """Internal chat messages, the media parts taking embeddings (packed tensors, in prompt order, split into the
+    embeddings and their DeepStack layers of hidden_size columns each)."""
     tensors = iter(embeddings)
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         parts: list[str | MediaInput] = []
         for part in m.parts:
             if part.WhichOneof("content") == "text":
                 parts.append(part.text)
-            else:
-                parts.append(MediaInput(_KINDS[part.media.kind], next(tensors), tuple(part.media.grid_thw),
-                                        part.media.second_per_grid_t))
+                continue
+            media, tensor = part.media, next(tensors)
+            if tensor.dim() != 2:
+                raise ValueError(f"messages[{i}].media.embeddings: shape {list(tensor.shape)} is not [rows, columns]")
+            try:
+                encoded = unpack(tensor, hidden_size)
+            except ValueError as err:
+                raise ValueError(f"messages[{i}].media.{err}") from None
+            parts.append(MediaInput(_KINDS[media.kind], encoded.embeddings, tuple(media.grid_thw),
+                                    media.second_per_grid_t, tuple(media.timestamps), encoded.deepstack))
         out.append(ChatMessage(m.role, parts))
     return out
 
@@ -81,7 +90,7 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
         refs = await cached_refs(self.cache, media)
         tensors = await transport.resolve_all(refs, context.time_remaining())
         # A CUDA IPC ref arrives on its GPU; the engine's prefix-cache digest hashes embeddings on the host.
-        return messages_from_proto(request.messages, [t.cpu() for t in tensors])
+        return messages_from_proto(request.messages, [t.cpu() for t in tensors], self.engine.hidden_size)
 
     async def Generate(self, request: llm_pb2.LlmRequest, context: grpc.aio.ServicerContext):
         resolving = True

@@ -188,3 +188,31 @@ def test_embedding_count_not_matching_the_grid_is_refused(item, builder):
 
 def test_prompt_error_is_a_value_error():
     assert issubclass(PromptError, ValueError)
+
+
+def test_deepstack_layers_the_model_does_not_take_are_refused(builder):
+    item = image()
+    with_deepstack = MediaInput(item.kind, item.embeddings, item.grid_thw, deepstack=(item.embeddings,))
+    with pytest.raises(PromptError, match="image: embeddings carry 1 DeepStack layers, the model takes 0"):
+        builder.build([user(with_deepstack, "What is it?")])
+
+
+def test_packed_embeddings_not_in_blocks_of_the_hidden_size_are_refused():
+    from mmserve.v1 import decoder_pb2, llm_pb2
+    from services.llm.server import messages_from_proto
+
+    message = llm_pb2.LlmMessage(role="user")
+    message.parts.add(media=llm_pb2.MediaEmbedding(kind=decoder_pb2.MEDIA_KIND_IMAGE, grid_thw=(1, 4, 6)))
+    with pytest.raises(ValueError, match=r"messages\[0\]\.media\.embeddings: 65 columns"):
+        messages_from_proto([message], [torch.zeros(6, HIDDEN + 1)], HIDDEN)
+    with pytest.raises(ValueError, match=r"messages\[0\]\.media\.embeddings: shape \[6\] is not"):
+        messages_from_proto([message], [torch.zeros(6)], HIDDEN)
+    parsed = messages_from_proto([message], [torch.zeros(6, 3 * HIDDEN)], HIDDEN)[0].parts[0]
+    assert parsed.embeddings.shape == (6, HIDDEN) and len(parsed.deepstack) == 2
+
+
+def test_timestamps_not_one_per_temporal_group_are_refused(builder):
+    clip = video(t=4)
+    stamped = MediaInput(clip.kind, clip.embeddings, clip.grid_thw, clip.second_per_grid_t, timestamps=(0.5, 1.5))
+    with pytest.raises(PromptError, match="video: 2 timestamps for 4 temporal groups"):
+        builder.build([user(stamped, "What happens?")])

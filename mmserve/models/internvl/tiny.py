@@ -29,6 +29,8 @@ CHAT_TEMPLATE = (
 # vocabulary with few layers, for benchmarks.
 PRESETS: dict[str, tuple[dict, dict, torch.dtype]] = {
     "tiny": ({}, {}, torch.float32),
+    # InternVL3.5's text model is Qwen3 (q_norm/k_norm, an explicit head_dim: 32 here, not hidden / heads).
+    "tiny-qwen3": ({"model_type": "qwen3", "head_dim": 32}, {}, torch.float32),
     "internvl3-1b-width": (
         {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 4,
          "num_attention_heads": 14, "num_key_value_heads": 2},

@@ -59,8 +59,10 @@ def build(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", think
         text_config={
             "vocab_size": -(-tok.get_vocab_size(with_added_tokens=True) // 64) * 64, "hidden_size": 64,
             "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+            # head_dim 32, not hidden / heads = 16: code that derives it from the hidden size fails here, as it
+            # would on Qwen3-VL-4B (2560 hidden, 32 heads of 128).
+            "head_dim": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5],
                                 "mrope_interleaved": True},
             "bos_token_id": endoftext, "eos_token_id": eos, "pad_token_id": endoftext, **text,
         },
