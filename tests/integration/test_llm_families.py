@@ -25,7 +25,7 @@ from services.llm.engine import Engine, Finished
 from services.llm.prompt import PromptError
 from services.llm.server import messages_from_proto
 from services.llm.sequence import SamplingOptions
-from tests.unit.family_parity import our_prompt
+from tests.unit.family_parity import hf_generate_inputs, our_prompt
 
 NUM_TOKENS = 12
 VIDEO_FPS = 4.0
@@ -128,24 +128,9 @@ def reference(served: Served, seq, conversation: list) -> list[int]:
                                        for p in parts]} for role, parts in conversation]
     expected = our_prompt(served.family, served.engine.tokenizer, chat, [m.item for m in media])
     assert seq.token_ids[:seq.num_prompt_tokens] == expected
-    ids = torch.tensor([expected])
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if served.family.name == "internvl" and media:  # every tile and frame in prompt order
-        inputs["pixel_values"] = torch.cat([m.pixels for m in media])
-    elif served.family.name == "qwen3_vl":
-        settings = served.family.settings
-        types = torch.zeros_like(ids, dtype=torch.int32)
-        types[ids == settings.image_token_id] = 1
-        types[ids == settings.video_token_id] = 2
-        inputs["mm_token_type_ids"] = types
-        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                           ("video", "pixel_values_videos", "video_grid_thw")):
-            of_kind = [m for m in media if m.item.kind == kind]
-            if of_kind:
-                inputs[pixels_key] = torch.cat([m.pixels for m in of_kind])
-                inputs[grid_key] = torch.tensor([m.item.grid for m in of_kind])
+    inputs = hf_generate_inputs(served.family, expected, [(m.pixels, m.item) for m in media])
     out = served.model.generate(**inputs, do_sample=False, max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, len(expected):].tolist()
 
 
 async def run(engine: Engine, seq) -> list[int]:

@@ -53,3 +53,26 @@ def assert_same_decode(ours, theirs):
     assert tokens == hf_tokens
     top = hf_logprobs.topk(5, dim=-1)
     assert torch.allclose(logprobs.gather(-1, top.indices), top.values, atol=1e-4)
+
+
+def hf_generate_inputs(family, ids: list[int], media: list) -> dict:
+    """generate's inputs for prompt ids (the family's expansion, proved equal to transformers' processors) and the
+    pixels of each media item [(pixels, item)] in prompt order, as the family's transformers class takes them."""
+    input_ids = torch.tensor([ids])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if family.name == "internvl":
+        if media:  # every tile and frame in prompt order
+            inputs["pixel_values"] = torch.cat([pixels for pixels, _ in media])
+        return inputs
+    settings = family.settings
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    types[input_ids == settings.image_token_id] = 1
+    types[input_ids == settings.video_token_id] = 2
+    inputs["mm_token_type_ids"] = types
+    for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                       ("video", "pixel_values_videos", "video_grid_thw")):
+        of_kind = [(pixels, item) for pixels, item in media if item.kind == kind]
+        if of_kind:
+            inputs[pixels_key] = torch.cat([pixels for pixels, _ in of_kind])
+            inputs[grid_key] = torch.tensor([item.grid for _, item in of_kind])
+    return inputs
