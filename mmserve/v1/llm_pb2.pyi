@@ -9,6 +9,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LlmInput(_message.Message):
+    __slots__ = ("request", "chunk")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    request: LlmRequest
+    chunk: MediaChunk
+    def __init__(self, request: _Optional[_Union[LlmRequest, _Mapping]] = ..., chunk: _Optional[_Union[MediaChunk, _Mapping]] = ...) -> None: ...
+
+class MediaChunk(_message.Message):
+    __slots__ = ("media_index", "chunk_index", "embeddings")
+    MEDIA_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    media_index: int
+    chunk_index: int
+    embeddings: _tensor_pb2.TensorRef
+    def __init__(self, media_index: _Optional[int] = ..., chunk_index: _Optional[int] = ..., embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ...) -> None: ...
+
 class LlmRequest(_message.Message):
     __slots__ = ("request_id", "messages", "sampling", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -38,20 +56,24 @@ class LlmPart(_message.Message):
     def __init__(self, text: _Optional[str] = ..., media: _Optional[_Union[MediaEmbedding, _Mapping]] = ...) -> None: ...
 
 class MediaEmbedding(_message.Message):
-    __slots__ = ("kind", "embeddings", "grid_thw", "second_per_grid_t", "cache_keys", "timestamps")
+    __slots__ = ("kind", "embeddings", "grid_thw", "second_per_grid_t", "cache_keys", "timestamps", "chunk_rows", "digest")
     KIND_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     GRID_THW_FIELD_NUMBER: _ClassVar[int]
     SECOND_PER_GRID_T_FIELD_NUMBER: _ClassVar[int]
     CACHE_KEYS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     kind: _decoder_pb2.MediaKind
     embeddings: _tensor_pb2.TensorRef
     grid_thw: _containers.RepeatedScalarFieldContainer[int]
     second_per_grid_t: float
     cache_keys: _containers.RepeatedScalarFieldContainer[str]
     timestamps: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, kind: _Optional[_Union[_decoder_pb2.MediaKind, str]] = ..., embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., second_per_grid_t: _Optional[float] = ..., cache_keys: _Optional[_Iterable[str]] = ..., timestamps: _Optional[_Iterable[float]] = ...) -> None: ...
+    chunk_rows: _containers.RepeatedScalarFieldContainer[int]
+    digest: str
+    def __init__(self, kind: _Optional[_Union[_decoder_pb2.MediaKind, str]] = ..., embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., second_per_grid_t: _Optional[float] = ..., cache_keys: _Optional[_Iterable[str]] = ..., timestamps: _Optional[_Iterable[float]] = ..., chunk_rows: _Optional[_Iterable[int]] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class LlmResponse(_message.Message):
     __slots__ = ("delta", "final")

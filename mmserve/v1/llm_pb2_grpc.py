@@ -40,6 +40,11 @@ class LlmStub:
                 request_serializer=mmserve_dot_v1_dot_llm__pb2.LlmRequest.SerializeToString,
                 response_deserializer=mmserve_dot_v1_dot_llm__pb2.LlmResponse.FromString,
                 _registered_method=True)
+        self.GenerateStreamed = channel.stream_stream(
+                '/mmserve.v1.Llm/GenerateStreamed',
+                request_serializer=mmserve_dot_v1_dot_llm__pb2.LlmInput.SerializeToString,
+                response_deserializer=mmserve_dot_v1_dot_llm__pb2.LlmResponse.FromString,
+                _registered_method=True)
 
 
 class LlmServicer:
@@ -52,12 +57,28 @@ class LlmServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStreamed(self, request_iterator, context):
+        """Prefill as media arrives (issue 23). The first message is the request with every media item planned
+        (kind, grid, timestamps, chunk_rows, digest; no embeddings): the whole prompt layout and every position
+        are known up front. Each later message is one chunk's embeddings, as an encoder finishes it, in any
+        order; the llm prefills the prompt up to the first chunk it still lacks. Closing the input before every
+        chunk arrived, or cancelling the call, ends the request and frees what it holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlmServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=mmserve_dot_v1_dot_llm__pb2.LlmRequest.FromString,
+                    response_serializer=mmserve_dot_v1_dot_llm__pb2.LlmResponse.SerializeToString,
+            ),
+            'GenerateStreamed': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStreamed,
+                    request_deserializer=mmserve_dot_v1_dot_llm__pb2.LlmInput.FromString,
                     response_serializer=mmserve_dot_v1_dot_llm__pb2.LlmResponse.SerializeToString,
             ),
     }
@@ -88,6 +109,33 @@ class Llm:
             target,
             '/mmserve.v1.Llm/Generate',
             mmserve_dot_v1_dot_llm__pb2.LlmRequest.SerializeToString,
+            mmserve_dot_v1_dot_llm__pb2.LlmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStreamed(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mmserve.v1.Llm/GenerateStreamed',
+            mmserve_dot_v1_dot_llm__pb2.LlmInput.SerializeToString,
             mmserve_dot_v1_dot_llm__pb2.LlmResponse.FromString,
             options,
             channel_credentials,
