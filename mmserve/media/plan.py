@@ -1,4 +1,5 @@
-"""Decode planning in plain Python: sampled frames → keyframe spans → contiguous chunks balanced by decode cost."""
+"""Decode planning in plain Python: sampled frames → keyframe spans → contiguous chunks, balanced by decode cost or
+fixed windows of sampled frames."""
 
 from __future__ import annotations
 
@@ -166,13 +167,34 @@ def split_outputs(starts: Sequence[int], ends: Sequence[int], num_chunks: int, c
     return [(a, b) for a, b in zip([0, *best[:-1]], best)]
 
 
+def window_ranges(num_frames: int, window: int, step: int = 2) -> list[tuple[int, int]]:
+    """Outputs [k*window, (k+1)*window) for each k, the last shorter: the same cuts whatever decodes them.
+    ValueError unless window is a positive multiple of step (the model's temporal group)."""
+    if window < 1 or window % step:
+        raise ValueError(f"chunk_frames: {window} is not a positive multiple of the model's temporal group "
+                         f"({step} frames)")
+    return [(a, min(a + window, num_frames)) for a in range(0, num_frames, window)]
+
+
+def select_chunks(num_chunks: int, indices: Sequence[int]) -> list[int]:
+    """The chunk indices to decode, ascending and once each (empty: all); ValueError for one out of range."""
+    if not indices:
+        return list(range(num_chunks))
+    wanted = sorted(set(indices))
+    if wanted[-1] >= num_chunks:
+        raise ValueError(f"chunk_indices: {wanted[-1]} is out of range for a plan of {num_chunks} chunks")
+    return wanted
+
+
 def plan_chunks(pts: Sequence[int | None], is_key: Sequence[bool], targets: Sequence[int], num_chunks: int,
-                costs: CostModel = CostModel(), step: int = 2) -> list[Chunk]:
+                costs: CostModel = CostModel(), step: int = 2, window: int = 0) -> list[Chunk]:
     """Chunks decoding the frames at presentation indices targets (ascending), each a multiple of step frames
-    (the model's temporal group) but the last.
+    (the model's temporal group) but the last: fixed windows of window frames when window > 0, else at most
+    num_chunks chunks balanced by cost.
 
     pts and is_key describe the stream's packets in decode order. Frames are matched by pts, so B-frames and
-    open GOPs cannot shift them. Raises PlanError when the index cannot be trusted.
+    open GOPs cannot shift them. A window that starts mid-GOP decodes from the keyframe before it and keeps only
+    its own frames. Raises PlanError when the index cannot be trusted.
     """
     if any(b < a for a, b in zip(targets, targets[1:])):
         raise ValueError("targets must be ascending")
@@ -183,7 +205,9 @@ def plan_chunks(pts: Sequence[int | None], is_key: Sequence[bool], targets: Sequ
     starts = [starts_by_frame[i] for i in targets]
     ends = [order[i] for i in targets]
     chunks = []
-    for index, (a, b) in enumerate(split_outputs(starts, ends, num_chunks, costs, step)):
+    ranges = window_ranges(len(targets), window, step) if window else split_outputs(starts, ends, num_chunks,
+                                                                                   costs, step)
+    for index, (a, b) in enumerate(ranges):
         meter = _CostMeter(costs)
         for t in range(a, b):
             meter.add(starts[t], ends[t])

@@ -62,6 +62,7 @@ class TensorStore:
         self._closed = False
         self._reaper: threading.Thread | None = None
         self._warned = False
+        self._listeners: list[Callable[[], None]] = []
         if self.domain:
             for name in shm.reap_orphans():
                 log.info("reaped orphaned segment %s of a dead producer", name)
@@ -186,6 +187,19 @@ class TensorStore:
                 self._cond.notify_all()  # wake the reaper
         return handle
 
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Calls callback (from any thread) whenever held tensors stop being held: claimed, released or expired."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    def is_held(self, handle: str) -> bool:
+        """Whether the tensor under handle still waits for its pull."""
+        with self._cond:
+            return handle in self._held
+
     def claim(self, handle: str) -> torch.Tensor | None:
         """Takes a held tensor for a pull (None if unknown, expired or already claimed); call end_pull() after."""
         with self._cond:
@@ -193,7 +207,8 @@ class TensorStore:
             if held is None:
                 return None
             self._num_pulling += 1
-            return held[0]
+        self._notify()
+        return held[0]
 
     def end_pull(self) -> None:
         """A pull that claim() started is over, complete or cancelled: its lease is gone."""
@@ -206,7 +221,9 @@ class TensorStore:
         with self._cond:
             num = sum(self._held.pop(h, None) is not None for h in handles)
             self._cond.notify_all()
-            return num
+        if num:
+            self._notify()
+        return num
 
     def _lease(self, name: str) -> None:
         with self._cond:
@@ -225,10 +242,12 @@ class TensorStore:
                     if shm.unlink(name):
                         self.num_expired += 1
                         log.debug("lease on %s expired unclaimed", name)
-            for handle, (_, expiry) in list(self._held.items()):
-                if expiry <= now:
-                    del self._held[handle]
-                    self.num_expired += 1
+            expired = [handle for handle, (_, expiry) in self._held.items() if expiry <= now]
+            for handle in expired:
+                del self._held[handle]
+                self.num_expired += 1
+            if expired:
+                self._notify()
             expiries = [*self._leases.values(), *(expiry for _, expiry in self._held.values())]
             return min(expiries) - now if expiries else None
 

@@ -17,8 +17,14 @@ async def build_decoder(config: DecoderConfig) -> Role:
     engine = DecodeEngine(config)
     await engine.start()
     service = rpc.Service(config, [decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name])
-    decoder_pb2_grpc.add_DecoderServicer_to_server(DecoderServicer(config, engine), service.server)
-    return Role(service, on_stop=engine.close)
+    servicer = DecoderServicer(config, engine)
+    decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, service.server)
+
+    async def stop() -> None:
+        servicer.close()
+        await engine.close()
+
+    return Role(service, on_stop=stop)
 
 
 async def run_decoder_process(config: DecoderConfig) -> None:

@@ -19,6 +19,9 @@ class DecoderConfig(ServiceConfig):
     num_workers: int = option(0, "decoder worker processes (0: one per available CPU core)")
     ffmpeg_threads: int = option(1, "FFmpeg threads per worker; workers × threads should not exceed the cores")
     chunks_per_worker: int = option(1, "chunks per worker a video is split into (more: an earlier first chunk)")
+    max_chunks_ahead: int = option(0, "video chunks a request may have decoding or decoded and not yet taken by its "
+                                      "consumer, which bounds its memory; a request may ask for fewer "
+                                      "(0: twice the workers times chunks_per_worker)")
     min_chunk_cost: float = option(30.0, "smallest chunk worth its own worker task, in decoded packets")
     skip_nonref: bool = option(True, "skip decoding H.264/HEVC frames that nothing references and nobody wants")
     task_timeout_s: float = option(60.0, "a worker task running longer than this (plus the allowance) is killed")
@@ -42,8 +45,8 @@ class DecoderConfig(ServiceConfig):
             raise ValueError("device: must be auto, cpu or cuda")
         if self.nvdec_sessions_per_gpu < 1 or self.nvdec_gpus < 0:
             raise ValueError("nvdec_sessions_per_gpu: must be positive; nvdec_gpus: not negative")
-        if self.num_workers < 0:
-            raise ValueError("num_workers: must be 0 (one per core) or positive")
+        if self.num_workers < 0 or self.max_chunks_ahead < 0:
+            raise ValueError("num_workers, max_chunks_ahead: must be 0 (the default) or positive")
         if min(self.task_timeout_s, self.max_video_seconds) <= 0 or min(self.min_chunk_cost,
                                                                          self.task_ms_per_packet) < 0:
             raise ValueError("task_timeout_s, max_video_seconds: must be positive; "

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,12 @@ import torch
 from mmserve.cache_keys import MediaParams
 from mmserve.media import nvdec
 from mmserve.media import preprocess as pp
-from mmserve.media.plan import Chunk, CostModel, PlanError, plan_chunks, workers_for_request
+from mmserve.media.plan import (Chunk, CostModel, PlanError, plan_chunks, select_chunks, window_ranges,
+                                workers_for_request)
 from mmserve.media.preprocess import MediaError
 from mmserve.media.video import VideoIndex
 from mmserve.models.family import DecodePlan, Family, planning_family
+from services.decoder.ahead import decode_ahead
 from services.decoder.config import DecoderConfig
 from services.decoder.pool import WorkerError, WorkerPool
 from services.decoder.worker import ChunkTask, ImageTask, IndexTask, SequentialTask, WorkerSettings
@@ -63,23 +65,28 @@ class DecodedChunk:
     decode_ms: float  # time inside the worker
     video_fps: float = 0.0  # of the clip the frame indices count in (videos)
     grid: tuple[int, ...] = ()  # an image's grid as the family planned it (InternVL: tiles, columns, rows)
+    # Call once the consumer has taken the frames: the request may then decode one more chunk ahead.
+    taken: Callable[[], None] = lambda: None
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoPlan:
-    """What to decode: sampled indices, output shape, and chunks (None: one sequential pass)."""
+    """What to decode: sampled indices, output shape, each chunk's output range, and the chunks' decode spans
+    (None: one sequential pass, sliced into the ranges afterwards)."""
 
     indices: list[int]
     sample_fps: float
     out_shape: tuple[int, int, int, int]
+    ranges: list[tuple[int, int]]
     chunks: list[Chunk] | None
     video_fps: float = 0.0
 
 
 def plan_video(index: VideoIndex, options: VideoOptions, num_chunks: int, costs: CostModel,
-               family: Family) -> VideoPlan:
+               family: Family, chunk_frames: int = 0) -> VideoPlan:
     """Sampled frames and chunks for a video, with the family's sampling and resize rules; chunks are cut only
-    where the family's embeddings may be cut."""
+    where the family's embeddings may be cut: fixed windows of chunk_frames sampled frames when it is > 0 (the
+    same whatever the workers), else at most num_chunks balanced by cost."""
     info = index.info
     try:
         plan = family.plan_decode("video", options.params(), info.height, info.width, info.total_frames, info.fps)
@@ -87,12 +94,18 @@ def plan_video(index: VideoIndex, options: VideoOptions, num_chunks: int, costs:
         raise MediaError(str(err)) from None
     indices = list(plan.frame_indices)
     sample_fps = len(indices) / max(info.total_frames, 1e-6) * info.fps
+    step = frames_per_cut(family, plan)
+    try:
+        ranges = window_ranges(len(indices), chunk_frames, step) if chunk_frames else [(0, len(indices))]
+    except ValueError as err:
+        raise MediaError(str(err)) from None
     chunks = None
     # Frame i is the i-th packet by pts only when every packet is shown once and the counts agree.
     if not index.has_discarded and len(index.pts) == info.total_frames:
         with contextlib.suppress(PlanError):
-            chunks = plan_chunks(index.pts, index.is_key, indices, num_chunks, costs, frames_per_cut(family, plan))
-    return VideoPlan(indices, sample_fps, (len(indices), plan.height, plan.width, 3), chunks, info.fps)
+            chunks = plan_chunks(index.pts, index.is_key, indices, num_chunks, costs, step, chunk_frames)
+            ranges = [(c.first, c.first + len(c.frame_indices)) for c in chunks]
+    return VideoPlan(indices, sample_fps, (len(indices), plan.height, plan.width, 3), ranges, chunks, info.fps)
 
 
 def frames_per_cut(family: Family, plan: DecodePlan) -> int:
@@ -162,8 +175,12 @@ class DecodeEngine:
         return DecodedChunk(0, 1, torch.from_numpy(frames), [0], 0.0, ms, grid=grid)
 
     async def decode_video(self, source: bytes | Path, options: VideoOptions = VideoOptions(), *,
+                           chunk_frames: int = 0, chunk_indices: Sequence[int] = (), max_chunks_ahead: int = 0,
                            fault: str = "") -> AsyncIterator[DecodedChunk]:
-        """Chunks of a video's sampled frames, in order, each yielded as soon as it and those before it are done."""
+        """Chunks of a video's sampled frames, in order, each yielded as soon as it and those before it are done:
+        fixed windows of chunk_frames frames when > 0; only chunk_indices when given (their index and num_chunks
+        still those of the whole plan). At most max_chunks_ahead chunks (0, or above the decoder's cap: the cap)
+        are decoding or decoded and not yet taken (DecodedChunk.taken)."""
         async with self._admitted(source, "video") as (workdir, path):
             c = self.config
             # The container is indexed (and so first parsed) in a worker process on either path.
@@ -172,29 +189,60 @@ class DecodeEngine:
             num_decoders = self.gpus.num_devices * c.nvdec_sessions_per_gpu if on_gpus else self.pool.num_workers
             workers = workers_for_request(num_decoders, self.num_active)
             plan = await asyncio.to_thread(plan_video, index, options, workers * c.chunks_per_worker, self.costs,
-                                           self.family)
-            if on_gpus and plan.chunks is not None:
-                async for chunk in self._decode_on_gpus(path, plan):
-                    yield chunk
-                return
-            out_path = os.path.join(workdir, "frames")
-            out = await _scratch_write(_allocate, out_path, plan.out_shape)
-            # Long chunks get a proportional time allowance; only a hung worker runs past it.
-            tasks = [asyncio.ensure_future(self.pool.run(task, c.task_timeout_s + c.task_ms_per_packet * n / 1e3))
-                     for task, n in _tasks(plan, index, options, path, out_path, fault)]
+                                           self.family, chunk_frames)
             try:
-                if plan.chunks is None:
-                    _, ms = await tasks[0]
-                    yield DecodedChunk(0, 1, torch.from_numpy(out), plan.indices, plan.sample_fps, ms, plan.video_fps)
-                    return
-                for chunk, task in zip(plan.chunks, tasks):
-                    _, ms = await task
-                    end = chunk.first + len(chunk.frame_indices)
-                    yield DecodedChunk(chunk.index, len(plan.chunks), torch.from_numpy(out[chunk.first:end]),
-                                       list(chunk.frame_indices), plan.sample_fps, ms, plan.video_fps)
-            finally:
-                for task in tasks:
-                    task.cancel()
+                wanted = select_chunks(len(plan.ranges), chunk_indices)
+            except ValueError as err:
+                raise MediaError(str(err)) from None
+            cap = c.max_chunks_ahead or 2 * num_decoders * c.chunks_per_worker
+            cap = min(max_chunks_ahead or cap, cap)
+            if plan.chunks is None:
+                chunks = self._decode_sequentially(plan, index, path, workdir, wanted, fault)
+            elif on_gpus:
+                chunks = self._decode_on_gpus(path, plan, wanted, cap)
+            else:
+                chunks = self._decode_chunks(plan, index, path, workdir, wanted, cap, fault)
+            async with contextlib.aclosing(chunks) as it:
+                async for chunk in it:
+                    yield chunk
+
+    async def _decode_chunks(self, plan: VideoPlan, index: VideoIndex, path: str, workdir: str, wanted: list[int],
+                             cap: int, fault: str) -> AsyncIterator[DecodedChunk]:
+        """The wanted chunks on the worker pool, each into its own scratch file, freed once yielded."""
+        c, info = self.config, index.info
+
+        async def decode(chunk: Chunk) -> tuple[torch.Tensor, float]:
+            out_path = os.path.join(workdir, f"frames-{chunk.index}")
+            shape = (len(chunk.frame_pts), *plan.out_shape[1:])
+            out = await _scratch_write(_allocate, out_path, shape)
+            # A test fault breaks only the first chunk's worker, so what the test sees does not race with the others.
+            task = ChunkTask(path, out_path, shape, 0, chunk.spans, chunk.frame_pts, info.width, info.height,
+                             fault if chunk.index == wanted[0] else "")
+            # Long chunks get a proportional time allowance; only a hung worker runs past it.
+            num_packets = sum(s.stop - s.start for s in chunk.spans)
+            _, ms = await self.pool.run(task, c.task_timeout_s + c.task_ms_per_packet * num_packets / 1e3)
+            return torch.from_numpy(out), ms
+
+        async with contextlib.aclosing(decode_ahead([plan.chunks[i] for i in wanted], decode, cap)) as decoded:
+            async for chunk, (frames, ms), taken in decoded:
+                yield DecodedChunk(chunk.index, len(plan.chunks), frames, list(chunk.frame_indices),
+                                   plan.sample_fps, ms, plan.video_fps, taken=taken)
+                del frames  # the mapping goes with the file: a request holds only the chunks not yet taken
+                os.unlink(os.path.join(workdir, f"frames-{chunk.index}"))
+
+    async def _decode_sequentially(self, plan: VideoPlan, index: VideoIndex, path: str, workdir: str,
+                                   wanted: list[int], fault: str) -> AsyncIterator[DecodedChunk]:
+        """A stream whose index cannot be planned: one pass over the whole clip, then the wanted chunks' slices
+        (its memory is the clip's, not bounded by chunks)."""
+        c = self.config
+        out_path = os.path.join(workdir, "frames")
+        out = await _scratch_write(_allocate, out_path, plan.out_shape)
+        task = SequentialTask(path, out_path, plan.out_shape, plan.indices, fault)
+        _, ms = await self.pool.run(task, c.task_timeout_s + c.task_ms_per_packet * len(index.pts) / 1e3)
+        for i in wanted:
+            a, b = plan.ranges[i]
+            yield DecodedChunk(i, len(plan.ranges), torch.from_numpy(out[a:b]), plan.indices[a:b], plan.sample_fps,
+                               ms, plan.video_fps)
 
     async def _nvdec_takes(self, path: str) -> bool:
         """Whether this video goes to the GPUs: NVDEC is in use and the first GPU decodes its stream."""
@@ -207,8 +255,9 @@ class DecodeEngine:
             return False
         return True
 
-    async def _decode_on_gpus(self, path: str, plan: VideoPlan) -> AsyncIterator[DecodedChunk]:
-        """The plan's chunks decoded at once, spread over the GPUs, yielded in order as each is done."""
+    async def _decode_on_gpus(self, path: str, plan: VideoPlan, wanted: list[int],
+                              cap: int) -> AsyncIterator[DecodedChunk]:
+        """The wanted chunks spread over the GPUs, at most cap ahead of those taken, yielded in order."""
         out_hw = plan.out_shape[1:3]
 
         def decode(chunk: Chunk) -> tuple[torch.Tensor, float]:
@@ -222,15 +271,11 @@ class DecodeEngine:
             # The tensor transport carries host memory: the frames leave the GPU here, resized (small).
             return frames.cpu(), (time.perf_counter() - start) * 1e3
 
-        tasks = [asyncio.ensure_future(asyncio.to_thread(decode, chunk)) for chunk in plan.chunks]
-        try:
-            for chunk, task in zip(plan.chunks, tasks):
-                frames, ms = await task
+        chunks = [plan.chunks[i] for i in wanted]
+        async with contextlib.aclosing(decode_ahead(chunks, lambda c: asyncio.to_thread(decode, c), cap)) as decoded:
+            async for chunk, (frames, ms), taken in decoded:
                 yield DecodedChunk(chunk.index, len(plan.chunks), frames, list(chunk.frame_indices),
-                                   plan.sample_fps, ms, plan.video_fps)
-        finally:
-            for task in tasks:
-                task.cancel()
+                                   plan.sample_fps, ms, plan.video_fps, taken=taken)
 
 
 def _gpu_decoders(config: DecoderConfig) -> nvdec.GpuDecoders | None:
@@ -259,13 +304,3 @@ def _allocate(path: str, shape: tuple[int, ...]) -> np.memmap:
         # Reserve the space now: a sparse file on a full tmpfs would kill the worker with SIGBUS later.
         os.posix_fallocate(f.fileno(), 0, int(np.prod(shape)))
     return np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
-
-
-def _tasks(plan: VideoPlan, index: VideoIndex, options: VideoOptions, path: str, out_path: str, fault: str):
-    """(worker task, packets it decodes) for each chunk of the plan."""
-    if plan.chunks is None:
-        return [(SequentialTask(path, out_path, plan.out_shape, plan.indices, fault), len(index.pts))]
-    info = index.info
-    # A test fault breaks only the first chunk's worker, so what the test sees does not race with the others.
-    return [(ChunkTask(path, out_path, plan.out_shape, c.first, c.spans, c.frame_pts, info.width, info.height,
-                       fault if c.index == 0 else ""), sum(s.stop - s.start for s in c.spans)) for c in plan.chunks]

@@ -64,6 +64,7 @@ class LocalDecoder:
             async for chunk in self.engine.decode_video(path, options):
                 first_ms = first_ms or (time.perf_counter() - start) * 1e3
                 chunks.append(chunk)
+                chunk.taken()  # kept here, in full: the engine may decode the next
             kind = "video"
         decode_ms = (time.perf_counter() - start) * 1e3
         return DecodeReport(str(path), kind, torch.cat([c.frames for c in chunks]),

@@ -15,6 +15,7 @@ from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import DecodedChunk, DecodeEngine, ScratchFull, VideoOptions, fault_injection_enabled
 from services.decoder.pool import WorkerCrashed, WorkerError, WorkerTimeout
+from services.decoder.taken import TakenWatch
 
 _FAULT_PREFIX = "fault:"
 
@@ -24,6 +25,12 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         self.config = config
         self.engine = engine
         self.allow_faults = fault_injection_enabled()
+        self._watch: TakenWatch | None = None  # made on the event loop, at the first request
+
+    def close(self) -> None:
+        """Stops watching for taken chunks."""
+        if self._watch is not None:
+            self._watch.close()
 
     def _source(self, request: decoder_pb2.DecodeRequest) -> bytes | Path:
         if request.WhichOneof("source") == "uri":
@@ -49,16 +56,31 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         options = VideoOptions(fps=request.fps, min_frames=request.min_frames, max_frames=request.max_frames,
                                min_pixels=request.min_pixels, max_pixels=request.max_pixels,
                                total_pixels=request.total_pixels)
-        async with contextlib.aclosing(self.engine.decode_video(source, options, fault=self._fault(request))) as it:
+        video = self.engine.decode_video(source, options, chunk_frames=request.chunk_frames,
+                                         chunk_indices=list(request.chunk_indices),
+                                         max_chunks_ahead=request.max_chunks_ahead, fault=self._fault(request))
+        async with contextlib.aclosing(video) as it:
             async for chunk in it:
                 yield chunk
 
+    async def _when_taken(self, ref, taken) -> None:
+        await self._watch.wait(ref)
+        taken()
+
     async def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         kind = "image" if request.kind == decoder_pb2.MEDIA_KIND_IMAGE else "video"
+        if self._watch is None:
+            self._watch = TakenWatch(transport.current_store())
+        watches: list[asyncio.Task] = []
         try:
             async with contextlib.aclosing(self._chunks(request)) as chunks:
                 async for chunk in chunks:
-                    yield await asyncio.to_thread(_message, chunk)
+                    message = await asyncio.to_thread(_message, chunk)
+                    # The next chunk may decode once the consumer has taken this one's frames, not merely got
+                    # the message: see taken.py.
+                    watches.append(asyncio.ensure_future(self._when_taken(message.frames, chunk.taken)))
+                    del chunk  # its frames are in the message's segment now
+                    yield message
         except MediaError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except (WorkerCrashed, WorkerTimeout) as err:
@@ -68,6 +90,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{kind}: {err}")
         except WorkerError as err:
             await context.abort(grpc.StatusCode.INTERNAL, f"{kind}: decoder failure: {err}")
+        finally:
+            for watch in watches:
+                watch.cancel()
 
 
 def _message(chunk: DecodedChunk) -> decoder_pb2.DecodeChunk:
