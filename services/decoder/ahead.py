@@ -23,7 +23,7 @@ async def decode_ahead(items: Sequence[Item], decode_one: Callable[[Item], Await
     lets the next one start. Closing the iterator cancels the decodes still running."""
     slots = asyncio.BoundedSemaphore(max_ahead)
     started: asyncio.Queue[asyncio.Future] = asyncio.Queue()
-    futures: list[asyncio.Future] = []
+    futures: set[asyncio.Future] = set()  # started and not yet yielded: a yielded result is the consumer's
 
     async def decode(item: Item) -> Result:
         result = await decode_one(item)
@@ -41,14 +41,17 @@ async def decode_ahead(items: Sequence[Item], decode_one: Callable[[Item], Await
             else:
                 await slots.acquire()
             future = asyncio.ensure_future(decode(item))
-            futures.append(future)
+            futures.add(future)
             started.put_nowait(future)
 
     launcher = asyncio.ensure_future(launch())
     try:
         for item in items:
             future = await started.get()
-            yield item, await future, slots.release
+            result = await future
+            futures.discard(future)
+            yield item, result, slots.release
+            del result
     finally:
         launcher.cancel()
         for future in futures:
