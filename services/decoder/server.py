@@ -71,14 +71,16 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         kind = "image" if request.kind == decoder_pb2.MEDIA_KIND_IMAGE else "video"
         if self._watch is None:
             self._watch = TakenWatch(transport.current_store())
-        watches: list[asyncio.Task] = []
+        watches: set[asyncio.Task] = set()
         try:
             async with contextlib.aclosing(self._chunks(request)) as chunks:
                 async for chunk in chunks:
                     message = await asyncio.to_thread(_message, chunk)
                     # The next chunk may decode once the consumer has taken this one's frames, not merely got
                     # the message: see taken.py.
-                    watches.append(asyncio.ensure_future(self._when_taken(message.frames, chunk.taken)))
+                    watch = asyncio.ensure_future(self._when_taken(message.frames, chunk.taken))
+                    watches.add(watch)
+                    watch.add_done_callback(watches.discard)
                     del chunk  # its frames are in the message's segment now
                     yield message
         except MediaError as err:
@@ -91,7 +93,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         except WorkerError as err:
             await context.abort(grpc.StatusCode.INTERNAL, f"{kind}: decoder failure: {err}")
         finally:
-            for watch in watches:
+            for watch in list(watches):
                 watch.cancel()
 
 

@@ -42,7 +42,7 @@ class TakenWatch:
         if self._fd is not None:
             self._loop.add_reader(self._fd, self._on_deletions)
         if store is not None:
-            store.add_listener(lambda: self._loop.call_soon_threadsafe(self._wake_all))
+            store.add_listener(self._on_lease_end)
 
     async def wait(self, ref: tensor_pb2.TensorRef) -> None:
         """Returns once ref's chunk is taken (at once for an inline ref)."""
@@ -86,6 +86,11 @@ class TakenWatch:
                 self._wake_all()
             for event in self._waiters.get(name, ()):
                 event.set()
+
+    def _on_lease_end(self) -> None:
+        """The store's listener, called from any thread."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._wake_all)
 
     def _wake_all(self) -> None:
         for waiters in self._waiters.values():
