@@ -10,7 +10,8 @@ the work start-up does than the wall time.
 Then, after --idle-s more seconds of idleness, it reads every process of the stack (the launcher, redis-server, the
 services, the decoder's fork server and workers) from /proc: RSS, and PSS, which shares each page among the processes
 that map it (forked workers, shared libraries), so the PSS sum counts the machine's memory once.
-Prints each run's table, then the best and median over the runs; last line: startup_s=X idle_rss_mb=Y (medians).
+Prints the cores and load average, each run's table, then the best and median over the runs; last line:
+startup_s=X idle_rss_mb=Y (medians).
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from stack.launcher import free_port
 
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
     with tempfile.TemporaryDirectory(prefix="mmserve-startup-") as tmp:
         model = args.model or build_model(args.preset, os.path.join(tmp, args.preset))
         runs = []
@@ -170,6 +172,7 @@ def main() -> None:
                      ("idle PSS MB", 4)):
         values = [run[k] for run in runs]
         print(f"{label:<17} best {min(values):8.2f}  median {statistics.median(values):8.2f}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end (other processes slow start-up down)")
     print(f"idle_pss_mb={statistics.median(r[4] for r in runs):.0f}")
     print(f"startup_s={statistics.median(r[0] for r in runs):.2f} "
           f"idle_rss_mb={statistics.median(r[3] for r in runs):.0f}")

@@ -176,8 +176,8 @@ def plan(spec: StackSpec) -> Plan:
         port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
         decoder_addrs=addresses("decoder"), encoder_addrs=addresses("encoder"), llm_addrs=addresses("llm"),
         http_port=spec.http_port, api_tokens_file=spec.api_tokens_file,
-        # Every stage starts with the router: it should see each one serving within a moment, not gRPC's
-        # default reconnect backoff (up to 2 s) later. Refused attempts on a local port cost nothing.
+        # Every stage starts with the router: it should see each one serving within a moment, not the default
+        # reconnect backoff (up to 2 s) later (see rpc.STARTUP_RECONNECT_OPTIONS).
         replica_reconnect_max_ms=STARTUP_RECONNECT_MS, **common(), **router_tls)
     services.append(("router", router.with_flags(list(spec.router_args))))
     return Plan(services, redis_argv, client_tls, f"{host}:{spec.port}")

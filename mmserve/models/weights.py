@@ -23,7 +23,8 @@ def _shards(model_dir: str | pathlib.Path) -> list[pathlib.Path]:
 @contextlib.contextmanager
 def parameters_on_meta():
     """Parameters created inside live on the meta device: no memory, and their random init costs nothing. Buffers
-    stay real: non-persistent ones (rotary frequencies) are computed in __init__ and are in no checkpoint."""
+    stay real: non-persistent ones (rotary frequencies) are computed in __init__ and are in no checkpoint. It patches
+    torch.nn.Module while inside: build one model at a time."""
     register = torch.nn.Module.register_parameter
 
     def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
