@@ -43,8 +43,10 @@ def load_part(build: Callable[[], torch.nn.Module], model_dir: str | pathlib.Pat
               dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
     """The module build() makes, its parameters filled with the checkpoint tensors whose names match pattern (a
     regex of the prefix, stripped). Built on the meta device, then each tensor it holds is read once and becomes
-    the parameter (no random init, no second copy); every parameter and persistent buffer must be found. dtype
-    (default: the one the module was built in) and device apply on the way in. Returns the module in eval mode."""
+    the parameter (no random init, no second copy); every parameter and persistent buffer must be found. Tensors
+    take the dtype they were built in, or dtype, which then casts the whole module, buffers included (a builder
+    that builds in the wanted dtype keeps the buffers it makes, as transformers' from_pretrained does). Returns
+    the module in eval mode on device."""
     with parameters_on_meta():
         module = build()
     prefix, wanted = re.compile(pattern), module.state_dict()  # meta parameters cost nothing here

@@ -12,6 +12,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from mmserve.models import loading
 from mmserve.models.family import family_of
 from mmserve.models.internvl.tiny import build as build_internvl
 from mmserve.models.qwen3_vl.tiny import build as build_qwen3_vl
@@ -77,3 +78,19 @@ def test_language_part_is_the_checkpoints(ckpt, real_inits):
     if reference["lm_head.weight"].data_ptr() == reference["language_model.embed_tokens.weight"].data_ptr():
         assert lm_head is text_model.get_input_embeddings().weight  # tied: one tensor, not a copy
     assert not real_inits, f"random init ran on real memory: {sorted(set(real_inits))}"
+
+
+def test_served_family_holds_what_from_pretrained_holds_in_bfloat16(tmp_path):
+    """Qwen2.5-VL (the family served end to end): parameters and buffers (rotary frequencies in float32) with
+    transformers' dtypes and values, and its attention implementation."""
+    path = str(build_tiny_model(tmp_path / "ckpt", seed=0))
+    whole = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).model
+    text_model, _ = loading.load_language_model(path, torch.bfloat16)
+    tower = loading.load_vision_tower(path, torch.bfloat16)
+    for ours, theirs in ((text_model, whole.language_model), (tower, whole.visual)):
+        held = dict(itertools.chain(ours.named_parameters(), ours.named_buffers()))
+        wanted = dict(itertools.chain(theirs.named_parameters(), theirs.named_buffers()))
+        assert held.keys() == wanted.keys()
+        for name, tensor in wanted.items():
+            assert held[name].dtype == tensor.dtype and torch.equal(held[name], tensor), name
+        assert ours.config._attn_implementation == theirs.config._attn_implementation
