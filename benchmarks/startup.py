@@ -5,8 +5,9 @@
 Each run starts `python -m stack.cli up --model M` and times, from the moment it is spawned:
 * healthy: the "router listening" line (every child, router included, reports SERVING);
 * first request: a 4-token text answer received through the router over gRPC.
-It also sums the CPU seconds the stack's processes used until healthy: on a shared machine a steadier figure of
-the work start-up does than the wall time.
+It also sums the CPU seconds the stack's processes used until healthy (on a shared machine a steadier figure of
+the work start-up does than the wall time), and reads from the stack's INFO log when the last stage (decoder,
+encoder, llm) began serving: "healthy after it" is how long the router and the launcher took to notice.
 Then, after --idle-s more seconds of idleness, it reads every process of the stack (the launcher, redis-server, the
 services, the decoder's fork server and workers) from /proc: RSS, and PSS, which shares each page among the processes
 that map it (forked workers, shared libraries), so the PSS sum counts the machine's memory once.
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import datetime
 import os
 import pathlib
+import re
 import signal
 import statistics
 import subprocess
@@ -109,14 +113,32 @@ async def first_answer(address: str) -> None:
             pass
 
 
-def one_run(model: str, port: int, idle_s: float) -> tuple[float, float, float, list[tuple[str, int, float, float]]]:
-    """(seconds to healthy, CPU seconds the stack used until then, seconds to the first answer, memory rows after
-    idle_s)."""
+@dataclasses.dataclass
+class Run:
+    healthy_s: float  # launch to the "router listening" line
+    cpu_s: float  # CPU seconds the stack's processes used until then
+    last_stage_s: float  # launch to the last stage (decoder, encoder, llm) logging that it serves
+    answered_s: float  # launch to the end of the first answer
+    rows: list[tuple[str, int, float, float]]  # (name, pid, RSS MB, PSS MB) after idling
+
+
+_STAGE_SERVING = re.compile(r"serving mmserve\.v1\.(Decoder|Encoder|Llm) ")
+
+
+def last_stage_serving(log: str) -> float:
+    """The wall-clock time at which the last stage logged "serving mmserve.v1.<Stage>"."""
+    times = [datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+             for line in log.splitlines() if _STAGE_SERVING.search(line)]
+    return max(times)
+
+
+def one_run(model: str, port: int, idle_s: float) -> Run:
+    """One start of the stack, its first answer, and its memory after idle_s."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    log = tempfile.TemporaryFile("w+")  # the stack's own log, shown only if it fails to start
-    start = time.perf_counter()
+    log = tempfile.TemporaryFile("w+")  # the stack's own log (INFO: the stages' "serving" lines)
+    launched, start = time.time(), time.perf_counter()
     up = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--model", model, "--port", str(port),
-                           "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env)
+                           "--log-level", "INFO"], stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env)
     try:
         for line in up.stdout:
             if "router listening" in line:
@@ -129,7 +151,8 @@ def one_run(model: str, port: int, idle_s: float) -> tuple[float, float, float, 
         asyncio.run(first_answer(f"127.0.0.1:{port}"))
         answered_s = time.perf_counter() - start
         time.sleep(idle_s)
-        return healthy_s, used_s, answered_s, stack_memory(up.pid)
+        log.seek(0)
+        return Run(healthy_s, used_s, last_stage_serving(log.read()) - launched, answered_s, stack_memory(up.pid))
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)
@@ -161,22 +184,26 @@ def main() -> None:
         model = args.model or build_model(args.preset, os.path.join(tmp, args.preset))
         runs = []
         for i in range(args.runs):
-            healthy_s, used_s, answered_s, rows = one_run(model, args.port or free_port(), args.idle_s)
-            rss, pss = sum(r[2] for r in rows), sum(r[3] for r in rows)
-            runs.append((healthy_s, used_s, answered_s, rss, pss))
-            print(f"run {i + 1}: healthy {healthy_s:.2f} s ({used_s:.1f} CPU s), first answer {answered_s:.2f} s, "
-                  f"idle RSS {rss:.0f} MB, PSS {pss:.0f} MB")
-            for name, pid, r, p in sorted(rows, key=lambda row: -row[2]):
+            run = one_run(model, args.port or free_port(), args.idle_s)
+            runs.append(run)
+            rss, pss = sum(r[2] for r in run.rows), sum(r[3] for r in run.rows)
+            print(f"run {i + 1}: healthy {run.healthy_s:.2f} s ({run.cpu_s:.1f} CPU s; the last stage served at "
+                  f"{run.last_stage_s:.2f} s), first answer {run.answered_s:.2f} s, idle RSS {rss:.0f} MB, "
+                  f"PSS {pss:.0f} MB")
+            for name, pid, r, p in sorted(run.rows, key=lambda row: -row[2]):
                 print(f"  {name:<16} {pid:>8} RSS {r:7.1f} MB  PSS {p:7.1f} MB")
-    for label, k in (("healthy s", 0), ("CPU s to healthy", 1), ("first answer s", 2), ("idle RSS MB", 3),
-                     ("idle PSS MB", 4)):
-        values = [run[k] for run in runs]
+    figures = {"healthy s": [r.healthy_s for r in runs], "CPU s to healthy": [r.cpu_s for r in runs],
+               "last stage s": [r.last_stage_s for r in runs],
+               "healthy after it": [r.healthy_s - r.last_stage_s for r in runs],
+               "first answer s": [r.answered_s for r in runs],
+               "idle RSS MB": [sum(row[2] for row in r.rows) for r in runs],
+               "idle PSS MB": [sum(row[3] for row in r.rows) for r in runs]}
+    for label, values in figures.items():
         print(f"{label:<17} best {min(values):8.2f}  median {statistics.median(values):8.2f}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end (other processes slow start-up down)")
-    print(f"idle_pss_mb={statistics.median(r[4] for r in runs):.0f}")
-    print(f"startup_s={statistics.median(r[0] for r in runs):.2f} "
-          f"idle_rss_mb={statistics.median(r[3] for r in runs):.0f}")
-
+    print(f"idle_pss_mb={statistics.median(figures['idle PSS MB']):.0f}")
+    print(f"startup_s={statistics.median(figures['healthy s']):.2f} "
+          f"idle_rss_mb={statistics.median(figures['idle RSS MB']):.0f}")
 
 if __name__ == "__main__":
     main()
