@@ -34,13 +34,18 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def descendants(pid: int) -> list[int]:
     """pid and every process below it, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                ppid = int(pathlib.Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                ppid = int(_stat(entry)[1])
             except (OSError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
@@ -57,7 +62,7 @@ def process_name(pid: int) -> str:
     argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     joined = b" ".join(argv)
     if b"forkserver" in joined:  # workers fork from the fork server, so they share its command line
-        ppid = int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        ppid = int(_stat(pid)[1])
         return "decoder worker" if b"forkserver" in pathlib.Path(f"/proc/{ppid}/cmdline").read_bytes() else "forkserver"
     if b"stack.cli" in joined:
         return "launcher"
@@ -72,7 +77,7 @@ def cpu_s(pids: list[int]) -> float:
     total = 0
     for pid in pids:
         try:
-            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat(pid)
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
