@@ -86,6 +86,8 @@ class StackSpec:
     secrets_dir: str = ""  # a private directory for the stack's generated secrets (stack.secrets; "": none generated)
 
 
+STARTUP_RECONNECT_MS = 100  # the router's longest pause between connection attempts to a stage
+
 # What `mmserve up --tls-dir` reads (`mmserve.tls.make_dev_certs` writes this layout).
 TLS_FILES = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
 
@@ -173,7 +175,10 @@ def plan(spec: StackSpec) -> Plan:
     router = RouterConfig(
         port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
         decoder_addrs=addresses("decoder"), encoder_addrs=addresses("encoder"), llm_addrs=addresses("llm"),
-        http_port=spec.http_port, api_tokens_file=spec.api_tokens_file, **common(), **router_tls)
+        http_port=spec.http_port, api_tokens_file=spec.api_tokens_file,
+        # Every stage starts with the router: it should see each one serving within a moment, not the default
+        # reconnect backoff (up to 2 s) later (see rpc.STARTUP_RECONNECT_OPTIONS).
+        replica_reconnect_max_ms=STARTUP_RECONNECT_MS, **common(), **router_tls)
     services.append(("router", router.with_flags(list(spec.router_args))))
     return Plan(services, redis_argv, client_tls, f"{host}:{spec.port}")
 

@@ -1,45 +1,35 @@
-"""Loads only the part of a Qwen2.5-VL checkpoint a stage needs, through transformers' from_pretrained."""
+"""Loads only the part of a Qwen2.5-VL checkpoint a stage needs: built on the meta device, filled from the
+safetensors (mmserve.models.weights), as transformers' from_pretrained would hold it."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 import pathlib
 
 import torch
-import transformers
-from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLTextModel,
 )
 
+from mmserve.models import weights
 from mmserve.models.dtypes import CPU_NATIVE_FLAGS, cpu_flags  # noqa: F401 (cpu_flags: part of this API)
 
-# Hub checkpoints store `visual.*`, `model.*` and `lm_head.*`; transformers 5 maps `model.*` to
-# `model.language_model.*` on load. These patterns strip the prefixes so each tower loads alone.
-_VISION_KEYS = {r"^(model\.)?visual\.": ""}
-_TEXT_KEYS = {r"^model\.language_model\.": ""}
+# Hub checkpoints store `visual.*`, `model.*` and `lm_head.*`; transformers 5 saves `model.visual.*` and
+# `model.language_model.*`. These patterns strip either prefix, so each tower loads alone.
+_VISION_KEYS = r"^(model\.)?visual\."
+_TEXT_KEYS = r"^model\.(language_model\.)?"
 
 
-@contextlib.contextmanager
-def _quiet_load_report():
-    # The load report lists the other tower's weights as "unexpected"; we check missing keys ourselves.
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(previous)
-        transformers.logging.enable_progress_bar()
+def checkpoint_dir(model: str) -> pathlib.Path:
+    """The local directory of a checkpoint: model itself, or the hub snapshot of its configs and weights."""
+    root = pathlib.Path(model)
+    if root.is_dir():
+        return root
+    from huggingface_hub import snapshot_download
 
-
-def _check_loaded(name: str, info: dict) -> None:
-    if info["missing_keys"]:
-        raise ValueError(f"{name}: checkpoint lacks {sorted(info['missing_keys'])[:5]}")
+    return pathlib.Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
 
 
 def load_config(model: str) -> PreTrainedConfig:
@@ -84,36 +74,18 @@ def attention_backend(device: torch.device) -> str:
 def load_vision_tower(model: str, dtype: torch.dtype = torch.float32,
                       device: torch.device = torch.device("cpu")) -> Qwen2_5_VisionTransformerPretrainedModel:
     """Only the vision tower (patch embed, blocks, merger), in eval mode on device."""
-    with _quiet_load_report():
-        tower, info = Qwen2_5_VisionTransformerPretrainedModel.from_pretrained(
-            model, key_mapping=_VISION_KEYS, dtype=dtype, output_loading_info=True,
-            attn_implementation=attention_backend(device))
-    _check_loaded("vision tower", info)
-    return tower.to(device).eval()
+    config = load_config(model).vision_config
+    # Built in dtype by transformers' own rule (its rotary buffers stay float32), as from_pretrained builds it.
+    return weights.load_part(lambda: Qwen2_5_VisionTransformerPretrainedModel._from_config(
+        config, dtype=dtype, attn_implementation=attention_backend(device)), checkpoint_dir(model), _VISION_KEYS,
+        device=device)
 
 
 def load_language_model(model: str, dtype: torch.dtype = torch.float32) -> tuple[Qwen2_5_VLTextModel, torch.Tensor]:
-    """Only the language model and its lm_head weight, in eval mode."""
-    with _quiet_load_report():
-        text, info = Qwen2_5_VLTextModel.from_pretrained(
-            model, key_mapping=_TEXT_KEYS, dtype=dtype, output_loading_info=True)
-    _check_loaded("language model", info)
-    config = load_config(model)
+    """Only the language model and its lm_head weight (the input embeddings when tied), in eval mode."""
+    config, root = load_config(model), checkpoint_dir(model)
+    text = weights.load_part(lambda: Qwen2_5_VLTextModel._from_config(config.text_config, dtype=dtype), root,
+                             _TEXT_KEYS)
     if config.tie_word_embeddings or getattr(config.text_config, "tie_word_embeddings", False):
-        lm_head = text.embed_tokens.weight
-    else:
-        lm_head = _read_tensor(model, "lm_head.weight").to(dtype)
-    return text.eval(), lm_head
-
-
-def _read_tensor(model: str, name: str) -> torch.Tensor:
-    """One tensor from a (possibly sharded) safetensors checkpoint, read without loading the rest."""
-    root = pathlib.Path(model)
-    if not root.is_dir():
-        from huggingface_hub import snapshot_download
-
-        root = pathlib.Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
-    index = root / "model.safetensors.index.json"
-    filename = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
-    with safe_open(str(root / filename), framework="pt") as f:
-        return f.get_tensor(name)
+        return text, text.embed_tokens.weight
+    return text, weights.read_tensor(root, "lm_head.weight").to(dtype)

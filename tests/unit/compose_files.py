@@ -34,7 +34,9 @@ REGISTRY = {"registry_url", "advertise_address"}
 COMPOSE_ONLY = {"decoder": REGISTRY | {"redis_password_file"}, "encoder": {"dtype", "redis_password_file"} | REGISTRY,
                 "llm": {"dtype", "kv_cache_bytes", "redis_password_file"} | REGISTRY,
                 "router": REGISTRY | {"redis_password_file"}}
-PLAN_ONLY: dict[str, set[str]] = {"decoder": set(), "encoder": set(), "llm": set(), "router": set()}
+# `mmserve up` starts the router with its stages and has it reconnect quickly; compose starts it once they are healthy.
+PLAN_ONLY: dict[str, set[str]] = {"decoder": set(), "encoder": set(), "llm": set(),
+                                  "router": {"replica_reconnect_max_ms"}}
 
 # Where compose (and the Kubernetes manifests) mount the certificates and the bearer tokens file.
 TLS_MOUNT, TOKENS_FILE = "/tls", "/api-tokens/tokens"

@@ -13,9 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mmserve import probe
+from mmserve import probe, rpc
 from stack.cli import build_parser, model_error
-from stack.launcher import free_port
+from stack.launcher import StackSpec, free_port, plan
 
 COMMANDS = ("tiny-model", "up", "generate", "decode", "certs", "secrets")
 
@@ -163,3 +163,12 @@ def test_generate_logprobs_asks_for_them_and_prints_one_line_per_token():
                                   top=[api_pb2.TokenLogprob(text=" sea", logprob=-0.5),
                                        api_pb2.TokenLogprob(text=" sky", logprob=-1.25)])
     assert format_logprobs(entry) == "' sea' -0.5000  | ' sea' -0.5000  ' sky' -1.2500"
+
+
+def test_up_notices_a_started_stage_at_once():
+    """The launcher's health checks and the router it starts retry a stage that still refuses connections every
+    100 ms at most, not after gRPC's default backoff (1 s, growing), which noticed a stage seconds after it served."""
+    planned = plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0"))
+    assert dict(planned.services)["router"].replica_reconnect_max_ms <= 100
+    options = dict(rpc.STARTUP_RECONNECT_OPTIONS)
+    assert max(options["grpc.initial_reconnect_backoff_ms"], options["grpc.max_reconnect_backoff_ms"]) <= 100

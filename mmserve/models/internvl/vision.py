@@ -74,7 +74,8 @@ class Encoder(torch.nn.Module):
 
 def load_vision_tower(model_dir: str, dtype: torch.dtype | None = None, device=None) -> Encoder:
     """The encoder built from the checkpoint's config, filled from its vision_tower and projector tensors."""
-    return load_part(Encoder(AutoConfig.from_pretrained(model_dir)), model_dir, ENCODER_KEYS, dtype, device)
+    config = AutoConfig.from_pretrained(model_dir)
+    return load_part(lambda: Encoder(config), model_dir, ENCODER_KEYS, dtype, device)
 
 
 @torch.no_grad()

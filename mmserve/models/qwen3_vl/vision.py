@@ -48,7 +48,7 @@ def preprocess_video(family, frames: torch.Tensor, frame_indices: list[int], vid
 def load_vision_tower(model_dir: str, dtype: torch.dtype | None = None, device=None) -> Qwen3VLVisionModel:
     """Only the vision tower, built from the checkpoint's vision_config and filled from its model.visual.* tensors."""
     config = AutoConfig.from_pretrained(model_dir).vision_config
-    return load_part(Qwen3VLVisionModel._from_config(config), model_dir, VISION_KEYS, dtype, device)
+    return load_part(lambda: Qwen3VLVisionModel._from_config(config), model_dir, VISION_KEYS, dtype, device)
 
 
 @torch.no_grad()
