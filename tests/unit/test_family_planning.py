@@ -3,7 +3,6 @@ the router's exact prompt count against the llm's expanded ids; cache entries wi
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -95,17 +94,11 @@ def test_router_count_is_the_llms_expanded_ids(ckpt, family, name):
     conversation = CONVERSATIONS[name]
     items = [item_of(p) for _, parts in conversation for p in parts if is_media(p)]
     pending = iter(items)
-    timed = "timestamps" in {f.name for f in dataclasses.fields(MediaInput)}
-    messages = [ChatMessage(role, [part if not is_media(part) else _media_input(family, next(pending), timed)
+    config = AutoConfig.from_pretrained(ckpt)
+    num_deepstack = len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None) or [])
+    messages = [ChatMessage(role, [part if not is_media(part) else _media_input(family, next(pending), num_deepstack)
                                    for part in parts]) for role, parts in conversation]
-    builder = PromptBuilder(AutoTokenizer.from_pretrained(ckpt), family, AutoConfig.from_pretrained(ckpt))
-    if timed or not any(i.timestamps for i in items):
-        ids, _ = builder.build(messages)
-    else:  # until the llm passes timestamps on: PromptBuilder.build's steps with the items' own
-        tokenizer = builder.tokenizer
-        text = tokenizer.apply_chat_template(_conversation(messages), tokenize=False, add_generation_prompt=True)
-        ids, _ = builder._expand(tokenizer.encode(family.expand_prompt(text, items), add_special_tokens=False),
-                                 [p for m in messages for p in m.parts if not isinstance(p, str)], items)
+    ids, _ = PromptBuilder(AutoTokenizer.from_pretrained(ckpt), family, config).build(messages)
     request = api_pb2.GenerateRequest(messages=[api_pb2.Message(role=role, parts=[
         api_pb2.Part(**{part.split(":")[0]: api_pb2.Media(data=b"x")}) if is_media(part) else api_pb2.Part(text=part)
         for part in parts]) for role, parts in conversation])
@@ -114,14 +107,10 @@ def test_router_count_is_the_llms_expanded_ids(ckpt, family, name):
     assert size.num_vision_tokens == sum(family.num_tokens(i) for i in items)
 
 
-def _media_input(family, item: MediaItem, timed: bool) -> MediaInput:
-    extra = {"timestamps": item.timestamps} if timed else {}
-    return MediaInput(item.kind, torch.zeros(family.num_tokens(item), 8), item.grid, **extra)
-
-
-def _conversation(messages: list[ChatMessage]) -> list[dict]:
-    return [{"role": m.role, "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": p.kind}
-                                         for p in m.parts]} for m in messages]
+def _media_input(family, item: MediaItem, num_deepstack: int) -> MediaInput:
+    rows = family.num_tokens(item)
+    return MediaInput(item.kind, torch.zeros(rows, 8), item.grid, timestamps=item.timestamps,
+                      deepstack=tuple(torch.zeros(rows, 8) for _ in range(num_deepstack)))
 
 
 def test_cache_entries_keep_deepstack_columns_and_timestamps():
