@@ -1,0 +1,71 @@
+"""`python -m stack.unified`: a unified replica, the vision tower and the language model sharing one device at once.
+
+It serves the Encoder and the Llm services on two ports, each with its own scheduler and batcher (the encoder's
+dynamic batching, the llm's continuous batching), and a DeviceArbiter between them (services/unified/arbiter.py):
+the llm's decode steps come first, the encoder runs bounded slices between two steps. The router
+(`--unified-addrs`) keeps it in both stage pools at once and prices each role with the other's load.
+
+    python -m stack.unified --encoder-args "--model M --port 5101" --llm-args "--model M --port 5102"
+
+On CPU the two roles take turns on all the cores (torch's intra-op team belongs to the calling thread, so the
+tower's thread and the engine's thread each run with their own --num-threads); they never compute at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import signal
+
+from mmserve import rpc
+from mmserve.config import add_flags
+from mmserve.roles import Role
+
+
+def parse(argv: list[str] | None = None):
+    """The encoder's, the llm's and the arbiter's configs."""
+    from services.encoder.config import EncoderConfig
+    from services.llm.config import LlmConfig
+    from services.unified.config import ArbiterConfig
+
+    parser = argparse.ArgumentParser(prog="mmserve-unified", description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder-args", required=True, help="the encoder's flags (python -m services.encoder --help)")
+    parser.add_argument("--llm-args", required=True, help="the llm's flags (python -m services.llm --help)")
+    add_flags(ArbiterConfig, parser)
+    args = parser.parse_args(argv)
+    arbiter = ArbiterConfig(**{name: getattr(args, name) for name in ArbiterConfig.__dataclass_fields__})
+    return (EncoderConfig.parse(shlex.split(args.encoder_args), prog="mmserve-unified --encoder-args"),
+            LlmConfig.parse(shlex.split(args.llm_args), prog="mmserve-unified --llm-args"), arbiter)
+
+
+async def run_unified(encoder_config, llm_config, arbiter_config) -> None:
+    """Serves both roles over one arbiter until SIGTERM or SIGINT (the llm last up and first down)."""
+    from services.encoder.__main__ import build_encoder
+    from services.llm.__main__ import build_llm
+    from services.unified.arbiter import DeviceArbiter, SliceBudget
+
+    arbiter = DeviceArbiter(SliceBudget(arbiter_config))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    roles: list[Role] = []
+    try:
+        for build, config in ((build_encoder, encoder_config), (build_llm, llm_config)):
+            roles.append(role := await build(config, arbiter))
+            await role.start()
+        await stop.wait()
+    finally:
+        for role in reversed(roles):
+            await role.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    encoder_config, llm_config, arbiter_config = parse(argv)
+    rpc.setup_logging(llm_config.log_level)
+    asyncio.run(run_unified(encoder_config, llm_config, arbiter_config))
+
+
+if __name__ == "__main__":
+    main()
