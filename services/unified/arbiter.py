@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from services.router.costs import CostSeeds, TokenCost, encode_cost, step_cost
 from services.unified import metrics
 from services.unified.config import ArbiterConfig
+
+log = logging.getLogger(__name__)
 
 UNLIMITED = 1 << 62  # patches: no bound beyond the batcher's own
 
@@ -58,9 +61,8 @@ class SliceBudget:
 
     def target_ms(self, num_decodes: int) -> float:
         """The time per token the running decodes may take, encoder slices included."""
-        alone = self.step.predict(num_decodes)
-        targets = [t for t in (self.max_decode_slowdown * alone, self.tpot_target_ms) if t]
-        return min(targets)
+        bounds = [self.max_decode_slowdown * self.step.predict(num_decodes)] if self.max_decode_slowdown else []
+        return min(bounds + ([self.tpot_target_ms] if self.tpot_target_ms else []))
 
     def max_credit_ms(self) -> float:
         return self.max_saved_steps * max(0.0, self.target_ms(self.num_running) - self.step.predict(self.num_running))
@@ -145,8 +147,10 @@ class DeviceArbiter:
         with self._cond:
             step_s = self.clock() - self._step_started
             metrics.DEVICE_SECONDS.labels("llm").inc(step_s)
-            self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only,
-                                           len(scheduler.running)))
+            try:
+                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, len(scheduler.running)))
+            except Exception:  # a pricing bug must cost encoder throughput, never the llm's engine thread
+                log.exception("arbiter: step report failed")
             self._holder = None
             self._grant_pending()
             self._cond.notify_all()

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from services.unified.arbiter import UNLIMITED, DeviceArbiter, SliceBudget
+from services.unified.arbiter import UNLIMITED, DeviceArbiter, SliceBudget, StepReport
 from services.unified.config import ArbiterConfig
 
 
@@ -192,3 +192,10 @@ def test_a_slice_waiting_for_its_turn_can_be_cancelled():
         arbiter.release_step(scheduler)
 
     asyncio.run(main())
+
+
+def test_steps_that_cost_nothing_measurable_leave_no_credit_and_break_nothing():
+    budget = SliceBudget(ArbiterConfig())
+    budget.step.model.weights = [0.0, 0.0]  # what the non-negative fit gives steps too fast to time
+    budget.on_step(StepReport(0.0, num_decodes=4, is_decode_only=False, num_running=4))
+    assert budget.target_ms(4) == 0.0 and budget.credit_ms == 0.0 and budget.max_patches(10) == 0
