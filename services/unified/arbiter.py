@@ -105,6 +105,7 @@ class SliceRequest:
     first_patches: int
     on_grant: Callable[[int], None]
     asked_at: float
+    granted_at: float = 0.0
     max_patches: int = 0
     num_patches: int = 0  # what the slice ran, set by its holder before the release
     is_granted: bool = False
@@ -122,7 +123,6 @@ class DeviceArbiter:
         self._pending: SliceRequest | None = None
         self._num_llm_waiting = 0  # a step waiting for the device goes before the next slice
         self._step_started = 0.0
-        self._step_asked = 0.0
         self._snapshot = (0, True)
 
     # The llm's side (its engine thread) ----------------------------------------------------------
@@ -192,7 +192,7 @@ class DeviceArbiter:
             if request.is_released or not request.is_granted:
                 return
             request.is_released = True
-            slice_s = self.clock() - request.asked_at if request.num_patches else 0.0
+            slice_s = self.clock() - request.granted_at if request.num_patches else 0.0
             metrics.DEVICE_SECONDS.labels("encoder").inc(slice_s)
             self.budget.on_slice(request.num_patches, slice_s * 1e3)
             self._holder = None
@@ -220,7 +220,6 @@ class DeviceArbiter:
         self._holder = request
         request.is_granted = True
         request.max_patches = max_patches
-        now = self.clock()
-        metrics.WAIT_SECONDS.labels("encoder").observe(now - request.asked_at)
-        request.asked_at = now  # from here on: the slice's own time
+        request.granted_at = self.clock()
+        metrics.WAIT_SECONDS.labels("encoder").observe(request.granted_at - request.asked_at)
         request.on_grant(max_patches)
