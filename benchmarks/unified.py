@@ -54,7 +54,8 @@ def _pinned(cores: list[int], argv: list[str]) -> list[str]:
     return ["taskset", "-c", ",".join(map(str, cores)), *argv]
 
 
-def start_layout(layout: str, model: str, redis_url: str, cores: list[int], router_args: list[str]):
+def start_layout(layout: str, model: str, redis_url: str, cores: list[int], router_args: list[str],
+                 unified_args: list[str]):
     """The layout's processes, healthy; returns the stack and the router address."""
     common = dict(log_level="ERROR")
     ports = {name: free_port() for name in ("decoder", "encoder", "llm", "router")}
@@ -72,8 +73,8 @@ def start_layout(layout: str, model: str, redis_url: str, cores: list[int], rout
                      Child("llm", _pinned(cores[half:] or cores, [sys.executable, "-m", "services.llm",
                                                                   *llm.to_argv()]), address["llm"])]
     else:
-        entry = "stack.unified" if layout == "unified" else "stack.flex"
-        children.append(Child(layout, _pinned(cores, [sys.executable, "-m", entry, *pair]), address["llm"]))
+        entry = ["stack.unified", *unified_args] if layout == "unified" else ["stack.flex"]
+        children.append(Child(layout, _pinned(cores, [sys.executable, "-m", *entry, *pair]), address["llm"]))
     stages = (dict(unified_addrs=f"{address['encoder']}/{address['llm']}") if layout == "unified"
               else dict(encoder_addrs=address["encoder"], llm_addrs=address["llm"]))
     router = RouterConfig(port=ports["router"], model=model, redis_url=redis_url, decoder_addrs=address["decoder"],
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--cores", default=",".join(map(str, sorted(os.sched_getaffinity(0)))),
                         help="the cores every layout's encoder and llm get (split: halves)")
     parser.add_argument("--router-args", default="", help="further flags of every router")
+    parser.add_argument("--unified-args", default="", help="the unified replica's arbiter flags, e.g. "
+                                                           "'--overlap-threads 1' (python -m stack.unified --help)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     cores = [int(c) for c in args.cores.split(",")]
@@ -124,7 +127,8 @@ def main() -> None:
     results, outcomes_of, lone = {}, {}, {}
     try:
         for layout in LAYOUTS:  # one layout up at a time: they share the cores
-            stack, address = start_layout(layout, model, redis_url, cores, shlex.split(args.router_args))
+            stack, address = start_layout(layout, model, redis_url, cores, shlex.split(args.router_args),
+                                          shlex.split(args.unified_args))
             try:
                 flush(redis_url)
                 lone[layout] = asyncio.run(lone_latencies(address, make_media(4, seed=0), args.max_tokens))
@@ -167,7 +171,8 @@ def main() -> None:
     print("goodput at 90% attainment (req/s): " + ", ".join(f"{k}={v:.2f}" for k, v in goodput.items())
           + f"; llm alone at {rate:g} req/s: p99 tpot {p99_alone:.1f} ms")
     print(f"cores {args.cores}; 1-minute load average during the run {min(load):.1f}..{max(load):.1f}; "
-          "SLO targets (ms): " + ", ".join(f"{k}={v:.0f}" for k, v in slo.items()))
+          "SLO targets (ms): " + ", ".join(f"{k}={v:.0f}" for k, v in slo.items())
+          + f"; unified flags: {args.unified_args or 'defaults'}")
     print(f"goodput_vs_best_other={goodput['unified'] / max(best_other, 1e-9):.2f} "
           f"p99_tpot_vs_llm_alone={p99_unified / p99_alone:.2f}")
 

@@ -45,7 +45,12 @@ async def run_unified(encoder_config, llm_config, arbiter_config) -> None:
     from services.llm.__main__ import build_llm
     from services.unified.arbiter import DeviceArbiter, SliceBudget
 
-    arbiter = DeviceArbiter(SliceBudget(arbiter_config))
+    import torch
+
+    # The llm's threads: its --num-threads, else what torch would give its engine thread (the process default).
+    llm_threads = llm_config.num_threads or torch.get_num_threads()
+    arbiter = DeviceArbiter(SliceBudget(arbiter_config), overlap_threads=arbiter_config.overlap_threads,
+                            llm_threads=llm_threads, set_llm_threads=torch.set_num_threads)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -35,6 +35,7 @@ class _WholeDevice:
     """The turn of an encoder that has its device to itself."""
 
     max_patches: int
+    num_threads: int = 0
     num_patches: int = 0
 
 
@@ -92,7 +93,7 @@ class Batcher:
             async with self._turn(self.jobs[0].pixel_values.shape[0]) as turn:
                 batch = self._take(min(self.max_batch_patches, turn.max_patches))
                 if batch:
-                    await self._run_batch(batch)
+                    await self._run_batch(batch, turn.num_threads or self.num_threads)
                     turn.num_patches = sum(job.pixel_values.shape[0] for job in batch)
 
     def _turn(self, first_patches: int):
@@ -113,12 +114,12 @@ class Batcher:
         metrics.QUEUED.set(len(self.jobs))
         return [job for job in batch if not job.done.cancelled()]
 
-    async def _run_batch(self, batch: list[_Job]) -> None:
+    async def _run_batch(self, batch: list[_Job], num_threads: int) -> None:
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.PATCHES.inc(sum(job.pixel_values.shape[0] for job in batch))
         started = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, batch)
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, batch, num_threads)
         except Exception as err:  # a failed batch fails its requests, never the service
             log.exception("vision tower failed on a batch of %d", len(batch))
             outputs = [err] * len(batch)
@@ -132,9 +133,9 @@ class Batcher:
                 job.done.set_result(out)
 
     @torch.inference_mode()
-    def _encode(self, batch: list[_Job]) -> list[EncodedItem]:
-        if self.num_threads and torch.get_num_threads() != self.num_threads:
-            torch.set_num_threads(self.num_threads)
+    def _encode(self, batch: list[_Job], num_threads: int) -> list[EncodedItem]:
+        if num_threads and torch.get_num_threads() != num_threads:
+            torch.set_num_threads(num_threads)
         pixel_values = torch.cat([job.pixel_values for job in batch])
         # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
         encoded = self.encode_items(self.tower, pixel_values, [job.item for job in batch])

@@ -107,6 +107,7 @@ class SliceRequest:
     asked_at: float
     granted_at: float = 0.0
     max_patches: int = 0
+    num_threads: int = 0  # torch threads the slice may use (0: the encoder's own --num-threads)
     num_patches: int = 0  # what the slice ran, set by its holder before the release
     is_granted: bool = False
     is_released: bool = False
@@ -115,11 +116,19 @@ class SliceRequest:
 class DeviceArbiter:
     """Turns on one device: the llm's engine thread steps, the encoder's batcher runs granted slices between."""
 
-    def __init__(self, budget: SliceBudget, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, budget: SliceBudget, clock: Callable[[], float] = time.perf_counter, *,
+                 overlap_threads: int = 0, llm_threads: int = 0, set_llm_threads: Callable[[int], None] = None):
         self.budget = budget
         self.clock = clock
+        # CPU overlap: while decodes run a slice runs beside the steps on overlap_threads of the llm_threads, the
+        # steps on the rest (set_llm_threads, called in the engine thread: torch's thread count is per thread).
+        self.overlap_threads = overlap_threads if overlap_threads < llm_threads else 0
+        self.llm_threads = llm_threads
+        self.set_llm_threads = set_llm_threads
+        self._num_llm_threads = llm_threads
         self._cond = threading.Condition()
         self._holder: object | None = None  # "llm", a SliceRequest, or None when the device is free
+        self._side: SliceRequest | None = None  # a slice running beside the llm's steps (overlap)
         self._pending: SliceRequest | None = None
         self._num_llm_waiting = 0  # a step waiting for the device goes before the next slice
         self._step_started = 0.0
@@ -138,6 +147,10 @@ class DeviceArbiter:
             self._holder = "llm"
             self._step_started = self.clock()
             metrics.WAIT_SECONDS.labels("llm").observe(self._step_started - asked)
+            num_threads = self.llm_threads - (self.overlap_threads if self._side is not None else 0)
+        if self.set_llm_threads is not None and num_threads != self._num_llm_threads:
+            self.set_llm_threads(num_threads)
+            self._num_llm_threads = num_threads
         num_decodes = sum(1 for s in scheduler.running if s.num_uncomputed_tokens == 1)
         self._snapshot = (num_decodes, num_decodes == len(scheduler.running) and not scheduler.waiting)
 
@@ -194,6 +207,9 @@ class DeviceArbiter:
             request.is_released = True
             slice_s = self.clock() - request.granted_at if request.num_patches else 0.0
             metrics.DEVICE_SECONDS.labels("encoder").inc(slice_s)
+            if request is self._side:  # on cores of its own: it took nothing from the steps, nor ran at full width
+                self._side = None
+                return
             self.budget.on_slice(request.num_patches, slice_s * 1e3)
             self._holder = None
             self._cond.notify_all()
@@ -208,16 +224,24 @@ class DeviceArbiter:
 
     def _grant_pending(self) -> None:
         request = self._pending
-        if request is None or self._holder is not None or self._num_llm_waiting:
+        if request is None:
             return
-        max_patches = self.budget.max_patches(request.first_patches)
-        if not max_patches:
-            self.budget.num_deferred += 1
-            metrics.SLICES_DEFERRED.inc()
-            return
-        self.budget.num_deferred = 0
+        if self.overlap_threads and self.budget.num_running:
+            if self._holder not in (None, "llm") or self._side is not None:
+                return
+            self._side = request  # beside the steps, which drop to the other threads from their next one
+            max_patches, request.num_threads = UNLIMITED, self.overlap_threads
+        else:
+            if self._holder is not None or self._num_llm_waiting:
+                return
+            max_patches = self.budget.max_patches(request.first_patches)
+            if not max_patches:
+                self.budget.num_deferred += 1
+                metrics.SLICES_DEFERRED.inc()
+                return
+            self.budget.num_deferred = 0
+            self._holder = request
         self._pending = None
-        self._holder = request
         request.is_granted = True
         request.max_patches = max_patches
         request.granted_at = self.clock()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmserve.config import _flag, option
+from mmserve.config import option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +15,9 @@ class ArbiterConfig:
                                              "step alone while the encoder has work (0: no such bound)")
     tpot_target_ms: float = option(0.0, "time per output token the running decodes must keep (0: none; with "
                                          "max_decode_slowdown, the tighter of the two)")
+    overlap_threads: int = option(0, "CPU: while decodes run, an encoder slice runs alongside the llm's steps on "
+                                     "this many torch threads and the steps on the rest of the llm's "
+                                     "--num-threads (a core split only while both have work; 0: they take turns)")
     max_saved_steps: int = option(8, "the encoder may save up the slack of this many decode steps for one slice "
                                      "(a longer stall of one token, the same mean)")
 
@@ -25,9 +28,7 @@ class ArbiterConfig:
             raise ValueError("tpot_target_ms: must not be negative")
         if not self.max_decode_slowdown and not self.tpot_target_ms:
             raise ValueError("max_decode_slowdown: 0 needs a tpot_target_ms (something must bound the decodes)")
+        if self.overlap_threads < 0:
+            raise ValueError("overlap_threads: must not be negative")
         if self.max_saved_steps < 1:
             raise ValueError("max_saved_steps: must be at least 1")
-
-    def to_argv(self) -> list[str]:
-        """The flags that reproduce this config."""
-        return [arg for f in dataclasses.fields(self) for arg in (_flag(f.name), str(getattr(self, f.name)))]

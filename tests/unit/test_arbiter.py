@@ -199,3 +199,42 @@ def test_steps_that_cost_nothing_measurable_leave_no_credit_and_break_nothing():
     budget.step.model.weights = [0.0, 0.0]  # what the non-negative fit gives steps too fast to time
     budget.on_step(StepReport(0.0, num_decodes=4, is_decode_only=False, num_running=4))
     assert budget.target_ms(4) == 0.0 and budget.credit_ms == 0.0 and budget.max_patches(10) == 0
+
+
+def test_overlap_runs_a_slice_beside_the_decodes_on_threads_of_its_own():
+    threads = []
+    arbiter = DeviceArbiter(SliceBudget(ArbiterConfig()), overlap_threads=1, llm_threads=4,
+                            set_llm_threads=threads.append)
+    decoding = FakeScheduler([FakeSeq() for _ in range(8)])
+    arbiter.acquire_step(decoding)
+    arbiter.release_step(decoding)  # decodes are running now
+    arbiter.acquire_step(decoding)  # the llm holds the device...
+    side = arbiter.request_slice(100_000, lambda n: None)
+    assert side.is_granted and side.num_threads == 1 and side.max_patches == UNLIMITED  # ...and a slice runs beside
+    arbiter.release_step(decoding)
+    arbiter.acquire_step(decoding)  # the next step runs on the other three threads, without waiting
+    assert threads == [3]
+    arbiter.release_step(decoding)
+    side.num_patches = 100_000
+    arbiter.release_slice(side)
+    assert arbiter.budget.credit_ms >= 0  # a slice on its own threads is not charged to the decodes
+    arbiter.acquire_step(decoding)
+    assert threads == [3, 4]  # alone again: every thread
+    arbiter.release_step(decoding)
+
+
+def test_overlap_takes_turns_when_no_decode_runs():
+    threads = []
+    arbiter = DeviceArbiter(SliceBudget(ArbiterConfig()), overlap_threads=1, llm_threads=4,
+                            set_llm_threads=threads.append)
+    prefill = FakeScheduler([], waiting=[FakeSeq(50)])
+    whole = arbiter.request_slice(64, lambda n: None)
+    assert whole.is_granted and whole.num_threads == 0  # the device whole: the encoder's own threads
+    blocked = threading.Thread(target=arbiter.acquire_step, args=(prefill,))
+    blocked.start()
+    blocked.join(0.05)
+    assert blocked.is_alive()  # the llm waits for its turn
+    arbiter.release_slice(whole)
+    blocked.join(10)
+    assert not blocked.is_alive() and threads == []  # all four threads: nothing ran beside it
+    arbiter.release_step(prefill)
