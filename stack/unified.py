@@ -8,7 +8,8 @@ the llm's decode steps come first, the encoder runs bounded slices between two s
     python -m stack.unified --encoder-args "--model M --port 5101" --llm-args "--model M --port 5102"
 
 On CPU the two roles take turns on all the cores (torch's intra-op team belongs to the calling thread, so the
-tower's thread and the engine's thread each run with their own --num-threads); they never compute at once.
+tower's thread and the engine's thread each run with their own --num-threads); with --overlap-threads N a slice
+runs beside the decode steps on N threads while the steps use the rest, and either role alone gets them all.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
-import signal
 
 from mmserve import rpc
 from mmserve.config import add_flags
-from mmserve.roles import Role
 
 
 def parse(argv: list[str] | None = None):
@@ -40,30 +39,17 @@ def parse(argv: list[str] | None = None):
 
 
 async def run_unified(encoder_config, llm_config, arbiter_config) -> None:
-    """Serves both roles over one arbiter until SIGTERM or SIGINT (the llm last up and first down)."""
-    from services.encoder.__main__ import build_encoder
-    from services.llm.__main__ import build_llm
-    from services.unified.arbiter import DeviceArbiter, SliceBudget
-
+    """Serves both roles over one arbiter until SIGTERM or SIGINT."""
     import torch
+
+    from services.unified.arbiter import DeviceArbiter, SliceBudget
+    from stack.flex import run_flex
 
     # The llm's threads: its --num-threads, else what torch would give its engine thread (the process default).
     llm_threads = llm_config.num_threads or torch.get_num_threads()
     arbiter = DeviceArbiter(SliceBudget(arbiter_config), overlap_threads=arbiter_config.overlap_threads,
                             llm_threads=llm_threads, set_llm_threads=torch.set_num_threads)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    roles: list[Role] = []
-    try:
-        for build, config in ((build_encoder, encoder_config), (build_llm, llm_config)):
-            roles.append(role := await build(config, arbiter))
-            await role.start()
-        await stop.wait()
-    finally:
-        for role in reversed(roles):
-            await role.stop()
+    await run_flex(encoder_config, llm_config, arbiter)
 
 
 def main(argv: list[str] | None = None) -> None:
