@@ -21,14 +21,19 @@ from tests.integration.test_parity import CASES, NUM_TOKENS
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def unified(tiny_model, redis_server):
+# Taking turns on the device, and (two threads each) a slice on one thread beside decode steps on the other.
+ARBITERS = {"turns": [], "overlap": ["--overlap-threads", "1"]}
+
+
+@pytest.fixture(scope="module", params=list(ARBITERS))
+def unified(request, tiny_model, redis_server):
     """A decoder, one unified replica and a router that knows no other encoder or llm; yields (router, metrics port)."""
-    model, common = str(tiny_model), dict(log_level="WARNING")
+    model, common = str(tiny_model), dict(log_level="WARNING", num_threads=2)
     ports = {name: free_port() for name in ("decoder", "encoder", "llm", "router", "metrics")}
     encoder = EncoderConfig(port=ports["encoder"], model=model, redis_url=redis_server.url,
                             metrics_port=ports["metrics"], **common)
     llm = LlmConfig(port=ports["llm"], model=model, **common)
+    common = dict(log_level="WARNING")
     router = RouterConfig(port=ports["router"], model=model, redis_url=redis_server.url,
                           decoder_addrs=f"127.0.0.1:{ports['decoder']}",
                           unified_addrs=f"127.0.0.1:{ports['encoder']}/127.0.0.1:{ports['llm']}",
@@ -38,7 +43,8 @@ def unified(tiny_model, redis_server):
     children = [
         Child("decoder", [sys.executable, "-m", "services.decoder",
                           *DecoderConfig(port=ports["decoder"], **common).to_argv()], f"127.0.0.1:{ports['decoder']}"),
-        Child("unified", [sys.executable, "-m", "stack.unified", "--encoder-args", shlex.join(encoder.to_argv()),
+        Child("unified", [sys.executable, "-m", "stack.unified", *ARBITERS[request.param],
+                          "--encoder-args", shlex.join(encoder.to_argv()),
                           "--llm-args", shlex.join(llm.to_argv())], f"127.0.0.1:{ports['llm']}"),
         Child("router", [sys.executable, "-m", "services.router", *router.to_argv()], f"127.0.0.1:{ports['router']}"),
     ]
