@@ -12,6 +12,9 @@ alternates with the llm's prefill steps. An item too large for any credit the de
 `max_saved_steps` steps of slack) is not starved: once the credit is full it runs anyway, and the debt is
 paid back by the next steps.
 
+On a CPU with `overlap_threads`, while decodes run a slice instead runs beside the steps on threads of its own
+(the steps keep the rest): the credit does not apply, the core split is the protection.
+
 The core (SliceBudget) is pure arithmetic; DeviceArbiter adds the turn-taking between the llm's engine
 thread and the encoder's batcher, with a condition variable and callbacks (no torch, no grpc).
 """

@@ -121,7 +121,6 @@ def test_an_item_larger_than_any_saved_credit_still_runs():
     assert not sim.backlog
     gaps = [(b - a) * 1e3 for a, b in zip(sim.token_times, sim.token_times[1:])]
     assert sum(gaps) <= len(gaps) * 1.2 * step_ms(4) + slice_ms(4096)  # each debt repaid before the next
-    assert sim.arbiter.budget.num_deferred == 0 or sim.backlog == []
 
 
 def test_a_waiting_slice_cancelled_is_never_granted():
