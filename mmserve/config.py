@@ -31,6 +31,19 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def add_flags(cls: type, parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per field of a config dataclass (`max_num_seqs` → `--max-num-seqs`), its doc as the help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        doc = f.metadata.get("doc", "")
+        default = f.default
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=doc)
+        else:
+            parser.add_argument(_flag(f.name), type=kind, default=default, help=f"{doc} (default: {default})")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
     """Settings every gRPC service shares."""
@@ -112,15 +125,7 @@ class ServiceConfig:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Adds one flag per field (`max_num_seqs` → `--max-num-seqs`)."""
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            kind = hints[f.name]
-            doc = f.metadata.get("doc", "")
-            default = f.default
-            if kind is bool:
-                parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=doc)
-            else:
-                parser.add_argument(_flag(f.name), type=kind, default=default, help=f"{doc} (default: {default})")
+        add_flags(cls, parser)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:

@@ -61,7 +61,11 @@ def _up(args: argparse.Namespace) -> int:
                      media_root=args.media_root, log_level=args.log_level,
                      num_encoders=args.encoder_replicas, metrics=args.metrics, http_port=args.http_port,
                      tls_dir=args.tls_dir, api_tokens_file=args.api_tokens_file,
-                     router_args=tuple(shlex.split(args.router_flags)))
+                     router_args=tuple(shlex.split(args.router_flags)), unified=args.unified)
+    if args.unified and (args.aggregated or args.encoder_replicas != 1):
+        print("mmserve up: --unified runs one unified replica (encoder and llm in one process); it takes neither "
+              "--aggregated nor --encoder-replicas", file=sys.stderr)
+        return 2
     # The stack's generated secrets (internal token, Redis password) live as long as the stack, in a 0700 directory.
     with tempfile.TemporaryDirectory(prefix="mmserve-up-") as secrets_dir:
         spec = dataclasses.replace(spec, secrets_dir=secrets_dir)
@@ -183,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--max-vision-tokens 8192\" (python -m services.router --help lists them)")
     p.add_argument("--aggregated", action="store_true",
                    help="run all four stages in this one process (one event loop) instead of four processes")
+    p.add_argument("--unified", action="store_true",
+                   help="run the encoder and the llm as one unified replica sharing the device (python -m "
+                        "stack.unified: decode steps first, the encoder in the slack between them)")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("generate", help="send a prompt with media and stream the answer",

@@ -31,8 +31,9 @@ def parse(argv: list[str] | None = None):
             LlmConfig.parse(shlex.split(args.llm_args), prog="mmserve-flex --llm-args"))
 
 
-async def run_flex(encoder_config, llm_config) -> None:
-    """Serves both roles until SIGTERM or SIGINT (the llm last up and first down: its health means both)."""
+async def run_flex(encoder_config, llm_config, arbiter=None) -> None:
+    """Serves both roles until SIGTERM or SIGINT (the llm last up and first down: its health means both); a unified
+    replica (stack.unified) passes the arbiter both roles take turns through."""
     from services.encoder.__main__ import build_encoder
     from services.llm.__main__ import build_llm
 
@@ -43,7 +44,7 @@ async def run_flex(encoder_config, llm_config) -> None:
     roles: list[Role] = []
     try:
         for build, config in ((build_encoder, encoder_config), (build_llm, llm_config)):
-            roles.append(role := await build(config))
+            roles.append(role := await build(config, arbiter))
             await role.start()
         await stop.wait()
     finally:

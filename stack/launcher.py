@@ -8,6 +8,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -84,6 +85,7 @@ class StackSpec:
     tls_dir: str = ""  # TLS_FILES: TLS on the router's ports, mutual TLS between the services ("": plaintext)
     api_tokens_file: str = ""  # bearer tokens the router's public API requires ("": $MMSERVE_API_TOKENS or open)
     secrets_dir: str = ""  # a private directory for the stack's generated secrets (stack.secrets; "": none generated)
+    unified: bool = False  # the encoder and the llm as one unified replica (stack.unified) sharing the device
 
 
 STARTUP_RECONNECT_MS = 100  # the router's longest pause between connection attempts to a stage
@@ -124,11 +126,16 @@ class Plan:
     redis_argv: list[str] | None
     client_tls: tls.ClientTls | None  # how a health check reaches the services (None: plaintext)
     router_address: str
+    is_unified: bool = False  # the encoder and the llm run as one `stack.unified` process
 
     def children(self) -> list[Child]:
         """The processes that run the plan: redis-server, then `python -m services.<stage>` per service."""
         children = [Child("redis", self.redis_argv, None)] if self.redis_argv else []
         for stage, config in self.services:
+            if self.is_unified and stage in ("encoder", "llm"):
+                if stage == "llm":  # after its encoder: one process serving both configs
+                    children.append(unified_child(dict(self.services)["encoder"], config, self.client_tls))
+                continue
             peers = [c for s, c in self.services if s == stage]
             name = stage if len(peers) == 1 else f"{stage}-{peers.index(config)}"
             children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv()],
@@ -172,15 +179,24 @@ def plan(spec: StackSpec) -> Plan:
                  for port in ports["encoder"]]
     services.append(("llm", LlmConfig(port=ports["llm"][0], model=spec.model, redis_url=redis_url, **common(),
                                       **internal_tls)))
+    stages = (dict(unified_addrs=f"{addresses('encoder')}/{addresses('llm')}") if spec.unified
+              else dict(encoder_addrs=addresses("encoder"), llm_addrs=addresses("llm")))
     router = RouterConfig(
         port=spec.port, model=spec.model, redis_url=redis_url, media_root=spec.media_root,
-        decoder_addrs=addresses("decoder"), encoder_addrs=addresses("encoder"), llm_addrs=addresses("llm"),
+        decoder_addrs=addresses("decoder"), **stages,
         http_port=spec.http_port, api_tokens_file=spec.api_tokens_file,
         # Every stage starts with the router: it should see each one serving within a moment, not the default
         # reconnect backoff (up to 2 s) later (see rpc.STARTUP_RECONNECT_OPTIONS).
         replica_reconnect_max_ms=STARTUP_RECONNECT_MS, **common(), **router_tls)
     services.append(("router", router.with_flags(list(spec.router_args))))
-    return Plan(services, redis_argv, client_tls, f"{host}:{spec.port}")
+    return Plan(services, redis_argv, client_tls, f"{host}:{spec.port}", is_unified=spec.unified)
+
+
+def unified_child(encoder, llm, client_tls) -> Child:
+    """One `python -m stack.unified` process serving the encoder's and the llm's configs over one device."""
+    argv = [sys.executable, "-m", "stack.unified", "--encoder-args", shlex.join(encoder.to_argv()),
+            "--llm-args", shlex.join(llm.to_argv())]
+    return Child("unified", argv, f"{llm.host}:{llm.port}", llm.metrics_port, client_tls=client_tls)
 
 
 def redis_server_argv(binary: str, host: str, port: int, *, maxmemory: str, workdir: str,

@@ -17,14 +17,15 @@ from services.encoder.config import EncoderConfig
 from services.encoder.server import EncoderServicer
 
 
-async def build_encoder(config: EncoderConfig) -> Role:
-    """Loads the vision tower only and builds the encoder's server (not yet serving)."""
+async def build_encoder(config: EncoderConfig, arbiter=None) -> Role:
+    """Loads the vision tower only and builds the encoder's server (not yet serving); on a unified replica its
+    batches take turns with the llm's steps through arbiter."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = loading.resolve_device(config.device)
     family = family_of(config.model)
     tower = family.load_vision_tower(config.model, loading.resolve_dtype(config.dtype, config.model, device), device)
-    batcher = Batcher(tower, family.encode, config.max_batch_patches, config.max_queue)
+    batcher = Batcher(tower, family.encode, config.max_batch_patches, config.max_queue, arbiter, config.num_threads)
     batcher.start()
     service = rpc.Service(config, [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name])
     cache = EmbeddingCache.from_options(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import time
@@ -29,11 +30,26 @@ class _Job:
     done: asyncio.Future
 
 
+@dataclasses.dataclass
+class _WholeDevice:
+    """The turn of an encoder that has its device to itself."""
+
+    max_patches: int
+    num_threads: int = 0
+    num_patches: int = 0
+
+
 class Batcher:
     """Queues (pixel_values, item) jobs and runs the vision tower on batches in a worker thread."""
 
-    def __init__(self, tower, encode: Callable[..., list[EncodedItem]], max_batch_patches: int, max_queue: int):
+    def __init__(self, tower, encode: Callable[..., list[EncodedItem]], max_batch_patches: int, max_queue: int,
+                 arbiter=None, num_threads: int = 0):
         self.tower = tower
+        # A unified replica's DeviceArbiter (services/unified): each batch waits for a turn between llm steps.
+        self.arbiter = arbiter
+        # Torch's intra-op (OpenMP) team belongs to the calling thread: the tower's thread sets its own size, so
+        # an llm in the same process (which sets its own) neither shrinks nor grows it.
+        self.num_threads = num_threads
         self.encode_items = encode  # the family's encode(tower, pixels, items)
         self.max_batch_patches = max_batch_patches
         self.max_queue = max_queue
@@ -68,36 +84,58 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             await self._has_jobs.wait()
-            batch = [self.jobs.popleft()]
-            patches = batch[0].pixel_values.shape[0]
-            while self.jobs and patches + self.jobs[0].pixel_values.shape[0] <= self.max_batch_patches:
-                patches += self.jobs[0].pixel_values.shape[0]
-                batch.append(self.jobs.popleft())
+            while self.jobs and self.jobs[0].done.cancelled():
+                self.jobs.popleft()
             if not self.jobs:
                 self._has_jobs.clear()
-            metrics.QUEUED.set(len(self.jobs))
-            batch = [job for job in batch if not job.done.cancelled()]
-            if not batch:
+                metrics.QUEUED.set(0)
                 continue
-            metrics.BATCH_SIZE.observe(len(batch))
-            metrics.PATCHES.inc(sum(job.pixel_values.shape[0] for job in batch))
-            started = time.perf_counter()
-            try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, batch)
-            except Exception as err:  # a failed batch fails its requests, never the service
-                log.exception("vision tower failed on a batch of %d", len(batch))
-                outputs = [err] * len(batch)
-            metrics.STEP_SECONDS.observe(time.perf_counter() - started)
-            for job, out in zip(batch, outputs):
-                if job.done.done():
-                    continue
-                if isinstance(out, Exception):
-                    job.done.set_exception(RuntimeError("encoder: vision tower failed"))
-                else:
-                    job.done.set_result(out)
+            async with self._turn(self.jobs[0].pixel_values.shape[0]) as turn:
+                batch = self._take(min(self.max_batch_patches, turn.max_patches))
+                if batch:
+                    await self._run_batch(batch, turn.num_threads or self.num_threads)
+                    turn.num_patches = sum(job.pixel_values.shape[0] for job in batch)
+
+    def _turn(self, first_patches: int):
+        """The device for one batch: the arbiter's grant on a unified replica, else all of it at once."""
+        if self.arbiter is not None:
+            return self.arbiter.slice(first_patches)
+        return contextlib.nullcontext(_WholeDevice(self.max_batch_patches))
+
+    def _take(self, max_patches: int) -> list[_Job]:
+        """The queued jobs that fit max_patches (the first always goes), cancelled ones dropped."""
+        batch = [self.jobs.popleft()]
+        patches = batch[0].pixel_values.shape[0]
+        while self.jobs and patches + self.jobs[0].pixel_values.shape[0] <= max_patches:
+            patches += self.jobs[0].pixel_values.shape[0]
+            batch.append(self.jobs.popleft())
+        if not self.jobs:
+            self._has_jobs.clear()
+        metrics.QUEUED.set(len(self.jobs))
+        return [job for job in batch if not job.done.cancelled()]
+
+    async def _run_batch(self, batch: list[_Job], num_threads: int) -> None:
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.PATCHES.inc(sum(job.pixel_values.shape[0] for job in batch))
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, batch, num_threads)
+        except Exception as err:  # a failed batch fails its requests, never the service
+            log.exception("vision tower failed on a batch of %d", len(batch))
+            outputs = [err] * len(batch)
+        metrics.STEP_SECONDS.observe(time.perf_counter() - started)
+        for job, out in zip(batch, outputs):
+            if job.done.done():
+                continue
+            if isinstance(out, Exception):
+                job.done.set_exception(RuntimeError("encoder: vision tower failed"))
+            else:
+                job.done.set_result(out)
 
     @torch.inference_mode()
-    def _encode(self, batch: list[_Job]) -> list[EncodedItem]:
+    def _encode(self, batch: list[_Job], num_threads: int) -> list[EncodedItem]:
+        if num_threads and torch.get_num_threads() != num_threads:
+            torch.set_num_threads(num_threads)
         pixel_values = torch.cat([job.pixel_values for job in batch])
         # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
         encoded = self.encode_items(self.tower, pixel_values, [job.item for job in batch])

@@ -13,9 +13,10 @@ from services.llm.engine import Engine
 from services.llm.server import LlmServicer
 
 
-async def build_llm(config: LlmConfig) -> Role:
-    """Loads the language model, starts its engine thread and builds the llm's server (not yet serving)."""
-    engine = Engine(config)
+async def build_llm(config: LlmConfig, arbiter=None) -> Role:
+    """Loads the language model, starts its engine thread and builds the llm's server (not yet serving); on a
+    unified replica its steps take turns with the encoder's through arbiter."""
+    engine = Engine(config, arbiter)
     engine.start()
     service = rpc.Service(config, [llm_pb2.DESCRIPTOR.services_by_name["Llm"].full_name])
     cache = EmbeddingCache.from_options(config)

@@ -76,8 +76,9 @@ class _Request:
 class Engine:
     """Continuous batching over a paged KV cache; one model step at a time in a worker thread."""
 
-    def __init__(self, config: LlmConfig):
+    def __init__(self, config: LlmConfig, arbiter=None):
         self.config = config
+        self.arbiter = arbiter  # a unified replica's DeviceArbiter (services/unified): each step takes a turn
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = loading.resolve_device(config.device)
@@ -176,11 +177,16 @@ class Engine:
                     if request is not None:
                         self.scheduler.finish(request.seq, "abort")
                 self._aborted.clear()
+            if self.arbiter is not None:
+                self.arbiter.acquire_step(self.scheduler)
             try:
                 self._step()
             except Exception:  # a model error must not kill the loop silently
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all()
+            finally:
+                if self.arbiter is not None:
+                    self.arbiter.release_step(self.scheduler)
 
     @torch.inference_mode()
     def _step(self) -> None:

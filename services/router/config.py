@@ -22,6 +22,13 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     flex_addrs: str = option("", "flex replicas (python -m stack.flex: vision tower and language model in one "
                                  "process) as encoder_address/llm_address, comma-separated; each serves in one "
                                  "pool at a time and is moved to the stage that backs up")
+    unified_addrs: str = option("", "unified replicas (python -m stack.unified: vision tower and language model "
+                                    "sharing one device at once) as encoder_address/llm_address, comma-separated; "
+                                    "each serves in both pools, every prediction for one role including the "
+                                    "other's load")
+    unified_decode_slowdown: float = option(1.2, "the unified replicas' --max-decode-slowdown: while their llm "
+                                                 "decodes, their encoder gets 1 - 1/this of the device, and their "
+                                                 "decode steps take up to this times longer while it encodes")
     role_switch_ratio: float = option(3.0, "move a flex replica when one stage's backlog per replica exceeds "
                                            "this times the other's")
     role_switch_min_backlog_ms: float = option(200.0, "and that backlog per replica is at least this")
@@ -120,13 +127,16 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
         if not 0 < self.admission_target < 1:
             raise ValueError("admission_target: must be between 0 and 1")
         self.flex_pairs()  # raises ValueError naming a malformed entry
+        self.unified_pairs()
+        if self.unified_decode_slowdown <= 1.0:
+            raise ValueError("unified_decode_slowdown: must exceed 1")
         if self.role_switch_ratio <= 1.0 or min(self.role_switch_min_backlog_ms, self.role_switch_sustain_s,
                                                 self.role_switch_dwell_s) < 0:
             raise ValueError("role_switch_ratio: must exceed 1; role_switch_min_backlog_ms, role_switch_sustain_s, "
                              "role_switch_dwell_s: not negative")
         if not self.registry_url:
             for name in ("decoder_addrs", "encoder_addrs", "llm_addrs"):
-                if not getattr(self, name):
+                if not getattr(self, name) and not (name != "decoder_addrs" and self.unified_addrs):
                     raise ValueError(f"{name}: at least one address is required without a registry")
 
     def http_body_limit(self) -> int:
@@ -135,11 +145,18 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
 
     def flex_pairs(self) -> list[tuple[str, str]]:
         """The flex replicas as (encoder address, llm address) pairs."""
+        return self._pairs("flex_addrs")
+
+    def unified_pairs(self) -> list[tuple[str, str]]:
+        """The unified replicas as (encoder address, llm address) pairs."""
+        return self._pairs("unified_addrs")
+
+    def _pairs(self, name: str) -> list[tuple[str, str]]:
         pairs = []
-        for entry in self.split(self.flex_addrs):
+        for entry in self.split(getattr(self, name)):
             encoder, sep, llm = (part.strip() for part in entry.partition("/"))
             if not sep or not encoder or not llm or "/" in llm:
-                raise ValueError(f"flex_addrs: {entry!r} is not encoder_address/llm_address")
+                raise ValueError(f"{name}: {entry!r} is not encoder_address/llm_address")
             pairs.append((encoder, llm))
         return pairs
 

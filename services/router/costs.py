@@ -206,3 +206,45 @@ class LlmCosts:
     def __init__(self, seeds: CostSeeds):
         self.prefill = prefill_cost(seeds)
         self.step = step_cost(seeds)
+
+
+class SharedCost:
+    """One role's cost model on a unified replica: the inner model learns the role's cost with the device to
+    itself (each observation divided by the other role's load factor then), predictions are multiplied by it now."""
+
+    def __init__(self, inner, factor):
+        self.inner = inner
+        self.factor = factor  # () -> float, from the other role's replica as the router sees it now
+
+    def predict(self, *features: float) -> float:
+        return self.inner.predict(*features) * self.factor()
+
+    def observe(self, *features_then_ms: float) -> None:
+        *features, ms = features_then_ms
+        self.inner.observe(*features, ms / self.factor())
+
+
+class SharedDevice:
+    """How the two roles of a unified replica load each other (the replica's arbiter, services/unified, as priced
+    here): decode steps first, within max_decode_slowdown of their time alone; the encoder in what is left."""
+
+    def __init__(self, max_decode_slowdown: float):
+        self.slowdown = max_decode_slowdown
+
+    def encode_factor(self, llm) -> float:
+        """While the llm there has streams in flight the encoder gets 1 - 1/slowdown of the device."""
+        return self.slowdown / (self.slowdown - 1.0) if llm.num_in_flight else 1.0
+
+    def step_factor(self, encoder) -> float:
+        """While the encoder there has calls in flight each decode step may take up to slowdown times longer."""
+        return self.slowdown if encoder.num_in_flight else 1.0
+
+    def prefill_factor(self, encoder) -> float:
+        """Prefill chunks and encoder slices take turns: about twice as long while both have work."""
+        return 2.0 if encoder.num_in_flight else 1.0
+
+    def share(self, encoder, llm) -> None:
+        """Makes the cost models of a unified replica's two roles (the pools' Replica objects) price each other."""
+        encoder.costs = SharedCost(encoder.costs, lambda: self.encode_factor(llm))
+        llm.costs.prefill = SharedCost(llm.costs.prefill, lambda: self.prefill_factor(encoder))
+        llm.costs.step = SharedCost(llm.costs.step, lambda: self.step_factor(encoder))

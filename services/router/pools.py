@@ -11,7 +11,7 @@ from mmserve.registry import RegistryReader, redis_password
 from mmserve.v1 import decoder_pb2_grpc, encoder_pb2_grpc, llm_pb2_grpc
 from services.router import metrics
 from services.router.config import RouterConfig
-from services.router.costs import CostSeeds, DecodeCost, LlmCosts, encode_cost
+from services.router.costs import CostSeeds, DecodeCost, LlmCosts, SharedDevice, encode_cost
 from services.router.replicas import ReplicaPool, keepalive_options
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ def build_pools(config: RouterConfig, seeds: CostSeeds | None = None) -> Pools:
     for pool, addresses in zip(pools, (config.decoder_addrs, config.encoder_addrs, config.llm_addrs)):
         for address in RouterConfig.split(addresses):
             pool.add(address)
+    device = SharedDevice(config.unified_decode_slowdown)
+    for encoder, llm in config.unified_pairs():  # in both pools at once, each role priced with the other's load
+        pools.encoders.add(encoder)
+        pools.llms.add(llm)
+        device.share(pools.encoders.replicas[encoder], pools.llms.replicas[llm])
     return pools
 
 
@@ -53,7 +58,7 @@ async def follow_registry(config: RouterConfig, pools: Pools) -> None:
     reader = RegistryReader(config.registry_url, redis_password(config))
     static = {pool.stage: RouterConfig.split(a)
               for pool, a in zip(pools, (config.decoder_addrs, config.encoder_addrs, config.llm_addrs))}
-    for encoder, llm in config.flex_pairs():  # flex replicas stay in both pools (enabled in one)
+    for encoder, llm in config.flex_pairs() + config.unified_pairs():  # flex and unified replicas: in both pools
         static["encoder"].append(encoder)
         static["llm"].append(llm)
     try:

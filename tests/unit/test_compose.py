@@ -260,3 +260,17 @@ def test_plan_gives_each_stage_its_config_and_the_router_its_further_flags():
     children = planned.children()
     assert [c.name for c in children] == ["decoder", "encoder-0", "encoder-1", "llm", "router"]
     assert RouterConfig.parse(children[-1].argv[3:]) == router  # the process gets exactly the planned config
+
+
+def test_up_unified_runs_the_encoder_and_the_llm_as_one_unified_replica():
+    planned = plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0", unified=True))
+    configs = dict(planned.services)
+    router = configs["router"]
+    encoder, llm = configs["encoder"], configs["llm"]
+    assert router.unified_pairs() == [(f"{encoder.host}:{encoder.port}", f"{llm.host}:{llm.port}")]
+    assert not router.encoder_addrs and not router.llm_addrs
+    children = planned.children()
+    assert [c.name for c in children] == ["decoder", "unified", "router"]
+    from stack.unified import parse
+
+    assert parse(children[1].argv[3:])[:2] == (encoder, llm)  # one process, exactly the planned configs

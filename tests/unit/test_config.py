@@ -24,7 +24,7 @@ CONFIGS = list(REQUIRED)
 STRINGS = {"dtype": "bfloat16", "log_level": "DEBUG", "host": "0.0.0.0", "redis_url": "redis://10.0.0.1:6380/2",
            "media_root": "/srv/media files", "policy": "fcfs", "registry_url": "redis://10.0.0.2:6379/1",
            "advertise_address": "decoder-3.internal:50061", "device": "cpu",
-           "flex_addrs": "127.0.0.1:5101/127.0.0.1:5102"}
+           "flex_addrs": "127.0.0.1:5101/127.0.0.1:5102", "unified_addrs": "127.0.0.1:5201/127.0.0.1:5202"}
 BOUNDED = {"admission_target": 0.8}  # numbers whose default + 0.1 is out of range
 
 

@@ -1,0 +1,62 @@
+"""`python -m stack.unified`: a unified replica, the vision tower and the language model sharing one device at once.
+
+It serves the Encoder and the Llm services on two ports, each with its own scheduler and batcher (the encoder's
+dynamic batching, the llm's continuous batching), and a DeviceArbiter between them (services/unified/arbiter.py):
+the llm's decode steps come first, the encoder runs bounded slices between two steps. The router
+(`--unified-addrs`) keeps it in both stage pools at once and prices each role with the other's load.
+
+    python -m stack.unified --encoder-args "--model M --port 5101" --llm-args "--model M --port 5102"
+
+On CPU the two roles take turns on all the cores (torch's intra-op team belongs to the calling thread, so the
+tower's thread and the engine's thread each run with their own --num-threads); with --overlap-threads N a slice
+runs beside the decode steps on N threads while the steps use the rest, and either role alone gets them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+
+from mmserve import rpc
+from mmserve.config import add_flags
+
+
+def parse(argv: list[str] | None = None):
+    """The encoder's, the llm's and the arbiter's configs."""
+    from services.encoder.config import EncoderConfig
+    from services.llm.config import LlmConfig
+    from services.unified.config import ArbiterConfig
+
+    parser = argparse.ArgumentParser(prog="mmserve-unified", description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder-args", required=True, help="the encoder's flags (python -m services.encoder --help)")
+    parser.add_argument("--llm-args", required=True, help="the llm's flags (python -m services.llm --help)")
+    add_flags(ArbiterConfig, parser)
+    args = parser.parse_args(argv)
+    arbiter = ArbiterConfig(**{name: getattr(args, name) for name in ArbiterConfig.__dataclass_fields__})
+    return (EncoderConfig.parse(shlex.split(args.encoder_args), prog="mmserve-unified --encoder-args"),
+            LlmConfig.parse(shlex.split(args.llm_args), prog="mmserve-unified --llm-args"), arbiter)
+
+
+async def run_unified(encoder_config, llm_config, arbiter_config) -> None:
+    """Serves both roles over one arbiter until SIGTERM or SIGINT."""
+    import torch
+
+    from services.unified.arbiter import DeviceArbiter, SliceBudget
+    from stack.flex import run_flex
+
+    # The llm's threads: its --num-threads, else what torch would give its engine thread (the process default).
+    llm_threads = llm_config.num_threads or torch.get_num_threads()
+    arbiter = DeviceArbiter(SliceBudget(arbiter_config), overlap_threads=arbiter_config.overlap_threads,
+                            llm_threads=llm_threads, set_llm_threads=torch.set_num_threads)
+    await run_flex(encoder_config, llm_config, arbiter)
+
+
+def main(argv: list[str] | None = None) -> None:
+    encoder_config, llm_config, arbiter_config = parse(argv)
+    rpc.setup_logging(llm_config.log_level)
+    asyncio.run(run_unified(encoder_config, llm_config, arbiter_config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""A unified replica (encoder and llm over one device arbiter) answers exactly as separate processes do."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shlex
+import sys
+
+import pytest
+
+from mmserve.media.samples import make_image, make_video
+from services.decoder.config import DecoderConfig
+from services.encoder.config import EncoderConfig
+from services.llm.config import LlmConfig
+from services.router.config import RouterConfig
+from stack.launcher import Child, free_port
+from tests.integration.helpers import collect, image, metric, request, router_stub, running, text, video
+from tests.integration.reference import Reference
+from tests.integration.test_parity import CASES, NUM_TOKENS
+
+pytestmark = pytest.mark.slow
+
+
+# Taking turns on the device, and (two threads each) a slice on one thread beside decode steps on the other.
+ARBITERS = {"turns": [], "overlap": ["--overlap-threads", "1"]}
+
+
+@pytest.fixture(scope="module", params=list(ARBITERS))
+def unified(request, tiny_model, redis_server):
+    """A decoder, one unified replica and a router that knows no other encoder or llm; yields (router, metrics port)."""
+    model, common = str(tiny_model), dict(log_level="WARNING", num_threads=2)
+    ports = {name: free_port() for name in ("decoder", "encoder", "llm", "router", "metrics")}
+    encoder = EncoderConfig(port=ports["encoder"], model=model, redis_url=redis_server.url,
+                            metrics_port=ports["metrics"], **common)
+    llm = LlmConfig(port=ports["llm"], model=model, **common)
+    common = dict(log_level="WARNING")
+    router = RouterConfig(port=ports["router"], model=model, redis_url=redis_server.url,
+                          decoder_addrs=f"127.0.0.1:{ports['decoder']}",
+                          unified_addrs=f"127.0.0.1:{ports['encoder']}/127.0.0.1:{ports['llm']}",
+                          # Targets no burst on 2 busy cores can miss: this is about answers, not admission.
+                          slo_ttft_ms_video=600_000, slo_ttft_ms_image=600_000, slo_ttft_ms_text=600_000,
+                          slo_tpot_ms=600_000, **common)
+    children = [
+        Child("decoder", [sys.executable, "-m", "services.decoder",
+                          *DecoderConfig(port=ports["decoder"], **common).to_argv()], f"127.0.0.1:{ports['decoder']}"),
+        Child("unified", [sys.executable, "-m", "stack.unified", *ARBITERS[request.param],
+                          "--encoder-args", shlex.join(encoder.to_argv()),
+                          "--llm-args", shlex.join(llm.to_argv())], f"127.0.0.1:{ports['llm']}"),
+        Child("router", [sys.executable, "-m", "services.router", *router.to_argv()], f"127.0.0.1:{ports['router']}"),
+    ]
+    with running(children), router_stub(f"127.0.0.1:{ports['router']}") as stub:
+        yield stub, ports["metrics"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return Reference(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def clip() -> bytes:
+    return make_video(seconds=2.0, fps=30, width=112, height=84, seed=1)
+
+
+@pytest.mark.parametrize("case", ["text", "image", "video"])
+def test_unified_matches_the_separate_stages(unified, reference, clip, case):
+    # test_parity proves separate encoder and llm processes give transformers' tokens: so must a unified replica.
+    req = CASES[case](clip)
+    result = collect(unified[0], req)
+    assert result.token_ids == reference.generate(req, NUM_TOKENS)
+    assert result.final.completion_tokens == NUM_TOKENS
+
+
+def test_eight_in_flight_on_one_device_each_match(unified, reference, clip):
+    router, metrics_port = unified
+    requests = [request(text(f"Question number {i}: what is {i} plus {i}?"), num_tokens=NUM_TOKENS)
+                for i in range(4)]
+    requests += [request(image(make_image(width=56 + 28 * i, height=84, seed=10 + i)), text(f"Picture {i}?"),
+                         num_tokens=NUM_TOKENS) for i in range(2)]
+    requests += [request(video(clip), text(f"Scene {i}: what moves?"), num_tokens=NUM_TOKENS) for i in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(lambda r: collect(router, r), requests))
+    for req, result in zip(requests, results):
+        assert result.token_ids == reference.generate(req, NUM_TOKENS)
+    # Both roles took turns on the device, through the arbiter.
+    for role in ("encoder", "llm"):
+        assert metric(metrics_port, "mmserve_unified_device_seconds_total", role=role) > 0
