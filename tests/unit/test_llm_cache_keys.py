@@ -80,7 +80,7 @@ class FakeEngine:
 
 async def test_stopping_the_llm_stops_its_engine_and_closes_its_cache_client(monkeypatch):
     engine = FakeEngine()
-    monkeypatch.setattr(llm_main, "Engine", lambda config: engine)
+    monkeypatch.setattr(llm_main, "Engine", lambda config, arbiter=None: engine)
     closed: list[EmbeddingCache] = []
     real_close = EmbeddingCache.close
 
