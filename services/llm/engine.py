@@ -8,13 +8,14 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from mmserve.models import loading
-from mmserve.models.family import family_of
+from mmserve.models.family import EncodedItem, family_of
 from services.llm import metrics
 from services.llm.block_manager import BlockManager
 from services.llm.cuda_graphs import default_block_size
@@ -48,9 +49,16 @@ class Finished:
 
 
 def media_digest(item: MediaInput) -> str:
-    """What makes two media items' KV equal: their embeddings, DeepStack features and how the rotary places them."""
-    h = hashlib.sha256(f"{item.kind}:{tuple(item.grid_thw)}:{item.second_per_grid_t!r}:{item.timestamps!r}:"
-                       f"{item.embeddings.dtype}:{len(item.deepstack)}".encode())
+    """What makes two media items' KV equal: their embeddings, DeepStack features and how the rotary places them.
+
+    A streamed item's embeddings are not all there when prefill starts: the router's media key (the bytes'
+    digest, preprocessing and encoder) names them instead; an item without one never matches another.
+    """
+    h = hashlib.sha256(f"{item.kind}:{tuple(item.grid_thw)}:{item.second_per_grid_t!r}:{item.timestamps!r}:".encode())
+    if item.embeddings is None:
+        h.update(f"streamed:{item.digest or uuid.uuid4().hex}".encode())
+        return h.hexdigest()
+    h.update(f"{item.embeddings.dtype}:{len(item.deepstack)}".encode())
     for tensor in (item.embeddings, *item.deepstack):
         h.update(tensor.contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
@@ -71,6 +79,8 @@ class _Request:
     first_token: float = 0.0
     batch_sum: int = 0  # sequences in each step that made one of its tokens after the first, summed
     decode_steps: int = 0
+    media_wait_since: float = 0.0  # when its prefill last ran out of arrived media chunks (0: it has not)
+    media_wait_s: float = 0.0  # time its prefill spent waiting for media chunks
 
 
 class Engine:
@@ -104,6 +114,10 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._incoming: list[_Request] = []
         self._aborted: list[str] = []
+        self._arrived: list[tuple[Sequence, int, EncodedItem]] = []  # streamed media chunks to hand over
+        self._failed: list[tuple[Sequence, Exception]] = []
+        self._is_idle = False  # the last step found nothing to run: wait for news, do not spin
+        self.num_idle_steps = 0  # steps that found nothing to run
         self._wake = threading.Condition()
         self._stopped = False
         self._preemptions_seen = 0
@@ -127,10 +141,15 @@ class Engine:
             raise ValueError(f"prompt: {len(ids)} tokens plus max_tokens={options.max_tokens} exceed the "
                              f"context length of {self.max_model_len}")
         spans = [(start, end, media_digest(item)) for (start, end), item in zip(mm.spans, mm.media)]
-        return Sequence(request_id, ids, options, priority=priority, mm=mm, media_spans=spans)
+        seq = Sequence(request_id, ids, options, priority=priority, mm=mm, media_spans=spans)
+        if mm.streamed is not None:
+            seq.is_streamed = True
+            seq.pending_media = {i: mm.streamed.token_span(i) for i in range(mm.streamed.num_chunks)}
+        return seq
 
-    async def generate(self, seq: Sequence) -> AsyncIterator[Delta | Finished]:
-        """Runs a prepared sequence, yielding deltas then one Finished; aborts it if the caller goes away."""
+    def generate(self, seq: Sequence) -> AsyncIterator[Delta | Finished]:
+        """Queues a prepared sequence (raising EngineOverloaded or ValueError at once) and returns its events:
+        deltas then one Finished; iterating them and going away aborts the sequence."""
         if len(self._requests) >= self.config.max_num_seqs + self.config.max_queue:
             raise EngineOverloaded(f"llm: {len(self._requests)} requests in flight, the queue is full")
         if seq.seq_id in self._requests:
@@ -144,6 +163,10 @@ class Engine:
             self._requests[seq.seq_id] = request
             self._incoming.append(request)
             self._wake.notify()
+        return self._events(request)
+
+    async def _events(self, request: _Request) -> AsyncIterator[Delta | Finished]:
+        seq = request.seq
         finished = False
         try:
             while not finished:
@@ -162,25 +185,33 @@ class Engine:
             self._aborted.append(request_id)
             self._wake.notify()
 
+    def put_chunk(self, seq: Sequence, index: int, chunk: EncodedItem) -> None:
+        """Hands over a streamed media chunk (index in prompt order); prefill continues at the next step."""
+        with self._wake:
+            self._arrived.append((seq, index, chunk))
+            self._wake.notify()
+
+    def fail(self, seq: Sequence, error: Exception) -> None:
+        """Ends a sequence with error (its events raise it), freeing its blocks and media at the next step."""
+        with self._wake:
+            self._failed.append((seq, error))
+            self._wake.notify()
+
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopped or self._incoming or self._aborted or self.scheduler.has_work):
+                # A step that found nothing to run (e.g. every sequence waits for media) is not repeated until
+                # something arrives: new requests, chunks, aborts or failures.
+                while not (self._stopped or self._incoming or self._aborted or self._arrived or self._failed
+                           or (self.scheduler.has_work and not self._is_idle)):
                     self._wake.wait()
                 if self._stopped:
                     return
-                for request in self._incoming:
-                    self.scheduler.add(request.seq)
-                self._incoming.clear()
-                for request_id in self._aborted:
-                    request = self._requests.pop(request_id, None)
-                    if request is not None:
-                        self.scheduler.finish(request.seq, "abort")
-                self._aborted.clear()
+                self._take_news()
             if self.arbiter is not None:
                 self.arbiter.acquire_step(self.scheduler)
             try:
-                self._step()
+                self._is_idle = not self._step()
             except Exception:  # a model error must not kill the loop silently
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all()
@@ -188,12 +219,54 @@ class Engine:
                 if self.arbiter is not None:
                     self.arbiter.release_step(self.scheduler)
 
+    def _take_news(self) -> None:
+        """Applies what the event loops handed over since the last step (called holding the lock)."""
+        self._is_idle = False
+        for request in self._incoming:
+            self.scheduler.add(request.seq)
+        self._incoming.clear()
+        for request_id in self._aborted:
+            request = self._requests.pop(request_id, None)
+            if request is not None:
+                self._end(request.seq, "abort")
+        self._aborted.clear()
+        now = time.monotonic()
+        for seq, index, chunk in self._arrived:
+            metrics.MEDIA_CHUNKS.inc()
+            if seq.is_finished or index not in seq.pending_media:
+                continue  # ended meanwhile: the chunk is dropped here
+            seq.mm.streamed.put(index, chunk, seq.num_computed_tokens)
+            del seq.pending_media[index]
+            request = self._requests.get(seq.seq_id)
+            if request is not None and request.seq is seq and request.media_wait_since:
+                request.media_wait_s += now - request.media_wait_since
+                request.media_wait_since = 0.0
+            if request is not None and not seq.pending_media:
+                metrics.MEDIA_WAIT_SECONDS.observe(request.media_wait_s)
+        self._arrived.clear()
+        failed = [(self._requests.pop(seq.seq_id), error) for seq, error in self._failed
+                  if self._requests.get(seq.seq_id) is not None and self._requests[seq.seq_id].seq is seq]
+        self._failed.clear()
+        for request, _ in failed:
+            self._end(request.seq, "error")
+        self._send(failed)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """Finishes seq, freeing its blocks and any streamed media chunks it still holds at once."""
+        self.scheduler.finish(seq, reason)
+        if seq.mm.streamed is not None:
+            seq.mm.streamed.clear()
+        seq.pending_media.clear()
+
     @torch.inference_mode()
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One schedule → run → sample → postprocess; False when nothing could run."""
         chunks = self.scheduler.schedule()
+        self._drop_preempted()
         if not chunks:
+            self.num_idle_steps += 1
             self._report_occupancy()  # e.g. the last request was aborted: the gauges must fall to zero
-            return
+            return False
         start = now = time.monotonic()
         for chunk in chunks:
             request = self._requests[chunk.seq.seq_id]
@@ -212,6 +285,7 @@ class Engine:
         tokens = sample_rows(logits, [seq.sampling for seq in seqs],
                              [self._requests[seq.seq_id].generator for seq in seqs])
         self.scheduler.postprocess(chunks, dict(zip(seqs, tokens)))
+        self._consume_media(chunks)
         logprobs = {}
         if wanted:
             logprobs = dict(zip(wanted, token_logprobs(log_probs, [tokens[row] for row in wanted],
@@ -219,6 +293,28 @@ class Engine:
         now = time.monotonic()
         self._emit([self._requests[seq.seq_id] for seq in seqs], tokens, logprobs, now, len(chunks))
         self._observe(chunks, len(seqs), now - start)
+        return True
+
+    def _consume_media(self, chunks) -> None:
+        """Frees the streamed chunks prefill has read; notes when a sequence ran out of arrived chunks."""
+        now = time.monotonic()
+        for chunk in chunks:
+            seq = chunk.seq
+            if seq.mm.streamed is None or seq.num_computed_tokens > seq.num_prompt_tokens:
+                continue
+            seq.mm.streamed.free_consumed(seq.num_computed_tokens)
+            request = self._requests.get(seq.seq_id)
+            if request is not None and seq.is_waiting_for_media:
+                request.media_wait_since = now
+
+    def _drop_preempted(self) -> None:
+        """Fails the streamed sequences the scheduler had to preempt: their consumed media are gone."""
+        dropped = [self._requests.pop(seq.seq_id) for seq in self.scheduler.dropped]
+        self.scheduler.dropped.clear()
+        for request in dropped:
+            self._end(request.seq, "preempted")
+        self._send([(r, EngineOverloaded("llm: KV cache full, and a streamed prompt cannot be recomputed"))
+                    for r in dropped])
 
     def _observe(self, chunks, num_generated: int, seconds: float) -> None:
         metrics.STEP_SECONDS.observe(seconds)
@@ -232,6 +328,7 @@ class Engine:
         metrics.RUNNING.set(len(self.scheduler.running))
         metrics.WAITING.set(len(self.scheduler.waiting))
         metrics.KV_BLOCKS_USED.set(self.block_manager.num_blocks - self.block_manager.num_free_blocks)
+        metrics.MEDIA_WAITING.set(sum(seq.is_waiting_for_media for seq in self.scheduler.running))
 
     def _emit(self, requests: list[_Request], tokens: list[int], logprobs: dict[int, TokenLogprobs], now: float,
               batch: int) -> None:
@@ -263,7 +360,7 @@ class Engine:
     def _finish(self, request: _Request, reason: str) -> Finished:
         seq = request.seq
         metrics.FINISHED.labels(reason).inc()
-        self.scheduler.finish(seq, reason)
+        self._end(seq, reason)
         self._requests.pop(seq.seq_id, None)
         start = seq.arrival_time
         return Finished(reason, seq.num_prompt_tokens, seq.num_output_tokens,
@@ -283,7 +380,7 @@ class Engine:
 
     def _fail_all(self) -> None:
         for request in self._requests.values():
-            self.scheduler.finish(request.seq, "error")
+            self._end(request.seq, "error")
         self._send([(request, RuntimeError("llm: model step failed")) for request in self._requests.values()])
         self._requests.clear()
 

@@ -16,3 +16,8 @@ CACHED_PROMPT_TOKENS = Counter("mmserve_llm_prefix_cache_hit_tokens_total", "Pro
 GENERATED_TOKENS = Counter("mmserve_llm_generated_tokens_total", "Tokens generated")
 PREEMPTIONS = Counter("mmserve_llm_preemptions_total", "Sequences preempted for lack of KV blocks")
 FINISHED = Counter("mmserve_llm_requests_finished_total", "Requests ended, by reason", ["reason"])
+MEDIA_CHUNKS = Counter("mmserve_llm_media_chunks_received_total", "Streamed media chunks received")
+MEDIA_WAIT_SECONDS = Histogram("mmserve_llm_media_wait_seconds",
+                               "Time a streamed prompt's prefill waited for its media chunks, per request",
+                               buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+MEDIA_WAITING = Gauge("mmserve_llm_media_waiting_sequences", "Sequences holding KV blocks while waiting for a chunk")

@@ -7,18 +7,22 @@ import dataclasses
 import torch
 
 from mmserve.models.family import Family, MediaItem
+from services.llm.streamed import ChunkedMedia
 
 
 @dataclasses.dataclass(frozen=True)
 class MediaInput:
-    """One image or video's vision embeddings as the encoder produced them (unpacked)."""
+    """One image or video's vision embeddings as the encoder produced them (unpacked), or only planned: without
+    embeddings, which then arrive later in the chunks of chunk_rows (GenerateStreamed)."""
 
     kind: str  # "image" or "video"
-    embeddings: torch.Tensor  # [num_tokens, hidden]
+    embeddings: torch.Tensor | None  # [num_tokens, hidden]; None: planned, streamed in chunks
     grid_thw: tuple[int, int, int]  # the family's grid: Qwen (t, h, w); InternVL (tiles, columns, rows)
     second_per_grid_t: float = 0.0
     timestamps: tuple[float, ...] = ()  # video: seconds of each temporal group (Qwen3-VL writes them in the prompt)
     deepstack: tuple[torch.Tensor, ...] = ()  # [num_tokens, hidden] per DeepStack layer (Qwen3-VL)
+    chunk_rows: tuple[int, ...] = ()  # planned: embedding rows of each chunk, in order (empty: one chunk)
+    digest: str = ""  # planned: the item's identity for the prefix cache (the router's media key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,13 @@ class MultimodalPrompt:
     media: list[MediaInput] = dataclasses.field(default_factory=list)  # in prompt order
     # One [num_media_tokens, hidden] per DeepStack layer, rows aligned with embeddings: added after that layer.
     deepstack: tuple[torch.Tensor, ...] = ()
+    streamed: ChunkedMedia | None = None  # planned media: the rows arrive in chunks (embeddings is None)
+
+    def media_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The embeddings and DeepStack rows of media rows (indices into the prompt's media rows)."""
+        if self.streamed is not None:
+            return self.streamed.gather(rows)
+        return self.embeddings[rows], [layer[rows] for layer in self.deepstack]
 
 
 class PromptError(ValueError):
@@ -57,6 +68,7 @@ class PromptBuilder:
         # Every item must bring the features of each layer the text model adds them after (Qwen3-VL's DeepStack).
         vision = getattr(config, "vision_config", None)
         self.num_deepstack_layers = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+        self.hidden_size = (getattr(config, "text_config", None) or config).hidden_size  # a packed chunk's column block
 
     def build(self, messages: list[ChatMessage]) -> tuple[list[int], MultimodalPrompt]:
         """Token ids of the prompt (ending with the assistant turn's header) and its multimodal data."""
@@ -79,14 +91,22 @@ class PromptBuilder:
         return self._expand(ids, media, items)
 
     def _check(self, media: list[MediaInput], items: list[MediaItem]) -> None:
+        if len({m.embeddings is None for m in media}) > 1:
+            raise PromptError("media: either every item brings its embeddings or every item is streamed")
         for m, item in zip(media, items):
+            if m.timestamps and len(m.timestamps) != m.grid_thw[0]:
+                raise PromptError(f"{m.kind}: {len(m.timestamps)} timestamps for {m.grid_thw[0]} temporal groups")
+            if m.embeddings is None:
+                rows = m.chunk_rows or (self.family.num_tokens(item),)
+                if min(rows) < 1 or sum(rows) != self.family.num_tokens(item):
+                    raise PromptError(f"{m.kind}.chunk_rows: {list(rows)} do not add up to the "
+                                      f"{self.family.num_tokens(item)} rows of grid {m.grid_thw}")
+                continue
             if m.embeddings.shape[0] != self.family.num_tokens(item):
                 raise PromptError(f"{m.kind}: {m.embeddings.shape[0]} embeddings do not match grid {m.grid_thw}")
             if len(m.deepstack) != self.num_deepstack_layers:
                 raise PromptError(f"{m.kind}: embeddings carry {len(m.deepstack)} DeepStack layers, the model "
                                   f"takes {self.num_deepstack_layers}")
-            if m.timestamps and len(m.timestamps) != m.grid_thw[0]:
-                raise PromptError(f"{m.kind}: {len(m.timestamps)} timestamps for {m.grid_thw[0]} temporal groups")
 
     def _expand(self, ids: list[int], media: list[MediaInput],
                 items: list[MediaItem]) -> tuple[list[int], MultimodalPrompt]:
@@ -103,10 +123,15 @@ class PromptBuilder:
         rows = torch.full((len(out),), -1, dtype=torch.long)
         rows[where] = torch.arange(len(where))
         spans, first = [], 0
-        for m in media:
-            last = first + m.embeddings.shape[0]
+        for item in items:
+            last = first + self.family.num_tokens(item)
             spans.append((where[first], where[last - 1] + 1))
             first = last
+        if media[0].embeddings is None:
+            width = self.hidden_size * (1 + self.num_deepstack_layers)
+            streamed = ChunkedMedia([m.chunk_rows or (self.family.num_tokens(i),) for m, i in zip(media, items)],
+                                    where, width)
+            return out, MultimodalPrompt(None, rows, positions, delta, spans, media, streamed=streamed)
         embeddings = torch.cat([m.embeddings for m in media])
         deepstack = tuple(torch.cat(layer) for layer in zip(*(m.deepstack for m in media)))
         return out, MultimodalPrompt(embeddings, rows, positions, delta, spans, media, deepstack)

@@ -192,14 +192,15 @@ class ModelRunner:
             seq, n = chunk.seq, chunk.num_new_tokens
             mm: MultimodalPrompt = seq.mm
             start = seq.num_computed_tokens
-            if mm.embeddings is not None and start < seq.num_prompt_tokens:
+            if mm.rows is not None and start < seq.num_prompt_tokens:
                 rows = mm.rows[start:min(start + n, seq.num_prompt_tokens)]
                 where = (rows >= 0).nonzero().squeeze(1)
-                media_rows = rows[where]
-                hidden[offset + where.to(self.device)] = mm.embeddings[media_rows].to(self.device, hidden.dtype)
-                if mm.deepstack and len(where):
-                    where_parts.append(offset + where)
-                    deepstack_parts.append([layer[media_rows] for layer in mm.deepstack])
+                if len(where):
+                    embeddings, deepstack = mm.media_rows(rows[where])
+                    hidden[offset + where.to(self.device)] = embeddings.to(self.device, hidden.dtype)
+                    if deepstack:
+                        where_parts.append(offset + where)
+                        deepstack_parts.append(deepstack)
             offset += n
         if not where_parts:
             return hidden, None

@@ -26,7 +26,9 @@ class Scheduler:
     """Running sequences first (decodes before prefill chunks), then admits waiting ones.
 
     Long prompts are chunked by the budget, so decodes never stall behind them; when KV blocks
-    run out the lowest-priority running sequence is preempted (freed, recomputed later).
+    run out the lowest-priority running sequence is preempted (freed, recomputed later). A sequence waiting
+    for a media chunk keeps its blocks and is skipped until the chunk arrives; it is preempted last, and since
+    its consumed media are gone it is then dropped (listed in `dropped`) rather than queued for recomputation.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -36,6 +38,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.dropped: list[Sequence] = []  # streamed sequences preempted since the engine last looked
 
     @property
     def has_work(self) -> bool:
@@ -60,7 +63,9 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_schedulable_tokens, budget)
+            if n == 0:
+                continue  # waiting for a media chunk: it keeps its blocks and takes no share of the step
             if not self._make_room(seq, seq.num_computed_tokens + n):
                 continue
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
@@ -76,29 +81,38 @@ class Scheduler:
                 break
             if not seq.block_table:
                 seq.num_cached_tokens = seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+            n = min(seq.num_schedulable_tokens, budget)
+            # A streamed prompt takes the blocks of all of it at once: its later chunks must never wait for
+            # blocks that other streamed prompts hold while they wait for theirs.
+            num_tokens = max(seq.num_computed_tokens + n, seq.num_prompt_tokens if seq.is_streamed else 0)
+            if not self.block_manager.can_allocate(seq, num_tokens):
                 self.block_manager.free(seq)  # holding cached blocks while waiting could starve others
                 seq.num_computed_tokens = 0
                 break
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            self.block_manager.allocate(seq, num_tokens)
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, n))
-            budget -= n
+            if n:  # else its cached prefix reaches a media chunk still missing
+                chunks.append(ScheduledChunk(seq, n))
+                budget -= n
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempts lower-priority sequences until seq fits; False if seq itself had to go."""
         while not self.block_manager.can_allocate(seq, num_tokens):
-            victim = max((s for s in self.running if s.status is SeqStatus.RUNNING), key=Sequence.sort_key)
+            victim = max((s for s in self.running if s.status is SeqStatus.RUNNING),
+                         key=lambda s: (not s.is_streamed, *s.sort_key()))
             self.preempt(victim)
             if victim is seq:
                 return False
         return True
 
     def preempt(self, seq: Sequence) -> None:
-        """Frees seq's KV and puts it back at the head of the queue to be recomputed."""
+        """Frees seq's KV and puts it back at the head of the queue to be recomputed (a streamed one: dropped)."""
+        if seq.is_streamed:
+            self.finish(seq, "preempted")
+            self.dropped.append(seq)
+            return
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1

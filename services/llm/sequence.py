@@ -45,6 +45,11 @@ class Sequence:
     num_preemptions: int = 0
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     arrival_order: int = dataclasses.field(default_factory=lambda: next(_arrival_counter))
+    # Streamed media (GenerateStreamed): the prompt token range [start, end) of each media chunk not yet arrived,
+    # by chunk, in prompt order. Prefill runs up to the first of them; the engine removes a chunk when it arrives.
+    pending_media: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # Its consumed media chunks are freed, so the sequence cannot be recomputed after a preemption.
+    is_streamed: bool = False
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:
@@ -65,6 +70,21 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_schedulable_tokens(self) -> int:
+        """Uncomputed tokens that can be computed now: up to the first prompt token whose media chunk is missing."""
+        end = self.num_tokens
+        for start, stop in self.pending_media.values():
+            if stop > self.num_computed_tokens:
+                end = max(start, self.num_computed_tokens)
+                break
+        return end - self.num_computed_tokens
+
+    @property
+    def is_waiting_for_media(self) -> bool:
+        """Whether the sequence has nothing to compute until a media chunk arrives."""
+        return bool(self.pending_media) and self.num_schedulable_tokens == 0
 
     @property
     def is_finished(self) -> bool:

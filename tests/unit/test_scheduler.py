@@ -175,3 +175,21 @@ def test_a_reused_free_block_is_never_handed_out_twice():
     held = again.block_table + other.block_table
     assert len(held) == len(set(held)), "no block may belong to two sequences"
     assert s.block_manager.num_free_blocks == 6 - len(held)
+
+
+def test_a_sequence_waiting_for_media_keeps_its_blocks_and_takes_no_share_of_a_step():
+    s = make_scheduler(num_blocks=12, block_size=4, budget=16)
+    streamed = make_seq("streamed", 20)
+    streamed.is_streamed, streamed.pending_media = True, {0: (6, 10), 1: (10, 14)}
+    s.add(streamed)
+    assert step(s) == {"streamed": 6}, "the text before the first missing chunk"
+    assert len(streamed.block_table) == 5, "the whole prompt's blocks, taken at admission"
+    other = make_seq("other", 8)
+    s.add(other)
+    assert step(s) == {"other": 8} and step(s) == {"other": 1}, "the waiting one takes no share of a step"
+    del streamed.pending_media[1]  # out of order: still waits for chunk 0
+    assert streamed.num_schedulable_tokens == 0 and streamed.is_waiting_for_media
+    del streamed.pending_media[0]
+    assert step(s) == {"other": 1, "streamed": 14}
+    s.preempt(streamed)  # its prefilled media are gone: dropped, never queued for recomputation
+    assert s.dropped == [streamed] and streamed.is_finished and streamed not in s.waiting
