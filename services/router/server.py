@@ -16,7 +16,7 @@ from services.router import metrics
 from services.router.admission import Controller, Ticket
 from services.router.config import RouterConfig
 from services.router.failover import Failover, ReplicaDown, is_down
-from services.router.media import Embedded, MediaItem, MediaStage, Prepared
+from services.router.media import Embedded, MediaItem, MediaStage, Prepared, all_or_nothing
 from services.router.planning import PromptBudget, PromptSize
 from services.router.replicas import NoReplicaError, PoolFull, Replica, ReplicaPool, is_client_error
 from services.router.validation import RequestLimits, ValidationError, validate_request
@@ -48,16 +48,6 @@ def media_items(request: api_pb2.GenerateRequest) -> list[MediaItem]:
     return [MediaItem(kind, getattr(part, kind), f"messages[{i}].parts[{j}].{kind}")
             for i, m in enumerate(request.messages) for j, part in enumerate(m.parts)
             if (kind := part.WhichOneof("content")) in ("image", "video")]
-
-
-async def _all_or_nothing(coros) -> list:
-    """Runs coroutines together; the first failure cancels the rest and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 class RouterServicer(api_pb2_grpc.RouterServicer):
@@ -106,7 +96,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
     async def _prepare(self, request: api_pb2.GenerateRequest) -> tuple[list[Prepared], PromptSize]:
         """Each media item read, looked up in the cache and planned, and the prompt's exact size: a request that
         cannot fit is refused here, before any decode, encode or admission, and never told to retry."""
-        prepared = await _all_or_nothing(self.media.prepare(i) for i in media_items(request))
+        prepared = await all_or_nothing(self.media.prepare(i) for i in media_items(request))
         size = await asyncio.to_thread(self.budget.check, request, [p.family_item for p in prepared])
         return prepared, size
 
@@ -126,14 +116,14 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                              f"over capacity: {decision.reason}; retry after {decision.retry_after_ms:.0f} ms")
         if decision.frame_scale < 1.0:
             metrics.DEGRADED.labels(ticket.cls).inc()
-            prepared = await _all_or_nothing(self.media.degrade(p, decision.frame_scale) for p in prepared)
+            prepared = await all_or_nothing(self.media.degrade(p, decision.frame_scale) for p in prepared)
         return ticket, prepared
 
     async def _embed(self, request_id: str, prepared: list[Prepared], ticket: Ticket,
                      deadline: float) -> list[Embedded]:
         """Every item's embeddings: cache keys for hits, else decoded and encoded (a dead stage named)."""
         try:
-            embedded = await _all_or_nothing(
+            embedded = await all_or_nothing(
                 self.media.embed(request_id, p, deadline=deadline, latest_start=ticket.latest_start,
                                  attempts=self.config.stage_attempts) for p in prepared)
         except ReplicaDown as down:
