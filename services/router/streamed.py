@@ -26,6 +26,14 @@ class StreamingUnsupported(Exception):
     """The llm replica has no GenerateStreamed (an older version): the request goes store-and-forward."""
 
 
+class FeedFailed(Exception):
+    """Feeding the chunks failed (a decoder, an encoder, the cache): error says why; the llm call was cancelled."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 class ChunkMismatch(Exception):
     """The decoder's chunks differ from the plan the llm was sent (a decoder without fixed windows)."""
 
@@ -62,10 +70,11 @@ class ChunkFeed:
             async for reply in call:
                 yield reply
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+            for error in (err, self.error):  # a write to the refused call fails the feed with the same status
+                if isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise StreamingUnsupported(error.details()) from None
             if self.error is not None:  # the feed failed and cancelled the call: its error is the request's
-                raise self.error from None
-            if isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise StreamingUnsupported(err.details()) from None
+                raise FeedFailed(self.error) from None
             raise
         finally:
             call.cancel()
