@@ -141,11 +141,12 @@ class MediaStage:
         except MediaError as err:
             raise MediaError(f"{item.where}.{err}") from None
 
-    async def prepare(self, item: MediaItem) -> Prepared:
-        """Reads the item, looks every chunk up in the cache and, on a miss, predicts what it will cost."""
+    async def prepare(self, item: MediaItem, stream: bool = True) -> Prepared:
+        """Reads the item, looks every chunk up in the cache and, on a miss, predicts what it will cost; stream:
+        by the fixed windows of streamed prefill (when the router streams at all)."""
         data = await self._read(item)
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-        return await self._lookup_item(Prepared(item, data, digest, self.model_id, self.params(item)))
+        return await self._lookup_item(Prepared(item, data, digest, self.model_id, self.params(item)), stream)
 
     async def degrade(self, prepared: Prepared, frame_scale: float) -> Prepared:
         """The same video with fewer frames (its own cache entries); images are left as they are."""
@@ -153,7 +154,8 @@ class MediaStage:
             return prepared
         params = dataclasses.replace(prepared.params, max_frames=degraded_frames(prepared.params.max_frames,
                                                                                  frame_scale))
-        return await self._lookup_item(dataclasses.replace(prepared, params=params, degraded=True))
+        return await self._lookup_item(dataclasses.replace(prepared, params=params, degraded=True, chunks=None,
+                                                           cached_chunks=()), stream=prepared.chunks is not None)
 
     async def store_and_forward(self, prepared: Prepared) -> Prepared:
         """The item looked up again for the store-and-forward path (an llm that cannot take a stream)."""

@@ -72,9 +72,9 @@ def plan_chunks(plan: DecodePlan, family: Family, chunk_frames: int) -> Chunks:
     group), cut only where the family allows (between temporal groups); an image is one chunk."""
     item = plan.item
     total = family.num_tokens(item)
-    cuts = family.chunk_boundaries(item) if item.kind == "video" else []
-    if not cuts:
-        return Chunks(plan.num_frames if item.kind == "video" else 0, (total,), plan.num_frames)
+    if item.kind != "video":
+        return Chunks(0, (total,), plan.num_frames)
+    cuts = family.chunk_boundaries(item)
     num_groups = len(cuts) + 1
     per_group = -(-plan.num_frames // num_groups)  # sampled frames per temporal group
     groups = max(1, round(chunk_frames / per_group))

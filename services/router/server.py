@@ -123,7 +123,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
     async def _prepare(self, request: api_pb2.GenerateRequest) -> tuple[list[Prepared], PromptSize]:
         """Each media item read, looked up in the cache and planned, and the prompt's exact size: a request that
         cannot fit is refused here, before any decode, encode or admission, and never told to retry."""
-        prepared = await all_or_nothing(self.media.prepare(i) for i in media_items(request))
+        prepared = await all_or_nothing(self.media.prepare(i, self.can_stream) for i in media_items(request))
         size = await asyncio.to_thread(self.budget.check, request, [p.family_item for p in prepared])
         return prepared, size
 
