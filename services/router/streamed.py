@@ -66,9 +66,11 @@ class ChunkFeed:
         """The llm's replies while the chunks are fed; a failed feed is raised in place of the cancelled call."""
         call = llm.stub.GenerateStreamed(timeout=time_left(self.deadline))
         feeding = asyncio.ensure_future(self._feed(call, llm_request))
+        is_finished = False
         try:
             async for reply in call:
                 yield reply
+            is_finished = True
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
             for error in (err, self.error):  # a write to the refused call fails the feed with the same status
                 if isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -77,8 +79,10 @@ class ChunkFeed:
                 raise FeedFailed(self.error) from None
             raise
         finally:
-            call.cancel()
-            feeding.cancel()
+            if not is_finished:
+                call.cancel()  # the llm frees what the request holds
+            if self.error is None:  # a failed feed is cleaning up already: let it finish
+                feeding.cancel()
             await asyncio.gather(feeding, return_exceptions=True)  # its leases released before we return
 
     async def _feed(self, call, llm_request: llm_pb2.LlmRequest) -> None:
@@ -196,15 +200,16 @@ class ChunkFeed:
             request = encoder_pb2.EncodeRequest(request_id=self.request_id, kind=KINDS[item.kind], frames=c.frames,
                                                 grid=c.grid, cache=slot if self.media.cache is not None else None)
             timings.encode_started(time.perf_counter())
+            frames_key = (media_index, c.chunk_index, "frames")
             try:
                 reply = await self.media.encode_chunk(request, prepared, self.deadline, self.latest_start, tries.exclude)
             except ReplicaDown as down:
                 if not tries.retry(down.replica):
                     raise
+                await transport.release([self.held.pop(frames_key)])
                 redo.append(c.chunk_index)  # its frames may be gone with the encoder: decoded again
                 return
-            finally:
-                self.held.pop((media_index, c.chunk_index, "frames"), None)  # the encoder took them
+            self.held.pop(frames_key)  # the encoder took them (cancelled before it answered: released by _feed)
             timings.encode_ended(time.perf_counter())
             self.held[media_index, c.chunk_index, "embeddings"] = reply.embeddings
             await self._write(call, media_index, c.chunk_index, reply.embeddings)
