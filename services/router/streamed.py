@@ -18,6 +18,7 @@ from mmserve import transport
 from mmserve.cache import fits_window
 from mmserve.v1 import decoder_pb2, encoder_pb2, llm_pb2, tensor_pb2
 from services.router.failover import Failover, ReplicaDown, stream_from
+from services.router.planning import missing_shape
 from services.router.media import KINDS, Embedded, MediaStage, Prepared, all_or_nothing, time_left
 from services.router.replicas import Replica
 
@@ -145,7 +146,8 @@ class ChunkFeed:
 
     async def _decode_once(self, call, media_index, prepared, left, redo, encoder_tries, timings, tries,
                            encodes) -> None:
-        item, params, chunks, shape = prepared.item, prepared.params, prepared.chunks, prepared.shape
+        item, params, chunks = prepared.item, prepared.params, prepared.chunks
+        shape = missing_shape(prepared.planned, chunks, tuple(left))  # these windows' share of the decode
         request = decoder_pb2.DecodeRequest(
             request_id=self.request_id, kind=KINDS[item.kind], data=prepared.data, fps=params.fps,
             min_frames=params.min_frames, max_frames=params.max_frames, min_pixels=params.min_pixels,

@@ -150,7 +150,8 @@ def make_feed(decoder, encoder, *, cached: tuple[int, ...] = (), max_in_flight: 
     chunks = plan_chunks(plan, FAMILY, 4)
     prepared = Prepared(RouterItem("video", None, "messages[0].parts[0].video"), b"clip", "digest", "model",
                         MediaParams("video", fps=2.0), shape=MediaShape(NUM_FRAMES, NUM_FRAMES * 112 * 168, 6 * 96 * 4),
-                        planned_item=plan.item, chunks=chunks, cached_chunks=cached)
+                        planned=MediaShape(NUM_FRAMES, NUM_FRAMES * 112 * 168, 6 * 96 * 4), planned_item=plan.item,
+                        chunks=chunks, cached_chunks=cached)
     entries = {prepared.chunk_key(i): CachedEmbedding(remote(f"cached-{i}", 48), (2, 8, 12), 1.0, i, 3, 4 * i, 4)
                for i in cached}
     for entry in entries.values():  # what the cache holds: the bytes inline
@@ -201,6 +202,16 @@ async def test_a_partly_cached_video_decodes_only_the_missing_chunks_and_sends_t
     sent = {m.chunk.chunk_index: m.chunk.embeddings for m in llm.inputs[1:]}
     assert sorted(sent) == [0, 1, 2]
     assert sent[0].WhichOneof("location") == "inline_data" and sent[1].remote.handle_id == "emb-1"
+
+
+async def test_a_cached_chunk_evicted_since_the_lookup_is_decoded_and_encoded(released):
+    decoder, encoder, llm = Decoder(), Encoder(), Llm()
+    feed = make_feed(decoder, encoder, cached=(0, 1, 2))
+    feed.prepared[0] = dataclasses.replace(feed.prepared[0], shape=None)  # all cached: nothing was to decode
+    feed.media.cache.entries.pop(feed.prepared[0].chunk_key(1))
+    await run(feed, llm)
+    assert [list(r.chunk_indices) for r in decoder.requests] == [[1]] and encoder.num_calls == 1
+    assert sorted(m.chunk.chunk_index for m in llm.inputs[1:]) == [0, 1, 2]
 
 
 async def test_chunks_in_flight_never_exceed_the_cap(released, monkeypatch):
