@@ -69,6 +69,15 @@ def join_chunks(chunks: list[CachedEmbedding | None]) -> CachedEmbedding | None:
                            tuple(t for c in chunks for t in c.timestamps))
 
 
+def fits_window(entry: CachedEmbedding | None, chunk_index: int, num_chunks: int, first_frame: int, num_rows: int,
+                dtype: str) -> bool:
+    """Whether an entry is chunk chunk_index of num_chunks fixed windows starting at first_frame, num_rows rows of
+    dtype: a window's entry stands alone (no neighbours to agree with), so its header must match the plan."""
+    return (entry is not None and entry.chunk_index == chunk_index and entry.num_chunks == num_chunks
+            and entry.first_frame == first_frame and entry.embeddings.dtype == dtype
+            and len(entry.embeddings.shape) == 2 and entry.embeddings.shape[0] == num_rows)
+
+
 def encode_value(item: CachedEmbedding) -> bytes:
     """Serialises an entry: a small header followed by the raw tensor bytes."""
     ref = item.embeddings

@@ -57,3 +57,10 @@ def media_key(data_sha256: str, model_id: str, params: MediaParams, chunk_index:
         sort_keys=True,
     )
     return "mmserve:emb:v1:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def window_key(item_key: str, chunk_frames: int, chunk_index: int) -> str:
+    """The key of one fixed window of a video (chunk_frames sampled frames, chunk_index-th): from the item's key and
+    the window alone, never from how a decode was split, so every request for the same bytes agrees on it."""
+    blob = json.dumps({"item": item_key, "window": chunk_frames, "chunk": chunk_index}, sort_keys=True)
+    return "mmserve:emb:v1:" + hashlib.sha256(blob.encode()).hexdigest()

@@ -67,11 +67,12 @@ class Controller:
         self._last_admitted = float("-inf")
 
     def admit(self, kinds: list[str], shapes: list[MediaShape], prompt_tokens: float, *, ttft_ms: float,
-              tpot_ms: float, allow_degrade: bool, now: float) -> Ticket:
-        """A ticket saying whether the request may run; an admitted one is entered in the backlogs."""
+              tpot_ms: float, allow_degrade: bool, now: float, num_chunks: int = 0) -> Ticket:
+        """A ticket saying whether the request may run; an admitted one is entered in the backlogs. num_chunks:
+        the chunks a streamed request's media flow to the llm in (0: store-and-forward)."""
         cls, slo = self.defaults.for_request(kinds, ttft_ms, tpot_ms)
         deadline = now + slo.ttft_ms / 1e3
-        prediction = self.predict(shapes, prompt_tokens, deadline)
+        prediction = self.predict(shapes, prompt_tokens, deadline, num_chunks)
         decision = (Decision(True) if self.policy == "fcfs" else
                     decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom,
                            ttft_scale=self.ttft_calibration[cls].scale(self.strictness.quantile),
@@ -130,7 +131,8 @@ class Controller:
     def _idle(self) -> bool:
         return not any(self.backlogs.values()) and not any(pool.num_in_flight for pool in self.pools.values())
 
-    def predict(self, shapes: list[MediaShape], prompt_tokens: float, deadline: float) -> Prediction:
+    def predict(self, shapes: list[MediaShape], prompt_tokens: float, deadline: float,
+                num_chunks: int = 0) -> Prediction:
         decode, encode = self._media_work(shapes)
         media_wait = 0.0
         if decode or encode:
@@ -142,7 +144,7 @@ class Controller:
         coming = (len(self.backlogs["llm"]) - self._num_at_llm) / max(1, len(self.pools["llm"].healthy()))
         step = self._best("llm", lambda r: r.costs.step.predict(r.num_in_flight + coming + 1))
         return Prediction(StageTimes(media_wait, decode + encode),
-                          StageTimes(self._wait_ms("llm", deadline), llm), step)
+                          StageTimes(self._wait_ms("llm", deadline), llm), step, num_chunks, decode)
 
     def _media_work(self, shapes: list[MediaShape], frame_scale: float = 1.0) -> tuple[float, float]:
         decode = sum(self._best("decoder", lambda r, s=s: r.costs.predict(s.num_frames * frame_scale,

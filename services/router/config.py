@@ -62,6 +62,13 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                                             "exceeds this times its target")
     admission_target: float = option(0.9, "share of admitted requests that should meet their SLO: admission "
                                            "plans for a quantile of its prediction errors that outcomes move")
+    stream_prefill: bool = option(True, "send the llm a media request's planned prompt at once, then each chunk's "
+                                        "embeddings as an encoder finishes it (GenerateStreamed), so decode, encode "
+                                        "and prefill overlap; --no-stream-prefill waits for every embedding first")
+    video_chunk_frames: int = option(16, "streamed prefill: sampled frames per video chunk, a fixed window rounded to "
+                                         "the family's temporal group (chunk cache keys follow it)")
+    max_chunks_in_flight: int = option(4, "streamed prefill: chunks of one request decoded but not yet encoded, or "
+                                          "encoded but not yet sent to the llm (also the decoder's decode-ahead)")
     decoder_max_in_flight: int = option(2, "decode calls one decoder replica gets at once (slo policy)")
     encoder_max_in_flight: int = option(4, "encode calls one encoder replica gets at once (slo policy)")
     stage_attempts: int = option(3, "tries of a stage on different replicas when one is unavailable")
@@ -121,7 +128,8 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
         if self.replica_keepalive_ms < 500 or min(self.replica_keepalive_timeout_ms, self.replica_reconnect_max_ms) < 1:
             raise ValueError("replica_keepalive_ms: must be at least 500; replica_keepalive_timeout_ms, "
                              "replica_reconnect_max_ms: must be positive")
-        for name in ("decoder_max_in_flight", "encoder_max_in_flight", "stage_attempts", "stage_max_waiting"):
+        for name in ("decoder_max_in_flight", "encoder_max_in_flight", "stage_attempts", "stage_max_waiting",
+                     "video_chunk_frames", "max_chunks_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         if not 0 < self.admission_target < 1:

@@ -16,7 +16,7 @@ from typing import Callable
 
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
-from mmserve.cache_keys import MediaParams, media_key
+from mmserve.cache_keys import MediaParams, media_key, window_key
 from mmserve.media import sizing
 from mmserve.media.errors import MediaError
 from mmserve.media.fetch import FetchPolicy, fetch_uri
@@ -26,11 +26,11 @@ from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
 from services.router.costs import MediaShape, ShapeEstimator
 from services.router.failover import Failover, ReplicaDown, answer_from, stream_from
-from services.router.planning import decode_plan, shape_of
+from services.router.planning import Chunks, cached_chunks, decode_plan, missing_shape, plan_chunks, shape_of
 from services.router.policy import degraded_frames
 from services.router.replicas import ReplicaPool
 
-_KINDS = {"image": decoder_pb2.MEDIA_KIND_IMAGE, "video": decoder_pb2.MEDIA_KIND_VIDEO}
+KINDS = {"image": decoder_pb2.MEDIA_KIND_IMAGE, "video": decoder_pb2.MEDIA_KIND_VIDEO}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,19 @@ class Prepared:
     planned: MediaShape | None = None  # the exact shape from the header (None: unreadable, the decoder will say)
     planned_item: FamilyItem | None = None  # the family's item from the header (grid, Qwen3-VL's timestamps)
     degraded: bool = False
+    chunks: Chunks | None = None  # streamed prefill: the item's fixed windows (None: store-and-forward)
+    cached_chunks: tuple[int, ...] = ()  # of those, the ones found in the cache
+
+    @property
+    def missing_chunks(self) -> tuple[int, ...]:
+        """The windows to decode and encode (streamed prefill)."""
+        cached = set(self.cached_chunks)
+        return tuple(i for i in range(self.chunks.num_chunks) if i not in cached) if self.chunks else ()
+
+    @property
+    def is_cached(self) -> bool:
+        """Whether nothing of the item is left to decode."""
+        return self.hit is not None or (self.chunks is not None and not self.missing_chunks)
 
     @property
     def family_item(self) -> FamilyItem:
@@ -77,13 +90,19 @@ class Prepared:
     def key(self, chunk_index: int) -> str:
         return media_key(self.digest, self.model_id, self.params, chunk_index)
 
+    def chunk_key(self, chunk_index: int) -> str:
+        """A streamed chunk's key: a video's fixed window, or the whole of an image (as store-and-forward keys it)."""
+        if self.chunks is None or not self.chunks.chunk_frames or self.item.kind != "video":
+            return self.key(chunk_index)
+        return window_key(self.key(0), self.chunks.chunk_frames, chunk_index)
+
 
 class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
                  model_id: str, encoder_dtype: str, family: Family, processing: sizing.ImageProcessing,
-                 fetch_policy: FetchPolicy, max_frames: int = 0, max_pixels: int = 0):
+                 fetch_policy: FetchPolicy, max_frames: int = 0, max_pixels: int = 0, chunk_frames: int = 0):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
@@ -96,6 +115,7 @@ class MediaStage:
         # The server's caps also bound what a request gets when it asks for nothing.
         self.max_frames = max_frames or family.default_params("video").max_frames
         self.max_pixels = max_pixels or family.default_params("image").max_pixels
+        self.chunk_frames = chunk_frames  # streamed prefill's video windows (0: store-and-forward)
 
     def params(self, item: MediaItem) -> MediaParams:
         """The effective preprocessing parameters: request overrides, else the family's defaults within the
@@ -121,21 +141,32 @@ class MediaStage:
         except MediaError as err:
             raise MediaError(f"{item.where}.{err}") from None
 
-    async def prepare(self, item: MediaItem) -> Prepared:
-        """Reads the item, looks every chunk up in the cache and, on a miss, predicts what it will cost."""
+    async def prepare(self, item: MediaItem, stream: bool = True) -> Prepared:
+        """Reads the item, looks every chunk up in the cache and, on a miss, predicts what it will cost; stream:
+        by the fixed windows of streamed prefill (when the router streams at all)."""
         data = await self._read(item)
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-        return await self._lookup_item(Prepared(item, data, digest, self.model_id, self.params(item)))
+        return await self._lookup_item(Prepared(item, data, digest, self.model_id, self.params(item)), stream)
 
     async def degrade(self, prepared: Prepared, frame_scale: float) -> Prepared:
         """The same video with fewer frames (its own cache entries); images are left as they are."""
-        if prepared.item.kind != "video" or prepared.hit is not None:
+        if prepared.item.kind != "video" or prepared.is_cached:
             return prepared
         params = dataclasses.replace(prepared.params, max_frames=degraded_frames(prepared.params.max_frames,
                                                                                  frame_scale))
-        return await self._lookup_item(dataclasses.replace(prepared, params=params, degraded=True))
+        return await self._lookup_item(dataclasses.replace(prepared, params=params, degraded=True, chunks=None,
+                                                           cached_chunks=()), stream=prepared.chunks is not None)
 
-    async def _lookup_item(self, prepared: Prepared) -> Prepared:
+    async def store_and_forward(self, prepared: Prepared) -> Prepared:
+        """The item looked up again for the store-and-forward path (an llm that cannot take a stream)."""
+        return await self._lookup_item(dataclasses.replace(prepared, chunks=None, cached_chunks=()), stream=False)
+
+    async def _lookup_item(self, prepared: Prepared, stream: bool = True) -> Prepared:
+        if stream and self.chunk_frames:
+            plan = await asyncio.to_thread(decode_plan, prepared.item.kind, prepared.data, prepared.params,
+                                           self.family)
+            if plan is not None:  # streamed: the plan says the windows, a hit's as well
+                return await self._lookup_windows(prepared, plan)
         hit, num_chunks = await self._lookup(prepared.key) if self.cache is not None else (None, 0)
         if hit is None:  # a hit's grid is in its entry; only a miss needs its header read
             plan = await asyncio.to_thread(decode_plan, prepared.item.kind, prepared.data, prepared.params,
@@ -143,6 +174,19 @@ class MediaStage:
             prepared = dataclasses.replace(prepared, planned=shape_of(plan, self.family) if plan else None,
                                            planned_item=plan.item if plan else None)
         return self._with_hit(prepared, hit, num_chunks)
+
+    async def _lookup_windows(self, prepared: Prepared, plan) -> Prepared:
+        """Each fixed window looked up (headers only): the cached ones stream from the cache, the rest are decoded."""
+        chunks = plan_chunks(plan, self.family, self.chunk_frames)
+        planned = shape_of(plan, self.family)
+        prepared = dataclasses.replace(prepared, planned=planned, planned_item=plan.item, chunks=chunks)
+        cached: tuple[int, ...] = ()
+        if self.cache is not None:
+            entries = await self.cache.get_many([prepared.chunk_key(i) for i in range(chunks.num_chunks)],
+                                                header_only=True)
+            cached = cached_chunks(entries, chunks, self.encoder_dtype)
+        prepared = dataclasses.replace(prepared, cached_chunks=cached)
+        return dataclasses.replace(prepared, shape=missing_shape(planned, chunks, prepared.missing_chunks))
 
     def without_hit(self, prepared: Prepared) -> Prepared:
         """The item to compute again (its cache entries went away after the lookup)."""
@@ -181,7 +225,7 @@ class MediaStage:
                                  tries: dict[str, Failover]) -> Embedded:
         item, params, shape = prepared.item, prepared.params, prepared.shape
         request = decoder_pb2.DecodeRequest(
-            request_id=request_id, kind=_KINDS[item.kind], data=prepared.data, fps=params.fps,
+            request_id=request_id, kind=KINDS[item.kind], data=prepared.data, fps=params.fps,
             min_frames=params.min_frames, max_frames=params.max_frames, min_pixels=params.min_pixels,
             max_pixels=params.max_pixels, total_pixels=params.total_pixels)
         encodes: list[asyncio.Future] = []
@@ -195,7 +239,7 @@ class MediaStage:
                                           ) as decoder:
                 start = time.perf_counter()
                 # Each chunk is encoded as soon as it arrives: encoding chunk 1 overlaps decoding chunk 2.
-                chunks = decoder.stub.Decode(request, timeout=_left(deadline), metadata=transport.caller_metadata())
+                chunks = decoder.stub.Decode(request, timeout=time_left(deadline), metadata=transport.caller_metadata())
                 async for c in stream_from("decoder", decoder, chunks):
                     if not encodes:
                         first_chunk = time.perf_counter()
@@ -211,8 +255,8 @@ class MediaStage:
                         num_frames=len(c.frame_indices), timestamps=stamps)
                     num_frames += len(c.frame_indices)
                     num_pixels += math.prod(c.frames.shape[:3])
-                    encodes.append(asyncio.ensure_future(self._encode(encoder_pb2.EncodeRequest(
-                        request_id=request_id, kind=_KINDS[item.kind], frames=c.frames, grid=c.grid,
+                    encodes.append(asyncio.ensure_future(self.encode_chunk(encoder_pb2.EncodeRequest(
+                        request_id=request_id, kind=KINDS[item.kind], frames=c.frames, grid=c.grid,
                         cache=slot if self.cache is not None else None), prepared, deadline, latest_start,
                         tries["encoder"].exclude)))
                 decoded = time.perf_counter()
@@ -239,7 +283,7 @@ class MediaStage:
         return Embedded(self._embedding(item.kind, entry), cached=False, decode_ms=(decoded - start) * 1e3,
                         encode_ms=(encoded - first_chunk) * 1e3, wait_ms=(start - queued) * 1e3)
 
-    async def _encode(self, request: encoder_pb2.EncodeRequest, prepared: Prepared, deadline: float,
+    async def encode_chunk(self, request: encoder_pb2.EncodeRequest, prepared: Prepared, deadline: float,
                       latest_start: float, exclude: frozenset[str]) -> encoder_pb2.EncodeResponse:
         num_patches = math.prod(request.frames.shape[:3]) / self.processing.patch_size ** 2
         # Chunk i goes where chunk i of this media went last; different chunks still spread over replicas.
@@ -247,7 +291,7 @@ class MediaStage:
         async with self.encoders.slot(latest_start=latest_start, exclude=exclude, affinity=affinity,
                                       work_ms=lambda r: r.costs.predict(num_patches)) as encoder:
             self.encoders.remember(affinity, encoder)
-            call = encoder.stub.Encode(request, timeout=_left(deadline), metadata=transport.caller_metadata())
+            call = encoder.stub.Encode(request, timeout=time_left(deadline), metadata=transport.caller_metadata())
             reply = await answer_from("encoder", encoder, call)
             encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
             return reply
@@ -264,10 +308,20 @@ class MediaStage:
 
     @staticmethod
     def _embedding(kind: str, entry: CachedEmbedding) -> llm_pb2.MediaEmbedding:
-        return llm_pb2.MediaEmbedding(kind=_KINDS[kind], embeddings=entry.embeddings,
+        return llm_pb2.MediaEmbedding(kind=KINDS[kind], embeddings=entry.embeddings,
                                       grid_thw=list(entry.grid_thw), second_per_grid_t=entry.second_per_grid_t,
                                       timestamps=list(entry.timestamps))
 
 
-def _left(deadline: float) -> float:
+async def all_or_nothing(coros) -> list:
+    """Runs coroutines together; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def time_left(deadline: float) -> float:
     return max(0.001, deadline - time.perf_counter())

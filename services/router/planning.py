@@ -9,6 +9,7 @@ import pathlib
 
 import PIL.Image
 
+from mmserve.cache import CachedEmbedding, fits_window
 from mmserve.cache_keys import MediaParams
 from mmserve.chat_tokens import ChatTokenCounter
 from mmserve.media.errors import MediaError
@@ -29,15 +30,73 @@ def decode_plan(kind: str, data: bytes, params: MediaParams, family: Family) -> 
                 width, height = image.size
             return family.plan_decode("image", params, height, width)
         info = probe_video(data)
-        return family.plan_decode("video", params, info.height, info.width, info.total_frames, info.fps)
+        plan = family.plan_decode("video", params, info.height, info.width, info.total_frames, info.fps)
     except (OSError, ValueError, PIL.Image.DecompressionBombError, MediaError):
         return None
+    if plan.item.second_per_grid_t or not info.total_frames or not info.fps:
+        return plan
+    # The time axis as the decoder's chunks will give it (sample_fps), so a streamed prompt is known up front.
+    sample_fps = plan.num_frames / info.total_frames * info.fps
+    return dataclasses.replace(plan, item=dataclasses.replace(
+        plan.item, second_per_grid_t=family.second_per_grid_t(sample_fps)))
 
 
 def shape_of(plan: DecodePlan, family: Family) -> MediaShape:
     """The decode and encode size of a plan."""
     return MediaShape(plan.num_frames, plan.num_frames * plan.height * plan.width,
                       family.num_tokens(plan.item) * family.patches_per_token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+    """How one planned item streams to the llm: fixed windows of sampled frames and each chunk's embedding rows."""
+
+    chunk_frames: int  # sampled frames per window, the last may hold fewer (0: an image, one chunk)
+    rows: tuple[int, ...]  # embedding rows of each chunk, in order
+    num_frames: int  # sampled frames of the whole item
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.rows)
+
+    def frames_of(self, chunk_index: int) -> tuple[int, int]:
+        """The chunk's first sampled frame and its number of frames."""
+        if not self.chunk_frames:
+            return 0, self.num_frames
+        first = chunk_index * self.chunk_frames
+        return first, min(self.chunk_frames, self.num_frames - first)
+
+
+def plan_chunks(plan: DecodePlan, family: Family, chunk_frames: int) -> Chunks:
+    """The fixed windows of a planned item: chunk_frames rounded to the family's temporal group (at least one
+    group), cut only where the family allows (between temporal groups); an image is one chunk."""
+    item = plan.item
+    total = family.num_tokens(item)
+    if item.kind != "video":
+        return Chunks(0, (total,), plan.num_frames)
+    cuts = family.chunk_boundaries(item)
+    num_groups = len(cuts) + 1
+    per_group = -(-plan.num_frames // num_groups)  # sampled frames per temporal group
+    groups = max(1, round(chunk_frames / per_group))
+    offsets = [0, *cuts, total]
+    rows = tuple(offsets[min(g + groups, num_groups)] - offsets[g] for g in range(0, num_groups, groups))
+    return Chunks(groups * per_group, rows, plan.num_frames)
+
+
+def cached_chunks(entries: list[CachedEmbedding | None], chunks: Chunks, dtype: str) -> tuple[int, ...]:
+    """The windows whose entries (headers, in chunk order) fit the plan: the rest must be decoded and encoded."""
+    return tuple(i for i, entry in enumerate(entries)
+                 if fits_window(entry, i, chunks.num_chunks, chunks.frames_of(i)[0], chunks.rows[i], dtype))
+
+
+def missing_shape(planned: MediaShape, chunks: Chunks, missing: tuple[int, ...]) -> MediaShape | None:
+    """The decode and encode size of the missing windows alone (None when every window is cached)."""
+    if not missing:
+        return None
+    frames = sum(chunks.frames_of(i)[1] for i in missing)
+    rows = sum(chunks.rows[i] for i in missing)
+    return MediaShape(frames, planned.num_pixels * frames // max(1, chunks.num_frames),
+                      planned.num_patches * rows // max(1, sum(chunks.rows)))
 
 
 def planned_shape(kind: str, data: bytes, params: MediaParams, family: Family) -> MediaShape | None:

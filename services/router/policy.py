@@ -47,10 +47,33 @@ class Prediction:
     media: StageTimes  # decode and encode of every media item not in the cache
     llm: StageTimes  # queue and prefill
     step_ms: float  # one decode step of the llm at its predicted batch size
+    # Streamed prefill: the chunks the media flow through the stages in (0: store-and-forward, the stages add up),
+    # and the decoder's share of media.work_ms (the rest is the encoders').
+    num_chunks: int = 0
+    decode_ms: float = 0.0
 
     @property
     def ttft_ms(self) -> float:
-        return self.media.total_ms + self.llm.total_ms
+        return self.media.wait_ms + self.llm.wait_ms + self.work_ms
+
+    @property
+    def work_ms(self) -> float:
+        """Decode, encode and prefill: their sum, or streamed, the pipeline's time (pipelined_ms)."""
+        if not self.num_chunks:
+            return self.media.work_ms + self.llm.work_ms
+        return pipelined_ms((self.decode_ms, self.media.work_ms - self.decode_ms, self.llm.work_ms), self.num_chunks)
+
+    @property
+    def media_share_ms(self) -> float:
+        """What the media work adds to the time to first token (all of it store-and-forward)."""
+        return self.work_ms - self.llm.work_ms
+
+
+def pipelined_ms(stage_ms: tuple[float, ...], num_chunks: int) -> float:
+    """Stages that pass num_chunks chunks along as each is done: the slowest stage's total, plus one chunk of each
+    other stage (the first chunk must reach the slowest, the last must leave it), not the sum of the stages."""
+    slowest = max(stage_ms)
+    return slowest + (sum(stage_ms) - slowest) / max(1, num_chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +101,7 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
                         retry_after_ms=_retry_ms(prediction.llm.wait_ms * ttft_scale))
     if ttft_ms <= budget:
         return Decision(True)
-    media_ms = prediction.media.work_ms * ttft_scale
+    media_ms = prediction.media_share_ms * ttft_scale
     fixed = ttft_ms - media_ms
     if allow_degrade and media_ms > 0 and fixed < budget:
         scale = (budget - fixed) / media_ms

@@ -16,9 +16,10 @@ from services.router import metrics
 from services.router.admission import Controller, Ticket
 from services.router.config import RouterConfig
 from services.router.failover import Failover, ReplicaDown, is_down
-from services.router.media import Embedded, MediaItem, MediaStage, Prepared
+from services.router.media import Embedded, MediaItem, MediaStage, Prepared, all_or_nothing
 from services.router.planning import PromptBudget, PromptSize
 from services.router.replicas import NoReplicaError, PoolFull, Replica, ReplicaPool, is_client_error
+from services.router.streamed import ChunkFeed, ChunkMismatch, FeedFailed, StreamingUnsupported
 from services.router.validation import RequestLimits, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,26 @@ def _stage_error(stage: str, err: grpc.aio.AioRpcError) -> StageError:
     return StageError(grpc.StatusCode.UNAVAILABLE, f"{stage}: replica unavailable ({err.code().name})")
 
 
+def _media_failure(err: Exception) -> Exception:
+    """The client's status for a failed decode or encode (other errors, a MediaError, as they are)."""
+    if isinstance(err, ReplicaDown):
+        return _stage_error(err.stage, err.error)
+    if isinstance(err, grpc.aio.AioRpcError):
+        return _stage_error("media", err)
+    if isinstance(err, NoReplicaError):
+        return StageError(grpc.StatusCode.UNAVAILABLE, str(err))
+    if isinstance(err, PoolFull):
+        return StageError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+    if isinstance(err, ChunkMismatch):
+        return StageError(grpc.StatusCode.INTERNAL, str(err))
+    return err
+
+
 def media_items(request: api_pb2.GenerateRequest) -> list[MediaItem]:
     """Every image and video of the request, in prompt order."""
     return [MediaItem(kind, getattr(part, kind), f"messages[{i}].parts[{j}].{kind}")
             for i, m in enumerate(request.messages) for j, part in enumerate(m.parts)
             if (kind := part.WhichOneof("content")) in ("image", "video")]
-
-
-async def _all_or_nothing(coros) -> list:
-    """Runs coroutines together; the first failure cancels the rest and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 class RouterServicer(api_pb2_grpc.RouterServicer):
@@ -69,6 +75,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         self.controller = controller
         self.limits = limits
         self.budget = budget
+        self.can_stream = config.stream_prefill  # False once an llm answered that it has no GenerateStreamed
 
     async def Generate(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         """validate → prepare media → admit → embed → stream; a failed step ends the call with its status."""
@@ -82,6 +89,16 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             self._validate(request, request_id)
             prepared, size = await self._prepare(request)
             ticket, prepared = await self._admit(request, prepared, size, start, context)
+            if self.can_stream and prepared and all(p.chunks is not None for p in prepared):
+                try:
+                    async for response in self._stream_prefill(request, request_id, ticket, prepared, start,
+                                                                deadline):
+                        yield response
+                    return
+                except StreamingUnsupported as err:
+                    log.warning("llm without GenerateStreamed (%s): store-and-forward from now on", err)
+                    self.can_stream = False
+                    prepared = await all_or_nothing(self.media.store_and_forward(p) for p in prepared)
             embedded = await self._embed(request_id, prepared, ticket, deadline)
             async for response in self._stream(request, request_id, ticket, prepared, embedded, start, deadline):
                 yield response
@@ -106,7 +123,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
     async def _prepare(self, request: api_pb2.GenerateRequest) -> tuple[list[Prepared], PromptSize]:
         """Each media item read, looked up in the cache and planned, and the prompt's exact size: a request that
         cannot fit is refused here, before any decode, encode or admission, and never told to retry."""
-        prepared = await _all_or_nothing(self.media.prepare(i) for i in media_items(request))
+        prepared = await all_or_nothing(self.media.prepare(i, self.can_stream) for i in media_items(request))
         size = await asyncio.to_thread(self.budget.check, request, [p.family_item for p in prepared])
         return prepared, size
 
@@ -115,9 +132,9 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         """The admission ticket, and the items with fewer frames when the request accepted degradation; a refusal
         is RESOURCE_EXHAUSTED with a retry hint."""
         ticket = self.controller.admit(
-            [p.item.kind for p in prepared], [p.shape for p in prepared if p.hit is None], size.num_tokens,
+            [p.item.kind for p in prepared], [p.shape for p in prepared if p.shape is not None], size.num_tokens,
             ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms, allow_degrade=request.slo.allow_degrade,
-            now=now)
+            now=now, num_chunks=sum(p.chunks.num_chunks for p in prepared if p.chunks is not None))
         decision = ticket.decision
         if not decision.admit:
             metrics.REFUSED.labels(ticket.cls).inc()
@@ -126,24 +143,18 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                              f"over capacity: {decision.reason}; retry after {decision.retry_after_ms:.0f} ms")
         if decision.frame_scale < 1.0:
             metrics.DEGRADED.labels(ticket.cls).inc()
-            prepared = await _all_or_nothing(self.media.degrade(p, decision.frame_scale) for p in prepared)
+            prepared = await all_or_nothing(self.media.degrade(p, decision.frame_scale) for p in prepared)
         return ticket, prepared
 
     async def _embed(self, request_id: str, prepared: list[Prepared], ticket: Ticket,
                      deadline: float) -> list[Embedded]:
         """Every item's embeddings: cache keys for hits, else decoded and encoded (a dead stage named)."""
         try:
-            embedded = await _all_or_nothing(
+            embedded = await all_or_nothing(
                 self.media.embed(request_id, p, deadline=deadline, latest_start=ticket.latest_start,
                                  attempts=self.config.stage_attempts) for p in prepared)
-        except ReplicaDown as down:
-            raise _stage_error(down.stage, down.error) from None
-        except grpc.aio.AioRpcError as err:
-            raise _stage_error("media", err) from None
-        except NoReplicaError as err:
-            raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
-        except PoolFull as err:
-            raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
+        except (ReplicaDown, grpc.aio.AioRpcError, NoReplicaError, PoolFull) as err:
+            raise _media_failure(err) from None
         self.controller.finish(ticket, "decoder")
         self.controller.finish(ticket, "encoder")
         return embedded
@@ -170,15 +181,32 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             prepared = [self.media.without_hit(p) for p in prepared]
             embedded = await self._embed(request_id, prepared, ticket, deadline)
 
+    async def _stream_prefill(self, request: api_pb2.GenerateRequest, request_id: str, ticket: Ticket,
+                              prepared: list[Prepared], start: float, deadline: float):
+        """The llm called at once with the planned prompt, fed each chunk as it is ready (streamed.ChunkFeed)."""
+        feed = ChunkFeed(self.media, request_id, prepared, deadline=deadline, latest_start=ticket.latest_start,
+                         attempts=self.config.stage_attempts, max_in_flight=self.config.max_chunks_in_flight)
+        now = time.perf_counter()
+        priority = time.time() + (ticket.deadline - now if self.config.policy == "slo" else 0.0)
+        llm_request = self._llm_request(request, request_id, feed.embedded, priority)
+        try:
+            async for response in self._responses(llm_request, ticket, prepared, feed.embedded, start, now,
+                                                  deadline, feed):
+                yield response
+        except FeedFailed as failed:
+            raise _media_failure(failed.error) from None
+
     async def _responses(self, llm_request: llm_pb2.LlmRequest, ticket: Ticket, prepared: list[Prepared],
-                         embedded: list[Embedded], start: float, media_done: float, deadline: float):
+                         embedded: list[Embedded], start: float, media_done: float, deadline: float,
+                         feed: ChunkFeed | None = None):
         """One llm call's replies as the client's responses; the final carries the request's timings."""
         first_token = None
-        async for reply in self._stream_llm(llm_request, ticket, deadline, prepared):
+        async for reply in self._stream_llm(llm_request, ticket, deadline, prepared, feed):
             if reply.WhichOneof("event") == "delta":
                 if first_token is None:
                     first_token = time.perf_counter()
-                    self.controller.finish(ticket, "llm")
+                    for stage in ("decoder", "encoder", "llm"):  # streamed, the media were done before it
+                        self.controller.finish(ticket, stage)
                 yield api_pb2.GenerateResponse(delta=reply.delta)
                 continue
             final = self._final(reply.final, llm_request.request_id, embedded, start, media_done, first_token,
@@ -187,8 +215,9 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             yield api_pb2.GenerateResponse(final=final)
 
     async def _stream_llm(self, llm_request: llm_pb2.LlmRequest, ticket: Ticket, deadline: float,
-                          prepared: list[Prepared]):
-        """The llm's replies; a replica found down before its first reply is replaced by another."""
+                          prepared: list[Prepared], feed: ChunkFeed | None = None):
+        """The llm's replies; a replica found down before its first reply is replaced by another (store-and-forward:
+        streamed, the chunks already sent are gone with it)."""
         affinity = prepared[0].digest if prepared else None  # its KV prefix may still be cached there
         prefill_ms = ticket.prediction.llm.work_ms
         tries = Failover(self.llms, self.config.stage_attempts, llm_request.request_id)
@@ -199,7 +228,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                     self.controller.at_llm(ticket, True)
                     if affinity is not None:
                         self.llms.remember(affinity, llm)
-                    async for reply in self._replies(llm, llm_request, deadline):
+                    async for reply in self._replies(llm, llm_request, deadline, feed):
                         yield reply
                     return
             except ReplicaDown as down:
@@ -209,10 +238,12 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             except NoReplicaError as err:
                 raise StageError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
 
-    async def _replies(self, llm: Replica, llm_request: llm_pb2.LlmRequest, deadline: float):
+    async def _replies(self, llm: Replica, llm_request: llm_pb2.LlmRequest, deadline: float,
+                       feed: ChunkFeed | None = None):
         """One replica's replies, its cost models fed from the final; ReplicaDown when it was gone before its first
         reply (another may be tried), UNAVAILABLE naming the tokens delivered when it went away after."""
-        stream = llm.stub.Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter()))
+        stream = (feed.replies(llm, llm_request) if feed is not None else
+                  llm.stub.Generate(llm_request, timeout=max(0.001, deadline - time.perf_counter())))
         first_token = 0.0
         num_delivered = 0
         try:
@@ -227,10 +258,12 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             started = bool(first_token)
             # Evicted cache entries, or embeddings whose producer went away: compute them again.
             if not started and (err.code() == grpc.StatusCode.NOT_FOUND or rpc.is_input_gone(err)):
+                if feed is not None:  # streamed chunks are not kept to be sent again
+                    raise StageError(grpc.StatusCode.UNAVAILABLE, f"llm: {err.details()}") from None
                 raise EmbeddingsEvicted(err.details()) from None
             if not is_down(err):
                 raise _stage_error("llm", err) from None
-            if not started:
+            if not started and feed is None:
                 raise ReplicaDown("llm", llm, err) from None
             self.llms.mark_failed(llm)  # the client has part of the answer: a blind retry would repeat or differ
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"llm: replica lost after {num_delivered} tokens were "

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 
 from services.router.admission import Controller
-from services.router.costs import CostSeeds, LlmCosts, TokenCost
+from services.router.costs import CostSeeds, DecodeCost, LlmCosts, MediaShape, TokenCost
 from services.router.policy import (Backlog, Calibration, Prediction, SlackQueue, Slo, SloDefaults, StageTimes,
                                     Strictness, decide, degraded_frames)
 from services.router.replicas import NoReplicaError, Replica, ReplicaPool
@@ -371,3 +372,29 @@ def test_a_new_router_refuses_only_what_misses_at_the_typical_error_and_tightens
     for _ in range(10):
         controller.record(ticket, ttft_ms=2000.0, met=False)  # admitted requests miss: an overload
     assert not admit().decision.admit  # now planned at the slowest tenth: 60 ms × 1.74
+
+
+def test_a_streamed_request_is_priced_as_a_pipeline_not_the_sum_of_its_stages():
+    from services.router.policy import pipelined_ms
+
+    assert pipelined_ms((4000.0, 2000.0, 1000.0), 10) == 4000 + 300  # the slowest, plus one chunk of the others
+    assert pipelined_ms((4000.0, 2000.0, 1000.0), 1) == 7000  # one chunk: nothing overlaps
+    streamed = Prediction(StageTimes(100, 6000), StageTimes(50, 1000), 5, num_chunks=10, decode_ms=4000)
+    assert streamed.ttft_ms == 100 + 50 + 4300
+    assert Prediction(StageTimes(100, 6000), StageTimes(50, 1000), 5, decode_ms=4000).ttft_ms == 7150
+    # A long video whose stages add up past its target, but whose pipeline meets it, is admitted.
+    slo = Slo(ttft_ms=5000, tpot_ms=100)
+    assert decide(streamed, slo, allow_degrade=False).admit
+    assert not decide(dataclasses.replace(streamed, num_chunks=0), slo, allow_degrade=False).admit
+
+
+def test_the_controller_prices_streamed_requests_by_their_chunks():
+    controller = make_controller(step_ms=10.0)
+    controller.pools["decoder"].replicas["r0"].costs = DecodeCost(CostSeeds())
+    shape = MediaShape(num_frames=64, num_pixels=64 * 100_000, num_patches=4096)
+    summed = controller.predict([shape], 200, deadline=time.perf_counter() + 10)
+    streamed = controller.predict([shape], 200, deadline=time.perf_counter() + 10, num_chunks=8)
+    stages = (streamed.decode_ms, streamed.media.work_ms - streamed.decode_ms, streamed.llm.work_ms)
+    assert min(stages) > 0 and summed.media.wait_ms == summed.llm.wait_ms == 0
+    assert summed.ttft_ms == pytest.approx(sum(stages))
+    assert streamed.ttft_ms == pytest.approx(max(stages) + (sum(stages) - max(stages)) / 8)

@@ -1,0 +1,216 @@
+"""Long video, first token early (issue 23): streamed prefill against store-and-forward and transformers.
+
+    python benchmarks/long_video.py [--model DIR] [--seconds 10,20] [--width 320 --height 180] [--chunk-frames 16]
+                                    [--modes streamed,store_and_forward] [--skip-hf]
+    python benchmarks/long_video.py --seconds 60,300 --width 1280 --height 720   # the issue's 60 s and 5-minute clips
+
+One run on this machine, side by side: for each mode a fresh stack (decoder, encoder, llm, router as processes, a
+private Redis) serves each clip alone, uncached, after a warm-up on a short clip. Per clip: the client's TTFT, the
+CPU seconds all the stack's processes spent on it and the machine's bound (those seconds over the cores), and the
+peak RSS (VmHWM) of the router, decoder (with its workers), encoder and llm after it (clips run shortest first, so
+the growth from the first clip to the last is what the longer clip added). Streamed mode also serves the first clip
+again with half its chunks evicted (partly cached). transformers' generate runs in this process on the same inputs.
+Streamed prefill needs the llm's GenerateStreamed and the decoder's fixed windows; against an llm without them the
+router falls back to store-and-forward (it logs so), and the two modes measure the same thing.
+Last line: ttft_ratio_vs_store_and_forward_60s=X ttft_vs_cpu_bound_60s=Z peak_rss_growth_5min_vs_60s=Y, for the
+first clip ("60s") and the last ("5min") of --seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc loads; see its __init__)
+import redis
+
+from mmserve import rpc
+from mmserve.media.samples import make_video
+from mmserve.models.tiny import build_tiny_model
+from mmserve.v1 import api_pb2, api_pb2_grpc
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from workload import start_redis, start_stack  # noqa: E402
+
+LOOSE_SLO_MS = 1_000_000_000  # lone requests measuring speed: never refused by admission
+STAGES = ("router", "decoder", "encoder", "llm")
+
+
+def request(clip: bytes, num_tokens: int) -> api_pb2.GenerateRequest:
+    return api_pb2.GenerateRequest(
+        messages=[api_pb2.Message(role="user", parts=[api_pb2.Part(video=api_pb2.Media(data=clip)),
+                                                      api_pb2.Part(text="Describe the video.")])],
+        sampling=api_pb2.SamplingParams(max_tokens=num_tokens, min_tokens=num_tokens, temperature=0.0),
+        slo=api_pb2.Slo(ttft_ms=LOOSE_SLO_MS, tpot_ms=LOOSE_SLO_MS))
+
+
+async def ttft_ms(address: str, req: api_pb2.GenerateRequest) -> tuple[float, api_pb2.Timings]:
+    """The client's time to first token of one request run to its end, and the stage timings of its final."""
+    async with rpc.channel(address, 1 << 30) as channel:
+        start, first, timings = time.perf_counter(), None, api_pb2.Timings()
+        async for reply in api_pb2_grpc.RouterStub(channel).Generate(req, timeout=3600):
+            if first is None and reply.WhichOneof("event") == "delta":
+                first = time.perf_counter()
+            if reply.WhichOneof("event") == "final":
+                timings = reply.final.timings
+        return ((first or time.perf_counter()) - start) * 1e3, timings
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (the decoder's forkserver and workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(pathlib.Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system, with reaped children's) of the processes."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """Summed peak resident memory (VmHWM) of the processes, MB."""
+    total = 0
+    for pid in pids:
+        try:
+            status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return total / 1024
+
+
+def stage_pids(stack) -> dict[str, list[int]]:
+    return {c.name.split("-")[0]: descendants(c.process.pid) for c in stack.children
+            if c.name.split("-")[0] in STAGES}
+
+
+def serve_mode(mode: str, model: str, clips: dict[float, bytes], args) -> dict:
+    """One mode's stack: each clip alone, uncached (and streamed, the first one partly cached)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        redis_stack, redis_url = start_redis(workdir)
+        flags = ("--no-stream-prefill",) if mode == "store_and_forward" else (
+            "--video-chunk-frames", str(args.chunk_frames))
+        stack, address = start_stack(model, redis_url, flags)
+        try:
+            client = redis.Redis.from_url(redis_url)
+            asyncio.run(ttft_ms(address, request(make_video(seconds=2.0, fps=30, width=args.width,
+                                                            height=args.height, seed=1), args.max_tokens)))
+            out = {}
+            for seconds, clip in clips.items():
+                pids = [p for ps in stage_pids(stack).values() for p in ps]
+                before_keys, before_cpu = set(client.keys("mmserve:emb:*")), cpu_s(pids)
+                ttft, timings = asyncio.run(ttft_ms(address, request(clip, args.max_tokens)))
+                pids = stage_pids(stack)
+                cpu = cpu_s([p for ps in pids.values() for p in ps]) - before_cpu
+                out[seconds] = {"ttft_ms": ttft, "cpu_s": cpu, "bound_ms": cpu / os.cpu_count() * 1e3,
+                                "stages_ms": (timings.decode_ms, timings.encode_ms, timings.prefill_ms),
+                                "rss_mb": {s: peak_rss_mb(p) for s, p in pids.items()}}
+                written = sorted(set(client.keys("mmserve:emb:*")) - before_keys)
+                if mode == "streamed" and seconds == min(clips) and len(written) > 1:
+                    client.delete(*written[::2])  # half the chunks evicted
+                    out[seconds]["partly_cached_ttft_ms"] = asyncio.run(ttft_ms(address, request(clip,
+                                                                                                 args.max_tokens)))[0]
+                    out[seconds]["num_chunks"] = len(written)
+            return out
+        finally:
+            stack.stop()
+            redis_stack.stop()
+
+
+def hf_ttft_ms(model: str, clips: dict[float, bytes], num_tokens: int) -> dict[float, float]:
+    """transformers' generate on each clip in this process (its processor and prefill), after a warm-up."""
+    from hf_baseline import HfModel
+    from latency import via_transformers
+
+    hf = HfModel(model)
+    via_transformers(hf, request(make_video(seconds=2.0, fps=30, width=64, height=64, seed=1), num_tokens), 1)
+    return {s: via_transformers(hf, request(clip, num_tokens), num_tokens)[0] for s, clip in clips.items()}
+
+
+def on_paper(stages_ms: tuple[float, float, float], seconds: float, args) -> None:
+    """The TTFT the same pipeline would reach with N decoders and M encoders (FlashCodec's setting: GPU decoders
+    splitting a clip's chunks), from one clip's measured store-and-forward stage times: each stage's time divided
+    over its replicas, the stages overlapped chunk by chunk (policy.pipelined_ms)."""
+    from services.router.policy import pipelined_ms
+
+    decode, encode, prefill = stages_ms
+    num_chunks = max(1, math.ceil(seconds * 2 / args.chunk_frames))  # the family's 2 fps sampling
+    print(f"\non paper, {seconds:.0f} s clip: decode {decode:.0f} ms, encode {encode:.0f} ms, prefill {prefill:.0f} ms "
+          f"measured store-and-forward; {num_chunks} chunks")
+    print("| decoders N | encoders M | store-and-forward ms | streamed ms |")
+    print("|---|---|---|---|")
+    for n, m in ((1, 1), (2, 2), (4, 4), (8, 8), (8, 2)):
+        stages = (decode / n, encode / m, prefill)
+        print(f"| {n} | {m} | {sum(stages):.0f} | {pipelined_ms(stages, num_chunks):.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="checkpoint directory (default: a tiny random Qwen2.5-VL)")
+    parser.add_argument("--seconds", default="10,20", help="clip lengths, comma-separated (issue: 60,300)")
+    parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--height", type=int, default=180)
+    parser.add_argument("--chunk-frames", type=int, default=16, help="the router's --video-chunk-frames")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--modes", default="streamed,store_and_forward")
+    parser.add_argument("--skip-hf", action="store_true", help="no transformers baseline (slow on long clips)")
+    args = parser.parse_args()
+    model = args.model or str(build_tiny_model(pathlib.Path(tempfile.mkdtemp()) / "tiny", seed=0))
+    lengths = sorted(float(s) for s in args.seconds.split(","))
+    clips = {s: make_video(seconds=s, fps=30, width=args.width, height=args.height, seed=int(s)) for s in lengths}
+    modes = args.modes.split(",")
+    results = {mode: serve_mode(mode, model, clips, args) for mode in modes}
+    hf = {} if args.skip_hf else hf_ttft_ms(model, clips, args.max_tokens)
+
+    print(f"\n{args.width}x{args.height} clips, {os.cpu_count()} cores, --video-chunk-frames {args.chunk_frames}")
+    print("| clip | mode | TTFT ms | CPU s (all stages) | machine bound ms | peak RSS MB router / decoder / encoder / llm |")
+    print("|---|---|---|---|---|---|")
+    for s in lengths:
+        for mode in modes:
+            r = results[mode][s]
+            rss = " / ".join(f"{r['rss_mb'].get(stage, 0):.0f}" for stage in STAGES)
+            print(f"| {s:.0f} s | {mode} | {r['ttft_ms']:.0f} | {r['cpu_s']:.1f} | {r['bound_ms']:.0f} | {rss} |")
+        if s in hf:
+            print(f"| {s:.0f} s | transformers generate | {hf[s]:.0f} | | | |")
+    short, long_ = lengths[0], lengths[-1]
+    if "store_and_forward" in results:
+        on_paper(results["store_and_forward"][long_]["stages_ms"], long_, args)
+    main_mode = modes[0]
+    first = results[main_mode][short]
+    if "partly_cached_ttft_ms" in first:
+        print(f"\npartly cached {short:.0f} s clip (half of {first['num_chunks']} chunks evicted): "
+              f"{first['partly_cached_ttft_ms']:.0f} ms vs {first['ttft_ms']:.0f} ms uncached")
+    ratio = (first["ttft_ms"] / results["store_and_forward"][short]["ttft_ms"]
+             if "store_and_forward" in results and main_mode != "store_and_forward" else float("nan"))
+    growth = max(results[main_mode][long_]["rss_mb"][stage] / max(1e-9, first["rss_mb"][stage])
+                 for stage in ("router", "decoder", "encoder") if stage in first["rss_mb"])
+    print(f"ttft_ratio_vs_store_and_forward_60s={ratio:.2f} ttft_vs_cpu_bound_60s="
+          f"{first['ttft_ms'] / max(1e-9, first['bound_ms']):.2f} peak_rss_growth_5min_vs_60s={growth:.2f}")
+
+
+if __name__ == "__main__":
+    main()
