@@ -114,7 +114,8 @@ def frames_per_cut(family: Family, plan: DecodePlan) -> int:
 
 
 def fault_injection_enabled() -> bool:
-    """Tests only: with MMSERVE_DECODER_FAULT_INJECTION=1, request ids 'fault:crash' / 'fault:hang' break a worker."""
+    """Tests only: with MMSERVE_DECODER_FAULT_INJECTION=1, request ids 'fault:crash' / 'fault:hang' break a worker
+    (of the first chunk; 'fault:hang:k': of the k-th chunk asked for)."""
     return os.environ.get(FAULT_INJECTION_ENV) == "1"
 
 
@@ -211,13 +212,17 @@ class DecodeEngine:
         """The wanted chunks on the worker pool, each into its own scratch file, freed once yielded."""
         c, info = self.config, index.info
 
+        fault_name, _, at = fault.partition(":")
+        faulty = wanted[min(int(at or 0), len(wanted) - 1)]
+
         async def decode(chunk: Chunk) -> tuple[torch.Tensor, float]:
             out_path = os.path.join(workdir, f"frames-{chunk.index}")
             shape = (len(chunk.frame_pts), *plan.out_shape[1:])
             out = await _scratch_write(_allocate, out_path, shape)
-            # A test fault breaks only the first chunk's worker, so what the test sees does not race with the others.
+            # A test fault breaks one chunk's worker only ("hang:k": the k-th wanted, else the first), so what the
+            # test sees does not race with the others.
             task = ChunkTask(path, out_path, shape, 0, chunk.spans, chunk.frame_pts, info.width, info.height,
-                             fault if chunk.index == wanted[0] else "")
+                             fault_name if chunk.index == faulty else "")
             # Long chunks get a proportional time allowance; only a hung worker runs past it.
             num_packets = sum(s.stop - s.start for s in chunk.spans)
             _, ms = await self.pool.run(task, c.task_timeout_s + c.task_ms_per_packet * num_packets / 1e3)
