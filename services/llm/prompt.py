@@ -57,6 +57,8 @@ class PromptBuilder:
         # Every item must bring the features of each layer the text model adds them after (Qwen3-VL's DeepStack).
         vision = getattr(config, "vision_config", None)
         self.num_deepstack_layers = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+        # A family that writes each temporal group's time into the prompt (Qwen3-VL) needs every video's timestamps.
+        self.writes_timestamps = bool(family.timestamps([0, 1], 1.0))
 
     def build(self, messages: list[ChatMessage]) -> tuple[list[int], MultimodalPrompt]:
         """Token ids of the prompt (ending with the assistant turn's header) and its multimodal data."""
@@ -85,7 +87,7 @@ class PromptBuilder:
             if len(m.deepstack) != self.num_deepstack_layers:
                 raise PromptError(f"{m.kind}: embeddings carry {len(m.deepstack)} DeepStack layers, the model "
                                   f"takes {self.num_deepstack_layers}")
-            if m.timestamps and len(m.timestamps) != m.grid_thw[0]:
+            if (m.timestamps or (m.kind == "video" and self.writes_timestamps)) and len(m.timestamps) != m.grid_thw[0]:
                 raise PromptError(f"{m.kind}: {len(m.timestamps)} timestamps for {m.grid_thw[0]} temporal groups")
 
     def _expand(self, ids: list[int], media: list[MediaInput],

@@ -17,7 +17,6 @@ from typing import Callable
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
 from mmserve.cache_keys import MediaParams, media_key
-from mmserve.media import sizing
 from mmserve.media.errors import MediaError
 from mmserve.media.fetch import FetchPolicy, fetch_uri
 from mmserve.models.family import Family
@@ -26,7 +25,7 @@ from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
 from services.router.costs import MediaShape, ShapeEstimator
 from services.router.failover import Failover, ReplicaDown, answer_from, stream_from
-from services.router.planning import decode_plan, shape_of
+from services.router.planning import decode_plan, patch_side, shape_of
 from services.router.policy import degraded_frames
 from services.router.replicas import ReplicaPool
 
@@ -82,18 +81,19 @@ class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
-                 model_id: str, encoder_dtype: str, family: Family, processing: sizing.ImageProcessing,
-                 fetch_policy: FetchPolicy, max_frames: int = 0, max_pixels: int = 0):
+                 model_id: str, encoder_dtype: str, family: Family, fetch_policy: FetchPolicy, max_frames: int = 0,
+                 max_pixels: int = 0):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
         self.model_id = model_id
         self.encoder_dtype = encoder_dtype
         self.family = family
-        self.processing = processing  # patch size (cost estimates) and warm-up bounds
         self.fetch_policy = fetch_policy
-        self.shapes = ShapeEstimator(processing.patch_size)
-        # The server's caps also bound what a request gets when it asks for nothing.
+        self.patch_side = patch_side(family)  # encode costs count patches; the frames' pixels tell them
+        self.shapes = ShapeEstimator(self.patch_side)
+        # The server's caps also bound what a request gets when it asks for nothing; max_pixels bounds one image or
+        # one video frame for every family (a family's budget over all frames is its total_pixels).
         self.max_frames = max_frames or family.default_params("video").max_frames
         self.max_pixels = max_pixels or family.default_params("image").max_pixels
 
@@ -230,7 +230,8 @@ class MediaStage:
                 task.cancel()  # on failure or cancellation; unclaimed tensors expire with their leases
         encoded = time.perf_counter()
         t, h, w = sum(r.grid_thw[0] for r in replies), replies[0].grid_thw[1], replies[0].grid_thw[2]
-        self.shapes.observe(item.kind, prepared.digest, len(prepared.data), MediaShape(num_frames, num_pixels, t * h * w))
+        self.shapes.observe(item.kind, prepared.digest, len(prepared.data),
+                            MediaShape(num_frames, num_pixels, self._num_patches(item.kind, (t, h, w))))
         metrics.STAGE_SECONDS.labels("decode").observe(decoded - start)
         metrics.STAGE_SECONDS.labels("encode").observe(encoded - first_chunk)
         # The router only joins handles: the llm maps (or reads) the chunks' tensors itself.
@@ -241,7 +242,7 @@ class MediaStage:
 
     async def _encode(self, request: encoder_pb2.EncodeRequest, prepared: Prepared, deadline: float,
                       latest_start: float, exclude: frozenset[str]) -> encoder_pb2.EncodeResponse:
-        num_patches = math.prod(request.frames.shape[:3]) / self.processing.patch_size ** 2
+        num_patches = math.prod(request.frames.shape[:3]) / self.patch_side ** 2
         # Chunk i goes where chunk i of this media went last; different chunks still spread over replicas.
         affinity = f"{prepared.digest}:{request.cache.chunk_index}"
         async with self.encoders.slot(latest_start=latest_start, exclude=exclude, affinity=affinity,
@@ -249,8 +250,12 @@ class MediaStage:
             self.encoders.remember(affinity, encoder)
             call = encoder.stub.Encode(request, timeout=_left(deadline), metadata=transport.caller_metadata())
             reply = await answer_from("encoder", encoder, call)
-            encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
+            encoder.costs.observe(self._num_patches(prepared.item.kind, tuple(reply.grid_thw)), reply.encode_ms)
             return reply
+
+    def _num_patches(self, kind: str, grid: tuple[int, ...]) -> int:
+        """Vision patches the tower ran on for an item (or chunk) of this grid, whatever the family's grid means."""
+        return self.family.num_tokens(FamilyItem(kind, grid)) * self.family.patches_per_token
 
     async def _lookup(self, key: Callable[[int], str]) -> tuple[CachedEmbedding | None, int]:
         """The whole item's entry headers joined, and its number of chunks: chunk 0 says how many there are, the

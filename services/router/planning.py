@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import pathlib
 
 import PIL.Image
@@ -38,6 +39,13 @@ def shape_of(plan: DecodePlan, family: Family) -> MediaShape:
     """The decode and encode size of a plan."""
     return MediaShape(plan.num_frames, plan.num_frames * plan.height * plan.width,
                       family.num_tokens(plan.item) * family.patches_per_token)
+
+
+def patch_side(family: Family) -> int:
+    """Side in pixels of one vision patch, from the family's own plan of a 448x448 image (the cost models count
+    patches; the decoded frames tell only pixels)."""
+    shape = shape_of(family.plan_decode("image", family.default_params("image"), 448, 448), family)
+    return round(math.sqrt(shape.num_pixels / shape.num_patches))
 
 
 def planned_shape(kind: str, data: bytes, params: MediaParams, family: Family) -> MediaShape | None:

@@ -15,7 +15,6 @@ import torch
 from mmserve import transport
 from mmserve.media.fetch import FetchPolicy
 from mmserve.media.samples import make_image, make_video
-from mmserve.media.sizing import ImageProcessing
 from mmserve.media.video import decode_video, probe_video
 from mmserve.models.family import family_of, pack
 from mmserve.v1 import api_pb2
@@ -69,8 +68,7 @@ async def _embed(chain, kind: str, data: bytes):
         await decoder_pool.wait_healthy(60)
         await encoder_pool.wait_healthy(60)
         stage = MediaStage(decoders=decoder_pool, encoders=encoder_pool, cache=None, model_id="test",
-                           encoder_dtype="float32", family=family, processing=ImageProcessing.from_pretrained(model),
-                           fetch_policy=FetchPolicy())
+                           encoder_dtype="float32", family=family, fetch_policy=FetchPolicy())
         prepared = await stage.prepare(MediaItem(kind, api_pb2.Media(data=data), f"parts[0].{kind}"))
         now = time.perf_counter()
         embedded = await stage.embed("families", prepared, deadline=now + 120, latest_start=now + 120, attempts=1)
