@@ -260,3 +260,12 @@ def test_plan_gives_each_stage_its_config_and_the_router_its_further_flags():
     children = planned.children()
     assert [c.name for c in children] == ["decoder", "encoder-0", "encoder-1", "llm", "router"]
     assert RouterConfig.parse(children[-1].argv[3:]) == router  # the process gets exactly the planned config
+
+
+def test_router_keys_the_cache_with_the_encoders_dtype():
+    """The router's --encoder-dtype is the encoders' --dtype (one DTYPE), so a bfloat16 fleet's entries are keyed as
+    bfloat16 whatever a CPU on the router's host would resolve "auto" to."""
+    for env in ({}, {"DTYPE": "bfloat16"}):
+        services = load_compose(env=env)["services"]
+        dtype = option_value(services["encoder"]["command"], "--dtype")
+        assert option_value(services["router"]["command"], "--encoder-dtype") == dtype == env.get("DTYPE", "auto")
