@@ -25,7 +25,7 @@ from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
 from services.router.costs import MediaShape, ShapeEstimator
 from services.router.failover import Failover, ReplicaDown, answer_from, stream_from
-from services.router.planning import decode_plan, patch_side, shape_of
+from services.router.planning import decode_plan, num_patches, patch_side, shape_of
 from services.router.policy import degraded_frames
 from services.router.replicas import ReplicaPool
 
@@ -230,8 +230,8 @@ class MediaStage:
                 task.cancel()  # on failure or cancellation; unclaimed tensors expire with their leases
         encoded = time.perf_counter()
         t, h, w = sum(r.grid_thw[0] for r in replies), replies[0].grid_thw[1], replies[0].grid_thw[2]
-        self.shapes.observe(item.kind, prepared.digest, len(prepared.data),
-                            MediaShape(num_frames, num_pixels, self._num_patches(item.kind, (t, h, w))))
+        patches = num_patches(self.family, FamilyItem(item.kind, (t, h, w)))
+        self.shapes.observe(item.kind, prepared.digest, len(prepared.data), MediaShape(num_frames, num_pixels, patches))
         metrics.STAGE_SECONDS.labels("decode").observe(decoded - start)
         metrics.STAGE_SECONDS.labels("encode").observe(encoded - first_chunk)
         # The router only joins handles: the llm maps (or reads) the chunks' tensors itself.
@@ -242,20 +242,17 @@ class MediaStage:
 
     async def _encode(self, request: encoder_pb2.EncodeRequest, prepared: Prepared, deadline: float,
                       latest_start: float, exclude: frozenset[str]) -> encoder_pb2.EncodeResponse:
-        num_patches = math.prod(request.frames.shape[:3]) / self.patch_side ** 2
+        frame_patches = math.prod(request.frames.shape[:3]) / self.patch_side ** 2
         # Chunk i goes where chunk i of this media went last; different chunks still spread over replicas.
         affinity = f"{prepared.digest}:{request.cache.chunk_index}"
         async with self.encoders.slot(latest_start=latest_start, exclude=exclude, affinity=affinity,
-                                      work_ms=lambda r: r.costs.predict(num_patches)) as encoder:
+                                      work_ms=lambda r: r.costs.predict(frame_patches)) as encoder:
             self.encoders.remember(affinity, encoder)
             call = encoder.stub.Encode(request, timeout=_left(deadline), metadata=transport.caller_metadata())
             reply = await answer_from("encoder", encoder, call)
-            encoder.costs.observe(self._num_patches(prepared.item.kind, tuple(reply.grid_thw)), reply.encode_ms)
+            encoder.costs.observe(num_patches(self.family, FamilyItem(prepared.item.kind, tuple(reply.grid_thw))),
+                                  reply.encode_ms)
             return reply
-
-    def _num_patches(self, kind: str, grid: tuple[int, ...]) -> int:
-        """Vision patches the tower ran on for an item (or chunk) of this grid, whatever the family's grid means."""
-        return self.family.num_tokens(FamilyItem(kind, grid)) * self.family.patches_per_token
 
     async def _lookup(self, key: Callable[[int], str]) -> tuple[CachedEmbedding | None, int]:
         """The whole item's entry headers joined, and its number of chunks: chunk 0 says how many there are, the

@@ -37,8 +37,13 @@ def decode_plan(kind: str, data: bytes, params: MediaParams, family: Family) -> 
 
 def shape_of(plan: DecodePlan, family: Family) -> MediaShape:
     """The decode and encode size of a plan."""
-    return MediaShape(plan.num_frames, plan.num_frames * plan.height * plan.width,
-                      family.num_tokens(plan.item) * family.patches_per_token)
+    return MediaShape(plan.num_frames, plan.num_frames * plan.height * plan.width, num_patches(family, plan.item))
+
+
+def num_patches(family: Family, item: MediaItem) -> int:
+    """Vision patches the tower runs on for an item (or a video chunk), whatever the family's grid means (an InternVL
+    grid is tiles, columns, rows): the unit of the encode cost models."""
+    return family.num_tokens(item) * family.patches_per_token
 
 
 def patch_side(family: Family) -> int:
