@@ -1,7 +1,11 @@
 """LLM engine benchmark: step efficiency vs the bare forward, throughput vs transformers, stall-free decoding.
 
-    python benchmarks/llm_engine.py [--preset tiny|small|qwen2.5-vl-3b-width|both] [--requests 64] [--max-output 24]
-                                    [--only a] [--num-threads N]
+    python benchmarks/llm_engine.py [--family qwen2_5_vl|qwen3_vl|internvl] [--preset tiny|PRESET|both]
+                                    [--requests 64] [--max-output 24] [--only a|ab] [--num-threads N]
+
+--family picks the checkpoint family (built by its own tiny-model builder; "both" runs its tiny preset and its
+real-widths one: qwen2.5-vl-3b-width, qwen3-vl-2b-width, internvl3-1b-width); the floor loads the family's language
+model, transformers runs the family's own class.
 
 (a) decode step time at batch 1, 8, 32 against the same weights' bare forward on pre-built inputs
     (HF text model + lm_head with a pre-filled DynamicCache): efficiency = floor / engine step;
@@ -23,15 +27,19 @@ import tempfile
 import time
 
 import torch
-from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, DynamicCache
 
 from mmserve.models import loading
-from mmserve.models.tiny import build_tiny_model
+from mmserve.models.family import family_of
+from mmserve.models.tiny import build_family_model
 from services.llm.config import LlmConfig
 from services.llm.engine import Engine, Finished
 from services.llm.prompt import ChatMessage
 from services.llm.sequence import SamplingOptions
 
+# Each family's presets: the tiny test model first, the real-widths one (few layers) last.
+PRESETS = {"qwen2_5_vl": ["tiny", "small", "qwen2.5-vl-3b-width"], "qwen3_vl": ["tiny", "qwen3-vl-2b-width"],
+           "internvl": ["tiny", "tiny-qwen3", "internvl3-1b-width"]}
 WORDS = "the quick brown fox jumps over a lazy dog while seven birds sing about rivers and mountains".split()
 
 
@@ -81,7 +89,7 @@ def _dtype(model: str) -> torch.dtype:
 @torch.inference_mode()
 def floor_step_ms(model: str, batch: int, context: int = 52, steps: int = 20) -> float:
     """The same weights' forward for one decode token per sequence, inputs and cache built beforehand."""
-    text_model, lm_head = loading.load_language_model(model, _dtype(model))
+    text_model, lm_head = family_of(model).load_language_model(model, _dtype(model), torch.device("cpu"))
     ids = torch.randint(0, 1000, (batch, context))
     cache = DynamicCache(config=text_model.config)
     text_model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -120,7 +128,7 @@ def hf_total_s(model: str, workload) -> float:
     """transformers' generate one request at a time, as a user would call it."""
     from transformers import AutoTokenizer
 
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=_dtype(model)).eval()
+    hf = AutoModelForImageTextToText.from_pretrained(model, dtype=_dtype(model)).eval()  # the family's own class
     tokenizer = AutoTokenizer.from_pretrained(model)
     start = time.perf_counter()
     for text, n in workload:
@@ -172,12 +180,12 @@ def step_efficiency(model: str, batches=(1, 8, 32), num_threads: int = 0) -> dic
     return efficiency
 
 
-def run_preset(preset: str, workdir: pathlib.Path, num_requests: int, max_output: int,
-               only_a: bool = False, num_threads: int = 0) -> tuple[float, float]:
-    model = str(build_tiny_model(workdir / preset, seed=0, preset=preset))
-    print(f"\n== {preset} ==")
+def run_preset(family: str, preset: str, workdir: pathlib.Path, num_requests: int, max_output: int,
+               only: str = "", num_threads: int = 0) -> tuple[float, float]:
+    model = str(build_family_model(family, workdir / preset, seed=0, preset=preset))
+    print(f"\n== {preset} ==" if family == "qwen2_5_vl" else f"\n== {family} {preset} ==")
     efficiency = step_efficiency(model, num_threads=num_threads)
-    if only_a:
+    if only == "a":
         return efficiency[32], float("nan")
     workload = mixed_workload(num_requests, max_output)
     engine_s = asyncio.run(engine_total_s(model, workload))
@@ -185,6 +193,8 @@ def run_preset(preset: str, workdir: pathlib.Path, num_requests: int, max_output
     speedup = hf_s / engine_s
     print(f"(b) {num_requests} mixed requests (answers of 4-{max_output} tokens): engine {engine_s:.1f} s, "
           f"transformers one at a time {hf_s:.1f} s, speed-up {speedup:.1f}x")
+    if only == "ab":
+        return efficiency[32], speedup
     long_words = 1500 if preset == "tiny" else 600
     chunked = asyncio.run(tbt_p99_ms(model, 256, long_words))
     whole = asyncio.run(tbt_p99_ms(model, 8192, long_words))
@@ -195,18 +205,22 @@ def run_preset(preset: str, workdir: pathlib.Path, num_requests: int, max_output
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="both", choices=["tiny", "small", "qwen2.5-vl-3b-width", "both"])
+    parser.add_argument("--family", default="qwen2_5_vl", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="both",
+                        choices=sorted({p for ps in PRESETS.values() for p in ps} | {"both"}))
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-output", type=int, default=24, help="longest answer of (b), in tokens (24 keeps the "
                                                                     "run short; chat answers run to hundreds)")
-    parser.add_argument("--only", choices=["a"], help="run only part (a), the step efficiency")
+    parser.add_argument("--only", choices=["a", "ab"], help="run only part (a), the step efficiency, or (a) and (b)")
     parser.add_argument("--num-threads", type=int, default=0,
                         help="torch threads of (a)'s engine and floor alike (0: torch's default). On a machine whose "
                              "cores others use too, 1: a thread team waits at every barrier for a descheduled peer")
     args = parser.parse_args()
-    presets = ["tiny", "qwen2.5-vl-3b-width"] if args.preset == "both" else [args.preset]
+    if args.preset not in PRESETS[args.family] + ["both"]:
+        parser.error(f"--preset {args.preset} is not one of {args.family}'s: {', '.join(PRESETS[args.family])}")
+    presets = [PRESETS[args.family][0], PRESETS[args.family][-1]] if args.preset == "both" else [args.preset]
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_preset(p, pathlib.Path(tmp), args.requests, args.max_output, args.only == "a",
+        results = [run_preset(args.family, p, pathlib.Path(tmp), args.requests, args.max_output, args.only or "",
                               args.num_threads) for p in presets]
     efficiency, speedup = results[-1]
     print(f"engine_efficiency_b32={efficiency:.2f} speedup_vs_hf={speedup:.1f}")

@@ -17,17 +17,12 @@ from mmserve import tls
 def _tiny_model(args: argparse.Namespace) -> int:
     import torch
 
-    from mmserve.models.tiny import build_tiny_model
+    from mmserve.models.tiny import build_family_model
 
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        if args.family == "qwen2_5_vl":
-            print(build_tiny_model(args.out, seed=args.seed, preset=args.preset, show_progress=True, dtype=dtype))
-        else:
-            import importlib
-
-            tiny = importlib.import_module(f"mmserve.models.{args.family}.tiny")
-            print(tiny.build(args.out, seed=args.seed, preset=args.preset, dtype=dtype))
+        print(build_family_model(args.family, args.out, seed=args.seed, preset=args.preset, dtype=dtype,
+                                 show_progress=True))
     except (ValueError, OSError) as err:
         print(f"mmserve tiny-model: {err}", file=sys.stderr)
         return 2
@@ -150,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmserve", description="Disaggregated serving for multimodal LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint",
-                       description="Write a random-weight Qwen2.5-VL checkpoint in the Hugging Face layout "
+    p = sub.add_parser("tiny-model", help="write a tiny random-weight checkpoint (Qwen2.5-VL, Qwen3-VL or InternVL)",
+                       description="Write a random-weight checkpoint of --family in its Hugging Face layout "
                                    "(config, safetensors weights, tokenizer, processor), offline; prints its path.")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
@@ -160,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "layers); the last two are saved in bfloat16 like real checkpoints")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights' dtype (default: the preset's)")
     p.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl", "internvl"), default="qwen2_5_vl",
-                   help="model family; qwen3_vl presets: tiny, qwen3-vl-2b-width; internvl: tiny, internvl3-1b-width")
+                   help="model family; qwen3_vl presets: tiny, qwen3-vl-2b-width; internvl: tiny, tiny-qwen3 (an "
+                        "InternVL3.5-style Qwen3 text model), internvl3-1b-width")
     p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("up", help="start decoder, encoder, llm and router (and redis) on loopback",

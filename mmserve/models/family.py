@@ -19,7 +19,9 @@ from mmserve.cache_keys import MediaParams
 class MediaItem:
     """One image or video as planned: its kind and family-specific grid, plus video timing where the family uses it.
 
-    grid: Qwen families (t, h, w) in patches; InternVL (num_tiles,) for an image, (num_frames,) for a video.
+    grid: three ints in every family. Qwen families (t, h, w) in patches; InternVL (tiles, columns, rows) for an
+    image (canvas tiles plus the thumbnail when there is more than one; columns x rows of the canvas) and
+    (frames, 1, 1) for a video.
     """
 
     kind: str  # "image" or "video"

@@ -280,3 +280,14 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, preset: str = "t
     bar.update()
     bar.close()
     return out
+
+
+def build_family_model(family: str, out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny",
+                       dtype: torch.dtype | None = None, show_progress: bool = False) -> pathlib.Path:
+    """A random-weight checkpoint of any family (qwen2_5_vl, qwen3_vl, internvl) by that family's own builder."""
+    if family == "qwen2_5_vl":
+        return build_tiny_model(out_dir, seed=seed, preset=preset, show_progress=show_progress, dtype=dtype)
+    import importlib
+
+    return importlib.import_module(f"mmserve.models.{family}.tiny").build(out_dir, seed=seed, preset=preset,
+                                                                         dtype=dtype)

@@ -69,6 +69,8 @@ class PromptBuilder:
         vision = getattr(config, "vision_config", None)
         self.num_deepstack_layers = len(getattr(vision, "deepstack_visual_indexes", None) or ())
         self.hidden_size = (getattr(config, "text_config", None) or config).hidden_size  # a packed chunk's column block
+        # A family that writes each temporal group's time into the prompt (Qwen3-VL) needs every video's timestamps.
+        self.writes_timestamps = bool(family.timestamps([0, 1], 1.0))
 
     def build(self, messages: list[ChatMessage]) -> tuple[list[int], MultimodalPrompt]:
         """Token ids of the prompt (ending with the assistant turn's header) and its multimodal data."""
@@ -94,7 +96,7 @@ class PromptBuilder:
         if len({m.embeddings is None for m in media}) > 1:
             raise PromptError("media: either every item brings its embeddings or every item is streamed")
         for m, item in zip(media, items):
-            if m.timestamps and len(m.timestamps) != m.grid_thw[0]:
+            if (m.timestamps or (m.kind == "video" and self.writes_timestamps)) and len(m.timestamps) != m.grid_thw[0]:
                 raise PromptError(f"{m.kind}: {len(m.timestamps)} timestamps for {m.grid_thw[0]} temporal groups")
             if m.embeddings is None:
                 rows = m.chunk_rows or (self.family.num_tokens(item),)

@@ -9,7 +9,6 @@ from mmserve import rpc
 from mmserve.cache import EmbeddingCache
 from mmserve.cache_keys import encoder_id, model_fingerprint
 from mmserve.media.fetch import FetchPolicy
-from mmserve.media.sizing import ImageProcessing
 from mmserve.models.dtypes import cpu_dtype_name
 from mmserve.models.family import Family, family_of
 from mmserve.roles import Role
@@ -72,7 +71,6 @@ async def build_router(config: RouterConfig) -> Role:
     media = MediaStage(decoders=decoders, encoders=encoders, cache=cache,
                        model_id=encoder_id(model_fingerprint(config.model), family.name, dtype_name),
                        encoder_dtype=dtype_name, family=family,
-                       processing=ImageProcessing.from_pretrained(config.model),
                        max_frames=config.max_video_frames, max_pixels=config.max_item_pixels,
                        chunk_frames=config.video_chunk_frames if config.stream_prefill else 0,
                        fetch_policy=FetchPolicy(media_root=config.media_root, max_bytes=config.max_media_bytes,
@@ -91,7 +89,7 @@ async def build_router(config: RouterConfig) -> Role:
         except TimeoutError:
             log.warning("no healthy %s replica yet; serving anyway", pool.stage)
     if config.warmup:
-        background.append(asyncio.ensure_future(warm_up(pools, media.processing)))
+        background.append(asyncio.ensure_future(warm_up(pools, family)))
     http = OpenAiServer(config, service.add_local_port()) if config.http_port else None
 
     async def close() -> None:

@@ -17,7 +17,6 @@ from typing import Callable
 from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
 from mmserve.cache_keys import MediaParams, media_key, window_key
-from mmserve.media import sizing
 from mmserve.media.errors import MediaError
 from mmserve.media.fetch import FetchPolicy, fetch_uri
 from mmserve.models.family import Family
@@ -26,7 +25,8 @@ from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
 from services.router.costs import MediaShape, ShapeEstimator
 from services.router.failover import Failover, ReplicaDown, answer_from, stream_from
-from services.router.planning import Chunks, cached_chunks, decode_plan, missing_shape, plan_chunks, shape_of
+from services.router.planning import (Chunks, cached_chunks, decode_plan, missing_shape, num_patches, patch_side,
+                                     plan_chunks, shape_of)
 from services.router.policy import degraded_frames
 from services.router.replicas import ReplicaPool
 
@@ -101,18 +101,19 @@ class MediaStage:
     """Turns one media item into embeddings the LLM can splice in."""
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
-                 model_id: str, encoder_dtype: str, family: Family, processing: sizing.ImageProcessing,
-                 fetch_policy: FetchPolicy, max_frames: int = 0, max_pixels: int = 0, chunk_frames: int = 0):
+                 model_id: str, encoder_dtype: str, family: Family, fetch_policy: FetchPolicy, max_frames: int = 0,
+                 max_pixels: int = 0, chunk_frames: int = 0):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
         self.model_id = model_id
         self.encoder_dtype = encoder_dtype
         self.family = family
-        self.processing = processing  # patch size (cost estimates) and warm-up bounds
         self.fetch_policy = fetch_policy
-        self.shapes = ShapeEstimator(processing.patch_size)
-        # The server's caps also bound what a request gets when it asks for nothing.
+        self.patch_side = patch_side(family)  # encode costs count patches; the frames' pixels tell them
+        self.shapes = ShapeEstimator(self.patch_side)
+        # The server's caps also bound what a request gets when it asks for nothing; max_pixels bounds one image or
+        # one video frame for every family (a family's budget over all frames is its total_pixels).
         self.max_frames = max_frames or family.default_params("video").max_frames
         self.max_pixels = max_pixels or family.default_params("image").max_pixels
         self.chunk_frames = chunk_frames  # streamed prefill's video windows (0: store-and-forward)
@@ -274,7 +275,8 @@ class MediaStage:
                 task.cancel()  # on failure or cancellation; unclaimed tensors expire with their leases
         encoded = time.perf_counter()
         t, h, w = sum(r.grid_thw[0] for r in replies), replies[0].grid_thw[1], replies[0].grid_thw[2]
-        self.shapes.observe(item.kind, prepared.digest, len(prepared.data), MediaShape(num_frames, num_pixels, t * h * w))
+        patches = num_patches(self.family, FamilyItem(item.kind, (t, h, w)))
+        self.shapes.observe(item.kind, prepared.digest, len(prepared.data), MediaShape(num_frames, num_pixels, patches))
         metrics.STAGE_SECONDS.labels("decode").observe(decoded - start)
         metrics.STAGE_SECONDS.labels("encode").observe(encoded - first_chunk)
         # The router only joins handles: the llm maps (or reads) the chunks' tensors itself.
@@ -285,15 +287,16 @@ class MediaStage:
 
     async def encode_chunk(self, request: encoder_pb2.EncodeRequest, prepared: Prepared, deadline: float,
                       latest_start: float, exclude: frozenset[str]) -> encoder_pb2.EncodeResponse:
-        num_patches = math.prod(request.frames.shape[:3]) / self.processing.patch_size ** 2
+        frame_patches = math.prod(request.frames.shape[:3]) / self.patch_side ** 2
         # Chunk i goes where chunk i of this media went last; different chunks still spread over replicas.
         affinity = f"{prepared.digest}:{request.cache.chunk_index}"
         async with self.encoders.slot(latest_start=latest_start, exclude=exclude, affinity=affinity,
-                                      work_ms=lambda r: r.costs.predict(num_patches)) as encoder:
+                                      work_ms=lambda r: r.costs.predict(frame_patches)) as encoder:
             self.encoders.remember(affinity, encoder)
             call = encoder.stub.Encode(request, timeout=time_left(deadline), metadata=transport.caller_metadata())
             reply = await answer_from("encoder", encoder, call)
-            encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
+            encoder.costs.observe(num_patches(self.family, FamilyItem(prepared.item.kind, tuple(reply.grid_thw))),
+                                  reply.encode_ms)
             return reply
 
     async def _lookup(self, key: Callable[[int], str]) -> tuple[CachedEmbedding | None, int]:

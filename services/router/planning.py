@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import pathlib
 
 import PIL.Image
@@ -43,8 +44,20 @@ def decode_plan(kind: str, data: bytes, params: MediaParams, family: Family) -> 
 
 def shape_of(plan: DecodePlan, family: Family) -> MediaShape:
     """The decode and encode size of a plan."""
-    return MediaShape(plan.num_frames, plan.num_frames * plan.height * plan.width,
-                      family.num_tokens(plan.item) * family.patches_per_token)
+    return MediaShape(plan.num_frames, plan.num_frames * plan.height * plan.width, num_patches(family, plan.item))
+
+
+def num_patches(family: Family, item: MediaItem) -> int:
+    """Vision patches the tower runs on for an item (or a video chunk), whatever the family's grid means (an InternVL
+    grid is tiles, columns, rows): the unit of the encode cost models."""
+    return family.num_tokens(item) * family.patches_per_token
+
+
+def patch_side(family: Family) -> int:
+    """Side in pixels of one vision patch, from the family's own plan of a 448x448 image (the cost models count
+    patches; the decoded frames tell only pixels)."""
+    shape = shape_of(family.plan_decode("image", family.default_params("image"), 448, 448), family)
+    return round(math.sqrt(shape.num_pixels / shape.num_patches))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,10 @@ import time
 import grpc
 
 from mmserve import transport
-from mmserve.media import sizing
 from mmserve.media.samples import make_image
+from mmserve.models.family import Family, MediaItem
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
+from services.router.planning import num_patches
 from services.router.pools import Pools
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 _TIMEOUT_S = 60.0
 
 
-async def warm_up(pools: Pools, processing: sizing.ImageProcessing) -> None:
+async def warm_up(pools: Pools, family: Family) -> None:
     """Profiles every healthy replica once; failures are logged and ignored (live traffic refines anyway)."""
     try:
         for pool in pools:
@@ -31,8 +32,8 @@ async def warm_up(pools: Pools, processing: sizing.ImageProcessing) -> None:
         image = make_image(width=224, height=224, fmt="PNG")
         decoders = pools.decoders.healthy()
         for i, encoder in enumerate(pools.encoders.healthy()):
-            frames = await _decode(decoders[i % len(decoders)], image, processing)
-            await _encode(encoder, frames)
+            frames, grid = await _decode(decoders[i % len(decoders)], image, family)
+            await _encode(encoder, frames, grid, family)
         for llm in pools.llms.healthy():
             await _prefill(llm)
         log.info("warm-up profile done")
@@ -40,20 +41,21 @@ async def warm_up(pools: Pools, processing: sizing.ImageProcessing) -> None:
         log.warning("warm-up profile incomplete: %s", err)
 
 
-async def _decode(decoder, image: bytes, processing: sizing.ImageProcessing):
+async def _decode(decoder, image: bytes, family: Family):
+    params = family.default_params("image")  # what a request that asks for nothing gets
     request = decoder_pb2.DecodeRequest(request_id="warmup", kind=decoder_pb2.MEDIA_KIND_IMAGE, data=image,
-                                        min_pixels=processing.min_pixels, max_pixels=processing.max_pixels)
+                                        min_pixels=params.min_pixels, max_pixels=params.max_pixels)
     start = time.perf_counter()
     chunks = [c async for c in decoder.stub.Decode(request, timeout=_TIMEOUT_S, metadata=transport.caller_metadata())]
     decoder.costs.observe(1, math.prod(chunks[0].frames.shape[:3]), (time.perf_counter() - start) * 1e3)
-    return chunks[0].frames
+    return chunks[0].frames, chunks[0].grid
 
 
-async def _encode(encoder, frames) -> None:
+async def _encode(encoder, frames, grid, family: Family) -> None:
     reply = await encoder.stub.Encode(encoder_pb2.EncodeRequest(request_id="warmup", kind=decoder_pb2.MEDIA_KIND_IMAGE,
-                                                                frames=frames),
+                                                                frames=frames, grid=grid),
                                       timeout=_TIMEOUT_S, metadata=transport.caller_metadata())
-    encoder.costs.observe(math.prod(reply.grid_thw), reply.encode_ms)
+    encoder.costs.observe(num_patches(family, MediaItem("image", tuple(reply.grid_thw))), reply.encode_ms)
     await transport.release([reply.embeddings])  # nobody consumes a warm-up embedding: end its lease now
 
 

@@ -15,7 +15,6 @@ import torch
 from mmserve import transport
 from mmserve.media.fetch import FetchPolicy
 from mmserve.media.samples import make_image, make_video
-from mmserve.media.sizing import ImageProcessing
 from mmserve.media.video import decode_video, probe_video
 from mmserve.models.family import family_of, pack
 from mmserve.v1 import api_pb2
@@ -69,8 +68,7 @@ async def _embed(chain, kind: str, data: bytes):
         await decoder_pool.wait_healthy(60)
         await encoder_pool.wait_healthy(60)
         stage = MediaStage(decoders=decoder_pool, encoders=encoder_pool, cache=None, model_id="test",
-                           encoder_dtype="float32", family=family, processing=ImageProcessing.from_pretrained(model),
-                           fetch_policy=FetchPolicy())
+                           encoder_dtype="float32", family=family, fetch_policy=FetchPolicy())
         prepared = await stage.prepare(MediaItem(kind, api_pb2.Media(data=data), f"parts[0].{kind}"))
         now = time.perf_counter()
         embedded = await stage.embed("families", prepared, deadline=now + 120, latest_start=now + 120, attempts=1)
@@ -128,3 +126,34 @@ def test_a_video_split_over_two_encoders_equals_the_family_in_process(chain, ref
     # The decoder's frames and the pixel values are exact; chunks encoded apart differ from one pass only in the
     # order of float sums (attention never crosses a temporal group), hence the tolerance.
     assert tensor.shape == expected.shape and (tensor - expected).abs().max().item() <= 1e-5
+
+
+def test_warm_up_profiles_the_replicas_with_the_familys_image(chain):
+    """The router's warm-up decodes its image within the family's bounds (InternVL: one 448-pixel tile) and seeds
+    the encoder's cost model with the patches the tower ran on (InternVL's grid is tiles, columns, rows)."""
+    from mmserve.media.samples import make_image as sample
+    from services.router import warmup
+
+    model, decoders, encoders = chain
+    family = family_of(model)
+
+    async def profile():
+        pools = build_pools(RouterConfig(model=model, decoder_addrs=decoders, encoder_addrs=encoders,
+                                         llm_addrs="127.0.0.1:1"))
+        try:
+            await pools.decoders.wait_healthy(60)
+            await pools.encoders.wait_healthy(60)
+            decoder, encoder = pools.decoders.healthy()[0], pools.encoders.healthy()[0]
+            observed = []
+            encoder.costs.observe = lambda num_patches, ms: observed.append(num_patches)  # what warm-up counts
+            frames, grid = await warmup._decode(decoder, sample(width=224, height=224, fmt="PNG"), family)
+            await warmup._encode(encoder, frames, grid, family)
+            return tuple(frames.shape), observed
+        finally:
+            for pool in pools:
+                await pool.close()
+
+    shape, observed = asyncio.run(profile())
+    plan = family.plan_decode("image", family.default_params("image"), 224, 224)
+    assert shape == (plan.num_frames, plan.height, plan.width, 3)
+    assert observed == [family.num_tokens(plan.item) * family.patches_per_token]

@@ -33,7 +33,7 @@ REGISTRY = {"registry_url", "advertise_address"}
 # Compose's own Redis has a password; `mmserve up --redis-url` uses the given Redis as it is.
 COMPOSE_ONLY = {"decoder": REGISTRY | {"redis_password_file"}, "encoder": {"dtype", "redis_password_file"} | REGISTRY,
                 "llm": {"dtype", "kv_cache_bytes", "redis_password_file"} | REGISTRY,
-                "router": REGISTRY | {"redis_password_file"}}
+                "router": REGISTRY | {"encoder_dtype", "redis_password_file"}}
 # `mmserve up` starts the router with its stages and has it reconnect quickly; compose starts it once they are healthy.
 PLAN_ONLY: dict[str, set[str]] = {"decoder": set(), "encoder": set(), "llm": set(),
                                   "router": {"replica_reconnect_max_ms"}}

@@ -274,3 +274,12 @@ def test_up_unified_runs_the_encoder_and_the_llm_as_one_unified_replica():
     from stack.unified import parse
 
     assert parse(children[1].argv[3:])[:2] == (encoder, llm)  # one process, exactly the planned configs
+
+
+def test_router_keys_the_cache_with_the_encoders_dtype():
+    """The router's --encoder-dtype is the encoders' --dtype (one DTYPE), so a bfloat16 fleet's entries are keyed as
+    bfloat16 whatever a CPU on the router's host would resolve "auto" to."""
+    for env in ({}, {"DTYPE": "bfloat16"}):
+        services = load_compose(env=env)["services"]
+        dtype = option_value(services["encoder"]["command"], "--dtype")
+        assert option_value(services["router"]["command"], "--encoder-dtype") == dtype == env.get("DTYPE", "auto")

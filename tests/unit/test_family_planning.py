@@ -3,6 +3,7 @@ the router's exact prompt count against the llm's expanded ids; cache entries wi
 
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from mmserve.models.family import EncodedItem, MediaItem, family_of, pack, unpac
 from mmserve.models.qwen2_5_vl.family import linspace_indices
 from mmserve.transport import from_ref, to_ref
 from mmserve.v1 import api_pb2
-from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
-from services.router.planning import PromptBudget
+from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder, PromptError
+from services.router.media import MediaItem as RouterItem
+from services.router.media import MediaStage
+from services.router.planning import PromptBudget, patch_side
 
 SIZES = [(72, 96), (200, 300), (500, 900), (1080, 1920), (40, 900)]
 CLIPS = [(40, 10.0), (300, 30.0), (7, 25.0), (2000, 24.0)]
@@ -65,6 +68,41 @@ def test_qwen2_5_frame_indices_are_torch_linspace():
         assert list(linspace_indices(total, n)) == torch.linspace(0, total - 1, n).round().long().tolist()
 
 
+def _stage(family, max_pixels: int = 0) -> MediaStage:
+    """The router's media stage with the server's default caps (no replicas: only its planning is used)."""
+    return MediaStage(decoders=None, encoders=None, cache=None, model_id="m", encoder_dtype="float32", family=family,
+                      fetch_policy=None, max_pixels=max_pixels)
+
+
+def _router_plan(family, stage: MediaStage, kind: str, height: int, width: int, total: int = 1, fps: float = 0.0):
+    params = stage.params(RouterItem(kind, api_pb2.Media(data=b"x"), f"parts[0].{kind}"))
+    return family.plan_decode(kind, params, height, width, total, fps)
+
+
+def test_router_plans_a_large_video_as_the_family_does(family):
+    """The server's per-item cap (16,777,216 pixels by default) bounds one frame: Qwen3-VL's budget of all frames
+    (25,165,824) is the video processor's, not cut to the cap."""
+    for height, width, total, fps in [(1080, 1920, 2000, 24.0), (720, 1280, 300, 30.0)]:
+        plan = _router_plan(family, _stage(family), "video", height, width, total, fps)
+        assert plan == family.plan_decode("video", family.default_params("video"), height, width, total, fps)
+    if family.name == "qwen3_vl":
+        assert plan.num_frames * plan.height * plan.width > 16_777_216
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+def test_server_pixel_cap_bounds_each_frame(family, height, width):
+    if family.name == "internvl":
+        pytest.skip("InternVL frames are fixed 448-pixel tiles: its cap counts tiles")
+    cap = 100_000  # above Qwen3-VL's image floor (65,536)
+    for kind, total, fps in [("image", 1, 0.0), ("video", 8, 4.0), ("video", 2000, 24.0)]:
+        plan = _router_plan(family, _stage(family, cap), kind, height, width, total, fps)
+        assert plan.height * plan.width <= cap
+
+
+def test_patch_side_is_the_familys(family):
+    assert patch_side(family) == {"qwen3_vl": 16, "internvl": 14}[family.name]
+
+
 def _video_item(family, total=60, fps=10.0, height=72, width=96) -> MediaItem:
     return family.plan_decode("video", family.default_params("video"), height, width, total, fps).item
 
@@ -94,11 +132,11 @@ def test_router_count_is_the_llms_expanded_ids(ckpt, family, name):
     conversation = CONVERSATIONS[name]
     items = [item_of(p) for _, parts in conversation for p in parts if is_media(p)]
     pending = iter(items)
-    config = AutoConfig.from_pretrained(ckpt)
-    num_deepstack = len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None) or [])
-    messages = [ChatMessage(role, [part if not is_media(part) else _media_input(family, next(pending), num_deepstack)
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(ckpt), family, AutoConfig.from_pretrained(ckpt))
+    messages = [ChatMessage(role, [part if not is_media(part) else
+                                   _media_input(family, next(pending), builder.num_deepstack_layers)
                                    for part in parts]) for role, parts in conversation]
-    ids, _ = PromptBuilder(AutoTokenizer.from_pretrained(ckpt), family, config).build(messages)
+    ids, _ = builder.build(messages)
     request = api_pb2.GenerateRequest(messages=[api_pb2.Message(role=role, parts=[
         api_pb2.Part(**{part.split(":")[0]: api_pb2.Media(data=b"x")}) if is_media(part) else api_pb2.Part(text=part)
         for part in parts]) for role, parts in conversation])
@@ -107,10 +145,23 @@ def test_router_count_is_the_llms_expanded_ids(ckpt, family, name):
     assert size.num_vision_tokens == sum(family.num_tokens(i) for i in items)
 
 
-def _media_input(family, item: MediaItem, num_deepstack: int) -> MediaInput:
+def test_a_video_without_timestamps_is_refused_naming_them(ckpt, family):
+    """Qwen3-VL writes a time before each temporal group: a video sent without them names the timestamps, not a
+    placeholder count; InternVL writes none and builds."""
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(ckpt), family, AutoConfig.from_pretrained(ckpt))
+    item = dataclasses.replace(_video_item(family), timestamps=())
+    messages = [ChatMessage("user", [_media_input(family, item, builder.num_deepstack_layers), "What?"])]
+    if family.name == "qwen3_vl":
+        with pytest.raises(PromptError, match=f"video: 0 timestamps for {item.grid[0]} temporal groups"):
+            builder.build(messages)
+    else:
+        builder.build(messages)
+
+
+def _media_input(family, item: MediaItem, num_deepstack_layers: int) -> MediaInput:
     rows = family.num_tokens(item)
     return MediaInput(item.kind, torch.zeros(rows, 8), item.grid, timestamps=item.timestamps,
-                      deepstack=tuple(torch.zeros(rows, 8) for _ in range(num_deepstack)))
+                      deepstack=tuple(torch.zeros(rows, 8) for _ in range(num_deepstack_layers)))
 
 
 def test_cache_entries_keep_deepstack_columns_and_timestamps():

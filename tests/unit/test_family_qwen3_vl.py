@@ -140,6 +140,21 @@ def test_chat_templates(ckpt, tmp_path):
         "And?<|im_end|>\n<|im_start|>assistant\n<think>\n")
 
 
+def test_instruct_template_drops_later_system_messages_and_splits_tool_calls(ckpt):
+    """As Qwen3-VL-Instruct's shipped template: a system message after the first is not rendered, and a tool call
+    starts on a new line only when the assistant message has content."""
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    call = {"function": {"name": "f", "arguments": {"x": 1}}}
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                    {"role": "system", "content": "later"},
+                    {"role": "assistant", "content": [{"type": "text", "text": ""}], "tool_calls": [call]},
+                    {"role": "assistant", "content": "", "tool_calls": [call]}]
+    tool_call = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        f"<|im_start|>assistant\n\n{tool_call}<|im_end|>\n<|im_start|>assistant\n{tool_call}<|im_end|>\n")
+
+
 def _hf_inputs(processor, tokenizer, text, images, videos):
     """The processor's own inputs; videos (whose processor needs torchvision) are expanded with its
     replace_video_token and patchified above, then the processor expands the images and types the tokens."""

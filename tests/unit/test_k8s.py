@@ -178,3 +178,11 @@ def test_kustomize_applies_the_components_as_this_test_does(tmp_path):
         assert pod["securityContext"] == expected["securityContext"] and pod["volumes"] == expected["volumes"], name
         for key in ("args", "volumeMounts", *PROBES):
             assert pod["containers"][0][key] == expected["containers"][0][key], (name, key)
+
+
+def test_router_keys_the_cache_with_the_encoders_dtype():
+    """Both from the ConfigMap's one DTYPE, so the router's cache keys name the encoders' precision."""
+    docs = deployments()
+    (encoder,), (router,) = (docs[name]["spec"]["template"]["spec"]["containers"] for name in ("encoder", "router"))
+    assert router["args"][router["args"].index("--encoder-dtype") + 1] == "$(DTYPE)"
+    assert encoder["args"][encoder["args"].index("--dtype") + 1] == "$(DTYPE)"

@@ -1,5 +1,11 @@
 """Qwen3-VL's chat templates: Instruct, and Thinking (which opens '<think>' for the answer and keeps the last
-turns' reasoning_content)."""
+turns' reasoning_content).
+
+INSTRUCT renders as Qwen3-VL-8B-Instruct's shipped template (checked against a verbatim, hash-pinned copy of it in a
+public repository): only the first message may be a system message (later ones are dropped), and an assistant turn's
+tool calls start on a new line when its message has content. THINKING keeps Qwen3's thinking-template rules (later
+system messages rendered as turns); no public copy of Qwen3-VL-*-Thinking's own template was found to check it.
+"""
 
 _SYSTEM = (
     "{%- if messages[0].content is string %}{{- messages[0].content }}"
@@ -38,9 +44,9 @@ _TEXT_CONTENT = (
     "{%- if 'text' in item %}{%- set content.value = content.value + item.text %}{%- endif %}{%- endfor %}"
     "{%- set content = content.value %}{%- endif %}"
 )
-_TOOL_CALLS = (
+_TOOL_CALLS = (  # formatted with what makes the first call start a new line: the message's content or the text
     "{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}"
-    "{%- if (loop.first and content) or (not loop.first) %}{{- '\\n' }}{%- endif %}"
+    "{%- if (loop.first and {has_content}) or (not loop.first) %}{{- '\\n' }}{%- endif %}"
     "{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}"
     "{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
     "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}"
@@ -52,15 +58,16 @@ _TOOL = (
     "{{- '\\n<tool_response>\\n' }}" + _USER_CONTENT + "{{- '\\n</tool_response>' }}"
     "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
 )
-_USER = (
-    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+_USER = (  # formatted with the roles rendered as user-like turns
+    "{%- if {roles} %}"
     "{{- '<|im_start|>' + message.role + '\\n' }}" + _USER_CONTENT + "{{- '<|im_end|>\\n' }}"
 )
 
 INSTRUCT = (
-    _HEADER + "{%- for message in messages %}" + _USER +
+    _HEADER + "{%- for message in messages %}" + _USER.replace("{roles}", "message.role == 'user'") +
     "{%- elif message.role == 'assistant' %}" + _TEXT_CONTENT +
-    "{{- '<|im_start|>' + message.role + '\\n' + content }}" + _TOOL_CALLS + "{{- '<|im_end|>\\n' }}" +
+    "{{- '<|im_start|>' + message.role + '\\n' + content }}" + _TOOL_CALLS.replace("{has_content}", "message.content") +
+    "{{- '<|im_end|>\\n' }}" +
     _TOOL + "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -74,7 +81,8 @@ THINKING = (
     "{%- if not(content.startswith('<tool_response>') and content.endswith('</tool_response>')) %}"
     "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endif %}"
     "{%- endfor %}"
-    "{%- for message in messages %}" + _USER +
+    "{%- for message in messages %}" +
+    _USER.replace("{roles}", "message.role == 'user' or (message.role == 'system' and not loop.first)") +
     "{%- elif message.role == 'assistant' %}" + _TEXT_CONTENT +
     "{%- set reasoning_content = '' %}"
     "{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}"
@@ -84,7 +92,8 @@ THINKING = (
     "{%- if loop.index0 > ns.last_query_index %}"
     "{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n'"
     " + content.lstrip('\\n') }}"
-    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}" + _TOOL_CALLS +
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}" +
+    _TOOL_CALLS.replace("{has_content}", "content") +
     "{{- '<|im_end|>\\n' }}" + _TOOL + "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )

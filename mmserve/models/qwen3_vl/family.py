@@ -150,23 +150,29 @@ class Qwen3VL:
         return tuple((seconds[i] + seconds[i + tp - 1]) / 2 for i in range(0, len(seconds), tp))
 
     def default_params(self, kind: str) -> MediaParams:
-        """The processors' own bounds: image pixels; video fps, frame counts and the pixel budget of all frames."""
+        """The processors' own bounds: image pixels; video fps, frame counts and the pixel budget of all frames
+        (total_pixels). A video's max_pixels bounds one frame, as for every family (the image bound: the budget
+        alone never reaches it, so by default the plan is the video processor's)."""
         s = self.settings
         if kind == "image":
             return MediaParams("image", min_pixels=s.min_pixels, max_pixels=s.max_pixels)
         return MediaParams("video", fps=s.fps, min_frames=s.min_frames, max_frames=s.max_frames,
-                           min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels)
+                           max_pixels=s.max_pixels, total_pixels=s.video_max_pixels)
 
     def plan_decode(self, kind: str, params: MediaParams, height: int, width: int, total_frames: int = 1,
                     video_fps: float = 0.0) -> DecodePlan:
         """An image resized within the params' pixel bounds; a video's sample_frames at the params' fps and
-        frame bounds, each frame resized by frame_size within the params' budget, with its timestamps."""
+        frame bounds, each frame resized by frame_size within the budget of all frames (total_pixels), then into
+        the per-frame bounds (min_pixels, max_pixels) when it falls outside them, with its timestamps."""
         s = self.settings
         if kind == "image":
             h, w = smart_resize(height, width, s.factor, params.min_pixels, params.max_pixels)
             return DecodePlan(1, h, w, MediaItem("image", (1, h // s.patch_size, w // s.patch_size)))
         indices = self.sample_frames(total_frames, video_fps, params.fps, params.min_frames, params.max_frames)
-        h, w = self.frame_size(len(indices), height, width, params.min_pixels, params.max_pixels)
+        h, w = self.frame_size(len(indices), height, width, max_pixels=params.total_pixels)
+        max_pixels = params.max_pixels or s.max_pixels
+        if not params.min_pixels <= h * w <= max_pixels:
+            h, w = smart_resize(height, width, s.factor, params.min_pixels, max_pixels)
         return DecodePlan(len(indices), h, w, self._video_item(indices, video_fps, h, w), tuple(indices))
 
     def second_per_grid_t(self, sample_fps: float) -> float:
