@@ -12,7 +12,6 @@ import pytest
 from mmserve.cache import CachedEmbedding
 from mmserve.cache_keys import MediaParams
 from mmserve.media.fetch import FetchPolicy
-from mmserve.media.sizing import ImageProcessing
 from mmserve.models.family import DecodePlan, MediaItem
 from mmserve.models.qwen2_5_vl import from_defaults
 from mmserve.v1 import decoder_pb2, encoder_pb2, llm_pb2, tensor_pb2
@@ -159,7 +158,7 @@ def make_feed(decoder, encoder, *, cached: tuple[int, ...] = (), max_in_flight: 
         entry.embeddings.inline_data = b"\0" * 48 * 64 * 4
     stage = MediaStage(decoders=pool("decoder", decoder, DecodeCost(CostSeeds())),
                        encoders=pool("encoder", encoder, TokenCost(1.0, 1.0), 2), cache=Cache(entries),
-                       model_id="model", encoder_dtype="float32", family=FAMILY, processing=ImageProcessing(),
+                       model_id="model", encoder_dtype="float32", family=FAMILY,
                        fetch_policy=FetchPolicy(), chunk_frames=4)
     return ChunkFeed(stage, "req", [prepared], deadline=1e12, latest_start=1e12, attempts=3,
                      max_in_flight=max_in_flight)
