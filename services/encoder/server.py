@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 
 import grpc
@@ -33,7 +34,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             start = time.perf_counter()
             pixel_values, item = await asyncio.to_thread(self._pixel_values, _kind(request), frames)
             grid = self._grid(request, item)
-            embeddings = pack(await self.batcher.encode(pixel_values, item))
+            remaining = context.time_remaining()  # the router's deadline, on the clock of the llm's priorities
+            deadline = time.time() + remaining if remaining is not None else math.inf
+            embeddings = pack(await self.batcher.encode(pixel_values, item, deadline))
         except transport.TensorUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"frames: {err}")
         except ValueError as err:  # includes TensorRefError and bad frame shapes

@@ -2,13 +2,15 @@
 
 Decode steps come first. Each llm step that leaves decodes running earns the encoder a credit: the time per
 token the decodes may take (`max_decode_slowdown` times the step's predicted cost alone, or `tpot_target_ms`,
-the tighter of the two) less what the step took. An encoder slice is granted between two llm steps with as
+the tighter of the two) less what the step's decodes took. A prefill chunk in the step is the llm's own work,
+budgeted by its scheduler: it is not the encoder's debt, so a step is charged at most its decodes' predicted cost. An encoder slice is granted between two llm steps with as
 many patches as the credit pays for, priced by the same online cost models the router fits
 (services/router/costs.py); what it really took is charged afterwards. So over any stretch of steps the
 decodes' time per token stays within its target while the encoder drains its backlog in whatever is left.
 
-With no decode running there is nothing to protect: a slice may be as large as the batcher allows, and it
-alternates with the llm's prefill steps. An item too large for any credit the decodes can save (at most
+With no decode running there is nothing to protect but the next prefill: a slice is bounded to about
+`max_idle_slice_ms`. Prefill chunks and slices go by deadline: after a step that leaves prefill work due before
+the waiting slice's deadline, the device stays with the llm for its next step. An item too large for any credit the decodes can save (at most
 `max_saved_steps` steps of slack) is not starved: once the credit is full it runs anyway, and the debt is
 paid back by the next steps.
 
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +49,7 @@ class StepReport:
     num_decodes: int  # sequences that made one token from one new token this step
     is_decode_only: bool  # no prefill chunk in it: a sample of the decode step cost
     num_running: int  # decodes still running after it (0: nothing to protect)
+    prefill_deadline: float = math.inf  # the earliest deadline of prefill work left for the llm's next step
 
 
 class SliceBudget:
@@ -56,6 +60,7 @@ class SliceBudget:
         self.max_decode_slowdown = config.max_decode_slowdown
         self.tpot_target_ms = config.tpot_target_ms
         self.max_saved_steps = config.max_saved_steps
+        self.max_idle_slice_ms = config.max_idle_slice_ms
         self.step = step_cost(seeds)  # decode step ms by running sequences
         self.encode: TokenCost = encode_cost(seeds)  # slice ms by patches
         self.credit_ms = 0.0
@@ -76,16 +81,21 @@ class SliceBudget:
             self.step.observe(report.num_decodes, report.step_ms)
         self.num_running = report.num_running
         if report.num_decodes:
-            earned = self.target_ms(report.num_decodes) - report.step_ms
+            decode_ms = report.step_ms
+            if not report.is_decode_only:  # the prefill in it is the llm's own, not a debt of the encoder's
+                decode_ms = min(decode_ms, self.step.predict(report.num_decodes))
+            earned = self.target_ms(report.num_decodes) - decode_ms
             self.credit_ms = min(self.max_credit_ms(), self.credit_ms + earned)
         if not self.num_running:
             self.credit_ms = max(self.credit_ms, 0.0)  # nobody left to pay a debt to
 
     def max_patches(self, first_patches: int) -> int:
         """Patches the next slice may hold (0: wait for another step); the first item always fits when any does."""
-        if not self.num_running:
-            return UNLIMITED
         fixed, per_patch = self.encode.model.weights
+        if not self.num_running:
+            if not self.max_idle_slice_ms or per_patch <= 0:
+                return UNLIMITED
+            return max(first_patches, int((self.max_idle_slice_ms - fixed) / per_patch))
         fits = int((self.credit_ms - fixed) / per_patch) if per_patch > 0 else UNLIMITED
         if fits >= first_patches:
             return fits
@@ -108,6 +118,7 @@ class SliceRequest:
     first_patches: int
     on_grant: Callable[[int], None]
     asked_at: float
+    deadline: float = math.inf  # of its first item (wall-clock seconds, as the llm's priorities)
     granted_at: float = 0.0
     max_patches: int = 0
     num_threads: int = 0  # torch threads the slice may use (0: the encoder's own --num-threads)
@@ -134,6 +145,7 @@ class DeviceArbiter:
         self._side: SliceRequest | None = None  # a slice running beside the llm's steps (overlap)
         self._pending: SliceRequest | None = None
         self._num_llm_waiting = 0  # a step waiting for the device goes before the next slice
+        self._prefill_deadline = math.inf  # the device is kept for the llm's next step while a slice is due later
         self._step_started = 0.0
         self._snapshot = (0, True)
 
@@ -148,6 +160,7 @@ class DeviceArbiter:
                 self._cond.wait()
             self._num_llm_waiting -= 1
             self._holder = "llm"
+            self._prefill_deadline = math.inf
             self._step_started = self.clock()
             metrics.WAIT_SECONDS.labels("llm").observe(self._step_started - asked)
             num_threads = self.llm_threads - (self.overlap_threads if self._side is not None else 0)
@@ -157,25 +170,30 @@ class DeviceArbiter:
         num_decodes = sum(1 for s in scheduler.running if s.num_uncomputed_tokens == 1)
         self._snapshot = (num_decodes, num_decodes == len(scheduler.running) and not scheduler.waiting)
 
-    def release_step(self, scheduler) -> None:
-        """The step is done: report it and hand the device to a waiting slice if the budget allows."""
+    def release_step(self, scheduler, will_step_again: bool = False) -> None:
+        """The step is done: report it and hand the device to a waiting slice if the budget and deadlines allow
+        (will_step_again: the engine steps at once, so prefill work it leaves may keep the device)."""
         num_decodes, is_decode_only = self._snapshot
+        prefill_deadline = _prefill_deadline(scheduler) if will_step_again else math.inf
         with self._cond:
             step_s = self.clock() - self._step_started
             metrics.DEVICE_SECONDS.labels("llm").inc(step_s)
             try:
-                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, len(scheduler.running)))
+                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, len(scheduler.running),
+                                               prefill_deadline))
             except Exception:  # a pricing bug must cost encoder throughput, never the llm's engine thread
                 log.exception("arbiter: step report failed")
             self._holder = None
+            self._prefill_deadline = prefill_deadline
             self._grant_pending()
             self._cond.notify_all()
 
     # The encoder's side (its batcher) -------------------------------------------------------------
 
-    def request_slice(self, first_patches: int, on_grant: Callable[[int], None]) -> SliceRequest:
+    def request_slice(self, first_patches: int, on_grant: Callable[[int], None],
+                      deadline: float = math.inf) -> SliceRequest:
         """Asks for a turn for a slice whose first item has first_patches; granted now or after an llm step."""
-        request = SliceRequest(first_patches, on_grant, self.clock())
+        request = SliceRequest(first_patches, on_grant, self.clock(), deadline)
         with self._cond:
             if self._pending is not None:
                 raise RuntimeError("arbiter: one slice request at a time")
@@ -184,7 +202,7 @@ class DeviceArbiter:
         return request
 
     @contextlib.asynccontextmanager
-    async def slice(self, first_patches: int):
+    async def slice(self, first_patches: int, deadline: float = math.inf):
         """Awaits a turn (the SliceRequest, with max_patches) and frees the device on leaving, charging num_patches."""
         loop = asyncio.get_running_loop()
         granted = loop.create_future()
@@ -195,7 +213,7 @@ class DeviceArbiter:
             else:
                 granted.set_result(None)
 
-        request = self.request_slice(first_patches, lambda n: loop.call_soon_threadsafe(deliver, n))
+        request = self.request_slice(first_patches, lambda n: loop.call_soon_threadsafe(deliver, n), deadline)
         try:
             await granted
             yield request
@@ -235,7 +253,7 @@ class DeviceArbiter:
             self._side = request  # beside the steps, which drop to the other threads from their next one
             max_patches, request.num_threads = UNLIMITED, self.overlap_threads
         else:
-            if self._holder is not None or self._num_llm_waiting:
+            if self._holder is not None or self._num_llm_waiting or self._prefill_deadline < request.deadline:
                 return
             max_patches = self.budget.max_patches(request.first_patches)
             if not max_patches:
@@ -250,3 +268,9 @@ class DeviceArbiter:
         request.granted_at = self.clock()
         metrics.WAIT_SECONDS.labels("encoder").observe(request.granted_at - request.asked_at)
         request.on_grant(max_patches)
+
+
+def _prefill_deadline(scheduler) -> float:
+    """The earliest priority (the router's deadline) among sequences with prompt left that can run now."""
+    return min((s.priority for s in (*scheduler.running, *scheduler.waiting)
+                if s.num_uncomputed_tokens > 1 and s.num_schedulable_tokens), default=math.inf)
