@@ -2,17 +2,17 @@
 
 Decode steps come first. Each llm step that leaves decodes running earns the encoder a credit: the time per
 token the decodes may take (`max_decode_slowdown` times the step's predicted cost alone, or `tpot_target_ms`,
-the tighter of the two) less what the step's decodes took. A prefill chunk in the step is the llm's own work,
-budgeted by its scheduler: it is not the encoder's debt, so a step is charged at most its decodes' predicted cost. An encoder slice is granted between two llm steps with as
-many patches as the credit pays for, priced by the same online cost models the router fits
-(services/router/costs.py); what it really took is charged afterwards. So over any stretch of steps the
+the tighter of the two) less what the step's decodes took: a prefill chunk in the step is the llm's own work,
+budgeted by its scheduler, not the encoder's debt, so a step is charged at most its decodes' predicted cost.
+An encoder slice is granted between two llm steps with as many patches as the credit pays for, priced by the
+same online cost models the router fits (services/router/costs.py); what it really took is charged afterwards. So over any stretch of steps the
 decodes' time per token stays within its target while the encoder drains its backlog in whatever is left.
 
 With no decode running there is nothing to protect but the next prefill: a slice is bounded to about
 `max_idle_slice_ms`. Prefill chunks and slices go by deadline: after a step that leaves prefill work due before
-the waiting slice's deadline, the device stays with the llm for its next step. An item too large for any credit the decodes can save (at most
-`max_saved_steps` steps of slack) is not starved: once the credit is full it runs anyway, and the debt is
-paid back by the next steps.
+the waiting slice's deadline, the device stays with the llm for its next step. An item too large for any credit
+the decodes can save (at most `max_saved_steps` steps of slack) is not starved: once the credit is full it runs
+anyway, and the debt is paid back by the next steps.
 
 On a CPU with `overlap_threads`, while decodes run a slice instead runs beside the steps on threads of its own
 (the steps keep the rest): the credit does not apply, the core split is the protection.
@@ -49,7 +49,6 @@ class StepReport:
     num_decodes: int  # sequences that made one token from one new token this step
     is_decode_only: bool  # no prefill chunk in it: a sample of the decode step cost
     num_running: int  # decodes still running after it (0: nothing to protect)
-    prefill_deadline: float = math.inf  # the earliest deadline of prefill work left for the llm's next step
 
 
 class SliceBudget:
@@ -179,8 +178,7 @@ class DeviceArbiter:
             step_s = self.clock() - self._step_started
             metrics.DEVICE_SECONDS.labels("llm").inc(step_s)
             try:
-                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, len(scheduler.running),
-                                               prefill_deadline))
+                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, len(scheduler.running)))
             except Exception:  # a pricing bug must cost encoder throughput, never the llm's engine thread
                 log.exception("arbiter: step report failed")
             self._holder = None
