@@ -138,7 +138,9 @@ class Batcher:
     def _encode(self, batch: list[_Job], num_threads: int) -> list[EncodedItem]:
         if num_threads and torch.get_num_threads() != num_threads:
             torch.set_num_threads(num_threads)
-        pixel_values = torch.cat([job.pixel_values for job in batch])
-        # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
-        encoded = self.encode_items(self.tower, pixel_values, [job.item for job in batch])
-        return [EncodedItem(e.embeddings.cpu(), tuple(d.cpu() for d in e.deepstack)) for e in encoded]
+        # A unified replica on a GPU runs the tower on its low-priority stream (None: the current one).
+        with torch.cuda.stream(getattr(self.arbiter, "encoder_stream", None)):
+            pixel_values = torch.cat([job.pixel_values for job in batch])
+            # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
+            encoded = self.encode_items(self.tower, pixel_values, [job.item for job in batch])
+            return [EncodedItem(e.embeddings.cpu(), tuple(d.cpu() for d in e.deepstack)) for e in encoded]

@@ -15,7 +15,9 @@ the decodes can save (at most `max_saved_steps` steps of slack) is not starved: 
 anyway, and the debt is paid back by the next steps.
 
 On a CPU with `overlap_threads`, while decodes run a slice instead runs beside the steps on threads of its own
-(the steps keep the rest): the credit does not apply, the core split is the protection.
+(the steps keep the rest): the credit does not apply, the core split is the protection. On a GPU with role
+streams (services/unified/gpu.py) a slice likewise runs beside the steps, on a low-priority stream, bounded to
+about one token's target and one slice per llm step.
 
 The core (SliceBudget) is pure arithmetic; DeviceArbiter adds the turn-taking between the llm's engine
 thread and the encoder's batcher, with a condition variable and callbacks (no torch, no grpc).
@@ -102,6 +104,13 @@ class SliceBudget:
             return first_patches  # as much credit as can ever be saved: run it, repay it over the next steps
         return 0
 
+    def max_side_patches(self, first_patches: int) -> int:
+        """Patches a slice beside the steps (GPU streams) may hold: about one token's target of the decodes."""
+        fixed, per_patch = self.encode.model.weights
+        if per_patch <= 0:
+            return UNLIMITED
+        return max(first_patches, int((self.target_ms(self.num_running) - fixed) / per_patch))
+
     def on_slice(self, num_patches: int, slice_ms: float) -> None:
         """A slice ended: learn its cost and charge it."""
         if num_patches:
@@ -130,7 +139,8 @@ class DeviceArbiter:
     """Turns on one device: the llm's engine thread steps, the encoder's batcher runs granted slices between."""
 
     def __init__(self, budget: SliceBudget, clock: Callable[[], float] = time.perf_counter, *,
-                 overlap_threads: int = 0, llm_threads: int = 0, set_llm_threads: Callable[[int], None] = None):
+                 overlap_threads: int = 0, llm_threads: int = 0, set_llm_threads: Callable[[int], None] = None,
+                 streams=None):
         self.budget = budget
         self.clock = clock
         # CPU overlap: while decodes run a slice runs beside the steps on overlap_threads of the llm_threads, the
@@ -139,6 +149,11 @@ class DeviceArbiter:
         self.llm_threads = llm_threads
         self.set_llm_threads = set_llm_threads
         self._num_llm_threads = llm_threads
+        # GPU: the roles' CUDA streams (services/unified/gpu.RoleStreams); slices run beside the steps, bounded.
+        self.streams = streams
+        self.encoder_stream = streams.encoder if streams is not None else None  # the batcher runs slices on it
+        self._is_llm_thread_set = streams is None
+        self._num_steps_since_side = 1  # GPU: one bounded slice beside each llm step
         self._cond = threading.Condition()
         self._holder: object | None = None  # "llm", a SliceRequest, or None when the device is free
         self._side: SliceRequest | None = None  # a slice running beside the llm's steps (overlap)
@@ -152,6 +167,9 @@ class DeviceArbiter:
 
     def acquire_step(self, scheduler) -> None:
         """Blocks while an encoder slice runs, then holds the device for one llm step."""
+        if not self._is_llm_thread_set:  # the engine thread's first step: its CUDA stream, once
+            self.streams.use_llm()
+            self._is_llm_thread_set = True
         with self._cond:
             asked = self.clock()
             self._num_llm_waiting += 1
@@ -183,6 +201,7 @@ class DeviceArbiter:
                 log.exception("arbiter: step report failed")
             self._holder = None
             self._prefill_deadline = prefill_deadline
+            self._num_steps_since_side += 1
             self._grant_pending()
             self._cond.notify_all()
 
@@ -245,11 +264,17 @@ class DeviceArbiter:
         request = self._pending
         if request is None:
             return
-        if self.overlap_threads and self.budget.num_running:
+        if (self.overlap_threads or self.streams is not None) and self.budget.num_running:
             if self._holder not in (None, "llm") or self._side is not None:
                 return
-            self._side = request  # beside the steps, which drop to the other threads from their next one
-            max_patches, request.num_threads = UNLIMITED, self.overlap_threads
+            if self.streams is not None:  # a low-priority stream: a bounded slice per llm step
+                if not self._num_steps_since_side:
+                    return
+                self._num_steps_since_side = 0
+                max_patches = self.budget.max_side_patches(request.first_patches)
+            else:  # beside the steps, which drop to the other threads from their next one
+                max_patches, request.num_threads = UNLIMITED, self.overlap_threads
+            self._side = request
         else:
             if self._holder is not None or self._num_llm_waiting or self._prefill_deadline < request.deadline:
                 return

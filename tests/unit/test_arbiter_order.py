@@ -93,3 +93,36 @@ def test_overlap_prices_each_role_by_its_share_of_the_cores():
     assert device.prefill_factor(_Role()) == pytest.approx(4 / 3)
     turns = SharedDevice(1.2)
     assert turns.encode_factor(_Role()) == pytest.approx(6.0) and turns.step_factor(_Role()) == pytest.approx(1.2)
+
+
+class FakeStreams:
+    """RoleStreams without CUDA: counts the engine thread's stream switches."""
+
+    encoder = "encoder-stream"
+
+    def __init__(self):
+        self.num_llm_switches = 0
+
+    def use_llm(self) -> None:
+        self.num_llm_switches += 1
+
+
+def test_gpu_streams_run_one_bounded_slice_beside_each_decode_step():
+    streams = FakeStreams()
+    arbiter = DeviceArbiter(SliceBudget(ArbiterConfig(max_decode_slowdown=1.5)), clock=lambda: 0.0, streams=streams)
+    decoding = FakeScheduler([FakeSeq() for _ in range(8)])
+    arbiter.acquire_step(decoding)
+    arbiter.release_step(decoding)  # decodes are running now
+    arbiter.budget.encode.model.weights = [3.0, 0.02]  # learnt
+    arbiter.budget.step.model.weights = [10.0, 0.0]  # a decode step alone: 10 ms, so one token's target is 15 ms
+    arbiter.acquire_step(decoding)  # the llm holds the device...
+    first = arbiter.request_slice(64, lambda n: None)
+    assert first.is_granted and first.max_patches == int((15.0 - 3.0) / 0.02)  # ...and a bounded slice runs beside
+    assert arbiter.encoder_stream == "encoder-stream" and first.num_threads == 0
+    first.num_patches = 64
+    arbiter.release_slice(first)
+    second = arbiter.request_slice(64, lambda n: None)
+    assert not second.is_granted  # one per llm step
+    arbiter.release_step(decoding)
+    assert second.is_granted
+    assert streams.num_llm_switches == 1  # the engine thread's stream is set once
