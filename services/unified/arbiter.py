@@ -126,7 +126,7 @@ class SliceRequest:
     first_patches: int
     on_grant: Callable[[int], None]
     asked_at: float
-    deadline: float = math.inf  # of its first item (wall-clock seconds, as the llm's priorities)
+    deadline: float = math.inf  # its first item's due time (wall-clock seconds, as the llm's priorities)
     granted_at: float = 0.0
     max_patches: int = 0
     num_threads: int = 0  # torch threads the slice may use (0: the encoder's own --num-threads)
