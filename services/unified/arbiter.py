@@ -5,8 +5,9 @@ token the decodes may take (`max_decode_slowdown` times the step's predicted cos
 the tighter of the two) less what the step's decodes took: a prefill chunk in the step is the llm's own work,
 budgeted by its scheduler, not the encoder's debt, so a step is charged at most its decodes' predicted cost.
 An encoder slice is granted between two llm steps with as many patches as the credit pays for, priced by the
-same online cost models the router fits (services/router/costs.py); what it really took is charged afterwards. So over any stretch of steps the
-decodes' time per token stays within its target while the encoder drains its backlog in whatever is left.
+same online cost models the router fits (services/router/costs.py); what it really took is charged
+afterwards. So over any stretch of steps the decodes' time per token stays within its target while the
+encoder drains its backlog in whatever is left.
 
 With no decode running there is nothing to protect but the next prefill: a slice is bounded to about
 `max_idle_slice_ms`. Prefill chunks and slices go by deadline: after a step that leaves prefill work due before
