@@ -31,6 +31,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import urllib.request
 
 from mmserve.models.tiny import build_tiny_model
 from services.decoder.config import DecoderConfig
@@ -62,7 +63,9 @@ def start_layout(layout: str, model: str, redis_url: str, cores: list[int], rout
     address = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     threads = len(cores) if layout != "split" else max(1, len(cores) // 2)
     encoder = EncoderConfig(port=ports["encoder"], model=model, redis_url=redis_url, num_threads=threads, **common)
-    llm = LlmConfig(port=ports["llm"], model=model, num_threads=threads, **common)
+    # The unified replica's one metrics registry (both roles and the arbiter) on the llm's port.
+    metrics_port = free_port() if layout == "unified" else 0
+    llm = LlmConfig(port=ports["llm"], model=model, num_threads=threads, metrics_port=metrics_port, **common)
     children = [Child("decoder", [sys.executable, "-m", "services.decoder",
                                   *DecoderConfig(port=ports["decoder"], **common).to_argv()], address["decoder"])]
     pair = ["--encoder-args", shlex.join(encoder.to_argv()), "--llm-args", shlex.join(llm.to_argv())]
@@ -83,7 +86,31 @@ def start_layout(layout: str, model: str, redis_url: str, cores: list[int], rout
     stack = Stack(children)
     stack.start()
     asyncio.run(stack.wait_healthy(300))
-    return stack, address["router"]
+    return stack, address["router"], metrics_port
+
+
+def arbiter_counters(metrics_port: int) -> dict[str, float]:
+    """The unified replica's arbiter counters now: device seconds per role, slices deferred, encoder waits."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    wanted = {'mmserve_unified_device_seconds_total{role="llm"}': "llm_s",
+              'mmserve_unified_device_seconds_total{role="encoder"}': "encoder_s",
+              "mmserve_unified_slices_deferred_total": "deferred",
+              'mmserve_unified_device_wait_seconds_sum{role="encoder"}': "encoder_wait_s",
+              'mmserve_unified_device_wait_seconds_count{role="encoder"}': "slices"}
+    found = dict.fromkeys(wanted.values(), 0.0)
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            found[wanted[name]] = float(value)
+    return found
+
+
+def print_arbiter(rate: float, before: dict[str, float], after: dict[str, float]) -> None:
+    """What the arbiter did during one rate's trace (the diagnosis of a starving encoder reads here)."""
+    d = {k: after[k] - before[k] for k in after}
+    print(f"unified arbiter at {rate:g} req/s: device s llm={d['llm_s']:.1f} encoder={d['encoder_s']:.1f}; "
+          f"slices {d['slices']:.0f}, deferred {d['deferred']:.0f} times; mean encoder wait "
+          f"{1e3 * d['encoder_wait_s'] / max(d['slices'], 1):.0f} ms", file=sys.stderr)
 
 
 def tpot_quantiles(outcomes) -> tuple[float, float]:
@@ -111,9 +138,12 @@ def main() -> None:
     parser.add_argument("--cores", default=",".join(map(str, sorted(os.sched_getaffinity(0)))),
                         help="the cores every layout's encoder and llm get (split: halves)")
     parser.add_argument("--router-args", default="", help="further flags of every router")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="which layouts to run (the comparison and "
+                                                                      "the last line need all three)")
     parser.add_argument("--unified-args", default="", help="the unified replica's arbiter flags, e.g. "
                                                            "'--overlap-threads 1' (python -m stack.unified --help)")
     args = parser.parse_args()
+    layouts = args.layouts.split(",")
     rates = [float(r) for r in args.rates.split(",")]
     cores = [int(c) for c in args.cores.split(",")]
 
@@ -126,8 +156,8 @@ def main() -> None:
     redis, redis_url = start_redis(workdir)
     results, outcomes_of, lone = {}, {}, {}
     try:
-        for layout in LAYOUTS:  # one layout up at a time: they share the cores
-            stack, address = start_layout(layout, model, redis_url, cores, shlex.split(args.router_args),
+        for layout in layouts:  # one layout up at a time: they share the cores
+            stack, address, metrics_port = start_layout(layout, model, redis_url, cores, shlex.split(args.router_args),
                                           shlex.split(args.unified_args))
             try:
                 flush(redis_url)
@@ -140,10 +170,13 @@ def main() -> None:
                 outcomes_of[layout] = {}
                 for rate in rates:
                     flush(redis_url)
+                    before = arbiter_counters(metrics_port) if metrics_port else {}
                     outcomes_of[layout][rate] = asyncio.run(replay(
                         address, rate, traces[rate], media[rate], LOOSE_TARGETS,
                         args.max_tokens, seed=int(rate * 10), salt=f"{layout}{rate}"))
                     load.append(os.getloadavg()[0])
+                    if metrics_port:
+                        print_arbiter(rate, before, arbiter_counters(metrics_port))
             finally:
                 stack.stop()
             print(f"{layout} lone-request medians (ms): " + ", ".join(f"{k}={v:.0f}" for k, v in lone[layout].items()),
@@ -151,17 +184,19 @@ def main() -> None:
     finally:
         redis.stop()
     # Targets from the slowest layout's lone latencies, applied after the fact: every layout saw the same trace.
-    slowest = {key: max(lone[layout][key] for layout in LAYOUTS) for key in lone["unified"]}
+    slowest = {key: max(lone[layout][key] for layout in layouts) for key in lone[layouts[0]]}
     slo = slo_targets(slowest, args.slo_factor, args.slo_floor_ms)
-    for layout in LAYOUTS:
+    for layout in layouts:
         results[layout] = {rate: summarize(o, slo, wall) for rate, (o, wall) in outcomes_of[layout].items()}
     print(f"{'layout':<9}{'rate':>6}{'attain':>8}{'goodput':>9}{'tpot p50':>10}{'tpot p99':>10}"
           + "".join(f"{'ttft ' + c:>12}" for c in CLASSES) + "  failed")
-    for layout in LAYOUTS:
+    for layout in layouts:
         for rate, (o, _) in outcomes_of[layout].items():
             r, (p50, p99), ttft = results[layout][rate], tpot_quantiles(o), ttft_by_class(o)
             print(f"{layout:<9}{rate:>6.1f}{r['attainment']:>8.2f}{r['goodput']:>9.2f}{p50:>10.1f}{p99:>10.1f}"
                   + "".join(f"{ttft[c]:>12.0f}" for c in CLASSES) + f"  {failures(o)}")
+    if set(layouts) != set(LAYOUTS):
+        return
     goodput = {layout: results[layout][highest_rate(results[layout])]["goodput"] if highest_rate(results[layout])
                else 0.0 for layout in LAYOUTS}
     rate = highest_rate(results["unified"]) or rates[0]

@@ -10,6 +10,8 @@ the llm's decode steps come first, the encoder runs bounded slices between two s
 On CPU the two roles take turns on all the cores (torch's intra-op team belongs to the calling thread, so the
 tower's thread and the engine's thread each run with their own --num-threads); with --overlap-threads N a slice
 runs beside the decode steps on N threads while the steps use the rest, and either role alone gets them all.
+On one NVIDIA GPU (both roles' --device) the roles get CUDA streams of their own, the llm's at a higher priority
+(services/unified/gpu.py), and a bounded slice runs beside each decode step.
 """
 
 from __future__ import annotations
@@ -42,13 +44,17 @@ async def run_unified(encoder_config, llm_config, arbiter_config) -> None:
     """Serves both roles over one arbiter until SIGTERM or SIGINT."""
     import torch
 
+    from mmserve.models.loading import resolve_device
     from services.unified.arbiter import DeviceArbiter, SliceBudget
+    from services.unified.gpu import role_streams
     from stack.flex import run_flex
 
     # The llm's threads: its --num-threads, else what torch would give its engine thread (the process default).
     llm_threads = llm_config.num_threads or torch.get_num_threads()
     arbiter = DeviceArbiter(SliceBudget(arbiter_config), overlap_threads=arbiter_config.overlap_threads,
-                            llm_threads=llm_threads, set_llm_threads=torch.set_num_threads)
+                            llm_threads=llm_threads, set_llm_threads=torch.set_num_threads,
+                            streams=role_streams(resolve_device(encoder_config.device),
+                                                 resolve_device(llm_config.device)))
     await run_flex(encoder_config, llm_config, arbiter)
 
 

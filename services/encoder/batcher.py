@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from typing import Callable
 
@@ -28,6 +29,7 @@ class _Job:
     pixel_values: torch.Tensor  # [num_patches, patch_dim]
     item: MediaItem
     done: asyncio.Future
+    deadline: float = math.inf  # wall-clock seconds: a unified replica orders its slices and prefills by it
 
 
 @dataclasses.dataclass
@@ -69,12 +71,12 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def encode(self, pixel_values: torch.Tensor, item: MediaItem) -> EncodedItem:
+    async def encode(self, pixel_values: torch.Tensor, item: MediaItem, deadline: float = math.inf) -> EncodedItem:
         """What the tower makes of one image or video (its embeddings [num_tokens, hidden], on the CPU)."""
         if len(self.jobs) >= self.max_queue:
             metrics.REFUSED.inc()
             raise EncoderOverloaded(f"encoder: {self.max_queue} requests already queued")
-        job = _Job(pixel_values, item, asyncio.get_running_loop().create_future())
+        job = _Job(pixel_values, item, asyncio.get_running_loop().create_future(), deadline)
         self.jobs.append(job)
         self._has_jobs.set()
         metrics.REQUESTS.inc()
@@ -90,16 +92,16 @@ class Batcher:
                 self._has_jobs.clear()
                 metrics.QUEUED.set(0)
                 continue
-            async with self._turn(self.jobs[0].pixel_values.shape[0]) as turn:
+            async with self._turn(self.jobs[0].pixel_values.shape[0], self.jobs[0].deadline) as turn:
                 batch = self._take(min(self.max_batch_patches, turn.max_patches))
                 if batch:
                     await self._run_batch(batch, turn.num_threads or self.num_threads)
                     turn.num_patches = sum(job.pixel_values.shape[0] for job in batch)
 
-    def _turn(self, first_patches: int):
+    def _turn(self, first_patches: int, deadline: float):
         """The device for one batch: the arbiter's grant on a unified replica, else all of it at once."""
         if self.arbiter is not None:
-            return self.arbiter.slice(first_patches)
+            return self.arbiter.slice(first_patches, deadline)
         return contextlib.nullcontext(_WholeDevice(self.max_batch_patches))
 
     def _take(self, max_patches: int) -> list[_Job]:
@@ -136,7 +138,9 @@ class Batcher:
     def _encode(self, batch: list[_Job], num_threads: int) -> list[EncodedItem]:
         if num_threads and torch.get_num_threads() != num_threads:
             torch.set_num_threads(num_threads)
-        pixel_values = torch.cat([job.pixel_values for job in batch])
-        # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
-        encoded = self.encode_items(self.tower, pixel_values, [job.item for job in batch])
-        return [EncodedItem(e.embeddings.cpu(), tuple(d.cpu() for d in e.deepstack)) for e in encoded]
+        # A unified replica on a GPU runs the tower on its low-priority stream (None: the current one).
+        with torch.cuda.stream(getattr(self.arbiter, "encoder_stream", None)):
+            pixel_values = torch.cat([job.pixel_values for job in batch])
+            # Each item is its own attention sequence (cu_seqlens), so packing them adds no cross-talk.
+            encoded = self.encode_items(self.tower, pixel_values, [job.item for job in batch])
+            return [EncodedItem(e.embeddings.cpu(), tuple(d.cpu() for d in e.deepstack)) for e in encoded]

@@ -13,6 +13,7 @@ from mmserve.cache import CachedEmbedding, EmbeddingCache
 from mmserve.models.family import Family, MediaItem, pack
 from mmserve.v1 import decoder_pb2, encoder_pb2, encoder_pb2_grpc
 from services.encoder.batcher import Batcher, EncoderOverloaded
+from services.unified.deadlines import due_from
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
@@ -33,7 +34,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             start = time.perf_counter()
             pixel_values, item = await asyncio.to_thread(self._pixel_values, _kind(request), frames)
             grid = self._grid(request, item)
-            embeddings = pack(await self.batcher.encode(pixel_values, item))
+            due = due_from(context.invocation_metadata(), time.time())  # a unified replica orders slices by it
+            embeddings = pack(await self.batcher.encode(pixel_values, item, due))
         except transport.TensorUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"frames: {err}")
         except ValueError as err:  # includes TensorRefError and bad frame shapes

@@ -210,14 +210,16 @@ class Engine:
                 self._take_news()
             if self.arbiter is not None:
                 self.arbiter.acquire_step(self.scheduler)
+            did_work = False
             try:
-                self._is_idle = not self._step()
+                did_work = self._step()
+                self._is_idle = not did_work
             except Exception:  # a model error must not kill the loop silently
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all()
             finally:
-                if self.arbiter is not None:
-                    self.arbiter.release_step(self.scheduler)
+                if self.arbiter is not None:  # a step that ran something is followed at once by the next
+                    self.arbiter.release_step(self.scheduler, will_step_again=did_work)
 
     def _take_news(self) -> None:
         """Applies what the event loops handed over since the last step (called holding the lock)."""

@@ -29,6 +29,9 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     unified_decode_slowdown: float = option(1.2, "the unified replicas' --max-decode-slowdown: while their llm "
                                                  "decodes, their encoder gets 1 - 1/this of the device, and their "
                                                  "decode steps take up to this times longer while it encodes")
+    unified_overlap_share: float = option(0.0, "the unified replicas' --overlap-threads over their llm's threads: "
+                                               "while both roles have work each runs on its share of the cores "
+                                               "(0: they take turns, priced by unified_decode_slowdown)")
     role_switch_ratio: float = option(3.0, "move a flex replica when one stage's backlog per replica exceeds "
                                            "this times the other's")
     role_switch_min_backlog_ms: float = option(200.0, "and that backlog per replica is at least this")
@@ -138,6 +141,8 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
         self.unified_pairs()
         if self.unified_decode_slowdown <= 1.0:
             raise ValueError("unified_decode_slowdown: must exceed 1")
+        if not 0.0 <= self.unified_overlap_share < 1.0:
+            raise ValueError("unified_overlap_share: must be in [0, 1)")
         if self.role_switch_ratio <= 1.0 or min(self.role_switch_min_backlog_ms, self.role_switch_sustain_s,
                                                 self.role_switch_dwell_s) < 0:
             raise ValueError("role_switch_ratio: must exceed 1; role_switch_min_backlog_ms, role_switch_sustain_s, "

@@ -226,22 +226,33 @@ class SharedCost:
 
 class SharedDevice:
     """How the two roles of a unified replica load each other (the replica's arbiter, services/unified, as priced
-    here): decode steps first, within max_decode_slowdown of their time alone; the encoder in what is left."""
+    here). Taking turns: decode steps first, within max_decode_slowdown of their time alone; the encoder in what
+    is left. Overlapping (overlap_share > 0): while both have work the encoder runs on overlap_share of the cores
+    and the llm on the rest, each slowed by its share alone."""
 
-    def __init__(self, max_decode_slowdown: float):
+    def __init__(self, max_decode_slowdown: float, overlap_share: float = 0.0):
         self.slowdown = max_decode_slowdown
+        self.overlap_share = overlap_share
 
     def encode_factor(self, llm) -> float:
-        """While the llm there has streams in flight the encoder gets 1 - 1/slowdown of the device."""
-        return self.slowdown / (self.slowdown - 1.0) if llm.num_in_flight else 1.0
+        """While the llm there has streams in flight the encoder gets 1 - 1/slowdown (or its share) of the device."""
+        if not llm.num_in_flight:
+            return 1.0
+        return 1.0 / self.overlap_share if self.overlap_share else self.slowdown / (self.slowdown - 1.0)
 
     def step_factor(self, encoder) -> float:
-        """While the encoder there has calls in flight each decode step may take up to slowdown times longer."""
-        return self.slowdown if encoder.num_in_flight else 1.0
+        """While the encoder there has calls in flight each decode step may take up to slowdown times longer
+        (overlapping: the steps run on the other cores)."""
+        if not encoder.num_in_flight:
+            return 1.0
+        return 1.0 / (1.0 - self.overlap_share) if self.overlap_share else self.slowdown
 
     def prefill_factor(self, encoder) -> float:
-        """Prefill chunks and encoder slices take turns: about twice as long while both have work."""
-        return 2.0 if encoder.num_in_flight else 1.0
+        """Prefill chunks and encoder slices take turns: about twice as long while both have work (overlapping:
+        the chunks run on the other cores)."""
+        if not encoder.num_in_flight:
+            return 1.0
+        return 1.0 / (1.0 - self.overlap_share) if self.overlap_share else 2.0
 
     def share(self, encoder, llm) -> None:
         """Makes the cost models of a unified replica's two roles (the pools' Replica objects) price each other."""

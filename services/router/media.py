@@ -29,6 +29,7 @@ from services.router.planning import (Chunks, cached_chunks, decode_plan, missin
                                      plan_chunks, shape_of)
 from services.router.policy import degraded_frames
 from services.router.replicas import ReplicaPool
+from services.unified.deadlines import due_metadata
 
 KINDS = {"image": decoder_pb2.MEDIA_KIND_IMAGE, "video": decoder_pb2.MEDIA_KIND_VIDEO}
 
@@ -293,7 +294,8 @@ class MediaStage:
         async with self.encoders.slot(latest_start=latest_start, exclude=exclude, affinity=affinity,
                                       work_ms=lambda r: r.costs.predict(frame_patches)) as encoder:
             self.encoders.remember(affinity, encoder)
-            call = encoder.stub.Encode(request, timeout=time_left(deadline), metadata=transport.caller_metadata())
+            call = encoder.stub.Encode(request, timeout=time_left(deadline),  # due: a unified replica's slice order
+                                       metadata=transport.caller_metadata() + due_metadata(latest_start))
             reply = await answer_from("encoder", encoder, call)
             encoder.costs.observe(num_patches(self.family, FamilyItem(prepared.item.kind, tuple(reply.grid_thw))),
                                   reply.encode_ms)

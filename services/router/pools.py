@@ -45,7 +45,7 @@ def build_pools(config: RouterConfig, seeds: CostSeeds | None = None) -> Pools:
     for pool, addresses in zip(pools, (config.decoder_addrs, config.encoder_addrs, config.llm_addrs)):
         for address in RouterConfig.split(addresses):
             pool.add(address)
-    device = SharedDevice(config.unified_decode_slowdown)
+    device = SharedDevice(config.unified_decode_slowdown, config.unified_overlap_share)
     for encoder, llm in config.unified_pairs():  # in both pools at once, each role priced with the other's load
         pools.encoders.add(encoder)
         pools.llms.add(llm)

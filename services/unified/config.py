@@ -20,6 +20,9 @@ class ArbiterConfig:
                                      "--num-threads (a core split only while both have work; 0: they take turns)")
     max_saved_steps: int = option(8, "the encoder may save up the slack of this many decode steps for one slice "
                                      "(a longer stall of one token, the same mean)")
+    max_idle_slice_ms: float = option(50.0, "with no decode running, a slice holds the device about this long at "
+                                            "most, so a prefill that arrives meanwhile waits no longer (the first "
+                                            "item always runs whole; 0: no bound)")
 
     def __post_init__(self) -> None:
         if self.max_decode_slowdown and self.max_decode_slowdown <= 1.0:
@@ -30,5 +33,7 @@ class ArbiterConfig:
             raise ValueError("max_decode_slowdown: 0 needs a tpot_target_ms (something must bound the decodes)")
         if self.overlap_threads < 0:
             raise ValueError("overlap_threads: must not be negative")
+        if self.max_idle_slice_ms < 0:
+            raise ValueError("max_idle_slice_ms: must not be negative")
         if self.max_saved_steps < 1:
             raise ValueError("max_saved_steps: must be at least 1")

@@ -16,6 +16,7 @@ import yaml
 from mmserve import probe, tls
 from mmserve.config import ServiceConfig
 from stack.launcher import Child, StackSpec, plan
+from stack.unified import parse as parse_unified
 from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
@@ -23,6 +24,7 @@ from services.router.config import RouterConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE, COMPOSE_CPU, ENV_EXAMPLE = ROOT / "compose.yaml", ROOT / "compose.cpu.yaml", ROOT / ".env.example"
+COMPOSE_UNIFIED = ROOT / "compose.unified.yaml"
 CONFIGS: dict[str, type[ServiceConfig]] = {"decoder": DecoderConfig, "encoder": EncoderConfig, "llm": LlmConfig,
                                            "router": RouterConfig}
 GPU_SERVICES = ("decoder", "encoder", "llm")
@@ -65,7 +67,8 @@ class _Loader(yaml.SafeLoader):
 
 for _tag in ("!reset", "!override"):
     _Loader.add_constructor(_tag, lambda loader, node, tag=_tag: Reset(
-        tag, loader.construct_object(node, deep=True) if not isinstance(node, yaml.ScalarNode)
+        tag, loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode)
+        else loader.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode)
         else loader.construct_scalar(node)))
 
 
@@ -147,26 +150,30 @@ def flag_names(argv: list[str]) -> set[str]:
     return {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
-def planned() -> dict[str, tuple[ServiceConfig, Child]]:
+def planned(unified: bool = False) -> dict[str, tuple[ServiceConfig, Child]]:
     """Per service, the config and the child `mmserve up` plans when every option is used, its TLS directory and
-    tokens file at the paths compose mounts them at."""
+    tokens file at the paths compose mounts them at (unified: the encoder's and the llm's configs are those of the
+    one `stack.unified` child)."""
     spec = dict(model="/model", host="0.0.0.0", port=50051, redis_url="redis://redis:6379/0", media_root="/media",
                 log_level="WARNING", redis_maxmemory="2gb", transport="shm", num_encoders=1, metrics=True,
-                http_port=8000, tls_dir=TLS_MOUNT, api_tokens_file=TOKENS_FILE)
-    # router_args passes further router flags through verbatim: no setting of its own to mirror here. unified is
-    # another layout (one stack.unified process for the encoder and the llm), not a setting of these services:
-    # compose.yaml has no unified profile yet.
-    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args", "secrets_dir", "unified"}
+                http_port=8000, tls_dir=TLS_MOUNT, api_tokens_file=TOKENS_FILE, unified=unified)
+    # router_args passes further router flags through verbatim: no setting of its own to mirror here.
+    missing = {f.name for f in dataclasses.fields(StackSpec)} - set(spec) - {"router_args", "secrets_dir"}
     assert not missing, f"StackSpec grew {missing}: use it here (a non-default value) and pass it in compose.yaml"
     with tempfile.TemporaryDirectory() as secrets_dir:  # generated secrets: only their flags matter here
         children = plan(StackSpec(**spec, secrets_dir=secrets_dir)).children()
-    return {c.name: (parse_command(c.argv[2:]), c) for c in children if c.name in CONFIGS}
+    configs = {c.name: (parse_command(c.argv[2:]), c) for c in children if c.name in CONFIGS}
+    for child in children:
+        if child.name == "unified":  # python -m stack.unified --encoder-args ... --llm-args ...
+            encoder, llm, _ = parse_unified(child.argv[3:])
+            configs |= {"encoder": (encoder, child), "llm": (llm, child)}
+    return configs
 
 
-def planned_flags() -> dict[str, set[str]]:
+def planned_flags(unified: bool = False) -> dict[str, set[str]]:
     """Per service, the fields `mmserve up` sets: those plan() moves off their defaults when every option is used."""
     return {name: {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
-            for name, (config, _) in planned().items()}
+            for name, (config, _) in planned(unified).items()}
 
 
 def tls_values(config: ServiceConfig) -> dict[str, str]:

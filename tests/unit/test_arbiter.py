@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
 
 import pytest
@@ -15,6 +16,11 @@ from services.unified.config import ArbiterConfig
 @dataclasses.dataclass
 class FakeSeq:
     num_uncomputed_tokens: int = 1  # 1: decoding
+    priority: float = math.inf  # the router's deadline
+
+    @property
+    def num_schedulable_tokens(self) -> int:
+        return self.num_uncomputed_tokens
 
 
 @dataclasses.dataclass
@@ -42,6 +48,7 @@ class Sim:
         self.token_times: list[float] = []
         self.encoded: list[float] = []  # when each item finished
         self.granted: list[int] = []
+        self.slices_ms: list[float] = []  # how long each slice held the device
         self._request = None
 
     def _grant(self, max_patches: int) -> None:
@@ -59,6 +66,7 @@ class Sim:
             while self.backlog and sum(taken) + self.backlog[0] <= request.max_patches:
                 taken.append(self.backlog.pop(0))
             self.now += slice_ms(sum(taken)) / 1e3
+            self.slices_ms.append(slice_ms(sum(taken)))
             self.encoded += [self.now] * len(taken)
             request.num_patches = sum(taken)
             self.arbiter.release_slice(request)
@@ -93,7 +101,7 @@ def test_decode_deadlines_hold_while_an_encoder_backlog_drains():
 
 
 def test_encoder_takes_the_device_whole_when_no_decode_runs():
-    sim = Sim(ArbiterConfig(), batch=0, backlog=[1000] * 5)
+    sim = Sim(ArbiterConfig(max_idle_slice_ms=0), batch=0, backlog=[1000] * 5)  # unbounded when idle
     sim.step()  # a prefill step, no decode running after it
     assert sim.granted[0] == UNLIMITED
     assert not sim.backlog  # all five in the first slice

@@ -12,7 +12,7 @@ import yaml
 from services.router.config import RouterConfig
 from stack.launcher import StackSpec, plan
 from stack.secrets import SECRET_FILES
-from tests.unit.compose_files import (COMPOSE, COMPOSE_CPU, COMPOSE_ONLY, CONFIGS, GPU_SERVICES, PLAN_ONLY, ROOT,
+from tests.unit.compose_files import (COMPOSE, COMPOSE_CPU, COMPOSE_ONLY, COMPOSE_UNIFIED, CONFIGS, GPU_SERVICES, PLAN_ONLY, ROOT,
                                       TLS_ENV, TLS_MOUNT, TOKENS_FILE, UNSET_VOLUME, Reset, _Loader, env_example,
                                       flag_names, interpolate, load_compose, mmserve_services, option_value,
                                       parse_command, planned, planned_flags, probe_tls, switches, tls_values,
@@ -168,10 +168,10 @@ def test_model_and_media_are_mounted_read_only(compose):
 def test_every_variable_has_one_default_documented_in_env_example():
     documented = env_example()
     used: dict[str, set[str | None]] = {}
-    for path in (COMPOSE, COMPOSE_CPU):
+    for path in (COMPOSE, COMPOSE_CPU, COMPOSE_UNIFIED):
         for name, defaults in variables(path).items():
             used.setdefault(name, set()).update(defaults)
-    switched = switches(COMPOSE) | switches(COMPOSE_CPU)
+    switched = switches(COMPOSE) | switches(COMPOSE_CPU) | switches(COMPOSE_UNIFIED)
     assert switched == set(TLS_ENV)
     for name, defaults in sorted(used.items()):
         if name in switched:  # off by default; its one fallback is the empty volume mounted in its place
