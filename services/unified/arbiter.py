@@ -197,7 +197,7 @@ class DeviceArbiter:
             step_s = self.clock() - self._step_started
             metrics.DEVICE_SECONDS.labels("llm").inc(step_s)
             try:
-                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, len(scheduler.running)))
+                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, _num_decoding(scheduler)))
             except Exception:  # a pricing bug must cost encoder throughput, never the llm's engine thread
                 log.exception("arbiter: step report failed")
             self._holder = None
@@ -292,6 +292,12 @@ class DeviceArbiter:
         request.granted_at = self.clock()
         metrics.WAIT_SECONDS.labels("encoder").observe(request.granted_at - request.asked_at)
         request.on_grant(max_patches)
+
+
+def _num_decoding(scheduler) -> int:
+    """Running sequences that decode at the next step. Not one waiting for its media's next chunk (streamed
+    prefill): it runs no step until the chunk comes, and that chunk may be the slice waiting for the device."""
+    return sum(1 for s in scheduler.running if s.num_uncomputed_tokens == 1)
 
 
 def _prefill_deadline(scheduler) -> float:

@@ -107,6 +107,22 @@ def test_encoder_takes_the_device_whole_when_no_decode_runs():
     assert not sim.backlog  # all five in the first slice
 
 
+def test_a_sequence_waiting_for_its_media_leaves_the_device_to_the_encoder_that_makes_it():
+    # Streamed prefill: the only running sequence has prompt left but none it can run until the encoder's next
+    # chunk arrives, so the llm steps no more; counted as a decode to protect, the slice would wait for ever.
+    sim = Sim(ArbiterConfig(), batch=0, backlog=[1000])
+    sim.scheduler.running.append(WaitingForMedia(num_uncomputed_tokens=300))
+    sim.step()  # the text before the video; then nothing to run
+    assert not sim.backlog and sim.granted
+
+
+@dataclasses.dataclass
+class WaitingForMedia(FakeSeq):
+    @property
+    def num_schedulable_tokens(self) -> int:
+        return 0
+
+
 def test_encoder_is_not_starved_under_light_decode_load():
     # 2 decodes against a 100 ms time-per-token target: the steps (9 ms) leave most of each token's time.
     config = ArbiterConfig(max_decode_slowdown=0.0, tpot_target_ms=100.0, max_saved_steps=4)
