@@ -19,7 +19,7 @@ from services.router.failover import Failover, ReplicaDown, is_down
 from services.router.media import Embedded, MediaItem, MediaStage, Prepared, all_or_nothing
 from services.router.planning import PromptBudget, PromptSize
 from services.router.replicas import NoReplicaError, PoolFull, Replica, ReplicaPool, is_client_error
-from services.router.streamed import ChunkFeed, ChunkMismatch, FeedFailed, StreamingUnsupported
+from services.router.streamed import ChunkFeed, ChunkMismatch, FeedFailed, StreamedLlmDown, StreamingUnsupported
 from services.router.validation import RequestLimits, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,10 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                 except StreamingUnsupported as err:
                     log.warning("llm without GenerateStreamed (%s): store-and-forward from now on", err)
                     self.can_stream = False
+                    prepared = await all_or_nothing(self.media.store_and_forward(p) for p in prepared)
+                except StreamedLlmDown as err:
+                    log.info("%s: llm lost before its first reply (%s); store-and-forward on another", request_id, err)
+                    metrics.RETRIES.labels("llm").inc()
                     prepared = await all_or_nothing(self.media.store_and_forward(p) for p in prepared)
             embedded = await self._embed(request_id, prepared, ticket, deadline)
             async for response in self._stream(request, request_id, ticket, prepared, embedded, start, deadline):
@@ -265,6 +269,9 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                 raise _stage_error("llm", err) from None
             if not started and feed is None:
                 raise ReplicaDown("llm", llm, err) from None
+            if not started:
+                self.llms.mark_failed(llm)
+                raise StreamedLlmDown(err.details()) from None
             self.llms.mark_failed(llm)  # the client has part of the answer: a blind retry would repeat or differ
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"llm: replica lost after {num_delivered} tokens were "
                                                           "delivered; not safe to retry blindly") from None

@@ -27,6 +27,11 @@ class StreamingUnsupported(Exception):
     """The llm replica has no GenerateStreamed (an older version): the request goes store-and-forward."""
 
 
+class StreamedLlmDown(Exception):
+    """The llm replica went down (or stalled) before its first reply: nothing reached the client, but the chunks
+    sent to it are gone with it, so the request runs again store-and-forward, on another replica."""
+
+
 class FeedFailed(Exception):
     """Feeding the chunks failed (a decoder, an encoder, the cache): error says why; the llm call was cancelled."""
 

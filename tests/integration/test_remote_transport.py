@@ -34,8 +34,9 @@ def reference(tiny_model):
 def remote_stack(tiny_model, redis_server):
     """Every tensor handed between stages is pulled from its producer; the llm is given no embedding cache,
     so every cache hit the router finds is a miss for the llm (the eviction path, every time)."""
+    # Store-and-forward: streamed, the router reads cache hits itself and the llm reads no keys at all.
     spec = StackSpec(model=str(tiny_model), port=free_port(), redis_url=redis_server.url, log_level="WARNING",
-                     transport="remote", metrics=True)
+                     transport="remote", metrics=True, router_args=("--no-stream-prefill",))
     planned = plan(spec)
     children, address = planned.children(), planned.router_address
     llm = next(c for c in children if c.name == "llm")
