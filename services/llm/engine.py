@@ -367,7 +367,9 @@ class Engine:
         start = seq.arrival_time
         return Finished(reason, seq.num_prompt_tokens, seq.num_output_tokens,
                         queue_ms=(request.first_scheduled - start) * 1e3,
-                        prefill_ms=(request.first_token - request.first_scheduled) * 1e3,
+                        # Prefill's own time: not the time it waited for streamed media chunks, which would
+                        # teach the router's prefill cost model that prompts take as long as their encoders.
+                        prefill_ms=(request.first_token - request.first_scheduled - request.media_wait_s) * 1e3,
                         ttft_ms=(request.first_token - start) * 1e3,
                         decode_batch=request.batch_sum / request.decode_steps if request.decode_steps else 0.0)
 

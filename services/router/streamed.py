@@ -97,7 +97,9 @@ class ChunkFeed:
             await all_or_nothing(self._feed_item(call, i, p) for i, p in enumerate(self.prepared))
             await call.done_writing()
         except BaseException as err:
-            if not isinstance(err, asyncio.CancelledError):
+            # InvalidStateError: the llm call ended first (refused, failed): its own status, read by replies(), is
+            # the request's, not this write's.
+            if not isinstance(err, (asyncio.CancelledError, asyncio.InvalidStateError)):
                 self.error = err
             call.cancel()  # the llm frees the request's KV blocks and the chunks it holds
             for task in self._tasks:
