@@ -75,16 +75,13 @@ class Controller:
         prediction = self.predict(shapes, prompt_tokens, deadline, num_chunks)
         decision = (Decision(True) if self.policy == "fcfs" else
                     decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom,
-                           ttft_scale=self.ttft_calibration[cls].scale(self.strictness.quantile),
-                           tpot_scale=self.tpot_calibration.scale(self.strictness.quantile)))
+                           ttft_scale=self.ttft_calibration[cls].scale(self.strictness.value),
+                           tpot_scale=self.tpot_calibration.scale(self.strictness.value)))
         miss_ratio = max(prediction.ttft_ms / slo.ttft_ms, prediction.step_ms / slo.tpot_ms)
         if (not decision.admit and miss_ratio <= self.probe_max_ratio and self._idle()
                 and now - self._last_admitted > self.probe_after_s):
             decision = Decision(True, "probe")
             metrics.PROBES.labels(cls).inc()
-        if self.policy != "fcfs":
-            self.strictness.observe_decision(decision.admit)
-            metrics.ADMISSION_QUANTILE.set(self.strictness.quantile)
         ticket = Ticket(cls, slo, deadline, prediction, decision)
         if decision.admit:
             ticket.admitted_at = now
@@ -115,7 +112,7 @@ class Controller:
         self.ttft_calibration[ticket.cls].observe(ticket.prediction.ttft_ms, ttft_ms)
         if ticket.decision.reason != "probe":
             self.strictness.observe(met)
-        metrics.ADMISSION_QUANTILE.set(self.strictness.quantile)
+        metrics.ADMISSION_QUANTILE.set(self.strictness.value)
 
     def record_step(self, predicted_ms: float, tpot_ms: float) -> None:
         """A request's time per token against the step model's prediction for the batch it ran in."""

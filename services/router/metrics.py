@@ -16,7 +16,7 @@ REFUSED = Counter("mmserve_router_refused_total", "Requests refused at admission
 PROBES = Counter("mmserve_router_probes_total", "Requests admitted though predicted to miss, to re-measure an idle "
                  "stack whose cost models refused everything", ["cls"])
 ADMISSION_QUANTILE = Gauge("mmserve_router_admission_quantile", "Quantile of actual / predicted that admission "
-                           "scales predictions by (rises while admitted requests miss their SLO or while it refuses)")
+                           "scales predictions by (rises while admitted requests miss their SLO)")
 DEGRADED = Counter("mmserve_router_degraded_total", "Requests admitted with fewer video frames", ["cls"])
 RETRIES = Counter("mmserve_router_retries_total", "Stage calls retried on another replica", ["stage"])
 WAITING = Gauge("mmserve_router_waiting_calls", "Stage calls waiting for a replica slot", ["stage"])

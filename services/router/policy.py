@@ -162,34 +162,16 @@ class Strictness:
     outcomes say otherwise only a request predicted to miss at the typical error is refused (starting at
     0.95, a new router below capacity refused 6-25% of its first hundred requests while fcfs, refusing
     none, met the SLO for 93-95%); an overload's first five misses raise it to 0.95.
-
-    Outcomes come late, though: a request's misses are known seconds after it was admitted, and at three times
-    capacity the requests admitted meanwhile at the median came out 0.86 of them meeting the SLO. Refusals come
-    at once and say the same: a router refusing part of its traffic is past capacity, where every request it
-    admits is borderline by construction. So the quantile planned for is at least the target in proportion to
-    the recent share refused (all of it from full_pressure_at on); below capacity nothing is refused and
-    outcomes alone decide.
     """
 
     def __init__(self, target: float, *, start: float = 0.5, low: float = 0.5, high: float = 0.99,
-                 rate: float = 0.1, full_pressure_at: float = 0.25, refusal_rate: float = 0.05):
+                 rate: float = 0.1):
         self.target, self.low, self.high, self.rate = target, low, high, rate
-        self.full_pressure_at, self.refusal_rate = full_pressure_at, refusal_rate
         self.value = min(high, max(low, start))
-        self.refused_share = 0.0  # moving average over admission decisions, ~1 / refusal_rate of them
-
-    @property
-    def quantile(self) -> float:
-        """The calibration quantile admission plans for: the outcomes' value, or the refusals' pressure."""
-        pressure = self.low + (self.target - self.low) * min(1.0, self.refused_share / self.full_pressure_at)
-        return max(self.value, pressure)
 
     def observe(self, met: bool) -> None:
         missed = 0.0 if met else 1.0
         self.value = min(self.high, max(self.low, self.value + self.rate * (missed - (1 - self.target))))
-
-    def observe_decision(self, is_admitted: bool) -> None:
-        self.refused_share += self.refusal_rate * ((0.0 if is_admitted else 1.0) - self.refused_share)
 
 
 def _predicted(raw_ms: float, scale: float) -> str:
