@@ -113,7 +113,7 @@ def serve_mode(mode: str, model: str, clips: dict[float, bytes], args) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         redis_stack, redis_url = start_redis(workdir)
         flags = ("--no-stream-prefill",) if mode == "store_and_forward" else (
-            "--video-chunk-frames", str(args.chunk_frames))
+            "--stream-prefill", "--video-chunk-frames", str(args.chunk_frames))
         stack, address = start_stack(model, redis_url, flags)
         try:
             client = redis.Redis.from_url(redis_url)
