@@ -131,7 +131,6 @@ class Qwen3VL:
 
     def plan_video(self, frame_indices: list[int], video_fps: float, height: int, width: int) -> MediaItem:
         """The item of sampled frames of a clip at video_fps, with one timestamp per temporal group."""
-        s = self.settings
         h, w = self.frame_size(len(frame_indices), height, width)
         return self._video_item(frame_indices, video_fps, h, w)
 
