@@ -185,7 +185,7 @@ class DeviceArbiter:
         if self.set_llm_threads is not None and num_threads != self._num_llm_threads:
             self.set_llm_threads(num_threads)
             self._num_llm_threads = num_threads
-        num_decodes = sum(1 for s in scheduler.running if s.num_uncomputed_tokens == 1)
+        num_decodes = _num_decoding(scheduler)
         self._snapshot = (num_decodes, num_decodes == len(scheduler.running) and not scheduler.waiting)
 
     def release_step(self, scheduler, will_step_again: bool = False) -> None:

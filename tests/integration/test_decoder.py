@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import struct
 import subprocess
@@ -29,23 +30,30 @@ SMALL = 28 * 28 * 4
 BFRAMES = {"x264-params": "bframes=3:b-adapt=0:b-pyramid=normal"}
 
 
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
-    """A decoder process with two workers, short limits and fault injection on; yields (stub, process)."""
-    media_root = tmp_path_factory.mktemp("decoder-media")
-    config = DecoderConfig(port=free_port(), media_root=str(media_root), num_workers=2, task_timeout_s=3.0,
-                           task_ms_per_packet=0.0, max_video_seconds=20.0, min_chunk_cost=10.0, log_level="ERROR")
-    env = {**os.environ, FAULT_INJECTION_ENV: "1"}
+@contextlib.contextmanager
+def decoder_process(env: dict[str, str] | None = None, **settings):
+    """A decoder process with settings (DecoderConfig fields) once it serves; yields (stub, process, config)."""
+    config = DecoderConfig(port=free_port(), log_level="ERROR", **settings)
     process = subprocess.Popen([sys.executable, "-m", "services.decoder", *config.to_argv()], env=env)
     address = f"127.0.0.1:{config.port}"
     try:
         asyncio.run(rpc.wait_healthy(address, 60))
         channel = grpc.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
-        yield decoder_pb2_grpc.DecoderStub(channel), process, media_root
+        yield decoder_pb2_grpc.DecoderStub(channel), process, config
         channel.close()
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """A decoder process with two workers, short limits and fault injection on; yields (stub, process)."""
+    media_root = tmp_path_factory.mktemp("decoder-media")
+    with decoder_process({**os.environ, FAULT_INJECTION_ENV: "1"}, media_root=str(media_root), num_workers=2,
+                         task_timeout_s=3.0, task_ms_per_packet=0.0, max_video_seconds=20.0,
+                         min_chunk_cost=10.0) as (stub, process, _):
+        yield stub, process, media_root
 
 
 def video_request(data: bytes, fps: float = 2.0, request_id: str = "t", **kwargs) -> decoder_pb2.DecodeRequest:

@@ -3,56 +3,42 @@ bounded by the chunks its consumer has taken, which keeps its memory flat as the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import glob
 import os
 import subprocess
-import sys
 
 import grpc
 import psutil
 import pytest
 import torch
 
-from mmserve import rpc, transport
+from mmserve import transport
 from mmserve.media.samples import make_video
 from mmserve.media.video import decode_video
 from mmserve.transport import shm
-from mmserve.v1 import decoder_pb2_grpc
-from services.decoder.config import DecoderConfig
 from stack.launcher import free_port
 from tests.integration.helpers import metric
-from tests.integration.test_decoder import BFRAMES, SMALL, video_request
+from tests.integration.test_decoder import BFRAMES, SMALL, decoder_process, video_request
 
 DECODED = "mmserve_decoder_chunks_decoded_total"
 HELD_BACK = "mmserve_decoder_requests_held_back"
 
 
 @contextlib.contextmanager
-def decoder_process(scratch: str, **settings):
-    """A decoder process; yields (stub, process, config)."""
-    # Every chunk in shared memory, however small (its segment is what the consumer takes).
-    config = DecoderConfig(port=free_port(), metrics_port=free_port(), scratch_dir=scratch, min_chunk_cost=10.0,
-                           inline_limit_bytes=1024,
-                           log_level="ERROR", **settings)
-    process = subprocess.Popen([sys.executable, "-m", "services.decoder", *config.to_argv()])
-    address = f"127.0.0.1:{config.port}"
-    try:
-        asyncio.run(rpc.wait_healthy(address, 60))
-        channel = grpc.insecure_channel(address, options=rpc.message_options(256 * 1024 * 1024))
-        yield decoder_pb2_grpc.DecoderStub(channel), process, config
-        channel.close()
-    finally:
-        process.terminate()
-        process.wait(30)
+def windowed_decoder(scratch: str, **settings):
+    """A decoder process with metrics, every chunk in shared memory however small (its segment is what the consumer
+    takes); yields (stub, process, config)."""
+    with decoder_process(metrics_port=free_port(), scratch_dir=scratch, min_chunk_cost=10.0, inline_limit_bytes=1024,
+                         **settings) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
     """Decoders with one and with three workers."""
-    with (decoder_process(str(tmp_path_factory.mktemp("one")), num_workers=1) as one,
-          decoder_process(str(tmp_path_factory.mktemp("three")), num_workers=3) as three):
+    with (windowed_decoder(str(tmp_path_factory.mktemp("one")), num_workers=1) as one,
+          windowed_decoder(str(tmp_path_factory.mktemp("three")), num_workers=3) as three):
         yield one, three
 
 
@@ -146,7 +132,7 @@ def test_peak_rss_stays_flat_as_the_clip_doubles(tmp_path):
     # 588x336 is a multiple of 28 inside the pixel bounds: frames need no resize, so decoding stays quick.
     seconds = (2.0, 16.0, 32.0)  # a warm-up, then the clip and the clip doubled
     clips = [make_video(seconds=s, fps=10, width=588, height=336, gop=30) for s in seconds]
-    with decoder_process(str(tmp_path), num_workers=2, max_chunks_ahead=2) as (stub, process, _):
+    with windowed_decoder(str(tmp_path), num_workers=2, max_chunks_ahead=2) as (stub, process, _):
         peaks = []
         for s, data in zip(seconds, clips):
             chunks = decode(stub, video_request(data, fps=10.0, chunk_frames=16), shared_memory=True)
