@@ -32,13 +32,15 @@ def kv_slots(block_table, positions, block_size):
 class BlockManager:
     """Owns the KV blocks. A full, computed block is remembered by its hash so that a later sequence with
     the same prefix (a shared system prompt, the same video at the same place) reuses it instead of
-    recomputing; a freed block keeps its hash until the block is handed out again."""
+    recomputing; a freed block keeps its hash until the block is handed out again. prefix_caching False: no
+    block is remembered, every prompt is computed whole."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("block manager: need at least one block of at least one token")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
         self.hash_to_block: dict[bytes, int] = {}
@@ -98,6 +100,8 @@ class BlockManager:
 
     def register_computed(self, seq: Sequence) -> None:
         """Remembers seq's blocks that became full and computed, so later sequences can share them."""
+        if not self.prefix_caching:
+            return
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         for index in range(len(seq.block_hashes), full):
             previous = seq.block_hashes[-1] if seq.block_hashes else b""

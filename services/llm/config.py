@@ -15,6 +15,8 @@ class LlmConfig(ServiceConfig, CacheOptions, ModelOptions):
     max_num_batched_tokens: int = option(2048, "tokens computed per engine step (chunked prefill budget)")
     block_size: int = option(0, "tokens per KV block (0: 256 where flash-attn's paged kernels run, as they need a "
                                 "multiple of 256; else 16)")
+    prefix_caching: bool = option(True, "reuse the KV cache of a prompt prefix computed before (the same system "
+                                        "prompt, the same media at the same place)")
     cuda_graphs: bool = option(True, "replay decode steps from CUDA graphs captured at start (GPU with flash-attn)")
     kv_cache_bytes: int = option(512 * 1024 * 1024, "memory for the KV cache")
     max_model_len: int = option(32768, "longest prompt plus output, in tokens")

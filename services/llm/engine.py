@@ -105,7 +105,7 @@ class Engine:
         per_token = ModelRunner.kv_bytes_per_token(text_model.config, dtype)
         block_size = config.block_size or default_block_size(self.device, dtype)
         num_blocks = max(1, config.kv_cache_bytes // (per_token * block_size))
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = min(config.max_model_len, text_model.config.max_position_embeddings)
         self.runner = ModelRunner(text_model, lm_head, self.block_manager, dtype, self.device,

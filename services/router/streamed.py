@@ -9,6 +9,7 @@ decoder stream are cancelled and every lease not handed to the llm is released.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 
@@ -62,6 +63,7 @@ class ChunkFeed:
         self.max_in_flight = max_in_flight
         self.gate = asyncio.Semaphore(max_in_flight)  # chunks held between decoder and llm
         self.embedded = [Embedded(planned_embedding(p), cached=p.is_cached) for p in prepared]
+        self.timings = [_Timings() for _ in prepared]  # each item's, as far as its feed has got
         # Leased refs not yet handed on, by (media index, chunk index, "frames" or "embeddings").
         self.held: dict[tuple[int, int, str], tensor_pb2.TensorRef] = {}
         self.error: BaseException | None = None  # what ended the feed early
@@ -75,6 +77,8 @@ class ChunkFeed:
         is_finished = False
         try:
             async for reply in call:
+                if reply.WhichOneof("event") == "final":  # the feed may still be closing its streams, or (a prefix
+                    self._settle()  # the llm had cached) still decoding: the final tells what was done
                 yield reply
             is_finished = True
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
@@ -114,7 +118,7 @@ class ChunkFeed:
         went away, is decoded again on its own."""
         redo: list[int] = []
         encoder_tries = Failover(self.media.encoders, self.attempts, self.request_id)
-        timings = _Timings()
+        timings = self.timings[media_index]
         work = [self._decode(call, media_index, prepared, list(prepared.missing_chunks), redo, encoder_tries,
                              timings)] if prepared.missing_chunks else []
         await all_or_nothing([self._send_cached(call, media_index, prepared, redo), *work])
@@ -122,8 +126,13 @@ class ChunkFeed:
             indices = sorted(redo)
             redo.clear()
             await self._decode(call, media_index, prepared, indices, redo, encoder_tries, timings)
-        self.embedded[media_index] = Embedded(self.embedded[media_index].embedding, prepared.is_cached,
-                                              timings.decode_ms, timings.encode_ms, timings.wait_ms)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Each item's timings so far into embedded, which the final reads."""
+        for i, t in enumerate(self.timings):
+            self.embedded[i] = dataclasses.replace(self.embedded[i], decode_ms=t.decode_ms, encode_ms=t.encode_ms,
+                                                   wait_ms=t.wait_ms)
 
     async def _send_cached(self, call, media_index: int, prepared: Prepared, redo: list[int]) -> None:
         chunks = prepared.chunks
@@ -169,6 +178,7 @@ class ChunkFeed:
             stream = decoder.stub.Decode(request, timeout=time_left(self.deadline), metadata=transport.caller_metadata())
             messages = stream_from("decoder", decoder, stream).__aiter__()
             num_frames = num_pixels = 0
+            last = start
             try:
                 while True:
                     await self.gate.acquire()  # backpressure: the next chunk only when one has left
@@ -178,6 +188,8 @@ class ChunkFeed:
                         self.gate.release()
                         raise
                     self.held[media_index, c.chunk_index, "frames"] = c.frames
+                    timings.decode_ms += (time.perf_counter() - last) * 1e3  # up to its last chunk's arrival
+                    last = time.perf_counter()
                     _check(c, chunks, left)
                     left.remove(c.chunk_index)
                     num_frames += len(c.frame_indices)
@@ -190,9 +202,7 @@ class ChunkFeed:
                 pass
             finally:
                 stream.cancel()  # a failure or cancellation ends the decoder's stream at once
-            decoded = time.perf_counter()
-            timings.decode_ms += (decoded - start) * 1e3
-            decoder.costs.observe(num_frames, num_pixels, (decoded - start) * 1e3)
+            decoder.costs.observe(num_frames, num_pixels, (time.perf_counter() - start) * 1e3)
 
     async def _encode_and_send(self, call, media_index: int, prepared: Prepared, c: decoder_pb2.DecodeChunk,
                                redo: list[int], tries: Failover, timings: _Timings) -> None:
@@ -233,7 +243,7 @@ class ChunkFeed:
 
 
 class _Timings:
-    """One item's decode time (summed over its decodes), encode time (first encode's start to the last's end)
+    """One item's decode time (summed over its decodes, each to its last chunk), encode time (first encode's start to the last's end)
     and its wait for a decoder."""
 
     def __init__(self) -> None:

@@ -39,7 +39,9 @@ def _cluster(request, tiny_model, redis_server):
     running = started_cluster(
         tiny_model, redis_server, registry=False, counts={"decoder": 1, "encoder": 2, "llm": 1},
         stage_options={"decoder": dict(lease_s=LEASE_S), "encoder": dict(lease_s=LEASE_S, cache_timeout_ms=5000),
-                       "llm": dict(redis_url=redis_server.url, cache_timeout_ms=5000)},  # it reads cache hits
+                       # The llm reads cache hits; its own prefix cache would answer a clip seen before without
+                       # a decode or a cache read, the cases' subject.
+                       "llm": dict(redis_url=redis_server.url, cache_timeout_ms=5000, prefix_caching=False)},
         router_options=dict(stream_prefill=request.param == "streamed", video_chunk_frames=CHUNK_FRAMES,
                             max_chunks_in_flight=2, cache_timeout_ms=5000))
     running.mode = request.param

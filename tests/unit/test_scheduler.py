@@ -136,6 +136,16 @@ def test_shared_prefix_is_computed_once():
     assert s.block_manager.num_free_blocks == 32
 
 
+def test_without_prefix_caching_every_prompt_is_computed_whole():
+    s = Scheduler(BlockManager(32, 4, prefix_caching=False), max_num_seqs=8, max_num_batched_tokens=64)
+    first, second = make_seq("first", 10, first_token=0), make_seq("second", 10, first_token=0)
+    s.add(first)
+    step(s)
+    s.add(second)
+    assert step(s)["second"] == 10 and second.num_cached_tokens == 0
+    assert not set(second.block_table) & set(first.block_table)
+
+
 def test_freed_blocks_stay_reusable_until_handed_out_again():
     s = make_scheduler(num_blocks=8, block_size=4, budget=64)
     a = make_seq("a", 9, first_token=0)
