@@ -12,7 +12,7 @@ from mmserve.models.family import unpack
 from mmserve.sampling import sampling_from_proto
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import Delta, Engine, EngineOverloaded, Finished
-from services.llm.prompt import ChatMessage, MediaInput, PromptError
+from services.llm.prompt import ChatMessage, MediaInput
 
 _KINDS = {decoder_pb2.MEDIA_KIND_IMAGE: "image", decoder_pb2.MEDIA_KIND_VIDEO: "video"}
 _ROLES = ("system", "user", "assistant")
