@@ -21,6 +21,7 @@ from services.llm.block_manager import BlockManager
 from services.llm.cuda_graphs import default_block_size
 from services.llm.config import LlmConfig
 from services.llm.detokenizer import IncrementalDetokenizer, TokenTexts, add_tokens
+from services.llm.events import Delta, Finished, coalesced
 from services.llm.prompt import ChatMessage, MediaInput, PromptBuilder
 from services.llm.runner import ModelRunner
 from services.llm.sampler import TokenLogprobs, make_generator, model_logprobs, sample_rows, token_logprobs
@@ -28,24 +29,6 @@ from services.llm.scheduler import Scheduler
 from services.llm.sequence import SamplingOptions, Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Delta:
-    text: str
-    token_ids: list[int]
-    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when the request asked for them
-
-
-@dataclasses.dataclass
-class Finished:
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    queue_ms: float
-    prefill_ms: float
-    ttft_ms: float
-    decode_batch: float = 0.0  # mean sequences per step over the tokens after the first
 
 
 def media_digest(item: MediaInput) -> str:
@@ -166,18 +149,14 @@ class Engine:
         return self._events(request)
 
     async def _events(self, request: _Request) -> AsyncIterator[Delta | Finished]:
-        seq = request.seq
         finished = False
         try:
-            while not finished:
-                event = await request.events.get()
-                if isinstance(event, Exception):
-                    raise event
+            async for event in coalesced(request.events):
                 finished = isinstance(event, Finished)
                 yield event
         finally:
             if not finished:
-                self.abort(seq.seq_id)
+                self.abort(request.seq.seq_id)
 
     def abort(self, request_id: str) -> None:
         """Stops a request and frees its KV blocks at the next step boundary."""

@@ -172,3 +172,21 @@ async def test_finished_reports_the_batch_its_tokens_were_made_in(tiny_model):
         assert all(1.0 < f.decode_batch <= 2.0 for f in await asyncio.gather(final("a"), final("b")))
     finally:
         engine.stop()
+
+
+async def test_a_consumer_that_falls_behind_gets_the_tokens_made_meanwhile_in_fewer_deltas(tiny_model):
+    engine = make_engine(tiny_model)
+    try:
+        options = SamplingOptions(max_tokens=12, min_tokens=12, temperature=0.0)
+        prompt = [ChatMessage("user", ["Once upon a time"])]
+        expected = await run(engine, engine.prepare("fast", prompt, options))
+        events = engine.generate(engine.prepare("slow", prompt, options))
+        first = await anext(events)
+        await asyncio.sleep(0.5)  # the engine makes the next tokens (a few ms each) while nobody reads them
+        rest = [e async for e in events]
+        deltas = [first, *rest[:-1]]
+        assert [t for d in deltas for t in d.token_ids] == expected and isinstance(rest[-1], Finished)
+        assert len(first.token_ids) == 1 and len(deltas) < len(expected)
+        assert "".join(d.text for d in deltas) == engine.tokenizer.decode(expected)
+    finally:
+        engine.stop()
