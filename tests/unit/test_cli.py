@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mmserve import probe, rpc
 from stack.cli import build_parser, model_error
-from stack.launcher import StackSpec, free_port, plan
+from stack.launcher import Child, Stack, StackSpec, free_port, plan
 
 COMMANDS = ("tiny-model", "up", "generate", "decode", "certs", "secrets")
 
@@ -172,3 +172,17 @@ def test_up_notices_a_started_stage_at_once():
     assert dict(planned.services)["router"].replica_reconnect_max_ms <= 100
     options = dict(rpc.STARTUP_RECONNECT_OPTIONS)
     assert max(options["grpc.initial_reconnect_backoff_ms"], options["grpc.max_reconnect_backoff_ms"]) <= 100
+
+
+@pytest.mark.parametrize("outside, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_children_get_passive_openmp_threads_unless_the_environment_says_otherwise(tmp_path, monkeypatch, outside,
+                                                                                     expected):
+    if outside is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", outside)
+    out = tmp_path / "policy"
+    child = Child("probe", [sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write("
+                                                  "os.environ.get('OMP_WAIT_POLICY', 'unset'))"], None)
+    Stack([child]).start_child(child)
+    assert child.process.wait(timeout=30) == 0 and out.read_text() == expected
