@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import pathlib
+import shlex
 import sys
 import tempfile
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="model size (mmserve tiny-model --preset)")
     parser.add_argument("--variants", type=int, default=8, help="distinct media per class (fewer: more cache hits)")
     parser.add_argument("--plot", default="slo.png")
+    parser.add_argument("--router-args", default="", help="more router flags for both policies (--stream-prefill)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
 
@@ -57,7 +59,7 @@ def main() -> None:
     slo = None
     for policy in ("slo", "fcfs"):
         redis, redis_url = start_redis(workdir)  # a fresh cache per policy: neither inherits the other's hits
-        stack, address = start_stack(model, redis_url, ("--policy", policy))
+        stack, address = start_stack(model, redis_url, ("--policy", policy, *shlex.split(args.router_args)))
         try:
             lone = asyncio.run(lone_latencies(address, calibration_media, args.max_tokens))  # warm-up, both
             if slo is None:

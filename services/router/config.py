@@ -86,7 +86,8 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                                                      "calls failed (UNAVAILABLE, retried elsewhere when nothing was "
                                                      "streamed) and gets no work until its health says SERVING")
     replica_reconnect_max_ms: int = option(2000, "longest pause between reconnection attempts to a replica that went "
-                                                 "away, so one that resumes is used again soon")
+                                                 "away or has not started (and, up to 1 s, between its health "
+                                                 "checks), so one that serves is used soon")
     registry_refresh_s: float = option(1.0, "seconds between reads of the replica registry")
     startup_wait_s: float = option(60.0, "at start, seconds to wait for a healthy replica of each stage")
     warmup: bool = option(True, "profile every replica with a small image and text request at start")

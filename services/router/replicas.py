@@ -139,7 +139,10 @@ class ReplicaPool:
 
     async def _watch(self, replica: Replica) -> None:
         stub = health_pb2_grpc.HealthStub(replica.channel)
-        delay = 0.05
+        # At most 1 s between checks, and no longer than between reconnections: `mmserve up` sets those to 100 ms,
+        # so a stage that has just started serving is used within that.
+        longest = min(1000, dict(self.channel_options).get("grpc.max_reconnect_backoff_ms", 1000)) / 1e3
+        delay = min(0.05, longest)
         while True:
             call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
             try:
@@ -152,14 +155,14 @@ class ReplicaPool:
                         # A draining server exits once its calls end, open streams included: ours must not
                         # hold it for its whole grace period. Asked again after the pause below.
                         break
-                    delay = 0.05
+                    delay = min(0.05, longest)
             except grpc.aio.AioRpcError:
                 pass
             finally:
                 call.cancel()
             self._set_healthy(replica, False)
             await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
+            delay = min(longest, delay * 2)
 
     def _set_healthy(self, replica: Replica, healthy: bool) -> None:
         replica.healthy = healthy

@@ -54,3 +54,30 @@ def test_router_config_checks_the_new_bounds():
         RouterConfig(replica_keepalive_ms=100, **common)
     with pytest.raises(ValueError, match="stage_max_waiting"):
         RouterConfig(stage_max_waiting=0, **common)
+
+
+@pytest.mark.parametrize("reconnect_max_ms, longest_s", [(100, 0.1), (2000, 1.0)])
+async def test_a_replica_not_serving_yet_is_checked_again_within_the_reconnect_bound(monkeypatch, reconnect_max_ms,
+                                                                                      longest_s):
+    """`mmserve up` sets 100 ms: a stage that starts serving is seen within that, not after a second's pause."""
+    from mmserve.v1 import decoder_pb2_grpc
+    from services.router import replicas
+
+    pauses = []
+    sleep = asyncio.sleep
+
+    async def recorded(delay, *args):
+        pauses.append(delay)
+        if len(pauses) == 8:
+            raise asyncio.CancelledError
+        await sleep(0)
+
+    monkeypatch.setattr(replicas.asyncio, "sleep", recorded)
+    pool = ReplicaPool("decoder", stub_class=decoder_pb2_grpc.DecoderStub, max_message_bytes=1 << 20,
+                       make_costs=lambda: TokenCost(1.0, 1.0),
+                       channel_options=keepalive_options(10_000, 1_000, reconnect_max_ms))
+    pool.add("127.0.0.1:1")  # nothing listens there: every health Watch fails
+    with pytest.raises(asyncio.CancelledError):
+        await pool.replicas["127.0.0.1:1"].watcher
+    await pool.close()
+    assert pauses[0] == 0.05 and max(pauses) == longest_s
