@@ -239,8 +239,15 @@ class ModelRunner:
             qi = q[start:start + n].transpose(0, 1)[None]
             ki, vi = k_cache.index_select(1, context)[None], v_cache.index_select(1, context)[None]
             past = len(context) - n
-            causal = {"is_causal": True} if past == 0 else {"attn_mask": causal_lower_right(n, len(context))}
-            o = F.scaled_dot_product_attention(qi, ki, vi, scale=self.scale, enable_gqa=True, **causal)
+            if 2 * past <= n:
+                # Queries padded in front to the context's length make it plain causal: the fused kernel's fast
+                # path. A short past (the text before a streamed media chunk) cost ~40% more with the bias.
+                qi = torch.cat([qi.new_zeros(*qi.shape[:2], past, qi.shape[-1]), qi], 2) if past else qi
+                o = F.scaled_dot_product_attention(qi, ki, vi, scale=self.scale, enable_gqa=True, is_causal=True)
+                o = o[:, :, past:]
+            else:
+                o = F.scaled_dot_product_attention(qi, ki, vi, scale=self.scale, enable_gqa=True,
+                                                   attn_mask=causal_lower_right(n, len(context)))
             out[start:start + n] = o[0].transpose(0, 1)
         if len(rows):
             out[rows] = self._decode_attend(q[rows], k_cache, v_cache, batch)

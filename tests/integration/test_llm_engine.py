@@ -76,6 +76,23 @@ async def test_32_mixed_requests_with_tiny_chunks_match_transformers(tiny_model,
         engine.stop()
 
 
+async def test_a_prompt_after_a_short_cached_prefix_matches_transformers(tiny_model, hf_model):
+    """Its prefill starts after a past shorter than half of it: the runner's padded causal attention."""
+    engine = make_engine(tiny_model, block_size=4)
+    try:
+        system = ChatMessage("system", ["Be brief."])
+        options = SamplingOptions(max_tokens=8, min_tokens=8, temperature=0.0)
+        await run(engine, engine.prepare("s1", [system, ChatMessage("user", ["Hello"])], options))
+        second = engine.prepare("s2", [system, ChatMessage("user", [fake_image(hf_model, 3, grid=(1, 8, 8)),
+                                                                     "word " * 60])], options)
+        got = await run(engine, second)
+        past = second.num_cached_tokens
+        assert 0 < 2 * past <= second.num_prompt_tokens - past
+        assert got == reference(hf_model, engine, second, 8)
+    finally:
+        engine.stop()
+
+
 async def test_cancelling_100_requests_mid_stream_returns_every_block(tiny_model):
     engine = make_engine(tiny_model, block_size=4, kv_cache_bytes=64 * 1024 * 1024)
     try:
