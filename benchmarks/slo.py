@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="model size (mmserve tiny-model --preset)")
     parser.add_argument("--variants", type=int, default=8, help="distinct media per class (fewer: more cache hits)")
     parser.add_argument("--plot", default="slo.png")
-    parser.add_argument("--router-args", default="", help="more router flags for both policies (--stream-prefill)")
+    parser.add_argument("--router-args", default="", help="more router flags for both policies (--no-stream-prefill)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
 

@@ -62,7 +62,9 @@ class LlmServicer:
         (kind, grid, timestamps, chunk_rows, digest; no embeddings): the whole prompt layout and every position
         are known up front. Each later message is one chunk's embeddings, as an encoder finishes it, in any
         order; the llm prefills the prompt up to the first chunk it still lacks. Closing the input before every
-        chunk arrived, or cancelling the call, ends the request and frees what it holds.
+        chunk arrived, or cancelling the call, ends the request and frees what it holds. The llm sends its initial
+        metadata once it has queued the request; a client sends chunks only after that (a refusal ends the call
+        first, so a chunk never races the refusal's status).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -139,6 +139,7 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
             seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority)
             events = self.engine.generate(seq)
             is_queued = True
+            await context.send_initial_metadata(())  # queued: the client may send the chunks
             feeding = asyncio.create_task(self._feed(inputs, seq, context))
             async for event in events:
                 yield self._response(event)

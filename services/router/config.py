@@ -65,11 +65,9 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                                             "exceeds this times its target")
     admission_target: float = option(0.9, "share of admitted requests that should meet their SLO: admission "
                                            "plans for a quantile of its prediction errors that outcomes move")
-    # Off by default for now: under load (benchmarks/slo.py, small preset) it halved the stack's goodput at 4-8
-    # req/s against store-and-forward (issue 23 is still open on why).
-    stream_prefill: bool = option(False, "send the llm a media request's planned prompt at once, then each chunk's "
-                                         "embeddings as an encoder finishes it (GenerateStreamed), so decode, encode "
-                                         "and prefill overlap; --no-stream-prefill waits for every embedding first")
+    stream_prefill: bool = option(True, "send the llm a media request's planned prompt at once, then each chunk's "
+                                        "embeddings as an encoder finishes it (GenerateStreamed), so decode, encode "
+                                        "and prefill overlap; --no-stream-prefill waits for every embedding first")
     video_chunk_frames: int = option(16, "streamed prefill: sampled frames per video chunk, a fixed window rounded to "
                                          "the family's temporal group (chunk cache keys follow it)")
     max_chunks_in_flight: int = option(4, "streamed prefill: chunks of one request decoded but not yet encoded, or "

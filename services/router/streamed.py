@@ -68,6 +68,7 @@ class ChunkFeed:
         self.held: dict[tuple[int, int, str], tensor_pb2.TensorRef] = {}
         self.error: BaseException | None = None  # what ended the feed early
         self._write_lock = asyncio.Lock()
+        self._is_queued = False  # the llm queued the request (its initial metadata came): chunks may go
         self._tasks: list[asyncio.Task] = []
 
     async def replies(self, llm: Replica, llm_request: llm_pb2.LlmRequest):
@@ -237,6 +238,13 @@ class ChunkFeed:
 
     async def _write(self, call, media_index: int, chunk_index: int, embeddings: tensor_pb2.TensorRef) -> None:
         async with self._write_lock:  # one message at a time on the call
+            if not self._is_queued:
+                # A chunk written while the llm refuses the request can fail in gRPC's core, which then reports
+                # INTERNAL in place of the llm's RESOURCE_EXHAUSTED: wait until it has queued the request.
+                await call.initial_metadata()
+                self._is_queued = True
+            if call.done():
+                raise asyncio.InvalidStateError("the llm call has ended")  # its own status is the request's
             await call.write(llm_pb2.LlmInput(chunk=llm_pb2.MediaChunk(
                 media_index=media_index, chunk_index=chunk_index, embeddings=embeddings)))
         self.held.pop((media_index, chunk_index, "embeddings"), None)  # the llm's now

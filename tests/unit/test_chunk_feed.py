@@ -106,6 +106,12 @@ class Llm:
     def GenerateStreamed(self, timeout):
         return self
 
+    async def initial_metadata(self):  # the llm queued the request
+        return ()
+
+    def done(self):
+        return self.is_cancelled
+
     async def write(self, message):
         self.inputs.append(message)
 
@@ -257,3 +263,43 @@ async def test_a_cancelled_request_cancels_the_llm_call_and_the_decoder_stream(r
     with pytest.raises(asyncio.CancelledError):
         await task
     assert llm.is_cancelled and all(s.is_cancelled for s in decoder.streams)
+
+
+class RefusingLlm(Llm):
+    """Refuses the request as it arrives (its queue is full). Its status reaches the reader only once the feed
+    first tries to send a chunk: a write that races the refusal fails in gRPC's core, whose INTERNAL then
+    replaces the llm's RESOURCE_EXHAUSTED as the call's status."""
+
+    def __init__(self):
+        super().__init__()
+        self.refused, self.settled, self.raced = asyncio.Event(), asyncio.Event(), False
+
+    async def write(self, message):
+        if self.refused.is_set():
+            self.raced = True
+            self.settled.set()
+            raise rpc_error(grpc.StatusCode.INTERNAL)
+        await super().write(message)
+        self.refused.set()
+
+    async def initial_metadata(self):
+        self.settled.set()
+        await self.refused.wait()  # none sent: the status ends the call
+        return ()
+
+    def done(self):
+        return self.refused.is_set()
+
+    async def _replies(self):
+        await self.settled.wait()
+        raise rpc_error(grpc.StatusCode.INTERNAL if self.raced else grpc.StatusCode.RESOURCE_EXHAUSTED)
+        yield
+
+
+async def test_no_chunk_is_written_to_a_call_the_llm_refused_so_its_status_is_the_request_s(released):
+    decoder, encoder, llm = Decoder(), Encoder(), RefusingLlm()
+    feed = make_feed(decoder, encoder)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await run(feed, llm)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and feed.error is None
+    assert [m.WhichOneof("input") for m in llm.inputs] == ["request"] and not llm.raced
