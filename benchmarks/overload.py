@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import pathlib
+import shlex
 import statistics
 import sys
 import tempfile
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="model size (mmserve tiny-model --preset)")
     parser.add_argument("--variants", type=int, default=8, help="distinct media per class (fewer: more cache hits)")
     parser.add_argument("--capacity", type=float, default=0.0, help="req/s: skip measuring it (0: measure)")
+    parser.add_argument("--router-args", default="", help="more flags of every router (--no-stream-prefill)")
+    parser.add_argument("--systems", default="slo,slo-h0.5,fcfs", help="which of the three to run")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="mmserve-overload-")
@@ -114,7 +117,8 @@ def main() -> None:
     # Calibration and capacity on a stack of their own: what a saturated closed loop teaches a router's cost
     # models must not carry into the runs compared (each starts fresh and warms up like a new deployment).
     redis, redis_url = start_redis(workdir)
-    stack, address = start_stack(model, redis_url)
+    more = tuple(shlex.split(args.router_args))
+    stack, address = start_stack(model, redis_url, more)
     try:
         lone = asyncio.run(lone_latencies(address, make_media(seed=0), args.max_tokens))
         slo = slo_targets(lone, args.slo_factor, args.slo_floor_ms)
@@ -132,9 +136,9 @@ def main() -> None:
     results = {}
     systems = {"slo": ("--policy", "slo"), "slo-h0.5": ("--policy", "slo", "--admission-headroom", "0.5"),
                "fcfs": ("--policy", "fcfs")}
-    for policy, router_args in systems.items():
+    for policy in args.systems.split(","):
         redis, redis_url = start_redis(workdir)
-        stack, address = start_stack(model, redis_url, router_args)
+        stack, address = start_stack(model, redis_url, systems[policy] + more)
         try:
             asyncio.run(lone_latencies(address, make_media(seed=0), args.max_tokens))  # a new deployment's first
             flush(redis_url)
