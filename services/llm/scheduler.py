@@ -29,6 +29,7 @@ class Scheduler:
     run out the lowest-priority running sequence is preempted (freed, recomputed later). A sequence waiting
     for a media chunk keeps its blocks and is skipped until the chunk arrives; it is preempted last, and since
     its consumed media are gone it is then dropped (listed in `dropped`) rather than queued for recomputation.
+    A streamed prompt takes its blocks before its first chunk only while the cache has room to spare.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -79,6 +80,8 @@ class Scheduler:
         for seq in ordered:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if seq.is_streamed and 0 in seq.pending_media and not self._has_room_to_wait(seq):
+                continue  # holds nothing until its first media chunk comes: the cache is needed by what can run
             if not seq.block_table:
                 seq.num_cached_tokens = seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
             n = min(seq.num_schedulable_tokens, budget)
@@ -96,6 +99,14 @@ class Scheduler:
             if n:  # else its cached prefix reaches a media chunk still missing
                 chunks.append(ScheduledChunk(seq, n))
                 budget -= n
+
+    def _has_room_to_wait(self, seq: Sequence) -> bool:
+        """Whether a streamed prompt may take its blocks before any of its media arrived (to compute the text
+        before them at once): only while half the cache would stay free. Under load its clip may take seconds to
+        decode and encode, and prompts waiting for theirs would hold the blocks that running ones need (or that
+        preempt them)."""
+        needed = self.block_manager.num_blocks_for(seq.num_prompt_tokens)
+        return self.block_manager.num_free_blocks - needed >= self.block_manager.num_blocks // 2
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempts lower-priority sequences until seq fits; False if seq itself had to go."""

@@ -41,6 +41,7 @@ class StageError(Exception):
 def _stage_error(stage: str, err: grpc.aio.AioRpcError) -> StageError:
     if is_client_error(err):
         return StageError(err.code(), err.details() or f"{stage}: {err.code().name}")
+    log.warning("%s: %s from a replica, answered UNAVAILABLE: %s", stage, err.code().name, err.details())
     return StageError(grpc.StatusCode.UNAVAILABLE, f"{stage}: replica unavailable ({err.code().name})")
 
 

@@ -203,3 +203,19 @@ def test_a_sequence_waiting_for_media_keeps_its_blocks_and_takes_no_share_of_a_s
     assert step(s) == {"other": 1, "streamed": 14}
     s.preempt(streamed)  # its prefilled media are gone: dropped, never queued for recomputation
     assert s.dropped == [streamed] and streamed.is_finished and streamed not in s.waiting
+
+
+def test_a_streamed_prompt_takes_no_blocks_before_its_first_chunk_while_the_cache_is_busy():
+    s = make_scheduler(num_blocks=16, block_size=4, budget=32)
+    running = make_seq("running", 24, max_tokens=20)  # 7 of the 16 blocks with its first token
+    s.add(running)
+    step(s)
+    streamed = make_seq("streamed", 20)
+    streamed.is_streamed, streamed.pending_media = True, {0: (6, 10), 1: (10, 14)}
+    s.add(streamed)
+    assert step(s) == {"running": 1} and streamed.block_table == [] and streamed in s.waiting
+    text = make_seq("text", 8)  # one that can run goes ahead of it
+    s.add(text)
+    assert step(s) == {"running": 1, "text": 8}
+    del streamed.pending_media[0]  # its first chunk came: it takes the whole prompt's blocks, computes up to chunk 1
+    assert step(s) == {"running": 1, "text": 1, "streamed": 10} and len(streamed.block_table) == 5
