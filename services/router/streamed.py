@@ -189,8 +189,9 @@ class ChunkFeed:
                         self.gate.release()
                         raise
                     self.held[media_index, c.chunk_index, "frames"] = c.frames
-                    timings.decode_ms += (time.perf_counter() - last) * 1e3  # up to its last chunk's arrival
-                    last = time.perf_counter()
+                    now = time.perf_counter()
+                    timings.decode_ms += (now - last) * 1e3  # up to its last chunk's arrival
+                    last = now
                     _check(c, chunks, left)
                     left.remove(c.chunk_index)
                     num_frames += len(c.frame_indices)

@@ -104,3 +104,9 @@ def metric(port: int, name: str, **labels) -> float:
     selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
     match = re.search(rf"^{name}{{{selector}}} (\S+)$" if selector else rf"^{name} (\S+)$", body, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024

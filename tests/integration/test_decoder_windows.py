@@ -18,7 +18,7 @@ from mmserve.media.samples import make_video
 from mmserve.media.video import decode_video
 from mmserve.transport import shm
 from stack.launcher import free_port
-from tests.integration.helpers import metric
+from tests.integration.helpers import metric, peak_rss_mib
 from tests.integration.test_decoder import BFRAMES, SMALL, decoder_process, video_request
 
 DECODED = "mmserve_decoder_chunks_decoded_total"
@@ -120,12 +120,8 @@ def test_the_decoder_decodes_no_further_ahead_than_its_consumer_has_taken(decode
 
 def _peak_rss_mib(process: subprocess.Popen) -> dict[str, float]:
     """VmHWM of the decoder's processes: the server, its fork server and workers, by pid."""
-    peaks = {}
-    for p in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-        with open(f"/proc/{p.pid}/status") as f:
-            hwm = next(line for line in f if line.startswith("VmHWM:"))
-        peaks[p.pid] = round(int(hwm.split()[1]) / 1024, 1)
-    return peaks
+    return {p.pid: round(peak_rss_mib(p.pid), 1)
+            for p in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]}
 
 
 def test_peak_rss_stays_flat_as_the_clip_doubles(tmp_path):

@@ -18,7 +18,7 @@ from mmserve.media.samples import make_video
 from mmserve.transport import shm
 from services.decoder.engine import FAULT_INJECTION_ENV
 from tests.integration.cluster import started_cluster
-from tests.integration.helpers import collect, request, text, video
+from tests.integration.helpers import collect, peak_rss_mib, request, text, video
 from tests.integration.reference import Reference
 
 pytestmark = pytest.mark.slow
@@ -121,11 +121,6 @@ def test_a_partly_cached_clip_decodes_and_encodes_only_the_missing_chunks(cluste
         assert all(client.ttl(key) > 5000 for key in evicted)
 
 
-def _router_peak_mib(cluster) -> float:
-    with open(f"/proc/{cluster.router.process.pid}/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
-
-
 def test_the_router_s_peak_memory_stays_flat_as_the_clip_doubles(cluster, stub):
     """The router passes refs, never frames or embeddings: a clip twice as long (64 decoded frames, 36 MiB, where
     the shorter had 32) leaves its peak RSS where it was but for the few compressed bytes it was sent."""
@@ -136,7 +131,7 @@ def test_the_router_s_peak_memory_stays_flat_as_the_clip_doubles(cluster, stub):
         # 588x336: no resize; a high crf keeps the clip's bytes (what the client sends) small beside its frames.
         data = make_video(seconds=seconds, fps=4, width=588, height=336, seed=70, encoder_options={"crf": "51"})
         assert collect(stub, request(video(data), text("How long is it?"), num_tokens=2)).final.num_media == 1
-        peaks.append(_router_peak_mib(cluster))
+        peaks.append(peak_rss_mib(cluster.router.process.pid))
     frames_mib = 64 * 588 * 336 * 3 / 2**20
     print(f"router peak RSS MiB after the 16 s and the 32 s clip: {peaks}")
     assert peaks[1] - peaks[0] <= 0.1 * frames_mib, peaks
