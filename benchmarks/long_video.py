@@ -1,7 +1,7 @@
 """Long video, first token early (issue 23): streamed prefill against store-and-forward and transformers.
 
     python benchmarks/long_video.py [--model DIR] [--seconds 10,20] [--width 320 --height 180] [--chunk-frames 16]
-                                    [--modes streamed,store_and_forward] [--skip-hf]
+                                    [--modes streamed,store_and_forward] [--source uri|data] [--skip-hf]
     python benchmarks/long_video.py --seconds 60,300 --width 1280 --height 720 --fps 10 --crf 40 \
         --sample-fps 0.5 --max-pixels 100352 --chunk-frames 4
         # the issue's 60 s and 5-minute 720p clips: 10 fps and crf 40 keep the 5-minute clip's bytes and the time
@@ -12,7 +12,8 @@ One run on this machine, side by side: for each mode a fresh stack (decoder, enc
 private Redis) serves each clip alone, uncached, after a warm-up on a short clip. Per clip: the client's TTFT, the
 CPU seconds all the stack's processes spent on it and the machine's bound (those seconds over the cores), and the
 peak RSS (VmHWM) of the router, decoder (with its workers), encoder and llm after it (clips run shortest first, so
-the growth from the first clip to the last is what the longer clip added). Streamed mode also serves the first clip
+the growth from the first clip to the last is what the longer clip added). The clips go as file:// URIs under the
+stack's media root (--source data: their bytes inline, which the router's gRPC message then holds). Streamed mode also serves the first clip
 again with half its chunks evicted (partly cached). transformers' generate runs in this process on the same inputs.
 Streamed prefill needs the llm's GenerateStreamed and the decoder's fixed windows; against an llm without them the
 router falls back to store-and-forward (it logs so), and the two modes measure the same thing.
@@ -49,10 +50,12 @@ STAGES = ("router", "decoder", "encoder", "llm")
 SAMPLING: dict[str, float] = {}  # --sample-fps and --max-pixels, when given: the request's Media fields
 
 
-def request(clip: bytes, num_tokens: int, lead: str = "") -> api_pb2.GenerateRequest:
-    """The clip, then the question; lead: text before the clip (another prompt prefix: the llm's KV prefix cache
-    cannot answer it, the embedding cache still can)."""
-    parts = [api_pb2.Part(video=api_pb2.Media(data=clip, **SAMPLING)), api_pb2.Part(text="Describe the video.")]
+def request(clip: bytes | pathlib.Path, num_tokens: int, lead: str = "") -> api_pb2.GenerateRequest:
+    """The clip (its bytes, or its file as a file:// URI), then the question; lead: text before the clip (another
+    prompt prefix: the llm's KV prefix cache cannot answer it, the embedding cache still can)."""
+    media = (api_pb2.Media(uri=clip.as_uri(), **SAMPLING) if isinstance(clip, pathlib.Path)
+             else api_pb2.Media(data=clip, **SAMPLING))
+    parts = [api_pb2.Part(video=media), api_pb2.Part(text="Describe the video.")]
     return api_pb2.GenerateRequest(
         messages=[api_pb2.Message(role="user", parts=[api_pb2.Part(text=lead)] * bool(lead) + parts)],
         sampling=api_pb2.SamplingParams(max_tokens=num_tokens, min_tokens=num_tokens, temperature=0.0),
@@ -117,13 +120,13 @@ def stage_pids(stack) -> dict[str, list[int]]:
             if c.name.split("-")[0] in STAGES}
 
 
-def serve_mode(mode: str, model: str, clips: dict[float, bytes], args) -> dict:
+def serve_mode(mode: str, model: str, clips: dict[float, bytes | pathlib.Path], media_root: str, args) -> dict:
     """One mode's stack: each clip alone, uncached (and streamed, the first one partly cached)."""
     with tempfile.TemporaryDirectory() as workdir:
         redis_stack, redis_url = start_redis(workdir)
         flags = ("--no-stream-prefill",) if mode == "store_and_forward" else (
             "--stream-prefill", "--video-chunk-frames", str(args.chunk_frames))
-        stack, address = start_stack(model, redis_url, flags)
+        stack, address = start_stack(model, redis_url, flags, media_root=media_root)
         try:
             client = redis.Redis.from_url(redis_url)
             asyncio.run(ttft_ms(address, request(make_video(seconds=2.0, fps=30, width=args.width,
@@ -189,6 +192,9 @@ def main() -> None:
     parser.add_argument("--max-pixels", type=int, default=0, help="each sampled frame's pixel cap (0: the model's); "
                         "a 5-minute clip fits the router's default 16384 vision tokens at 0.5 fps and 100352 pixels")
     parser.add_argument("--crf", default="", help="the clips' x264 quality (e.g. 40: fewer bytes for long clips)")
+    parser.add_argument("--source", choices=("uri", "data"), default="uri",
+                        help="how the clips are sent: uri, a file:// URI under the stack's media root (the decoder "
+                             "reads the file, the router only hashes it); data, the bytes inline in the request")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--modes", default="streamed,store_and_forward")
     parser.add_argument("--skip-hf", action="store_true", help="no transformers baseline (slow on long clips)")
@@ -200,12 +206,18 @@ def main() -> None:
     quality = {"crf": args.crf} if args.crf else None
     clips = {s: make_video(seconds=s, fps=args.fps, width=args.width, height=args.height, seed=int(s),
                            encoder_options=quality) for s in lengths}
+    media_root = tempfile.mkdtemp()
+    sources = clips
+    if args.source == "uri":
+        sources = {s: pathlib.Path(media_root) / f"clip-{s:g}s.mp4" for s in lengths}
+        for s, path in sources.items():
+            path.write_bytes(clips[s])
     modes = args.modes.split(",")
-    results = {mode: serve_mode(mode, model, clips, args) for mode in modes}
+    results = {mode: serve_mode(mode, model, sources, media_root, args) for mode in modes}
     hf = {} if args.skip_hf else hf_ttft_ms(model, clips, args.max_tokens)
 
     print(f"\n{args.width}x{args.height} clips at {args.fps} fps ({', '.join(f'{len(c) / 1e6:.1f}' for c in clips.values())}"
-          f" MB), {os.cpu_count()} cores, --video-chunk-frames {args.chunk_frames}")
+          f" MB, sent as {args.source}), {os.cpu_count()} cores, --video-chunk-frames {args.chunk_frames}")
     print("| clip | mode | TTFT ms | CPU s (all stages) | machine bound ms | peak RSS MB router / decoder / encoder / llm |")
     print("|---|---|---|---|---|---|")
     for s in lengths:

@@ -129,10 +129,11 @@ def slo_targets(lone: dict[str, float], factor: float, floor_ms: float) -> dict[
 LOOSE_SLO_CAPS = ("--max-slo-ttft-ms", "1e9", "--max-slo-tpot-ms", "1e9")
 
 
-def start_stack(model: str, redis_url: str, router_args: tuple[str, ...] = ()) -> tuple[Stack, str]:
+def start_stack(model: str, redis_url: str, router_args: tuple[str, ...] = (),
+                media_root: str = "") -> tuple[Stack, str]:
     """mmserve's four services as separate processes, healthy; returns the stack and the router address."""
     spec = StackSpec(model=model, port=free_port(), redis_url=redis_url, log_level="ERROR",
-                     router_args=LOOSE_SLO_CAPS + tuple(router_args))
+                     router_args=LOOSE_SLO_CAPS + tuple(router_args), media_root=media_root)
     planned = plan(spec)
     children, address = planned.children(), planned.router_address
     stack = Stack(children)

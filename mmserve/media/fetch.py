@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import ipaddress
 import logging
+import os
 import pathlib
 import re
 import socket
@@ -40,6 +42,56 @@ class FetchPolicy:
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.timeout_s <= 0 or self.max_redirects < 0:
             raise ValueError("max_bytes, timeout_s: must be positive; max_redirects: not negative")
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaFile:
+    """A file under the media root, read where it lies: hashed by the router in constant memory and decoded by a
+    decoder that mounts the same root, its bytes never sent (a long clip costs the router no memory)."""
+
+    path: pathlib.Path
+    size: int
+    mtime_ns: int
+    sha256: str
+
+    @property
+    def uri(self) -> str:
+        return self.path.as_uri()
+
+
+def is_file_uri(uri: str) -> bool:
+    scheme = _SCHEME.match(uri)
+    return bool(scheme) and scheme.group(1).lower() == "file"
+
+
+def hash_file_uri(uri: str, *, media_root: str, max_bytes: int) -> MediaFile:
+    """The file a file:// URI names, with the sha256 of its bytes; MediaError when refused or changed meanwhile."""
+    path = resolve_file_uri(uri, media_root=media_root, max_bytes=max_bytes)
+    try:
+        with path.open("rb") as f:
+            before = os.fstat(f.fileno())
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            after = os.fstat(f.fileno())
+    except OSError as err:
+        log.info("reading %s failed: %s", path, err)
+        raise MediaError(f"uri: {_short(uri)} cannot be read") from None
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise MediaError(f"uri: {_short(uri)} changed while it was read")
+    if after.st_size > max_bytes:  # it grew after the check
+        raise MediaError(f"uri: {_short(uri)} is larger than the {max_bytes} byte limit")
+    return MediaFile(path, after.st_size, after.st_mtime_ns, digest)
+
+
+def check_unchanged(path: pathlib.Path, uri: str, *, size: int, mtime_ns: int) -> None:
+    """MediaError unless the file is still the size and age its reader saw (size 0: unchecked)."""
+    if not size:
+        return
+    try:
+        stat = path.stat()
+    except OSError:  # gone since it was resolved
+        stat = None
+    if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+        raise MediaError(f"uri: {_short(uri)} changed after the router read it")
 
 
 def resolve_file_uri(uri: str, *, media_root: str, max_bytes: int) -> pathlib.Path:

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from mmserve.v1 import tensor_pb2 as mmserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mmserve/v1/decoder.proto\x12\nmmserve.v1\x1a\x17mmserve/v1/tensor.proto\"\xab\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.mmserve.v1.MediaKind\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x04 \x01(\tH\x00\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x01\x12\x12\n\nmin_frames\x18\x06 \x01(\r\x12\x12\n\nmax_frames\x18\x07 \x01(\r\x12\x12\n\nmin_pixels\x18\x08 \x01(\r\x12\x12\n\nmax_pixels\x18\t \x01(\r\x12\x14\n\x0ctotal_pixels\x18\n \x01(\r\x12\x14\n\x0c\x63hunk_frames\x18\x0b \x01(\r\x12\x15\n\rchunk_indices\x18\x0c \x03(\r\x12\x18\n\x10max_chunks_ahead\x18\r \x01(\rB\x08\n\x06source\"\xbc\x01\n\x0b\x44\x65\x63odeChunk\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12%\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\x12\x15\n\rframe_indices\x18\x04 \x03(\x03\x12\x12\n\nsample_fps\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x11\n\tvideo_fps\x18\x07 \x01(\x01\x12\x0c\n\x04grid\x18\x08 \x03(\x03*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x01\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x02\x32I\n\x07\x44\x65\x63oder\x12>\n\x06\x44\x65\x63ode\x12\x19.mmserve.v1.DecodeRequest\x1a\x17.mmserve.v1.DecodeChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mmserve/v1/decoder.proto\x12\nmmserve.v1\x1a\x17mmserve/v1/tensor.proto\"\xd5\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.mmserve.v1.MediaKind\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x04 \x01(\tH\x00\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x01\x12\x12\n\nmin_frames\x18\x06 \x01(\r\x12\x12\n\nmax_frames\x18\x07 \x01(\r\x12\x12\n\nmin_pixels\x18\x08 \x01(\r\x12\x12\n\nmax_pixels\x18\t \x01(\r\x12\x14\n\x0ctotal_pixels\x18\n \x01(\r\x12\x14\n\x0c\x63hunk_frames\x18\x0b \x01(\r\x12\x15\n\rchunk_indices\x18\x0c \x03(\r\x12\x18\n\x10max_chunks_ahead\x18\r \x01(\r\x12\x11\n\tfile_size\x18\x0e \x01(\x04\x12\x15\n\rfile_mtime_ns\x18\x0f \x01(\x03\x42\x08\n\x06source\"\xbc\x01\n\x0b\x44\x65\x63odeChunk\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12%\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\x12\x15\n\rframe_indices\x18\x04 \x03(\x03\x12\x12\n\nsample_fps\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x11\n\tvideo_fps\x18\x07 \x01(\x01\x12\x0c\n\x04grid\x18\x08 \x03(\x03*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x01\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x02\x32I\n\x07\x44\x65\x63oder\x12>\n\x06\x44\x65\x63ode\x12\x19.mmserve.v1.DecodeRequest\x1a\x17.mmserve.v1.DecodeChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.v1.decoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEDIAKIND']._serialized_start=558
-  _globals['_MEDIAKIND']._serialized_end=641
+  _globals['_MEDIAKIND']._serialized_start=600
+  _globals['_MEDIAKIND']._serialized_end=683
   _globals['_DECODEREQUEST']._serialized_start=66
-  _globals['_DECODEREQUEST']._serialized_end=365
-  _globals['_DECODECHUNK']._serialized_start=368
-  _globals['_DECODECHUNK']._serialized_end=556
-  _globals['_DECODER']._serialized_start=643
-  _globals['_DECODER']._serialized_end=716
+  _globals['_DECODEREQUEST']._serialized_end=407
+  _globals['_DECODECHUNK']._serialized_start=410
+  _globals['_DECODECHUNK']._serialized_end=598
+  _globals['_DECODER']._serialized_start=685
+  _globals['_DECODER']._serialized_end=758
 # @@protoc_insertion_point(module_scope)

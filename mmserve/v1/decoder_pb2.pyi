@@ -18,7 +18,7 @@ MEDIA_KIND_IMAGE: MediaKind
 MEDIA_KIND_VIDEO: MediaKind
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "kind", "data", "uri", "fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels", "chunk_frames", "chunk_indices", "max_chunks_ahead")
+    __slots__ = ("request_id", "kind", "data", "uri", "fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels", "chunk_frames", "chunk_indices", "max_chunks_ahead", "file_size", "file_mtime_ns")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,8 @@ class DecodeRequest(_message.Message):
     CHUNK_FRAMES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDICES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILE_MTIME_NS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kind: MediaKind
     data: bytes
@@ -45,7 +47,9 @@ class DecodeRequest(_message.Message):
     chunk_frames: int
     chunk_indices: _containers.RepeatedScalarFieldContainer[int]
     max_chunks_ahead: int
-    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., data: _Optional[bytes] = ..., uri: _Optional[str] = ..., fps: _Optional[float] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., total_pixels: _Optional[int] = ..., chunk_frames: _Optional[int] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., max_chunks_ahead: _Optional[int] = ...) -> None: ...
+    file_size: int
+    file_mtime_ns: int
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., data: _Optional[bytes] = ..., uri: _Optional[str] = ..., fps: _Optional[float] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., total_pixels: _Optional[int] = ..., chunk_frames: _Optional[int] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., max_chunks_ahead: _Optional[int] = ..., file_size: _Optional[int] = ..., file_mtime_ns: _Optional[int] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
     __slots__ = ("chunk_index", "num_chunks", "frames", "frame_indices", "sample_fps", "decode_ms", "video_fps", "grid")

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from mmserve import transport
-from mmserve.media.fetch import resolve_file_uri
+from mmserve.media.fetch import check_unchanged, resolve_file_uri
 from mmserve.media.preprocess import MediaError
 from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
@@ -34,8 +34,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
 
     def _source(self, request: decoder_pb2.DecodeRequest) -> bytes | Path:
         if request.WhichOneof("source") == "uri":
-            return resolve_file_uri(request.uri, media_root=self.config.media_root,
+            path = resolve_file_uri(request.uri, media_root=self.config.media_root,
                                     max_bytes=self.config.max_media_bytes)
+            check_unchanged(path, request.uri, size=request.file_size, mtime_ns=request.file_mtime_ns)
+            return path
         if len(request.data) > self.config.max_media_bytes:
             raise MediaError(f"media: {len(request.data)} bytes exceed the {self.config.max_media_bytes} byte limit")
         return request.data

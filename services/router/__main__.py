@@ -73,6 +73,7 @@ async def build_router(config: RouterConfig) -> Role:
                        encoder_dtype=dtype_name, family=family,
                        max_frames=config.max_video_frames, max_pixels=config.max_item_pixels,
                        chunk_frames=config.video_chunk_frames if config.stream_prefill else 0,
+                       files_in_place=config.files_in_place,
                        fetch_policy=FetchPolicy(media_root=config.media_root, max_bytes=config.max_media_bytes,
                                                 timeout_s=config.fetch_timeout_s,
                                                 max_redirects=config.fetch_max_redirects,

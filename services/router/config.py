@@ -38,6 +38,10 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     role_switch_sustain_s: float = option(2.0, "and the imbalance has lasted this long")
     role_switch_dwell_s: float = option(10.0, "a flex replica stays at least this long in a pool")
     media_root: str = option("", "directory file:// URIs may read from (empty disables file://)")
+    files_in_place: bool = option(True, "the decoders read file:// media where it lies (they mount the media root "
+                                        "at the same path, as mmserve up, compose and k8s give it): the router "
+                                        "hashes the file in constant memory and never holds its bytes; false: the "
+                                        "router reads it and sends the bytes")
     max_media_bytes: int = option(200 * 1024 * 1024, "largest encoded media file accepted")
     max_media_per_request: int = option(16, "images plus videos in one request")
     max_messages: int = option(256, "messages in one request")

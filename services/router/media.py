@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hashlib
 import math
+import pathlib
 import time
 from typing import Callable
 
@@ -18,7 +19,7 @@ from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
 from mmserve.cache_keys import MediaParams, media_key, window_key
 from mmserve.media.errors import MediaError
-from mmserve.media.fetch import FetchPolicy, fetch_uri
+from mmserve.media.fetch import FetchPolicy, MediaFile, fetch_uri, hash_file_uri, is_file_uri
 from mmserve.models.family import Family
 from mmserve.models.family import MediaItem as FamilyItem
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
@@ -55,7 +56,7 @@ class Prepared:
     """A media item read and looked up: the cache hit, or the shape predicted for decode and encode."""
 
     item: MediaItem
-    data: bytes
+    data: bytes | MediaFile  # a file:// item the decoders read in place: the file, never its bytes
     digest: str  # sha256 of the bytes
     model_id: str
     params: MediaParams
@@ -67,6 +68,25 @@ class Prepared:
     degraded: bool = False
     chunks: Chunks | None = None  # streamed prefill: the item's fixed windows (None: store-and-forward)
     cached_chunks: tuple[int, ...] = ()  # of those, the ones found in the cache
+
+    @property
+    def num_bytes(self) -> int:
+        return self.data.size if isinstance(self.data, MediaFile) else len(self.data)
+
+    @property
+    def contents(self) -> bytes | pathlib.Path:
+        """What a header can be read from here: the bytes or the file."""
+        return self.data.path if isinstance(self.data, MediaFile) else self.data
+
+    def decode_request(self, request_id: str, **fields) -> decoder_pb2.DecodeRequest:
+        """The decoder's request for the item: its bytes, or the file with the size and age it was hashed at."""
+        source = (dict(uri=self.data.uri, file_size=self.data.size, file_mtime_ns=self.data.mtime_ns)
+                  if isinstance(self.data, MediaFile) else dict(data=self.data))
+        params = self.params
+        return decoder_pb2.DecodeRequest(
+            request_id=request_id, kind=KINDS[self.item.kind], fps=params.fps, min_frames=params.min_frames,
+            max_frames=params.max_frames, min_pixels=params.min_pixels, max_pixels=params.max_pixels,
+            total_pixels=params.total_pixels, **source, **fields)
 
     @property
     def missing_chunks(self) -> tuple[int, ...]:
@@ -103,7 +123,7 @@ class MediaStage:
 
     def __init__(self, *, decoders: ReplicaPool, encoders: ReplicaPool, cache: EmbeddingCache | None,
                  model_id: str, encoder_dtype: str, family: Family, fetch_policy: FetchPolicy, max_frames: int = 0,
-                 max_pixels: int = 0, chunk_frames: int = 0):
+                 max_pixels: int = 0, chunk_frames: int = 0, files_in_place: bool = False):
         self.decoders = decoders
         self.encoders = encoders
         self.cache = cache
@@ -111,6 +131,7 @@ class MediaStage:
         self.encoder_dtype = encoder_dtype
         self.family = family
         self.fetch_policy = fetch_policy
+        self.files_in_place = files_in_place  # file:// media: hashed here, read by the decoders
         self.patch_side = patch_side(family)  # encode costs count patches; the frames' pixels tell them
         self.shapes = ShapeEstimator(self.patch_side)
         # The server's caps also bound what a request gets when it asks for nothing; max_pixels bounds one image or
@@ -135,19 +156,26 @@ class MediaStage:
             min_pixels=m.min_pixels if m.HasField("min_pixels") else min(default.min_pixels, self.max_pixels),
             max_pixels=m.max_pixels if m.HasField("max_pixels") else min(default.max_pixels, self.max_pixels))
 
-    async def _read(self, item: MediaItem) -> bytes:
+    async def _read(self, item: MediaItem) -> tuple[bytes | MediaFile, str]:
+        """The item's bytes (or its file, read in place) and their sha256."""
         if item.media.WhichOneof("source") == "data":
-            return item.media.data
-        try:
-            return await fetch_uri(item.media.uri, policy=self.fetch_policy)
-        except MediaError as err:
-            raise MediaError(f"{item.where}.{err}") from None
+            data = item.media.data
+        else:
+            uri, policy = item.media.uri, self.fetch_policy
+            try:
+                if self.files_in_place and is_file_uri(uri):
+                    file = await asyncio.to_thread(hash_file_uri, uri, media_root=policy.media_root,
+                                                   max_bytes=policy.max_bytes)
+                    return file, file.sha256
+                data = await fetch_uri(uri, policy=policy)
+            except MediaError as err:
+                raise MediaError(f"{item.where}.{err}") from None
+        return data, await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
 
     async def prepare(self, item: MediaItem, stream: bool = True) -> Prepared:
         """Reads the item, looks every chunk up in the cache and, on a miss, predicts what it will cost; stream:
         by the fixed windows of streamed prefill (when the router streams at all)."""
-        data = await self._read(item)
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        data, digest = await self._read(item)
         return await self._lookup_item(Prepared(item, data, digest, self.model_id, self.params(item)), stream)
 
     async def degrade(self, prepared: Prepared, frame_scale: float) -> Prepared:
@@ -165,13 +193,13 @@ class MediaStage:
 
     async def _lookup_item(self, prepared: Prepared, stream: bool = True) -> Prepared:
         if stream and self.chunk_frames:
-            plan = await asyncio.to_thread(decode_plan, prepared.item.kind, prepared.data, prepared.params,
+            plan = await asyncio.to_thread(decode_plan, prepared.item.kind, prepared.contents, prepared.params,
                                            self.family)
             if plan is not None:  # streamed: the plan says the windows, a hit's as well
                 return await self._lookup_windows(prepared, plan)
         hit, num_chunks = await self._lookup(prepared.key) if self.cache is not None else (None, 0)
         if hit is None:  # a hit's grid is in its entry; only a miss needs its header read
-            plan = await asyncio.to_thread(decode_plan, prepared.item.kind, prepared.data, prepared.params,
+            plan = await asyncio.to_thread(decode_plan, prepared.item.kind, prepared.contents, prepared.params,
                                            self.family)
             prepared = dataclasses.replace(prepared, planned=shape_of(plan, self.family) if plan else None,
                                            planned_item=plan.item if plan else None)
@@ -197,7 +225,7 @@ class MediaStage:
     def _with_hit(self, prepared: Prepared, hit: CachedEmbedding | None, num_chunks: int) -> Prepared:
         shape = None
         if hit is None:
-            shape = prepared.planned or self.shapes.estimate(prepared.item.kind, prepared.digest, len(prepared.data),
+            shape = prepared.planned or self.shapes.estimate(prepared.item.kind, prepared.digest, prepared.num_bytes,
                                                   max_frames=prepared.params.max_frames or 1,
                                                   max_pixels=prepared.params.max_pixels)
         return dataclasses.replace(prepared, hit=hit, num_hit_chunks=num_chunks, shape=shape)
@@ -225,11 +253,8 @@ class MediaStage:
 
     async def _decode_and_encode(self, request_id: str, prepared: Prepared, deadline: float, latest_start: float,
                                  tries: dict[str, Failover]) -> Embedded:
-        item, params, shape = prepared.item, prepared.params, prepared.shape
-        request = decoder_pb2.DecodeRequest(
-            request_id=request_id, kind=KINDS[item.kind], data=prepared.data, fps=params.fps,
-            min_frames=params.min_frames, max_frames=params.max_frames, min_pixels=params.min_pixels,
-            max_pixels=params.max_pixels, total_pixels=params.total_pixels)
+        item, shape = prepared.item, prepared.shape
+        request = prepared.decode_request(request_id)
         encodes: list[asyncio.Future] = []
         timestamps: list[float] = []
         first_chunk = second_per_grid_t = 0.0
@@ -277,7 +302,7 @@ class MediaStage:
         encoded = time.perf_counter()
         t, h, w = sum(r.grid_thw[0] for r in replies), replies[0].grid_thw[1], replies[0].grid_thw[2]
         patches = num_patches(self.family, FamilyItem(item.kind, (t, h, w)))
-        self.shapes.observe(item.kind, prepared.digest, len(prepared.data), MediaShape(num_frames, num_pixels, patches))
+        self.shapes.observe(item.kind, prepared.digest, prepared.num_bytes, MediaShape(num_frames, num_pixels, patches))
         metrics.STAGE_SECONDS.labels("decode").observe(decoded - start)
         metrics.STAGE_SECONDS.labels("encode").observe(encoded - first_chunk)
         # The router only joins handles: the llm maps (or reads) the chunks' tensors itself.

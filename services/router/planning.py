@@ -22,15 +22,15 @@ from services.router.costs import MediaShape
 from services.router.validation import ValidationError
 
 
-def decode_plan(kind: str, data: bytes, params: MediaParams, family: Family) -> DecodePlan | None:
-    """What the decoder will make of an item, from its header alone (None when the header is unreadable or the
-    family refuses it: the decoder then names the problem)."""
+def decode_plan(kind: str, data: bytes | pathlib.Path, params: MediaParams, family: Family) -> DecodePlan | None:
+    """What the decoder will make of an item (its bytes or its file), from its header alone (None when the header
+    is unreadable or the family refuses it: the decoder then names the problem)."""
     try:
         if kind == "image":
-            with PIL.Image.open(io.BytesIO(data)) as image:
+            with PIL.Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
                 width, height = image.size
             return family.plan_decode("image", params, height, width)
-        info = probe_video(data)
+        info = probe_video(data if isinstance(data, bytes) else str(data))
         plan = family.plan_decode("video", params, info.height, info.width, info.total_frames, info.fps)
     except (OSError, ValueError, PIL.Image.DecompressionBombError, MediaError):
         return None
@@ -112,7 +112,7 @@ def missing_shape(planned: MediaShape, chunks: Chunks, missing: tuple[int, ...])
                       planned.num_patches * rows // max(1, sum(chunks.rows)))
 
 
-def planned_shape(kind: str, data: bytes, params: MediaParams, family: Family) -> MediaShape | None:
+def planned_shape(kind: str, data: bytes | pathlib.Path, params: MediaParams, family: Family) -> MediaShape | None:
     """An item's exact decode and encode size from its header alone, as the decoder will resize it (None when the
     header is unreadable: the decoder then names the problem)."""
     plan = decode_plan(kind, data, params, family)

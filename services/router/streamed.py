@@ -163,12 +163,10 @@ class ChunkFeed:
 
     async def _decode_once(self, call, media_index, prepared, left, redo, encoder_tries, timings, tries,
                            encodes) -> None:
-        item, params, chunks = prepared.item, prepared.params, prepared.chunks
+        chunks = prepared.chunks
         shape = missing_shape(prepared.planned, chunks, tuple(left))  # these windows' share of the decode
-        request = decoder_pb2.DecodeRequest(
-            request_id=self.request_id, kind=KINDS[item.kind], data=prepared.data, fps=params.fps,
-            min_frames=params.min_frames, max_frames=params.max_frames, min_pixels=params.min_pixels,
-            max_pixels=params.max_pixels, total_pixels=params.total_pixels, chunk_frames=chunks.chunk_frames,
+        request = prepared.decode_request(
+            self.request_id, chunk_frames=chunks.chunk_frames,
             chunk_indices=left if len(left) < chunks.num_chunks else [], max_chunks_ahead=self.max_in_flight)
         queued = time.perf_counter()
         async with self.media.decoders.slot(latest_start=self.latest_start, exclude=tries.exclude,

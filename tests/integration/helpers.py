@@ -106,6 +106,12 @@ def metric(port: int, name: str, **labels) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Starts a process's peak resident memory (VmHWM) again from its current RSS."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_mib(pid: int) -> float:
     """A process's peak resident memory (VmHWM), MiB."""
     with open(f"/proc/{pid}/status") as f:

@@ -96,14 +96,24 @@ def test_video_streams_even_chunks_equal_to_decode_video(decoder, clip):
     assert all(c.decode_ms > 0 for c in chunks)
 
 
+def by_uri_request(path, **fields) -> decoder_pb2.DecodeRequest:
+    return decoder_pb2.DecodeRequest(
+        kind=decoder_pb2.MEDIA_KIND_VIDEO, uri=path.as_uri(), fps=2.0, min_frames=4, max_frames=768,
+        min_pixels=SMALL, max_pixels=768 * 28 * 28, total_pixels=int(128000 * 28 * 28 * 0.9), **fields)
+
+
 def test_file_uri_and_image(decoder, clip):
     stub, _, media_root = decoder
     (media_root / "clip.mp4").write_bytes(clip)
-    by_uri = decode(stub, decoder_pb2.DecodeRequest(
-        kind=decoder_pb2.MEDIA_KIND_VIDEO, uri=(media_root / "clip.mp4").as_uri(), fps=2.0, min_frames=4,
-        max_frames=768, min_pixels=SMALL, max_pixels=768 * 28 * 28, total_pixels=int(128000 * 28 * 28 * 0.9)))
+    by_uri = decode(stub, by_uri_request(media_root / "clip.mp4"))
     assert torch.equal(torch.cat([transport.from_ref(c.frames) for c in by_uri]),
                        decode_video(clip, min_pixels=SMALL).frames)
+    # A file that changed since the router hashed it (another size) is refused: its cache keys would be wrong.
+    stale = by_uri_request(media_root / "clip.mp4", file_size=len(clip) + 1)
+    err = error_of(stub, stale)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "changed after the router read it" in err.details()
+    path = media_root / "clip.mp4"
+    assert len(decode(stub, by_uri_request(path, file_size=len(clip), file_mtime_ns=path.stat().st_mtime_ns))) >= 1
     picture = make_image(width=100, height=60, fmt="PNG", seed=3)
     (chunk,) = decode(stub, image_request(picture))
     assert list(chunk.frame_indices) == [0]

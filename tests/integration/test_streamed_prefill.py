@@ -15,10 +15,11 @@ import pytest
 import redis
 
 from mmserve.media.samples import make_video
+from mmserve.v1 import api_pb2
 from mmserve.transport import shm
 from services.decoder.engine import FAULT_INJECTION_ENV
 from tests.integration.cluster import started_cluster
-from tests.integration.helpers import collect, peak_rss_mib, request, text, video
+from tests.integration.helpers import collect, peak_rss_mib, request, reset_peak_rss, text, video
 from tests.integration.reference import Reference
 
 pytestmark = pytest.mark.slow
@@ -28,23 +29,24 @@ LEASE_S = 3.0  # unclaimed shared-memory tensors are freed this soon, so leftove
 
 
 @pytest.fixture(scope="module", params=["streamed", "store_and_forward"])
-def cluster(request, tiny_model, redis_server):
+def cluster(request, tiny_model, redis_server, tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv(FAULT_INJECTION_ENV, "1")  # the decoder's test faults (the deadline case), for its process
-        yield from _cluster(request, tiny_model, redis_server)
+        yield from _cluster(request, tiny_model, redis_server, tmp_path_factory.mktemp("media"))
 
 
-def _cluster(request, tiny_model, redis_server):
+def _cluster(request, tiny_model, redis_server, media_root):
     # The cases count cache hits: Redis gets the time a loaded machine needs (a timeout is a miss).
     running = started_cluster(
         tiny_model, redis_server, registry=False, counts={"decoder": 1, "encoder": 2, "llm": 1},
-        stage_options={"decoder": dict(lease_s=LEASE_S), "encoder": dict(lease_s=LEASE_S, cache_timeout_ms=5000),
+        stage_options={"decoder": dict(lease_s=LEASE_S, media_root=str(media_root)),
+                       "encoder": dict(lease_s=LEASE_S, cache_timeout_ms=5000),
                        # The llm reads cache hits; its own prefix cache would answer a clip seen before without
                        # a decode or a cache read, the cases' subject.
                        "llm": dict(redis_url=redis_server.url, cache_timeout_ms=5000, prefix_caching=False)},
         router_options=dict(stream_prefill=request.param == "streamed", video_chunk_frames=CHUNK_FRAMES,
-                            max_chunks_in_flight=2, cache_timeout_ms=5000))
-    running.mode = request.param
+                            max_chunks_in_flight=2, cache_timeout_ms=5000, media_root=str(media_root)))
+    running.mode, running.media_root = request.param, media_root
     try:
         yield running
     finally:
@@ -135,6 +137,27 @@ def test_the_router_s_peak_memory_stays_flat_as_the_clip_doubles(cluster, stub):
     frames_mib = 64 * 588 * 336 * 3 / 2**20
     print(f"router peak RSS MiB after the 16 s and the 32 s clip: {peaks}")
     assert peaks[1] - peaks[0] <= 0.1 * frames_mib, peaks
+
+
+def test_a_clip_named_by_file_uri_never_passes_through_the_router(cluster, stub, reference):
+    """A file:// clip is hashed where it lies and read by the decoder: the router's peak RSS stays where it was
+    when the clip's bytes double (8 → 16 MB; sent inline they are held in several copies), and the answer is the one
+    its bytes give."""
+    peaks = []
+    for seconds in (4.0, 8.0):
+        # Lossless noise: many bytes, few sampled frames.
+        data = make_video(seconds=seconds, fps=30, width=320, height=240, seed=71 + len(cluster.mode),
+                          encoder_options={"crf": "0", "preset": "ultrafast"})
+        path = cluster.media_root / f"noise-{cluster.mode}-{seconds:g}.mp4"
+        path.write_bytes(data)
+        clip_by_uri = api_pb2.Part(video=api_pb2.Media(uri=path.as_uri(), max_frames=4))
+        reset_peak_rss(cluster.router.process.pid)
+        reply = collect(stub, request(clip_by_uri, text("What is it?"), num_tokens=4))
+        peaks.append(peak_rss_mib(cluster.router.process.pid))
+    print(f"router peak RSS MiB for the 8 MB and the 16 MB clip by uri: {peaks}")
+    assert peaks[1] - peaks[0] <= 0.5 * len(data) / 2 / 2**20, peaks
+    assert reply.token_ids == reference.generate(request(video(data, max_frames=4), text("What is it?"),
+                                                         num_tokens=4), 4)
 
 
 def _run(stub, req, timeout: float = 120) -> str:

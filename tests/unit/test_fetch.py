@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
+import os
 import socket
 
 import pytest
@@ -11,7 +13,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
 from mmserve.media import fetch
-from mmserve.media.fetch import CheckedResolver, FetchPolicy, blocked_reason, fetch_uri
+from mmserve.media.fetch import (CheckedResolver, FetchPolicy, blocked_reason, check_unchanged, fetch_uri,
+                                  hash_file_uri, is_file_uri)
 from mmserve.media.preprocess import MediaError
 
 BODY = bytes(range(256)) * 40  # 10,240 bytes
@@ -202,6 +205,28 @@ async def test_file_uris_stay_under_the_media_root(tmp_path):
     assert "disabled" in await refused((root / "a.png").as_uri(), FetchPolicy())
     (root / "big.bin").write_bytes(bytes(101))
     assert "larger than the 100 byte limit" in await refused((root / "big.bin").as_uri(), policy)
+
+
+def test_a_file_read_in_place_is_hashed_and_checked_for_changes(tmp_path):
+    """The router hashes a file:// item where it lies and the decoder refuses it if it changed since."""
+    root = tmp_path / "media"
+    root.mkdir()
+    path = root / "clip.mp4"
+    path.write_bytes(BODY)
+    assert is_file_uri(path.as_uri()) and is_file_uri("FILE:///x") and not is_file_uri("https://a/b.mp4")
+    file = hash_file_uri(path.as_uri(), media_root=str(root), max_bytes=len(BODY))
+    assert (file.path, file.size, file.sha256) == (path, len(BODY), hashlib.sha256(BODY).hexdigest())
+    assert file.uri == path.as_uri()
+    check_unchanged(path, file.uri, size=file.size, mtime_ns=file.mtime_ns)
+    check_unchanged(path, file.uri, size=0, mtime_ns=0)  # unchecked
+    with pytest.raises(MediaError, match="larger than the 100 byte limit"):
+        hash_file_uri(path.as_uri(), media_root=str(root), max_bytes=100)
+    os.utime(path, ns=(file.mtime_ns + 1, file.mtime_ns + 1))  # rewritten in place, same size
+    with pytest.raises(MediaError, match="changed after the router read it"):
+        check_unchanged(path, file.uri, size=file.size, mtime_ns=file.mtime_ns)
+    path.unlink()
+    with pytest.raises(MediaError, match="changed after the router read it"):
+        check_unchanged(path, file.uri, size=file.size, mtime_ns=file.mtime_ns)
 
 
 async def test_file_uri_refusals_reveal_nothing_outside_the_media_root(tmp_path):
