@@ -7,6 +7,20 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmserve.media.probe import VideoInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoIndex:
+    """Probe facts plus each video packet's pts and keyframe flag, in decode order (no pixels decoded)."""
+
+    info: VideoInfo
+    pts: list[int | None]
+    is_key: list[bool]
+    has_discarded: bool  # packets the demuxer marks to drop (edit lists): frame counts then differ
 
 
 class PlanError(ValueError):

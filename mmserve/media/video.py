@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import av
 import torch
 
+from mmserve.media.plan import VideoIndex
 from mmserve.media.probe import (  # noqa: F401  (VideoInfo and probe_video re-exported)
     VideoInfo,
     check_header,
@@ -40,16 +41,6 @@ class DecodedVideo:
     indices: list[int]
     sample_fps: float
     info: VideoInfo
-
-
-@dataclass(frozen=True)
-class VideoIndex:
-    """Probe facts plus each video packet's pts and keyframe flag, in decode order (no pixels decoded)."""
-
-    info: VideoInfo
-    pts: list[int | None]
-    is_key: list[bool]
-    has_discarded: bool  # packets the demuxer marks to drop (edit lists): frame counts then differ
 
 
 def index_video(source: bytes | str, *, max_frames: int, max_seconds: float) -> VideoIndex:

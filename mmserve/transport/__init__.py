@@ -23,9 +23,11 @@ from mmserve.transport.shm import caller_domain
 from mmserve.v1 import tensor_pb2
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-    from mmserve.transport.refs import from_ref, to_inline
+    from mmserve.transport.arrays import to_inline
+    from mmserve.transport.refs import from_ref
     from mmserve.transport.consume import resolve, resolve_all
     from mmserve.transport.store import POLICIES, TensorStore
 
@@ -34,7 +36,7 @@ __all__ = ["POLICIES", "TensorRefError", "TensorStore", "TensorUnavailable", "ca
            "resolve_all", "serve", "to_inline", "to_ref"]
 
 # The tensor half, imported on first use: a process that only moves handles (the router) never loads torch.
-_LAZY = {"from_ref": "refs", "to_inline": "refs", "resolve": "consume", "resolve_all": "consume",
+_LAZY = {"from_ref": "refs", "to_inline": "arrays", "resolve": "consume", "resolve_all": "consume",
          "POLICIES": "store", "TensorStore": "store"}
 
 
@@ -68,11 +70,12 @@ def serve(store: TensorStore, server: grpc.aio.Server, address: str) -> None:
     store.address = address
 
 
-def to_ref(tensor: torch.Tensor) -> tensor_pb2.TensorRef:
-    """Packs a tensor for another process: through the process's store, else inline."""
+def to_ref(tensor: torch.Tensor | np.ndarray) -> tensor_pb2.TensorRef:
+    """Packs a tensor (or a numpy array: no torch needed) for another process: through the process's store, else
+    inline."""
     if _store is not None:
         return _store.to_ref(tensor)
-    from mmserve.transport.refs import to_inline
+    from mmserve.transport.arrays import to_inline
 
     return to_inline(tensor)
 

@@ -7,33 +7,11 @@ import math
 import torch
 
 from mmserve.transport import shm
+from mmserve.transport.arrays import ITEM_BYTES
 from mmserve.transport.errors import TensorRefError, TensorUnavailable
 from mmserve.v1 import tensor_pb2
 
-DTYPES = {
-    name: getattr(torch, name)
-    for name in ("uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool")
-}
-
-
-def dtype_name(tensor: torch.Tensor) -> str:
-    """The TensorRef dtype name of a tensor; TensorRefError for dtypes the wire does not carry."""
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise TensorRefError(f"tensor: unsupported dtype {name}")
-    return name
-
-
-def as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw C-order bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
-
-
-def to_inline(tensor: torch.Tensor) -> tensor_pb2.TensorRef:
-    """Packs a tensor into a TensorRef with inline bytes."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    name = dtype_name(tensor)
-    return tensor_pb2.TensorRef(dtype=name, shape=list(tensor.shape), inline_data=bytes(as_bytes(tensor)))
+DTYPES = {name: getattr(torch, name) for name in ITEM_BYTES}
 
 
 def from_ref(ref: tensor_pb2.TensorRef) -> torch.Tensor:

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from mmserve import internal_token, tls
+from mmserve.transport.arrays import as_bytes, is_torch
 from mmserve.transport.errors import TensorUnavailable
 from mmserve.v1 import tensor_pb2
 
@@ -74,16 +75,14 @@ class StoreServicer:
         self.chunk_bytes = chunk_bytes
 
     async def Pull(self, request: tensor_pb2.PullRequest, context: grpc.aio.ServicerContext):
-        from mmserve.transport import refs  # torch: loaded in every producer already, never in a pure consumer
-
         tensor = self.store.claim(request.handle_id)
         if tensor is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.handle_id[:8]}… is gone (expired, "
                                                            "already pulled, or the producer restarted)")
         try:
-            if tensor.is_cuda:  # a CUDA IPC ref whose consumer does not see the GPU pulls instead
+            if is_torch(tensor) and tensor.is_cuda:  # a CUDA IPC ref whose consumer does not see the GPU pulls
                 tensor = await asyncio.to_thread(tensor.cpu)
-            data = refs.as_bytes(tensor)
+            data = as_bytes(tensor)
             for start in range(0, len(data), self.chunk_bytes):
                 yield encode_chunk(data[start:start + self.chunk_bytes])
         finally:  # complete, cancelled or failed: the lease ends with the pull

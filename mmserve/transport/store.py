@@ -12,12 +12,17 @@ import time
 import weakref
 from collections.abc import Callable
 
-import prometheus_client
-import torch
+from typing import TYPE_CHECKING
 
-from mmserve.transport import cuda_ipc, shm
-from mmserve.transport.refs import as_bytes, dtype_name, to_inline
+import prometheus_client
+
+from mmserve.transport import shm
+from mmserve.transport.arrays import ITEM_BYTES, as_bytes, dtype_name, host, is_torch, num_bytes, to_inline
 from mmserve.v1 import tensor_pb2
+
+if TYPE_CHECKING:  # torch is loaded by the first torch tensor or empty(): a store of numpy arrays never needs it
+    import numpy as np
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,7 @@ class TensorStore:
     The consumer maps a segment and unlinks it, or pulls a held tensor (the pull's end drops it), which ends the
     lease; a lease nobody claims expires and the store frees it; close() frees everything left. Thread-safe.
     A held tensor is kept by reference, not copied: producers do not modify a tensor after handing it off.
+    Tensors are torch tensors or numpy arrays (which never load torch).
     """
 
     def __init__(self, policy: str = "auto", inline_limit_bytes: int = 64 * 1024, lease_s: float = 120.0,
@@ -56,7 +62,7 @@ class TensorStore:
         self._seq = itertools.count()
         self._leases: dict[str, float] = {}  # segment name -> expiry
         self._allocated: dict[int, str] = {}  # data address -> segment made by empty(), not yet handed off
-        self._held: dict[str, tuple[torch.Tensor, float]] = {}  # remote handle -> (tensor, expiry)
+        self._held: dict[str, tuple[torch.Tensor | np.ndarray, float]] = {}  # remote handle -> (tensor, expiry)
         self._num_pulling = 0  # held tensors claimed by a pull still streaming
         self._cond = threading.Condition(threading.RLock())  # RLock: finalizers may run inside locked code
         self._closed = False
@@ -90,7 +96,9 @@ class TensorStore:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor, in shared memory when it would travel there: to_ref of it copies nothing."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        import torch
+
+        nbytes = math.prod(shape) * ITEM_BYTES[str(dtype).removeprefix("torch.")]
         if not self.uses_shm(nbytes):
             return torch.empty(shape, dtype=dtype)
         name = self._new_name()
@@ -108,19 +116,19 @@ class TensorStore:
         weakref.finalize(buffer, self._forget, address, name)
         return tensor
 
-    def to_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
+    def to_ref(self, tensor: torch.Tensor | np.ndarray) -> tensor_pb2.TensorRef:
         """A TensorRef for tensor: CUDA IPC, shared memory or a remote pull under a lease when it applies, else
         inline bytes."""
         ref = self._to_ref(tensor)
         REFS.labels(ref.WhichOneof("location")).inc()
         return ref
 
-    def _to_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
-        if tensor.is_cuda and self._shares_gpu(tensor):
+    def _to_ref(self, tensor: torch.Tensor | np.ndarray) -> tensor_pb2.TensorRef:
+        if is_torch(tensor) and tensor.is_cuda and self._shares_gpu(tensor):
             return self._cuda_ref(tensor.detach().contiguous())
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensor = host(tensor)
         name = dtype_name(tensor)
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = num_bytes(tensor)
         how = self.transport_for(nbytes)
         if how == "remote":
             return tensor_pb2.TensorRef(dtype=name, shape=list(tensor.shape), remote=tensor_pb2.RemoteRef(
@@ -141,10 +149,14 @@ class TensorStore:
 
     def _shares_gpu(self, tensor: torch.Tensor) -> bool:
         """auto: a large CUDA tensor stays on its GPU when the caller sees that GPU too (and can release it here)."""
+        from mmserve.transport import cuda_ipc
+
         return (self.policy == "auto" and bool(self.address) and tensor.numel() * tensor.element_size()
                 >= max(self.inline_limit_bytes, 1) and cuda_ipc.device_uuid(tensor) in caller_gpus())
 
     def _cuda_ref(self, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
+        from mmserve.transport import cuda_ipc
+
         if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone()  # share exactly the tensor, not the storage around it
         handle = self.hold(tensor)
@@ -154,7 +166,9 @@ class TensorStore:
     def _new_name(self) -> str:
         return f"{self.prefix}{next(self._seq)}"
 
-    def _take_allocated(self, tensor: torch.Tensor, nbytes: int) -> str | None:
+    def _take_allocated(self, tensor: torch.Tensor | np.ndarray, nbytes: int) -> str | None:
+        if not is_torch(tensor):
+            return None  # empty() makes torch tensors only
         storage = tensor.untyped_storage()
         with self._cond:
             if storage.data_ptr() != tensor.data_ptr() or storage.nbytes() != nbytes:
@@ -174,10 +188,10 @@ class TensorStore:
 
     # --- leases ---------------------------------------------------------------------------------------------------
 
-    def hold(self, tensor: torch.Tensor) -> str:
+    def hold(self, tensor: torch.Tensor | np.ndarray) -> str:
         """Keeps a contiguous tensor for one remote pull (or CUDA IPC open) under a lease; returns its random
         handle id."""
-        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        if is_torch(tensor) and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone()  # a view would pin the whole storage it belongs to
         handle = secrets.token_hex(16)  # unguessable: knowing it is the permission to pull
         with self._cond:
@@ -200,7 +214,7 @@ class TensorStore:
         with self._cond:
             return handle in self._held
 
-    def claim(self, handle: str) -> torch.Tensor | None:
+    def claim(self, handle: str) -> torch.Tensor | np.ndarray | None:
         """Takes a held tensor for a pull (None if unknown, expired or already claimed); call end_pull() after."""
         with self._cond:
             held = self._held.pop(handle, None)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import importlib.util
 import logging
 import os
 import shutil
@@ -13,22 +14,25 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from mmserve.cache_keys import MediaParams
-from mmserve.media import nvdec
-from mmserve.media import preprocess as pp
-from mmserve.media.plan import (Chunk, CostModel, PlanError, plan_chunks, select_chunks, window_ranges,
+from mmserve.media import sizing as pp
+from mmserve.media.errors import MediaError
+from mmserve.media.plan import (Chunk, CostModel, PlanError, VideoIndex, plan_chunks, select_chunks, window_ranges,
                                 workers_for_request)
-from mmserve.media.preprocess import MediaError
-from mmserve.media.video import VideoIndex
 from mmserve.models.family import DecodePlan, Family, planning_family
 from services.decoder.ahead import decode_ahead
 from services.decoder.config import DecoderConfig
 from services.decoder.pool import WorkerError, WorkerPool
-from services.decoder.worker import ChunkTask, ImageTask, IndexTask, SequentialTask, WorkerSettings
+from services.decoder.tasks import ChunkTask, ImageTask, IndexTask, SequentialTask, WorkerSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmserve.media import nvdec
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +59,12 @@ class VideoOptions:
 
 @dataclasses.dataclass(frozen=True)
 class DecodedChunk:
-    """Frames out[first:first + T] of a request, uint8 [T,H,W,3], with their source frame indices."""
+    """Frames out[first:first + T] of a request, uint8 [T,H,W,3], with their source frame indices: a numpy array
+    from the CPU workers (this process never loads torch for them), a torch tensor from NVDEC."""
 
     index: int
     num_chunks: int
-    frames: torch.Tensor
+    frames: np.ndarray | torch.Tensor
     frame_indices: list[int]
     sample_fps: float
     decode_ms: float  # time inside the worker
@@ -173,7 +178,7 @@ class DecodeEngine:
             out_path = os.path.join(workdir, "frames")
             (shape, grid), ms = await self.pool.run(ImageTask(path, out_path, min_pixels, max_pixels, fault))
             frames = await asyncio.to_thread(lambda: np.fromfile(out_path, dtype=np.uint8).reshape(shape))
-        return DecodedChunk(0, 1, torch.from_numpy(frames), [0], 0.0, ms, grid=grid)
+        return DecodedChunk(0, 1, frames, [0], 0.0, ms, grid=grid)
 
     async def decode_video(self, source: bytes | Path, options: VideoOptions = VideoOptions(), *,
                            chunk_frames: int = 0, chunk_indices: Sequence[int] = (), max_chunks_ahead: int = 0,
@@ -215,7 +220,7 @@ class DecodeEngine:
         fault_name, _, at = fault.partition(":")
         faulty = wanted[min(int(at or 0), len(wanted) - 1)]
 
-        async def decode(chunk: Chunk) -> tuple[torch.Tensor, float]:
+        async def decode(chunk: Chunk) -> tuple[np.ndarray, float]:
             out_path = os.path.join(workdir, f"frames-{chunk.index}")
             shape = (len(chunk.frame_pts), *plan.out_shape[1:])
             out = await _scratch_write(_allocate, out_path, shape)
@@ -226,7 +231,7 @@ class DecodeEngine:
             # Long chunks get a proportional time allowance; only a hung worker runs past it.
             num_packets = sum(s.stop - s.start for s in chunk.spans)
             _, ms = await self.pool.run(task, c.task_timeout_s + c.task_ms_per_packet * num_packets / 1e3)
-            return torch.from_numpy(out), ms
+            return out, ms
 
         async with contextlib.aclosing(decode_ahead([plan.chunks[i] for i in wanted], decode, cap)) as decoded:
             async for chunk, (frames, ms), taken in decoded:
@@ -246,13 +251,15 @@ class DecodeEngine:
         _, ms = await self.pool.run(task, c.task_timeout_s + c.task_ms_per_packet * len(index.pts) / 1e3)
         for i in wanted:
             a, b = plan.ranges[i]
-            yield DecodedChunk(i, len(plan.ranges), torch.from_numpy(out[a:b]), plan.indices[a:b], plan.sample_fps,
+            yield DecodedChunk(i, len(plan.ranges), out[a:b], plan.indices[a:b], plan.sample_fps,
                                ms, plan.video_fps)
 
     async def _nvdec_takes(self, path: str) -> bool:
         """Whether this video goes to the GPUs: NVDEC is in use and the first GPU decodes its stream."""
         if self.gpus is None:
             return False
+        from mmserve.media import nvdec
+
         try:
             await asyncio.to_thread(nvdec.check_supported, path, 0)
         except nvdec.NvdecUnsupported as err:
@@ -283,9 +290,19 @@ class DecodeEngine:
                                    plan.sample_fps, ms, plan.video_fps, taken=taken)
 
 
+def nvdec_installed() -> bool:
+    """Whether PyNvVideoCodec is installed (told without loading it, or torch)."""
+    return importlib.util.find_spec("PyNvVideoCodec") is not None
+
+
 def _gpu_decoders(config: DecoderConfig) -> nvdec.GpuDecoders | None:
-    """NVDEC over every visible GPU when the config and the machine allow it, else None (CPU workers)."""
-    if config.device == "cpu" or (config.device == "auto" and not nvdec.is_available()):
+    """NVDEC over every visible GPU when the config and the machine allow it, else None (CPU workers). Without
+    PyNvVideoCodec, auto loads no torch here."""
+    if config.device == "cpu" or (config.device == "auto" and not nvdec_installed()):
+        return None
+    from mmserve.media import nvdec  # torch, for the frames on the GPU
+
+    if config.device == "auto" and not nvdec.is_available():
         return None
     if not nvdec.is_available():
         raise RuntimeError("device cuda: no CUDA device or PyNvVideoCodec is not installed (pip install '.[gpu]')")

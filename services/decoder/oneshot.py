@@ -67,7 +67,7 @@ class LocalDecoder:
                 chunk.taken()  # kept here, in full: the engine may decode the next
             kind = "video"
         decode_ms = (time.perf_counter() - start) * 1e3
-        return DecodeReport(str(path), kind, torch.cat([c.frames for c in chunks]),
+        return DecodeReport(str(path), kind, torch.cat([torch.as_tensor(c.frames) for c in chunks]),
                             [i for c in chunks for i in c.frame_indices], chunks[0].sample_fps,
                             [len(c.frame_indices) for c in chunks], [c.decode_ms for c in chunks],
                             first_ms or decode_ms, decode_ms)

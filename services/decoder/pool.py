@@ -9,8 +9,8 @@ import multiprocessing
 import signal
 from multiprocessing.connection import Connection
 
-from mmserve.media.preprocess import MediaError
-from services.decoder.worker import WorkerSettings, worker_main
+from mmserve.media.errors import MediaError
+from services.decoder.tasks import WorkerSettings, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _context() -> multiprocessing.context.BaseContext:
 class _Worker:
     def __init__(self, ctx, settings: WorkerSettings):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=worker_main, args=(child, settings), daemon=True,
+        self.process = ctx.Process(target=run_worker, args=(child, settings), daemon=True,
                                    name="mmserve-decoder-worker")
         self._child = child
 

@@ -10,7 +10,7 @@ import grpc
 
 from mmserve import transport
 from mmserve.media.fetch import check_unchanged, resolve_file_uri
-from mmserve.media.preprocess import MediaError
+from mmserve.media.errors import MediaError
 from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import DecodedChunk, DecodeEngine, ScratchFull, VideoOptions, fault_injection_enabled
@@ -38,9 +38,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                                     max_bytes=self.config.max_media_bytes)
             check_unchanged(path, request.uri, size=request.file_size, mtime_ns=request.file_mtime_ns)
             return path
-        if len(request.data) > self.config.max_media_bytes:
-            raise MediaError(f"media: {len(request.data)} bytes exceed the {self.config.max_media_bytes} byte limit")
-        return request.data
+        data = request.data  # each read of the field is a copy
+        if len(data) > self.config.max_media_bytes:
+            raise MediaError(f"media: {len(data)} bytes exceed the {self.config.max_media_bytes} byte limit")
+        return data
 
     def _fault(self, request: decoder_pb2.DecodeRequest) -> str:
         if self.allow_faults and request.request_id.startswith(_FAULT_PREFIX):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import signal
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,66 +15,9 @@ import torch
 from mmserve.cache_keys import MediaParams
 from mmserve.media.chunked import decode_chunk
 from mmserve.media.image import decode_image_with
-from mmserve.media.plan import Span
 from mmserve.media.preprocess import MediaError
 from mmserve.media.video import decode_video, index_video
-
-
-@dataclasses.dataclass(frozen=True)
-class IndexTask:
-    """Probe a video and read its packet index."""
-
-    source: str
-    max_frames: int
-    max_seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkTask:
-    """Decode frames out[first:first + len(frame_pts)] of the [T,H,W,3] uint8 file at out_path."""
-
-    source: str
-    out_path: str
-    out_shape: tuple[int, int, int, int]
-    first: int
-    spans: tuple[Span, ...]
-    frame_pts: tuple[int, ...]
-    width: int
-    height: int
-    fault: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class SequentialTask:
-    """Decode the whole video front to back (streams whose index cannot be planned), keeping frame_indices."""
-
-    source: str
-    out_path: str
-    out_shape: tuple[int, int, int, int]
-    frame_indices: list[int]
-    fault: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageTask:
-    """Decode an image into a new [T,H,W,3] uint8 file at out_path (the family's frames of it); the reply is their
-    shape and the item's grid."""
-
-    source: str
-    out_path: str
-    min_pixels: int
-    max_pixels: int
-    fault: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerSettings:
-    """How each worker decodes."""
-
-    ffmpeg_threads: int = 1
-    skip_nonref: bool = True
-    allow_fault_injection: bool = False
-    family: Any = None  # the model family whose resize rules (and InternVL tiling) images follow
+from services.decoder.tasks import ChunkTask, ImageTask, IndexTask, SequentialTask, WorkerSettings
 
 
 def _output(task) -> np.memmap:

@@ -29,7 +29,8 @@ async def _decode(config: DecoderConfig, data: bytes) -> tuple[torch.Tensor, lis
         chunks = [c async for c in engine.decode_video(data, VideoOptions(fps=2.0))]
     finally:
         await engine.close()
-    return torch.cat([c.frames for c in chunks]), [i for c in chunks for i in c.frame_indices], len(chunks)
+    frames = torch.cat([torch.as_tensor(c.frames) for c in chunks])
+    return frames, [i for c in chunks for i in c.frame_indices], len(chunks)
 
 
 @pytest.fixture(scope="module", params=sorted(CLIPS))

@@ -125,13 +125,21 @@ def _peak_rss_mib(process: subprocess.Popen) -> dict[str, float]:
 
 
 def test_peak_rss_stays_flat_as_the_clip_doubles(tmp_path):
+    """Frames are held by the chunk, never by the clip. The clip goes as a file:// URI, as the router sends file
+    media: bytes sent inline are the request message's own, and cost the front end a multiple of their size."""
     # 588x336 is a multiple of 28 inside the pixel bounds: frames need no resize, so decoding stays quick.
     seconds = (2.0, 16.0, 32.0)  # a warm-up, then the clip and the clip doubled
-    clips = [make_video(seconds=s, fps=10, width=588, height=336, gop=30) for s in seconds]
-    with windowed_decoder(str(tmp_path), num_workers=2, max_chunks_ahead=2) as (stub, process, _):
+    media_root = tmp_path / "media"
+    media_root.mkdir()
+    with windowed_decoder(str(tmp_path), num_workers=2, max_chunks_ahead=2,
+                          media_root=str(media_root)) as (stub, process, _):
         peaks = []
-        for s, data in zip(seconds, clips):
-            chunks = decode(stub, video_request(data, fps=10.0, chunk_frames=16), shared_memory=True)
+        for s in seconds:
+            path = media_root / f"{s:g}s.mp4"
+            path.write_bytes(make_video(seconds=s, fps=10, width=588, height=336, gop=30))
+            request = video_request(b"", fps=10.0, chunk_frames=16)
+            request.uri = path.as_uri()
+            chunks = decode(stub, request, shared_memory=True)
             assert sum(len(c.frame_indices) for c, _ in chunks) == 10 * s
             del chunks
             peaks.append(_peak_rss_mib(process))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mmserve.media import nvdec
+from services.decoder import engine
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import _gpu_decoders
 
@@ -18,6 +19,7 @@ def test_cpu_workers_without_nvdec_or_when_asked(monkeypatch):
 
 
 def test_nvdec_on_every_visible_gpu_or_the_configured_number(monkeypatch):
+    monkeypatch.setattr(engine, "nvdec_installed", lambda: True)
     monkeypatch.setattr(nvdec, "is_available", lambda: True)
     monkeypatch.setattr(nvdec, "num_gpus", lambda: 4)
     assert _gpu_decoders(DecoderConfig(device="cpu")) is None
