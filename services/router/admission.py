@@ -6,8 +6,8 @@ import dataclasses
 
 from services.router import metrics
 from services.router.costs import MediaShape
-from services.router.policy import (Backlog, Calibration, Decision, Prediction, PrefillFlow, Slo, SloDefaults,
-                                    StageTimes, Strictness, decide)
+from services.router.policy import (Backlog, Calibration, Decision, Prediction, Slo, SloDefaults, StageTimes,
+                                    Strictness, decide)
 from services.router.selection import StageView
 
 
@@ -22,7 +22,6 @@ class Ticket:
     decision: Decision
     admitted_at: float = float("-inf")
     jobs: dict[str, int] = dataclasses.field(default_factory=dict)
-    prefill_entry: int | None = None  # its prompt's share in the prefill flow
     is_at_llm: bool = False  # holds an llm slot (counted in its replica's num_in_flight) before its first token
 
     @property
@@ -46,10 +45,6 @@ class Controller:
     were actually made in, which measures the model's noise only. Against admission's own prediction it
     would chase itself: every request admitted later makes the earlier ones' steps slower, a wider margin
     admits fewer, and so on down.
-
-    Time per token is a decode step at the predicted batch stretched by the prompts prefilled in between: the
-    share of the llm pool's time that the prefill admitted over the last seconds takes (PrefillFlow). The step
-    models learn the step alone (an outcome with that share taken out), so a busy minute does not stay in them.
     """
 
     def __init__(self, decoders: StageView, encoders: StageView, llms: StageView, *,
@@ -65,7 +60,6 @@ class Controller:
         self.probe_after_s = probe_after_s
         self.probe_max_ratio = probe_max_ratio
         self.backlogs = {stage: Backlog() for stage in self.pools}
-        self.prefill_flow = PrefillFlow()
         # Tickets in the llm backlog that already hold an llm slot: the replica counts them in num_in_flight.
         self._num_at_llm = 0
         # When the latest admitted request that ran (was not cancelled) was admitted: one whose client went away
@@ -78,7 +72,7 @@ class Controller:
         the chunks a streamed request's media flow to the llm in (0: store-and-forward)."""
         cls, slo = self.defaults.for_request(kinds, ttft_ms, tpot_ms)
         deadline = now + slo.ttft_ms / 1e3
-        prediction = self.predict(shapes, prompt_tokens, deadline, num_chunks, self.prefill_share(now))
+        prediction = self.predict(shapes, prompt_tokens, deadline, num_chunks)
         decision = (Decision(True) if self.policy == "fcfs" else
                     decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom,
                            ttft_scale=self.ttft_calibration[cls].scale(self.strictness.value),
@@ -95,7 +89,6 @@ class Controller:
             decode, encode = self._media_work(shapes, scale)
             for stage, work in (("decoder", decode), ("encoder", encode), ("llm", prediction.llm.work_ms)):
                 ticket.jobs[stage] = self.backlogs[stage].add(deadline, work)
-            ticket.prefill_entry = self.prefill_flow.add(now, prediction.llm.work_ms)
             self._report()
         return ticket
 
@@ -121,16 +114,9 @@ class Controller:
             self.strictness.observe(met)
         metrics.ADMISSION_QUANTILE.set(self.strictness.value)
 
-    def prefill_share(self, now: float) -> float:
-        """The share of each llm replica's time that recently admitted prompts take (see PrefillFlow)."""
-        return self.prefill_flow.share(now, len(self.pools["llm"].healthy()))
-
-    def record_step(self, step, batch: float, tpot_ms: float, now: float) -> None:
-        """A request's time per token, made in a batch of batch sequences: against the step model's prediction
-        (calibration), then into the model with the prefill share of the time taken out (the step alone)."""
-        stretch = 1.0 - self.prefill_share(now)
-        self.tpot_calibration.observe(step.predict(batch) / stretch, tpot_ms)  # before the model learns from it
-        step.observe(batch, tpot_ms * stretch)
+    def record_step(self, predicted_ms: float, tpot_ms: float) -> None:
+        """A request's time per token against the step model's prediction for the batch it ran in."""
+        self.tpot_calibration.observe(predicted_ms, tpot_ms)
 
     def release(self, ticket: Ticket, *, is_cancelled: bool = False) -> None:
         """The request has ended; one whose client went away leaves admission as if it had never come."""
@@ -138,14 +124,12 @@ class Controller:
             self.finish(ticket, stage)
         if not is_cancelled:
             self._last_admitted = max(self._last_admitted, ticket.admitted_at)
-        elif ticket.prefill_entry is not None:
-            self.prefill_flow.remove(ticket.prefill_entry)
 
     def _idle(self) -> bool:
         return not any(self.backlogs.values()) and not any(pool.num_in_flight for pool in self.pools.values())
 
     def predict(self, shapes: list[MediaShape], prompt_tokens: float, deadline: float,
-                num_chunks: int = 0, prefill_share: float = 0.0) -> Prediction:
+                num_chunks: int = 0) -> Prediction:
         decode, encode = self._media_work(shapes)
         media_wait = 0.0
         if decode or encode:
@@ -155,7 +139,7 @@ class Controller:
         # (in decode, encode or the llm's queue: counted in the llm backlog until their first token). One already
         # at an llm is in its num_in_flight too: counted twice, a near-capacity stack refused what it could serve.
         coming = (len(self.backlogs["llm"]) - self._num_at_llm) / max(1, len(self.pools["llm"].healthy()))
-        step = self._best("llm", lambda r: r.costs.step.predict(r.num_in_flight + coming + 1)) / (1 - prefill_share)
+        step = self._best("llm", lambda r: r.costs.step.predict(r.num_in_flight + coming + 1))
         return Prediction(StageTimes(media_wait, decode + encode),
                           StageTimes(self._wait_ms("llm", deadline), llm), step, num_chunks, decode)
 

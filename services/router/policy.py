@@ -205,39 +205,6 @@ class Job:
     work_ms: float
 
 
-class PrefillFlow:
-    """The prefill work admitted to the llm pool over the last window_s seconds, as a share of the pool's time.
-
-    Chunked prefill puts prompts' chunks between decode steps: a request decoding while others' prompts are
-    prefilled makes each token in step / (1 - share). A cancelled request's work is removed (it never ran).
-    """
-
-    MAX_SHARE = 0.8  # a pool past it decodes at a fifth of its speed: priced as that, not as a division by ~0
-
-    def __init__(self, window_s: float = 10.0):
-        self.window_s = window_s
-        self._entries: dict[int, tuple[float, float]] = {}  # id -> (admitted at, work ms), in admission order
-        self._ids = itertools.count()
-
-    def add(self, now: float, work_ms: float) -> int:
-        entry_id = next(self._ids)
-        self._entries[entry_id] = (now, work_ms)
-        return entry_id
-
-    def remove(self, entry_id: int) -> None:
-        self._entries.pop(entry_id, None)
-
-    def share(self, now: float, num_replicas: int) -> float:
-        """The share of each replica's time prefill took over the window (at most MAX_SHARE)."""
-        while self._entries:
-            oldest = next(iter(self._entries))
-            if self._entries[oldest][0] >= now - self.window_s:
-                break
-            self.remove(oldest)
-        total_ms = math.fsum(work_ms for _, work_ms in self._entries.values())  # exact: the same set, the same sum
-        return min(self.MAX_SHARE, total_ms / (self.window_s * 1e3 * max(1, num_replicas)))
-
-
 class Backlog:
     """The predicted work outstanding at one stage pool, to price the wait of a new request.
 

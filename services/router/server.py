@@ -283,7 +283,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         if final.completion_tokens > 1 and first_token:
             tpot_ms = (time.perf_counter() - first_token) * 1e3 / (final.completion_tokens - 1)
             batch = final.decode_batch or llm.num_in_flight
-            self.controller.record_step(llm.costs.step, batch, tpot_ms, time.perf_counter())
+            self.controller.record_step(llm.costs.step.predict(batch), tpot_ms)  # before it learns from it
+            llm.costs.step.observe(batch, tpot_ms)
         metrics.STAGE_SECONDS.labels("prefill").observe(final.prefill_ms / 1e3)
         metrics.STAGE_SECONDS.labels("llm_queue").observe(final.queue_ms / 1e3)
 

@@ -10,8 +10,8 @@ import pytest
 
 from services.router.admission import Controller
 from services.router.costs import CostSeeds, DecodeCost, LlmCosts, MediaShape, TokenCost
-from services.router.policy import (Backlog, Calibration, Prediction, PrefillFlow, SlackQueue, Slo, SloDefaults,
-                                    StageTimes, Strictness, decide, degraded_frames)
+from services.router.policy import (Backlog, Calibration, Prediction, SlackQueue, Slo, SloDefaults, StageTimes,
+                                    Strictness, decide, degraded_frames)
 from services.router.replicas import NoReplicaError, Replica, ReplicaPool
 
 
@@ -297,10 +297,10 @@ def test_a_noisy_step_model_tightens_the_time_per_token_gate():
     admit = lambda: controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=100.0)  # noqa: E731
     assert not admit().decision.admit  # a new router counts its predictions twice until it has seen outcomes
     for _ in range(20):
-        controller.tpot_calibration.observe(60.0, 60.0)  # the step model is right
+        controller.record_step(60.0, 60.0)  # the step model is right
     assert admit().decision.admit
     for _ in range(200):
-        controller.tpot_calibration.observe(60.0, 120.0)  # steps take twice what the model said for their batch
+        controller.record_step(60.0, 120.0)  # steps take twice what the model said for their batch
     decision = admit().decision
     assert not decision.admit and "time per token" in decision.reason and "calibration)" in decision.reason
 
@@ -308,53 +308,13 @@ def test_a_noisy_step_model_tightens_the_time_per_token_gate():
 def test_time_per_token_is_priced_at_the_batch_the_admitted_requests_will_make():
     controller = busy_controller(step_ms=10.0, step_ms_per_seq=2.0)
     for _ in range(20):
-        controller.tpot_calibration.observe(50.0, 50.0)  # a step model proven right
-    admit = lambda k: controller.admit([], [], 20, ttft_ms=10_000, tpot_ms=50.1, allow_degrade=False,  # noqa: E731
-                                       now=100.0 + 11 * k)
-    # The k-th is priced at 10 + 2 × (1 running + k admitted on their way, none at the llm yet + itself), a
-    # thousandth more for the prompt admitted 11 s before (outside the prefill flow's 10 s but for its own).
-    assert all(admit(k).decision.admit for k in range(19))  # k = 0 .. 18: up to 50 ms
-    refused = admit(19).decision  # k = 19: 52 ms
+        controller.record_step(50.0, 50.0)  # a step model proven right
+    admit = lambda: controller.admit([], [], 20, ttft_ms=10_000, tpot_ms=50, allow_degrade=False,  # noqa: E731
+                                     now=100.0)
+    # The k-th is priced at 10 + 2 × (1 running + k admitted on their way, none at the llm yet + itself).
+    assert all(admit().decision.admit for _ in range(19))  # k = 0 .. 18: up to 50 ms
+    refused = admit().decision  # k = 19: 52 ms
     assert not refused.admit and "time per token" in refused.reason
-
-
-def test_the_prefill_flow_is_the_share_of_the_llm_pool_s_time_admitted_prompts_took_lately():
-    flow = PrefillFlow(window_s=10.0)
-    first = flow.add(100.0, 2000.0)
-    flow.add(105.0, 3000.0)
-    assert flow.share(106.0, num_replicas=1) == pytest.approx(0.5)  # 5 s of prefill in the last 10 s
-    assert flow.share(106.0, num_replicas=2) == pytest.approx(0.25)
-    flow.remove(first)  # cancelled: as if it had never come
-    assert flow.share(106.0, num_replicas=1) == pytest.approx(0.3)
-    assert flow.share(115.5, num_replicas=1) == 0.0  # out of the window
-    for i in range(20):
-        flow.add(120.0 + i / 10, 1000.0)
-    assert flow.share(122.0, num_replicas=1) == PrefillFlow.MAX_SHARE  # 20 s of prefill in 10 s
-
-
-def test_time_per_token_is_stretched_by_the_prompts_prefilled_in_between():
-    controller = busy_controller(step_ms=20.0)
-    for _ in range(20):
-        controller.tpot_calibration.observe(50.0, 50.0)
-    admit = lambda now, tokens=20: controller.admit([], [], tokens, ttft_ms=100_000, tpot_ms=50,  # noqa: E731
-                                                   allow_degrade=False, now=now)
-    assert admit(100.0).decision.admit
-    # Long prompts of 5 s of prefill each (5 + 0.05 × 100,000 ms), a second apart: with two in the last 10 s, a
-    # 20 ms step makes a token in 20 / (1 - 0.5) = 40 ms; a third would need more than the llm's whole time.
-    assert [admit(101.0 + i, tokens=100_000).decision.admit for i in range(4)] == [True, True, False, False]
-    refused = admit(104.5).decision
-    assert not refused.admit and "time per token" in refused.reason
-    assert admit(120.0).decision.admit  # those prompts are done: steps are steps again
-
-
-def test_the_step_model_learns_the_step_alone():
-    controller = busy_controller(step_ms=20.0)
-    step = controller.pools["llm"].replicas["r0"].costs.step
-    controller.prefill_flow.add(100.0, 5000.0)  # half of the last 10 s went to prefill
-    for _ in range(400):  # the calibration's window (200) then holds the learnt model's outcomes only
-        controller.record_step(step, batch=1, tpot_ms=60.0, now=101.0)
-    assert step.predict(1) == pytest.approx(30.0, rel=0.05)  # tokens took 60 ms, steps 30
-    assert controller.tpot_calibration.scale(0.95) == pytest.approx(1.0, rel=0.05)  # 30 / 0.5 predicted 60
 
 
 def test_a_few_noisy_outcomes_do_not_multiply_predictions():
@@ -375,7 +335,7 @@ def test_a_sustained_under_prediction_is_still_corrected():
 def test_a_new_router_refuses_only_what_misses_at_the_typical_error_and_tightens_on_misses():
     controller = busy_controller(step_ms=60.0)  # against a 100 ms target
     for i in range(200):
-        controller.tpot_calibration.observe(60.0, 108.0 if i % 10 == 0 else 60.0)  # a tenth run 1.8× slower
+        controller.record_step(60.0, 108.0 if i % 10 == 0 else 60.0)  # a tenth of the steps run 1.8× slower
     admit = lambda: controller.admit([], [], 20, ttft_ms=0, tpot_ms=0, allow_degrade=False, now=100.0)  # noqa: E731
     ticket = admit()
     assert ticket.decision.admit  # it would meet unless it is among the slowest tenth: refusing it is a sure miss
