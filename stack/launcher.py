@@ -31,21 +31,9 @@ RESTARTS = prometheus_client.Counter("mmserve_child_restarts", "Children of `mms
 
 _PR_SET_PDEATHSIG = 1
 # Every child's unless the environment says otherwise. OpenMP threads (torch's intra-op pool) spin between
-# parallel regions by default (300,000 rounds), taking the cores the other stages need: with streamed prefill the
-# llm's second thread burned 10.7 CPU s of a 20 s trace for 4.5 s of work (issue 23). Passive with no spin at all,
-# they sleep between the ops of one forward: a lone decode step took 9-12 ms where it takes 7. The llm's threads
-# spin 10,000 rounds (the gaps inside a step), the other stages' none: every stage spinning that long cost most of
-# the goodput at 3x capacity. On a host of its own: OMP_WAIT_POLICY=ACTIVE.
+# parallel regions by default, taking the cores the other stages need: with streamed prefill the llm's second
+# thread burned 10.7 CPU s of a 20 s trace for 4.5 s of work (issue 23). On a host of its own: ACTIVE.
 CHILD_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
-LLM_ENV_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
-
-
-def child_env(name: str) -> dict[str, str]:
-    """Our environment, with the OpenMP defaults (the llm's for an llm) where it sets neither: an environment that
-    names a wait policy gets that policy's own spin."""
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        return dict(os.environ)
-    return CHILD_ENV_DEFAULTS | (LLM_ENV_DEFAULTS if name.startswith("llm") else {}) | os.environ
 
 
 def _die_with_parent() -> None:
@@ -250,7 +238,7 @@ class Stack:
         # Called on the loop's thread: PR_SET_PDEATHSIG fires when the thread that forked exits, not the process.
         # Children log to stderr: stdout carries only the "listening" line scripts wait for.
         child.process = subprocess.Popen(child.argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
-                                         stdout=sys.stderr, env=child_env(child.name))
+                                         stdout=sys.stderr, env=CHILD_ENV_DEFAULTS | os.environ)
         metrics = f", metrics on :{child.metrics_port}/metrics" if child.metrics_port else ""
         log.info("started %s (pid %d)%s", child.name, child.process.pid, metrics)
 
