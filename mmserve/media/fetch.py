@@ -49,14 +49,11 @@ class MediaFile:
     """A file under the media root, read where it lies: hashed by the router in constant memory and decoded by a
     decoder that mounts the same root, its bytes never sent (a long clip costs the router no memory)."""
 
+    uri: str  # as the client named it: the decoder resolves it again, and its messages never name a link's target
     path: pathlib.Path
     size: int
     mtime_ns: int
     sha256: str
-
-    @property
-    def uri(self) -> str:
-        return self.path.as_uri()
 
 
 def is_file_uri(uri: str) -> bool:
@@ -79,7 +76,7 @@ def hash_file_uri(uri: str, *, media_root: str, max_bytes: int) -> MediaFile:
         raise MediaError(f"uri: {_short(uri)} changed while it was read")
     if after.st_size > max_bytes:  # it grew after the check
         raise MediaError(f"uri: {_short(uri)} is larger than the {max_bytes} byte limit")
-    return MediaFile(path, after.st_size, after.st_mtime_ns, digest)
+    return MediaFile(uri, path, after.st_size, after.st_mtime_ns, digest)
 
 
 def check_unchanged(path: pathlib.Path, uri: str, *, size: int, mtime_ns: int) -> None:
