@@ -45,11 +45,18 @@ class Controller:
     were actually made in, which measures the model's noise only. Against admission's own prediction it
     would chase itself: every request admitted later makes the earlier ones' steps slower, a wider margin
     admits fewer, and so on down.
+
+    A refusal is a miss for sure, and it helps the others only by keeping its work off the queues they wait in. A
+    request predicted to miss its first-token target by its own work alone (little queued ahead of it: at most
+    own_work_wait_share of the target), and by less than own_work_max_miss times the target, is admitted: with
+    nothing to give back to the queues, refusing it would only turn a likely near miss (the prediction is a
+    quantile) into a certain one.
     """
 
     def __init__(self, decoders: StageView, encoders: StageView, llms: StageView, *,
                  defaults: SloDefaults, policy: str, headroom: float, target: float = 0.95,
-                 probe_after_s: float = 5.0, probe_max_ratio: float = 4.0):
+                 probe_after_s: float = 5.0, probe_max_ratio: float = 4.0, own_work_wait_share: float = 0.1,
+                 own_work_max_miss: float = 1.5):
         self.pools = {"decoder": decoders, "encoder": encoders, "llm": llms}
         self.defaults = defaults
         self.policy = policy
@@ -59,6 +66,7 @@ class Controller:
         self.strictness = Strictness(target)
         self.probe_after_s = probe_after_s
         self.probe_max_ratio = probe_max_ratio
+        self.own_work_wait_share, self.own_work_max_miss = own_work_wait_share, own_work_max_miss
         self.backlogs = {stage: Backlog() for stage in self.pools}
         # Tickets in the llm backlog that already hold an llm slot: the replica counts them in num_in_flight.
         self._num_at_llm = 0
@@ -73,10 +81,13 @@ class Controller:
         cls, slo = self.defaults.for_request(kinds, ttft_ms, tpot_ms)
         deadline = now + slo.ttft_ms / 1e3
         prediction = self.predict(shapes, prompt_tokens, deadline, num_chunks)
+        ttft_scale = self.ttft_calibration[cls].scale(self.strictness.value)
+        tpot_scale = self.tpot_calibration.scale(self.strictness.value)
         decision = (Decision(True) if self.policy == "fcfs" else
                     decide(prediction, slo, allow_degrade=allow_degrade, headroom=self.headroom,
-                           ttft_scale=self.ttft_calibration[cls].scale(self.strictness.value),
-                           tpot_scale=self.tpot_calibration.scale(self.strictness.value)))
+                           ttft_scale=ttft_scale, tpot_scale=tpot_scale))
+        if not decision.admit and self._misses_by_its_own_work(prediction, slo, ttft_scale, tpot_scale):
+            decision = Decision(True, "own work")
         miss_ratio = max(prediction.ttft_ms / slo.ttft_ms, prediction.step_ms / slo.tpot_ms)
         if (not decision.admit and miss_ratio <= self.probe_max_ratio and self._idle()
                 and now - self._last_admitted > self.probe_after_s):
@@ -124,6 +135,14 @@ class Controller:
             self.finish(ticket, stage)
         if not is_cancelled:
             self._last_admitted = max(self._last_admitted, ticket.admitted_at)
+
+    def _misses_by_its_own_work(self, prediction: Prediction, slo: Slo, ttft_scale: float,
+                                tpot_scale: float) -> bool:
+        """Whether a refused request would miss only its first-token target, narrowly, with little queued ahead."""
+        waits_ms = (prediction.media.wait_ms + prediction.llm.wait_ms) * ttft_scale
+        return (prediction.step_ms * tpot_scale <= slo.tpot_ms * self.headroom
+                and waits_ms <= self.own_work_wait_share * slo.ttft_ms
+                and prediction.ttft_ms * ttft_scale <= self.own_work_max_miss * slo.ttft_ms * self.headroom)
 
     def _idle(self) -> bool:
         return not any(self.backlogs.values()) and not any(pool.num_in_flight for pool in self.pools.values())

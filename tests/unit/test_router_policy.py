@@ -317,6 +317,24 @@ def test_time_per_token_is_priced_at_the_batch_the_admitted_requests_will_make()
     assert not refused.admit and "time per token" in refused.reason
 
 
+def test_a_narrow_miss_by_its_own_work_is_admitted_but_not_one_behind_a_queue():
+    controller = busy_controller(step_ms=1.0)
+    for _ in range(20):
+        controller.tpot_calibration.observe(1.0, 1.0)
+    admit = lambda prompt, now=100.0: controller.admit([], [], prompt, ttft_ms=1000, tpot_ms=0,  # noqa: E731
+                                                       allow_degrade=False, now=now)
+    # Predicted prefill 5 + 0.05 × 12,000 = 605 ms, × 2 (a new router's calibration) = 1,210 ms against 1,000:
+    # nothing queued ahead, so refusing it would give the others nothing.
+    first = admit(12_000)
+    assert first.decision.admit and first.decision.reason == "own work"
+    # The same prompt behind it waits for its 605 ms: refused, its work would lengthen the queue.
+    queued = admit(12_000).decision
+    assert not queued.admit and "time to first token" in queued.reason
+    controller.release(first)
+    # Alone again, but twice the target (5 + 0.05 × 20,000 = 1,005 ms, × 2): a miss for sure, refused.
+    assert not admit(20_000).decision.admit
+
+
 def test_a_few_noisy_outcomes_do_not_multiply_predictions():
     calibration = Calibration(floor_ms=0.0)
     for i in range(20):
