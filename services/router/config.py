@@ -76,8 +76,8 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                                          "the family's temporal group (chunk cache keys follow it)")
     max_chunks_in_flight: int = option(4, "streamed prefill: chunks of one request decoded but not yet encoded, or "
                                           "encoded but not yet sent to the llm (also the decoder's decode-ahead)")
-    decoder_max_in_flight: int = option(4, "decode calls one decoder replica gets at once (slo policy)")
-    encoder_max_in_flight: int = option(16, "encode calls one encoder replica gets at once (slo policy)")
+    decoder_max_in_flight: int = option(2, "decode calls one decoder replica gets at once (slo policy)")
+    encoder_max_in_flight: int = option(4, "encode calls one encoder replica gets at once (slo policy)")
     stage_attempts: int = option(3, "tries of a stage on different replicas when one is unavailable")
     stage_max_waiting: int = option(256, "decode or encode calls that may wait for a replica slot; beyond it a "
                                          "request gets RESOURCE_EXHAUSTED at once (slo policy)")
