@@ -13,8 +13,9 @@ private Redis) serves each clip alone, uncached, after a warm-up on a short clip
 CPU seconds all the stack's processes spent on it and the machine's bound (those seconds over the cores), and the
 peak RSS (VmHWM) of the router, decoder (with its workers), encoder and llm after it (clips run shortest first, so
 the growth from the first clip to the last is what the longer clip added). The clips go as file:// URIs under the
-stack's media root (--source data: their bytes inline, which the router's gRPC message then holds). Streamed mode also serves the first clip
-again with half its chunks evicted (partly cached). transformers' generate runs in this process on the same inputs.
+stack's media root (--source data: their bytes inline, which the router's gRPC message then holds). Streamed mode
+also serves the first clip again with half its chunks evicted (partly cached). transformers' generate runs in this
+process on the same inputs.
 Streamed prefill needs the llm's GenerateStreamed and the decoder's fixed windows; against an llm without them the
 router falls back to store-and-forward (it logs so), and the two modes measure the same thing.
 Last line: ttft_ratio_vs_store_and_forward_60s=X ttft_vs_cpu_bound_60s=Z peak_rss_growth_5min_vs_60s=Y, for the
@@ -206,14 +207,14 @@ def main() -> None:
     quality = {"crf": args.crf} if args.crf else None
     clips = {s: make_video(seconds=s, fps=args.fps, width=args.width, height=args.height, seed=int(s),
                            encoder_options=quality) for s in lengths}
-    media_root = tempfile.mkdtemp()
-    sources = clips
-    if args.source == "uri":
-        sources = {s: pathlib.Path(media_root) / f"clip-{s:g}s.mp4" for s in lengths}
-        for s, path in sources.items():
-            path.write_bytes(clips[s])
     modes = args.modes.split(",")
-    results = {mode: serve_mode(mode, model, sources, media_root, args) for mode in modes}
+    with tempfile.TemporaryDirectory() as media_root:
+        sources = clips
+        if args.source == "uri":
+            sources = {s: pathlib.Path(media_root) / f"clip-{s:g}s.mp4" for s in lengths}
+            for s, path in sources.items():
+                path.write_bytes(clips[s])
+        results = {mode: serve_mode(mode, model, sources, media_root, args) for mode in modes}
     hf = {} if args.skip_hf else hf_ttft_ms(model, clips, args.max_tokens)
 
     print(f"\n{args.width}x{args.height} clips at {args.fps} fps ({', '.join(f'{len(c) / 1e6:.1f}' for c in clips.values())}"

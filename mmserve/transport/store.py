@@ -11,13 +11,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-
 from typing import TYPE_CHECKING
 
 import prometheus_client
 
 from mmserve.transport import shm
-from mmserve.transport.arrays import ITEM_BYTES, as_bytes, dtype_name, host, is_torch, num_bytes, to_inline
+from mmserve.transport.arrays import as_bytes, dtype_name, host, is_torch, num_bytes, to_inline
 from mmserve.v1 import tensor_pb2
 
 if TYPE_CHECKING:  # torch is loaded by the first torch tensor or empty(): a store of numpy arrays never needs it
@@ -98,7 +97,7 @@ class TensorStore:
         """An uninitialised tensor, in shared memory when it would travel there: to_ref of it copies nothing."""
         import torch
 
-        nbytes = math.prod(shape) * ITEM_BYTES[str(dtype).removeprefix("torch.")]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if not self.uses_shm(nbytes):
             return torch.empty(shape, dtype=dtype)
         name = self._new_name()

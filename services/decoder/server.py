@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 
 from mmserve import transport
-from mmserve.media.fetch import check_unchanged, resolve_file_uri
 from mmserve.media.errors import MediaError
+from mmserve.media.fetch import check_unchanged, resolve_file_uri
 from mmserve.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import DecodedChunk, DecodeEngine, ScratchFull, VideoOptions, fault_injection_enabled
