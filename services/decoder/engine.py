@@ -159,8 +159,11 @@ class DecodeEngine:
         if self.num_active >= self.config.max_queue:  # each holds its media, and frames, in scratch space
             raise DecoderOverloaded(f"over capacity: {self.num_active} requests already in the decoder queue")
         self.num_active += 1
-        workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="mmserve-decode-", dir=self.scratch_dir)
+        workdir = ""
         try:
+            # In the try and not in a thread: a cancellation between the count and the try leaked the count, and a
+            # queue that only fills ends up refusing everything. A directory is made in microseconds.
+            workdir = tempfile.mkdtemp(prefix="mmserve-decode-", dir=self.scratch_dir)
             path = str(source)
             if isinstance(source, bytes):
                 path = os.path.join(workdir, "media")
@@ -168,8 +171,8 @@ class DecodeEngine:
             yield workdir, path
         finally:
             self.num_active -= 1
-            # Unlinking is quick, and workers still writing keep their own mappings alive.
-            shutil.rmtree(workdir, ignore_errors=True)
+            if workdir:  # unlinking is quick, and workers still writing keep their own mappings alive
+                shutil.rmtree(workdir, ignore_errors=True)
 
     async def decode_image(self, source: bytes | Path, *, min_pixels: float, max_pixels: float,
                            fault: str = "") -> DecodedChunk:

@@ -221,3 +221,35 @@ def _workers(process: subprocess.Popen) -> list[int]:
         if "multiprocessing.forkserver" in " ".join(server.cmdline()):
             pids += [w.pid for w in server.children() if w.status() != psutil.STATUS_ZOMBIE]
     return pids
+
+
+def test_a_request_cancelled_at_any_point_gives_its_place_in_the_queue_back(tmp_path):
+    """A cancellation anywhere in a decode leaves the queue as it found it: a count that leaked (a cancellation
+    between counting a request and its try) filled the queue for good, and every later request was refused as over
+    capacity."""
+    from services.decoder.config import DecoderConfig
+    from services.decoder.engine import DecodeEngine
+
+    picture = make_image(width=100, height=60, fmt="PNG", seed=5)
+
+    async def run() -> list[int]:
+        engine = DecodeEngine(DecoderConfig(num_workers=1, scratch_dir=str(tmp_path), max_queue=4))
+        await engine.start()
+        leaked = []
+        try:
+            for k in range(30):  # cancelled after k turns of the event loop: at each await of the decode in turn
+                task = asyncio.ensure_future(engine.decode_image(picture, min_pixels=SMALL,
+                                                                 max_pixels=16384 * 28 * 28))
+                for _ in range(k):
+                    await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                leaked.append(engine.num_active)
+            assert (await engine.decode_image(picture, min_pixels=SMALL, max_pixels=16384 * 28 * 28)).frames.shape[0]
+        finally:
+            await engine.close()
+        return leaked
+
+    assert asyncio.run(run()) == [0] * 30
+    assert list(tmp_path.iterdir()) == []  # no request's scratch directory left behind
