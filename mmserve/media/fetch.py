@@ -56,9 +56,15 @@ class MediaFile:
     sha256: str
 
 
-def is_file_uri(uri: str) -> bool:
+def uri_scheme(uri: str) -> str:
+    """The URI's scheme in lower case ("" when it names none)."""
     scheme = _SCHEME.match(uri)
-    return bool(scheme) and scheme.group(1).lower() == "file"
+    return scheme.group(1).lower() if scheme else ""
+
+
+def _version(stat: os.stat_result) -> tuple[int, int]:
+    """What tells a file's contents apart cheaply: its size and modification time."""
+    return stat.st_size, stat.st_mtime_ns
 
 
 def hash_file_uri(uri: str, *, media_root: str, max_bytes: int) -> MediaFile:
@@ -72,7 +78,7 @@ def hash_file_uri(uri: str, *, media_root: str, max_bytes: int) -> MediaFile:
     except OSError as err:
         log.info("reading %s failed: %s", path, err)
         raise MediaError(f"uri: {_short(uri)} cannot be read") from None
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+    if _version(before) != _version(after):
         raise MediaError(f"uri: {_short(uri)} changed while it was read")
     if after.st_size > max_bytes:  # it grew after the check
         raise MediaError(f"uri: {_short(uri)} is larger than the {max_bytes} byte limit")
@@ -87,7 +93,7 @@ def check_unchanged(path: pathlib.Path, uri: str, *, size: int, mtime_ns: int) -
         stat = path.stat()
     except OSError:  # gone since it was resolved
         stat = None
-    if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+    if stat is None or _version(stat) != (size, mtime_ns):
         raise MediaError(f"uri: {_short(uri)} changed after the router read it")
 
 
@@ -242,8 +248,7 @@ async def _fetch_http(uri: str, policy: FetchPolicy) -> bytes:
 
 async def fetch_uri(uri: str, *, policy: FetchPolicy) -> bytes:
     """The bytes behind a file://, http:// or https:// URI; MediaError naming the problem when refused."""
-    scheme = _SCHEME.match(uri)
-    scheme = scheme.group(1).lower() if scheme else ""
+    scheme = uri_scheme(uri)
     if not scheme:
         raise MediaError(f"uri: {_short(uri)!r} is not a URL (expected file://, http:// or https://)")
     if scheme not in SCHEMES:

@@ -19,7 +19,7 @@ from mmserve import transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache, join_chunks
 from mmserve.cache_keys import MediaParams, media_key, window_key
 from mmserve.media.errors import MediaError
-from mmserve.media.fetch import FetchPolicy, MediaFile, fetch_uri, hash_file_uri, is_file_uri
+from mmserve.media.fetch import FetchPolicy, MediaFile, fetch_uri, hash_file_uri, uri_scheme
 from mmserve.models.family import Family
 from mmserve.models.family import MediaItem as FamilyItem
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
@@ -163,7 +163,7 @@ class MediaStage:
         else:
             uri, policy = item.media.uri, self.fetch_policy
             try:
-                if self.files_in_place and is_file_uri(uri):
+                if self.files_in_place and uri_scheme(uri) == "file":
                     file = await asyncio.to_thread(hash_file_uri, uri, media_root=policy.media_root,
                                                    max_bytes=policy.max_bytes)
                     return file, file.sha256

@@ -14,7 +14,7 @@ from aiohttp.abc import AbstractResolver
 
 from mmserve.media import fetch
 from mmserve.media.fetch import (CheckedResolver, FetchPolicy, blocked_reason, check_unchanged, fetch_uri,
-                                  hash_file_uri, is_file_uri)
+                                  hash_file_uri, uri_scheme)
 from mmserve.media.preprocess import MediaError
 
 BODY = bytes(range(256)) * 40  # 10,240 bytes
@@ -213,7 +213,8 @@ def test_a_file_read_in_place_is_hashed_and_checked_for_changes(tmp_path):
     root.mkdir()
     path = root / "clip.mp4"
     path.write_bytes(BODY)
-    assert is_file_uri(path.as_uri()) and is_file_uri("FILE:///x") and not is_file_uri("https://a/b.mp4")
+    assert [uri_scheme(u) for u in (path.as_uri(), "FILE:///x", "https://a/b.mp4", "/no/scheme")] == [
+        "file", "file", "https", ""]
     file = hash_file_uri(path.as_uri(), media_root=str(root), max_bytes=len(BODY))
     assert (file.path, file.size, file.sha256) == (path, len(BODY), hashlib.sha256(BODY).hexdigest())
     assert file.uri == path.as_uri()
