@@ -303,7 +303,6 @@ class Engine:
         metrics.GENERATED_TOKENS.inc(num_generated)
         metrics.PREEMPTIONS.inc(self.scheduler.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = self.scheduler.num_preemptions
-        self._report_occupancy()
 
     def _report_occupancy(self) -> None:
         metrics.RUNNING.set(len(self.scheduler.running))
@@ -336,6 +335,7 @@ class Engine:
                                           (logprobs[row],) if row in logprobs else ())))
             if reason is not None:
                 events.append((request, self._finish(request, reason)))
+        self._report_occupancy()  # before any caller hears its request ended: the gauges never lag a final
         self._send(events)
 
     def _finish(self, request: _Request, reason: str) -> Finished:

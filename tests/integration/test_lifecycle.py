@@ -82,10 +82,12 @@ def _prompt_tokens(cluster, child) -> float:
 def test_sigterm_of_an_llm_replica_drains_it_and_the_router_stops_using_it(cluster):
     router, channel = cluster.stub()
     cluster.wait_for(lambda: cluster.healthy("llm") == 2)
-    reference = collect(router, request(text("meanwhile"), num_tokens=8)).token_ids
-    long_request = _Stream(router, "a long answer, please")
     llms = [cluster.replicas["llm-0"], cluster.replicas["llm-1"]]
     running = lambda c: cluster.metric("mmserve_llm_running_sequences", port=c.metrics_port)  # noqa: E731
+    # The router's warm-up prompt, one per llm, would pass for the long request below.
+    cluster.wait_for(lambda: all(_prompt_tokens(cluster, c) > 0 and not running(c) for c in llms))
+    reference = collect(router, request(text("meanwhile"), num_tokens=8)).token_ids
+    long_request = _Stream(router, "a long answer, please")
     cluster.wait_for(lambda: any(running(c) for c in llms))
     serving, other = sorted(llms, key=running, reverse=True)
     health = _Health(serving.address)

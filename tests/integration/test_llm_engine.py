@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from services.llm.config import LlmConfig
@@ -205,5 +206,24 @@ async def test_a_consumer_that_falls_behind_gets_the_tokens_made_meanwhile_in_fe
         assert [t for d in deltas for t in d.token_ids] == expected and isinstance(rest[-1], Finished)
         assert len(first.token_ids) == 1 and len(deltas) < len(expected)
         assert "".join(d.text for d in deltas) == engine.tokenizer.decode(expected)
+    finally:
+        engine.stop()
+
+
+async def test_the_occupancy_gauges_count_a_request_out_before_its_final_is_sent(tiny_model):
+    """What an operator (and the drain test) reads right after a final: no stale running sequence."""
+    engine = make_engine(tiny_model)
+    send, seen = engine._send, []
+
+    def recording(events):
+        if any(isinstance(event, Finished) for _, event in events):
+            seen.append(REGISTRY.get_sample_value("mmserve_llm_running_sequences"))
+        send(events)
+
+    engine._send = recording
+    try:
+        options = SamplingOptions(max_tokens=3, min_tokens=3, temperature=0.0)
+        await run(engine, engine.prepare("one", [ChatMessage("user", ["hi"])], options))
+        assert seen == [0.0]
     finally:
         engine.stop()
