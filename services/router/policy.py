@@ -117,8 +117,10 @@ class Calibration:
     Predictions are biased in ways no cost model sees (processes sharing cores, requests admitted later
     slowing the earlier ones down), so admitting right up to the target would make about half the
     borderline requests miss. A prediction times the q-quantile of these ratios is one that q of recent
-    requests stayed within. Until min_samples outcomes are in, predictions count start_scale times what the
-    models say (a new router met by a burst has only its warm-up to go on). floor_ms keeps near-zero
+    requests stayed within. A new router has only its warm-up to go on (and may be met by a burst): it starts
+    from min_samples outcomes of start_scale, which real outcomes displace one by one. (Counting start_scale
+    until all min_samples were in kept a rare class, a video among the texts, at twice its prediction for
+    minutes, and a refusal is a miss for sure.) floor_ms keeps near-zero
     predictions (a cache hit) from turning one slow request into a huge ratio.
 
     A quantile is only as good as the outcomes above it: the 0.95-quantile of 20 ratios is the largest one,
@@ -140,11 +142,12 @@ class Calibration:
         self._sorted = sorted(self._ratios)
 
     def scale(self, quantile: float) -> float:
-        if len(self._sorted) < self.min_samples:
-            return self.start_scale
-        num = len(self._sorted)
+        ratios = self._sorted
+        if len(ratios) < self.min_samples:
+            ratios = sorted([*ratios, *[self.start_scale] * (self.min_samples - len(ratios))])
+        num = len(ratios)
         # quantile of them are within it, and at least min_tail of them reach it
-        ratio = self._sorted[max(0, min(math.ceil(quantile * num) - 1, num - self.min_tail))]
+        ratio = ratios[max(0, min(math.ceil(quantile * num) - 1, num - self.min_tail))]
         return min(self.bounds[1], max(self.bounds[0], ratio))
 
 

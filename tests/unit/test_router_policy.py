@@ -246,9 +246,10 @@ def test_a_busy_stack_never_probes():
 
 def test_calibration_gives_quantiles_of_actual_over_predicted():
     calibration = Calibration(floor_ms=0.0)
+    assert calibration.scale(0.5) == 2.0  # nothing seen yet: a cautious start, as if ten outcomes took twice
     for i in range(9):
         calibration.observe(100.0, 300.0)
-    assert calibration.scale(0.9) == 2.0  # too few outcomes to say: a cautious start
+    assert calibration.scale(0.9) == 3.0  # nine outcomes say more than the start
     for i in range(91):
         calibration.observe(100.0, 100.0 + i)  # ratios 1.00 .. 1.90, plus the nine at 3.0
     assert calibration.scale(0.9) == pytest.approx(1.89)  # 90 of the 100 stayed within it
@@ -333,6 +334,16 @@ def test_a_narrow_miss_by_its_own_work_is_admitted_but_not_one_behind_a_queue():
     controller.release(first)
     # Alone again, but twice the target (5 + 0.05 × 20,000 = 1,005 ms, × 2): a miss for sure, refused.
     assert not admit(20_000).decision.admit
+
+
+def test_outcomes_displace_the_cautious_start_one_by_one():
+    calibration = Calibration(floor_ms=0.0)  # a start of ten outcomes at 2.0; min_tail 4
+    for _ in range(6):
+        calibration.observe(100.0, 100.0)  # predictions proven right, but only six of them
+    assert calibration.scale(0.5) == 1.0  # the typical error is known already
+    assert calibration.scale(0.95) == 2.0  # the tail is still the start's four
+    calibration.observe(100.0, 100.0)
+    assert calibration.scale(0.95) == 1.0  # three left of the start: fewer than min_tail
 
 
 def test_a_few_noisy_outcomes_do_not_multiply_predictions():
