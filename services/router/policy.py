@@ -120,8 +120,8 @@ class Calibration:
     requests stayed within. A new router has only its warm-up to go on (and may be met by a burst): it starts
     from min_samples outcomes of start_scale, which real outcomes displace one by one. (Counting start_scale
     until all min_samples were in kept a rare class, a video among the texts, at twice its prediction for
-    minutes, and a refusal is a miss for sure.) floor_ms keeps near-zero
-    predictions (a cache hit) from turning one slow request into a huge ratio.
+    minutes, and a refusal is a miss for sure.) floor_ms keeps near-zero predictions (a cache hit) from turning
+    one slow request into a huge ratio.
 
     A quantile is only as good as the outcomes above it: the 0.95-quantile of 20 ratios is the largest one,
     so a single noisy outcome (a request stalled by a busy neighbour) would scale every prediction by its

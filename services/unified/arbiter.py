@@ -159,8 +159,8 @@ class DeviceArbiter:
     """Turns on one device: the llm's engine thread steps, the encoder's batcher runs granted slices between."""
 
     def __init__(self, budget: SliceBudget, clock: Callable[[], float] = time.perf_counter, *,
-                 wall_clock: Callable[[], float] = time.time, overlap_threads: int = 0, llm_threads: int = 0, set_llm_threads: Callable[[int], None] = None,
-                 streams=None):
+                 wall_clock: Callable[[], float] = time.time, overlap_threads: int = 0, llm_threads: int = 0,
+                 set_llm_threads: Callable[[int], None] = None, streams=None):
         self.budget = budget
         self.clock = clock
         self.wall_clock = wall_clock  # what slices' due times are on (the llm's priorities)
