@@ -156,8 +156,10 @@ class ReplicaPool:
                         # hold it for its whole grace period. Asked again after the pause below.
                         break
                     delay = min(0.05, longest)
-            except grpc.aio.AioRpcError:
-                pass
+            except grpc.aio.AioRpcError as err:
+                if replica.healthy:  # once per spell: a replica that is down fails every Watch until it is back
+                    log.warning("%s %s: health stream lost (%s: %s); withdrawn until healthy", self.stage,
+                                replica.address, err.code().name, err.details())
             finally:
                 call.cancel()
             self._set_healthy(replica, False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import pathlib
 import re
 import signal
 import subprocess
@@ -38,6 +39,11 @@ class Up:
     process: subprocess.Popen
     router: object
     metrics_port: int
+    log: pathlib.Path
+
+    def log_tail(self) -> str:
+        """The stack's last log lines, for a failure's message."""
+        return "\n".join(self.log.read_text().splitlines()[-40:])
 
     def child(self, name: str) -> psutil.Process:
         """The running child whose command line names this service (or redis-server)."""
@@ -61,7 +67,7 @@ def up(tiny_model, tmp_path_factory):
         assert f"router listening on 127.0.0.1:{port}" in line, log.read_text()[-3000:]
         metrics_port = int(re.search(r"launcher metrics on http://127.0.0.1:(\d+)/", log.read_text()).group(1))
         with router_stub(f"127.0.0.1:{port}") as router:
-            yield Up(process, router, metrics_port)
+            yield Up(process, router, metrics_port, log)
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
@@ -143,7 +149,7 @@ def test_a_killed_media_stage_is_restarted_and_text_requests_never_notice(up, vi
 
 def test_a_killed_redis_is_a_cache_miss_then_a_cache_again(up):
     texts, images = _kill_during_traffic(up, "redis", seed=300)
-    assert [o.code for o in texts + images] == ["OK"] * (len(texts) + len(images)), texts + images
+    assert [o.code for o in texts + images] == ["OK"] * (len(texts) + len(images)), (texts + images, up.log_tail())
     _serves_again(up, "redis", seed=301)
     fresh = request(image(make_image(width=56, height=56, seed=302)), text("cached?"), num_tokens=4)
     assert not collect(up.router, fresh).final.media_cached
