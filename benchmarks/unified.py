@@ -97,7 +97,6 @@ def arbiter_counters(metrics_port: int) -> dict[str, float]:
     wanted = {'mmserve_unified_device_seconds_total{role="llm"}': "llm_s",
               'mmserve_unified_device_seconds_total{role="encoder"}': "encoder_s",
               "mmserve_unified_slices_deferred_total": "deferred",
-              "mmserve_unified_slices_due_total": "due",
               'mmserve_unified_device_wait_seconds_sum{role="encoder"}': "encoder_wait_s",
               'mmserve_unified_device_wait_seconds_count{role="encoder"}': "slices"}
     found = dict.fromkeys(wanted.values(), 0.0)
@@ -112,8 +111,7 @@ def print_arbiter(rate: float, before: dict[str, float], after: dict[str, float]
     """What the arbiter did during one rate's trace (the diagnosis of a starving encoder reads here)."""
     d = {k: after[k] - before[k] for k in after}
     print(f"unified arbiter at {rate:g} req/s: device s llm={d['llm_s']:.1f} encoder={d['encoder_s']:.1f}; "
-          f"slices {d['slices']:.0f} ({d['due']:.0f} on the decodes' targets: due), deferred {d['deferred']:.0f} "
-          f"times; mean encoder wait "
+          f"slices {d['slices']:.0f}, deferred {d['deferred']:.0f} times; mean encoder wait "
           f"{1e3 * d['encoder_wait_s'] / max(d['slices'], 1):.0f} ms", file=sys.stderr)
 
 

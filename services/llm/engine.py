@@ -117,14 +117,14 @@ class Engine:
         self._thread.join(timeout=10)
 
     def prepare(self, request_id: str, messages: list[ChatMessage], options: SamplingOptions,
-                priority: float = 0.0, tpot_ms: float = 0.0) -> Sequence:
+                priority: float = 0.0) -> Sequence:
         """Tokenises and validates a request (raises ValueError for a bad one) without queueing it."""
         ids, mm = self.prompts.build(messages)
         if len(ids) + options.max_tokens > self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens plus max_tokens={options.max_tokens} exceed the "
                              f"context length of {self.max_model_len}")
         spans = [(start, end, media_digest(item)) for (start, end), item in zip(mm.spans, mm.media)]
-        seq = Sequence(request_id, ids, options, priority=priority, tpot_ms=tpot_ms, mm=mm, media_spans=spans)
+        seq = Sequence(request_id, ids, options, priority=priority, mm=mm, media_spans=spans)
         if mm.streamed is not None:
             seq.is_streamed = True
             seq.pending_media = {i: mm.streamed.token_span(i) for i in range(mm.streamed.num_chunks)}

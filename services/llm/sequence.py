@@ -29,9 +29,6 @@ class Sequence:
     sampling: SamplingOptions
     # Lower runs first; the router passes deadlines here (earliest first).
     priority: float = 0.0
-    # The time per output token its client expects (ms; 0: none): a unified replica's arbiter lets a due encoder
-    # slice slow the running decodes down to the tightest of these.
-    tpot_ms: float = 0.0
     # Engine-specific multimodal data (embeddings, M-RoPE positions); opaque to the scheduler.
     mm: Any = None
     # (start, end, digest) of each media item's placeholder tokens: media identity for prefix caching.

@@ -112,8 +112,7 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
             messages = await self._messages(request, context)
             resolving = False
             priority = request.priority or float("inf")
-            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority,
-                                          request.tpot_ms)
+            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority)
             events = self.engine.generate(seq)
             async for event in events:
                 yield self._response(event)
@@ -137,8 +136,7 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
             check_messages(request.messages)
             messages = messages_from_proto(request.messages, None, self.engine.hidden_size)
             priority = request.priority or float("inf")
-            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority,
-                                          request.tpot_ms)
+            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority)
             events = self.engine.generate(seq)
             is_queued = True
             await context.send_initial_metadata(())  # queued: the client may send the chunks

@@ -172,10 +172,9 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         # The llm serves earliest deadline first (Unix seconds); fcfs ranks by arrival instead.
         priority = time.time() + (ticket.deadline - media_done if self.config.policy == "slo" else 0.0)
         for is_retry in (False, True):
-            llm_request = self._llm_request(request, request_id, embedded, priority, ticket.slo.tpot_ms)
             try:
-                async for response in self._responses(llm_request, ticket, prepared, embedded, start, media_done,
-                                                      deadline):
+                async for response in self._responses(self._llm_request(request, request_id, embedded, priority),
+                                                      ticket, prepared, embedded, start, media_done, deadline):
                     yield response
                 return
             except EmbeddingsEvicted as evicted:
@@ -194,7 +193,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                          attempts=self.config.stage_attempts, max_in_flight=self.config.max_chunks_in_flight)
         now = time.perf_counter()
         priority = time.time() + (ticket.deadline - now if self.config.policy == "slo" else 0.0)
-        llm_request = self._llm_request(request, request_id, feed.embedded, priority, ticket.slo.tpot_ms)
+        llm_request = self._llm_request(request, request_id, feed.embedded, priority)
         try:
             async for response in self._responses(llm_request, ticket, prepared, feed.embedded, start, now,
                                                   deadline, feed):
@@ -299,13 +298,13 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
 
     @staticmethod
     def _llm_request(request: api_pb2.GenerateRequest, request_id: str, embedded: list[Embedded],
-                     priority: float, tpot_ms: float) -> llm_pb2.LlmRequest:
+                     priority: float) -> llm_pb2.LlmRequest:
         items = iter(embedded)
         messages = [llm_pb2.LlmMessage(role=m.role, parts=[
             llm_pb2.LlmPart(text=p.text) if p.WhichOneof("content") == "text" else llm_pb2.LlmPart(
                 media=next(items).embedding) for p in m.parts]) for m in request.messages]
         return llm_pb2.LlmRequest(request_id=request_id, messages=messages, sampling=request.sampling,
-                                  priority=priority, tpot_ms=tpot_ms)
+                                  priority=priority)
 
     @staticmethod
     def _final(final: llm_pb2.LlmFinal, request_id: str, embedded: list[Embedded], start: float,

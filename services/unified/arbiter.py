@@ -9,12 +9,6 @@ same online cost models the router fits (services/router/costs.py); what it real
 afterwards. So over any stretch of steps the decodes' time per token stays within its target while the
 encoder drains its backlog in whatever is left.
 
-A slice whose media is due (the router's latest start for its request's first token has passed) may spend more:
-credit earned against the running decodes' own time-per-token targets (their requests carry them), at
-`slo_share` of the tightest, instead of against `max_decode_slowdown` of their step alone. Decodes with slack
-against what their clients asked for give it to a first token that would otherwise be late; the comfortable
-bound still keeps them near their speed alone whenever no first token is at risk.
-
 With no decode running there is nothing to protect but the next prefill: a slice is bounded to about
 `max_idle_slice_ms`. Prefill chunks and slices go by deadline: after a step that leaves prefill work due before
 the waiting slice's deadline, the device stays with the llm for its next step. An item too large for any credit
@@ -58,7 +52,6 @@ class StepReport:
     num_decodes: int  # sequences that made one token from one new token this step
     is_decode_only: bool  # no prefill chunk in it: a sample of the decode step cost
     num_running: int  # decodes still running after it (0: nothing to protect)
-    tpot_slo_ms: float = 0.0  # the tightest time-per-token target their requests carry (0: none)
 
 
 class SliceBudget:
@@ -70,56 +63,45 @@ class SliceBudget:
         self.tpot_target_ms = config.tpot_target_ms
         self.max_saved_steps = config.max_saved_steps
         self.max_idle_slice_ms = config.max_idle_slice_ms
-        self.slo_share = config.slo_share
         self.step = step_cost(seeds)  # decode step ms by running sequences
         self.encode: TokenCost = encode_cost(seeds)  # slice ms by patches
         self.credit_ms = 0.0
-        self.due_credit_ms = 0.0  # the same, earned against the decodes' own targets: what a due slice may spend
         self.num_running = 0
-        self.tpot_slo_ms = 0.0
         self.num_deferred = 0  # slices refused since the last one ran
 
-    def target_ms(self, num_decodes: int, is_due: bool = False) -> float:
-        """The time per token the running decodes may take, encoder slices included (is_due: for a due slice)."""
+    def target_ms(self, num_decodes: int) -> float:
+        """The time per token the running decodes may take, encoder slices included."""
         bounds = [self.max_decode_slowdown * self.step.predict(num_decodes)] if self.max_decode_slowdown else []
-        target = min(bounds + ([self.tpot_target_ms] if self.tpot_target_ms else []))
-        if is_due and self.slo_share and self.tpot_slo_ms:
-            return max(target, self.slo_share * self.tpot_slo_ms)
-        return target
+        return min(bounds + ([self.tpot_target_ms] if self.tpot_target_ms else []))
 
-    def max_credit_ms(self, is_due: bool = False) -> float:
-        slack = self.target_ms(self.num_running, is_due) - self.step.predict(self.num_running)
-        return self.max_saved_steps * max(0.0, slack)
+    def max_credit_ms(self) -> float:
+        return self.max_saved_steps * max(0.0, self.target_ms(self.num_running) - self.step.predict(self.num_running))
 
     def on_step(self, report: StepReport) -> None:
         """An llm step ended: learn its cost and earn (or spend) credit."""
         if report.is_decode_only and report.num_decodes:
             self.step.observe(report.num_decodes, report.step_ms)
-        self.num_running, self.tpot_slo_ms = report.num_running, report.tpot_slo_ms
+        self.num_running = report.num_running
         if report.num_decodes:
             decode_ms = report.step_ms
             if not report.is_decode_only:  # the prefill in it is the llm's own, not a debt of the encoder's
                 decode_ms = min(decode_ms, self.step.predict(report.num_decodes))
-            self.credit_ms = min(self.max_credit_ms(),
-                                 self.credit_ms + self.target_ms(report.num_decodes) - decode_ms)
-            self.due_credit_ms = min(self.max_credit_ms(True),
-                                     self.due_credit_ms + self.target_ms(report.num_decodes, True) - decode_ms)
-        if not self.num_running:  # nobody left to pay a debt to
-            self.credit_ms, self.due_credit_ms = max(self.credit_ms, 0.0), max(self.due_credit_ms, 0.0)
+            earned = self.target_ms(report.num_decodes) - decode_ms
+            self.credit_ms = min(self.max_credit_ms(), self.credit_ms + earned)
+        if not self.num_running:
+            self.credit_ms = max(self.credit_ms, 0.0)  # nobody left to pay a debt to
 
-    def max_patches(self, first_patches: int, is_due: bool = False) -> int:
-        """Patches the next slice may hold (0: wait for another step); the first item always fits when any does.
-        is_due: its media is due, and it may spend the credit earned against the decodes' own targets."""
+    def max_patches(self, first_patches: int) -> int:
+        """Patches the next slice may hold (0: wait for another step); the first item always fits when any does."""
         fixed, per_patch = self.encode.model.weights
         if not self.num_running:
             if not self.max_idle_slice_ms or per_patch <= 0:
                 return UNLIMITED
             return max(first_patches, int((self.max_idle_slice_ms - fixed) / per_patch))
-        credit = self.due_credit_ms if is_due else self.credit_ms
-        fits = int((credit - fixed) / per_patch) if per_patch > 0 else UNLIMITED
+        fits = int((self.credit_ms - fixed) / per_patch) if per_patch > 0 else UNLIMITED
         if fits >= first_patches:
             return fits
-        if self.num_deferred and credit >= self.max_credit_ms(is_due) - 1e-9:
+        if self.num_deferred and self.credit_ms >= self.max_credit_ms() - 1e-9:
             return first_patches  # as much credit as can ever be saved: run it, repay it over the next steps
         return 0
 
@@ -136,7 +118,6 @@ class SliceBudget:
             self.encode.observe(num_patches, slice_ms)
         if self.num_running:
             self.credit_ms -= slice_ms
-            self.due_credit_ms -= slice_ms
 
 
 @dataclasses.dataclass(eq=False)
@@ -159,11 +140,10 @@ class DeviceArbiter:
     """Turns on one device: the llm's engine thread steps, the encoder's batcher runs granted slices between."""
 
     def __init__(self, budget: SliceBudget, clock: Callable[[], float] = time.perf_counter, *,
-                 wall_clock: Callable[[], float] = time.time, overlap_threads: int = 0, llm_threads: int = 0,
-                 set_llm_threads: Callable[[int], None] = None, streams=None):
+                 overlap_threads: int = 0, llm_threads: int = 0, set_llm_threads: Callable[[int], None] = None,
+                 streams=None):
         self.budget = budget
         self.clock = clock
-        self.wall_clock = wall_clock  # what slices' due times are on (the llm's priorities)
         # CPU overlap: while decodes run a slice runs beside the steps on overlap_threads of the llm_threads, the
         # steps on the rest (set_llm_threads, called in the engine thread: torch's thread count is per thread).
         self.overlap_threads = overlap_threads if overlap_threads < llm_threads else 0
@@ -217,8 +197,7 @@ class DeviceArbiter:
             step_s = self.clock() - self._step_started
             metrics.DEVICE_SECONDS.labels("llm").inc(step_s)
             try:
-                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, _num_decoding(scheduler),
-                                               _tightest_tpot(scheduler)))
+                self.budget.on_step(StepReport(step_s * 1e3, num_decodes, is_decode_only, _num_decoding(scheduler)))
             except Exception:  # a pricing bug must cost encoder throughput, never the llm's engine thread
                 log.exception("arbiter: step report failed")
             self._holder = None
@@ -300,14 +279,11 @@ class DeviceArbiter:
         else:
             if self._holder is not None or self._num_llm_waiting or self._prefill_deadline < request.deadline:
                 return
-            is_due = self.wall_clock() >= request.deadline
-            max_patches = self.budget.max_patches(request.first_patches, is_due)
+            max_patches = self.budget.max_patches(request.first_patches)
             if not max_patches:
                 self.budget.num_deferred += 1
                 metrics.SLICES_DEFERRED.inc()
                 return
-            if is_due and self.budget.num_running:
-                metrics.SLICES_DUE.inc()
             self.budget.num_deferred = 0
             self._holder = request
         self._pending = None
@@ -322,11 +298,6 @@ def _num_decoding(scheduler) -> int:
     """Running sequences that decode at the next step. Not one waiting for its media's next chunk (streamed
     prefill): it runs no step until the chunk comes, and that chunk may be the slice waiting for the device."""
     return sum(1 for s in scheduler.running if s.num_uncomputed_tokens == 1)
-
-
-def _tightest_tpot(scheduler) -> float:
-    """The tightest time-per-token target among the sequences decoding at the next step (0: none carries one)."""
-    return min((s.tpot_ms for s in scheduler.running if s.num_uncomputed_tokens == 1 and s.tpot_ms), default=0.0)
 
 
 def _prefill_deadline(scheduler) -> float:

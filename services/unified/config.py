@@ -15,10 +15,6 @@ class ArbiterConfig:
                                              "step alone while the encoder has work (0: no such bound)")
     tpot_target_ms: float = option(0.0, "time per output token the running decodes must keep (0: none; with "
                                          "max_decode_slowdown, the tighter of the two)")
-    slo_share: float = option(0.8, "an encoder slice whose media is due (its request's first token is at risk) may "
-                                   "slow the running decodes to this share of the tightest time-per-token target "
-                                   "their requests carry, beyond max_decode_slowdown (0: due slices wait like the "
-                                   "rest)")
     overlap_threads: int = option(0, "CPU: while decodes run, an encoder slice runs alongside the llm's steps on "
                                      "this many torch threads and the steps on the rest of the llm's "
                                      "--num-threads (a core split only while both have work; 0: they take turns)")
@@ -35,8 +31,6 @@ class ArbiterConfig:
             raise ValueError("tpot_target_ms: must not be negative")
         if not self.max_decode_slowdown and not self.tpot_target_ms:
             raise ValueError("max_decode_slowdown: 0 needs a tpot_target_ms (something must bound the decodes)")
-        if not 0.0 <= self.slo_share <= 1.0:
-            raise ValueError("slo_share: must be in [0, 1]")
         if self.overlap_threads < 0:
             raise ValueError("overlap_threads: must not be negative")
         if self.max_idle_slice_ms < 0:

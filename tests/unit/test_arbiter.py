@@ -17,7 +17,6 @@ from services.unified.config import ArbiterConfig
 class FakeSeq:
     num_uncomputed_tokens: int = 1  # 1: decoding
     priority: float = math.inf  # the router's deadline
-    tpot_ms: float = 0.0  # its request's time-per-token target
 
     @property
     def num_schedulable_tokens(self) -> int:
@@ -43,8 +42,7 @@ class Sim:
 
     def __init__(self, config: ArbiterConfig, batch: int, backlog: list[int]):
         self.now = 0.0
-        self.arbiter = DeviceArbiter(SliceBudget(config), clock=lambda: self.now, wall_clock=lambda: self.now)
-        self.deadline = math.inf  # when the backlog's media are due (the router's latest start)
+        self.arbiter = DeviceArbiter(SliceBudget(config), clock=lambda: self.now)
         self.scheduler = FakeScheduler([FakeSeq() for _ in range(batch)])
         self.backlog = list(backlog)  # patches of each queued item
         self.token_times: list[float] = []
@@ -60,7 +58,7 @@ class Sim:
         """Runs every slice granted now, asking again while the backlog lasts."""
         while self.backlog:
             if self._request is None:
-                self._request = self.arbiter.request_slice(self.backlog[0], self._grant, self.deadline)
+                self._request = self.arbiter.request_slice(self.backlog[0], self._grant)
             if not self._request.is_granted:
                 return
             request, self._request = self._request, None
@@ -100,29 +98,6 @@ def test_decode_deadlines_hold_while_an_encoder_backlog_drains():
             assert sum(gaps[i:i + width]) <= width * 1.2 * alone_ms + slack_ms + 1e-6
     assert budget.step.predict(16) == pytest.approx(alone_ms, rel=0.01)  # learnt from the decode-only steps
     assert sim.arbiter.budget.num_deferred == 0
-
-
-def test_a_due_slice_spends_the_slack_the_decodes_own_targets_leave():
-    """Eight decodes at 12 ms a token whose clients asked for 100 ms, and twenty videos of 4,096 patches (85 ms
-    each) to encode. Not yet due, each waits until the decodes have repaid the last at the comfortable bound (1.2
-    × 12 ms a token); due (their first tokens at risk), they run on the slack against 0.8 × the clients' 100 ms."""
-    def encode(deadline: float) -> tuple[int, float]:
-        sim = Sim(ArbiterConfig(max_decode_slowdown=1.2), batch=8, backlog=[])
-        for seq in sim.scheduler.running:
-            seq.tpot_ms = 100.0
-        for _ in range(5):
-            sim.step()  # the step model learns the 12 ms, and the slack of these steps is saved up
-        sim.backlog, sim.deadline = [4096] * 20, deadline
-        while sim.backlog:
-            sim.step()
-        steps = len(sim.token_times)
-        return steps, sim.now * 1e3 / steps  # the decodes' time per token, the slices included
-
-    due_steps, due_tpot_ms = encode(deadline=0.0)
-    later_steps, later_tpot_ms = encode(deadline=math.inf)
-    assert due_steps < 40 and later_steps > 500
-    assert later_tpot_ms <= 1.2 * step_ms(8) * 1.05  # kept near their speed alone while nothing is due
-    assert later_tpot_ms < due_tpot_ms <= 0.8 * 100.0  # due: within the clients' targets, with a margin
 
 
 def test_encoder_takes_the_device_whole_when_no_decode_runs():

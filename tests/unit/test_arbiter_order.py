@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.router.costs import SharedDevice
-from services.unified.arbiter import UNLIMITED, DeviceArbiter, SliceBudget, StepReport, _tightest_tpot
+from services.unified.arbiter import UNLIMITED, DeviceArbiter, SliceBudget, StepReport
 from services.unified.config import ArbiterConfig
 from tests.unit.test_arbiter import FakeScheduler, FakeSeq, Sim, slice_ms, step_ms
 
@@ -126,10 +126,3 @@ def test_gpu_streams_run_one_bounded_slice_beside_each_decode_step():
     arbiter.release_step(decoding)
     assert second.is_granted
     assert streams.num_llm_switches == 1  # the engine thread's stream is set once
-
-
-def test_the_tightest_target_is_taken_among_the_decodes_only():
-    scheduler = FakeScheduler([FakeSeq(tpot_ms=100.0), FakeSeq(tpot_ms=50.0), FakeSeq(),  # one without a target
-                               FakeSeq(300, tpot_ms=10.0)])  # a prompt still prefilling makes no token yet
-    assert _tightest_tpot(scheduler) == 50.0
-    assert _tightest_tpot(FakeScheduler([FakeSeq()])) == 0.0
