@@ -17,8 +17,8 @@ SLO targets are --slo-factor times the slowest layout's median lone-request late
 TPOT overall): every layout's lone requests are measured first, then each layout replays the traces with every
 request carrying those targets, as a client's would (admission, the router's deadlines, the llm's
 earliest-deadline order and a unified replica's order of slices and prefill chunks all come from them;
-`--loose-targets` sends targets nobody misses instead, and applies the real ones to the outcomes only). A request meets its SLO when its TTFT and TPOT
-are within target (refusals and errors do not).
+`--loose-targets` sends targets nobody misses instead, and applies the real ones to the outcomes only). A request
+meets its SLO when its TTFT and TPOT are within target (refusals and errors do not).
 Goodput at 90% attainment: the goodput at the highest rate a layout keeps 90% attainment (0 if none does).
 Time per output token of the running decodes (the text chats): p50/p99 per layout at that rate, against the llm
 running alone (the same text requests on the unified layout with no media: nothing to arbitrate).
