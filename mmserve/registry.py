@@ -20,6 +20,8 @@ from mmserve import auth
 log = logging.getLogger(__name__)
 
 PREFIX = "mmserve:replica:"
+# A unified replica's entry: its two roles' addresses as one, `<encoder>/<llm>` (services/router/pools.py).
+UNIFIED_STAGE = "unified"
 
 
 def _key(stage: str, address: str) -> str:

@@ -214,6 +214,10 @@ class Service:
                                             self.server)
         self.port = 0
         self.registration: registry.Registration | None = None
+        # What it registers as with --registry-url: its stage (None: nothing), and a prefix of its address (a unified
+        # replica registers once, as "unified" with "<encoder address>/" before its llm's address).
+        self.registry_stage: str | None = self.service_names[0].rsplit(".", 1)[-1].lower()
+        self.registry_prefix = ""
         self.local_dir: str | None = None
 
     def add_local_port(self) -> str:
@@ -246,10 +250,10 @@ class Service:
             transport.install_store(self.store)
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.config.registry_url:
-            stage = self.service_names[0].rsplit(".", 1)[-1].lower()
+        if self.config.registry_url and self.registry_stage:
             address = registry.advertised_address(self.config.host, self.port, self.config.advertise_address)
-            self.registration = registry.Registration(self.config.registry_url, stage, address,
+            self.registration = registry.Registration(self.config.registry_url, self.registry_stage,
+                                                      self.registry_prefix + address,
                                                       password=registry.redis_password(self.config))
             self.registration.start()
         log.info("serving %s on %s:%d", ",".join(self.service_names), self.config.host, self.port)

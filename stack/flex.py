@@ -14,7 +14,7 @@ import asyncio
 import shlex
 import signal
 
-from mmserve import rpc
+from mmserve import registry, rpc
 from mmserve.roles import Role
 
 
@@ -31,9 +31,11 @@ def parse(argv: list[str] | None = None):
             LlmConfig.parse(shlex.split(args.llm_args), prog="mmserve-flex --llm-args"))
 
 
-async def run_flex(encoder_config, llm_config, arbiter=None) -> None:
+async def run_flex(encoder_config, llm_config, arbiter=None, *, pair_stage: str | None = None) -> None:
     """Serves both roles until SIGTERM or SIGINT (the llm last up and first down: its health means both); a unified
-    replica (stack.unified) passes the arbiter both roles take turns through."""
+    replica (stack.unified) passes the arbiter both roles take turns through. With pair_stage the two roles
+    register once, as a pair: the llm (with its --registry-url) as `<pair_stage>` at `<encoder>/<llm>` addresses,
+    which the router's registry reader takes into both pools together; the encoder alone registers nothing."""
     from services.encoder.__main__ import build_encoder
     from services.llm.__main__ import build_llm
 
@@ -45,6 +47,13 @@ async def run_flex(encoder_config, llm_config, arbiter=None) -> None:
     try:
         for build, config in ((build_encoder, encoder_config), (build_llm, llm_config)):
             roles.append(role := await build(config, arbiter))
+            if pair_stage is not None and len(roles) == 1:
+                role.service.registry_stage = None  # the encoder: registered with the llm, as the pair
+            elif pair_stage is not None:  # the llm, once the encoder serves (its port is known)
+                encoder = roles[0].service
+                role.service.registry_stage = pair_stage
+                role.service.registry_prefix = registry.advertised_address(
+                    encoder.config.host, encoder.port, encoder.config.advertise_address) + "/"
             await role.start()
         await stop.wait()
     finally:

@@ -12,6 +12,10 @@ tower's thread and the engine's thread each run with their own --num-threads); w
 runs beside the decode steps on N threads while the steps use the rest, and either role alone gets them all.
 On one NVIDIA GPU (both roles' --device) the roles get CUDA streams of their own, the llm's at a higher priority
 (services/unified/gpu.py), and a bounded slice runs beside each decode step.
+
+With --registry-url in its --llm-args it registers once, as the pair (`unified`, `<encoder>/<llm>` addresses): a
+router that follows the registry keeps it in both pools and prices each role with the other's load, as it does a
+pair of --unified-addrs (Kubernetes: deploy/k8s/unified).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import shlex
 
 from mmserve import rpc
 from mmserve.config import add_flags
+from mmserve.registry import UNIFIED_STAGE
 
 
 def parse(argv: list[str] | None = None):
@@ -55,7 +60,7 @@ async def run_unified(encoder_config, llm_config, arbiter_config) -> None:
                             llm_threads=llm_threads, set_llm_threads=torch.set_num_threads,
                             streams=role_streams(resolve_device(encoder_config.device),
                                                  resolve_device(llm_config.device)))
-    await run_flex(encoder_config, llm_config, arbiter)
+    await run_flex(encoder_config, llm_config, arbiter, pair_stage=UNIFIED_STAGE)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import concurrent.futures
 import shlex
 import sys
+import time
 
 import pytest
+import redis
 
 from mmserve.media.samples import make_image, make_video
 from services.decoder.config import DecoderConfig
@@ -85,3 +87,38 @@ def test_eight_in_flight_on_one_device_each_match(unified, reference, clip):
     # Both roles took turns on the device, through the arbiter.
     for role in ("encoder", "llm"):
         assert metric(metrics_port, "mmserve_unified_device_seconds_total", role=role) > 0
+
+
+def test_a_unified_replica_registers_once_as_the_pair_the_router_serves_through(tiny_model, redis_server):
+    """With --registry-url it registers as `unified` at `<encoder>/<llm>`, not as an encoder and an llm of their own;
+    a router that knows no address but the registry's puts it in both pools and serves through it."""
+    model, common = str(tiny_model), dict(log_level="WARNING", num_threads=2)
+    ports = {name: free_port() for name in ("decoder", "encoder", "llm", "router", "metrics")}
+    encoder = EncoderConfig(port=ports["encoder"], model=model, redis_url=redis_server.url,
+                            registry_url=redis_server.url, **common)
+    llm = LlmConfig(port=ports["llm"], model=model, registry_url=redis_server.url, **common)
+    common = dict(log_level="WARNING", registry_url=redis_server.url)
+    router = RouterConfig(port=ports["router"], metrics_port=ports["metrics"], model=model,
+                          redis_url=redis_server.url, registry_refresh_s=0.2, slo_ttft_ms_video=600_000,
+                          slo_ttft_ms_image=600_000, slo_ttft_ms_text=600_000, slo_tpot_ms=600_000, **common)
+    children = [
+        Child("decoder", [sys.executable, "-m", "services.decoder",
+                          *DecoderConfig(port=ports["decoder"], **common).to_argv()], f"127.0.0.1:{ports['decoder']}"),
+        Child("unified", [sys.executable, "-m", "stack.unified", "--encoder-args", shlex.join(encoder.to_argv()),
+                          "--llm-args", shlex.join(llm.to_argv())], f"127.0.0.1:{ports['llm']}"),
+        Child("router", [sys.executable, "-m", "services.router", *router.to_argv()], f"127.0.0.1:{ports['router']}"),
+    ]
+    with running(children), router_stub(f"127.0.0.1:{ports['router']}") as stub:
+        ours = {f"127.0.0.1:{ports[stage]}" for stage in ("decoder", "encoder", "llm")}
+        keys = sorted(k.decode() for k in redis.Redis.from_url(redis_server.url).keys("mmserve:replica:*")
+                      if any(address in k.decode() for address in ours))
+        assert keys == [f"mmserve:replica:decoder:127.0.0.1:{ports['decoder']}",
+                        f"mmserve:replica:unified:127.0.0.1:{ports['encoder']}/127.0.0.1:{ports['llm']}"]
+        healthy = lambda stage: metric(ports["metrics"], "mmserve_router_healthy_replicas", stage=stage)  # noqa: E731
+        deadline = time.monotonic() + 60  # a hang guard
+        while not (healthy("encoder") == healthy("llm") == 1):
+            assert time.monotonic() < deadline, "the router never took the pair into its pools"
+            time.sleep(0.1)
+        result = collect(stub, request(image(make_image(width=56, height=56, seed=3)), text("what is it?"),
+                                       num_tokens=4))
+        assert result.final.completion_tokens == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -12,10 +13,12 @@ import pytest
 import yaml
 
 from tests.unit.compose_files import (COMPOSE_ONLY, CONFIGS, GPU_SERVICES, PLAN_ONLY, ROOT, TLS_FIELDS, TLS_MOUNT,
-                                     TOKENS_FILE, flag_names, parse_command, planned, planned_flags, probe_tls)
+                                     TOKENS_FILE, flag_names, parse_command, parse_unified, planned, planned_flags,
+                                     probe_tls)
 
 K8S = ROOT / "deploy" / "k8s"
 COMPONENTS = ("tls", "api-tokens")
+UNIFIED = K8S / "unified"  # a component too, in place of the encoder and llm (not with tls yet)
 # On Kubernetes the router finds the stages in the registry only: a Service's address would alias one of its pods.
 K8S_ROUTER_UNLISTED = {"decoder_addrs", "encoder_addrs", "llm_addrs"}
 # Pods call each other at pod IPs, which no certificate names: they check this name instead (`mmserve up` dials
@@ -93,7 +96,7 @@ def secret_mounts(doc: dict) -> dict[str, str]:
 def test_k8s_manifests_parse_and_cover_every_service():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert {p.parent.name for p in K8S.glob("*/kustomization.yaml")} == set(COMPONENTS)
+    assert {p.parent.name for p in K8S.glob("*/kustomization.yaml")} == {*COMPONENTS, UNIFIED.name}
     docs = k8s_documents()
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for name in ("redis", "decoder", "encoder", "llm", "router"):
@@ -178,6 +181,43 @@ def test_kustomize_applies_the_components_as_this_test_does(tmp_path):
         assert pod["securityContext"] == expected["securityContext"] and pod["volumes"] == expected["volumes"], name
         for key in ("args", "volumeMounts", *PROBES):
             assert pod["containers"][0][key] == expected["containers"][0][key], (name, key)
+
+
+def test_the_unified_component_runs_both_roles_with_their_deployments_flags_registered_as_the_pair():
+    (doc,) = [d for d in yaml.safe_load_all((UNIFIED / "unified.yaml").read_text()) if d["kind"] == "Deployment"]
+    argv = container_argv(doc)
+    assert argv[0] == "stack.unified"
+    encoder, llm, _ = parse_unified(argv[1:])
+    for role, config in (("encoder", encoder), ("llm", llm)):
+        inner = shlex.split(argv[argv.index(f"--{role}-args") + 1])
+        alone = container_argv(deployments()[role])  # the role's own Deployment
+        assert flag_names(inner) == flag_names(alone), role
+        expected = dataclasses.replace(parse_command(alone), metrics_port=config.metrics_port)
+        assert config == expected, role  # every value as there, but the one metrics port
+        assert config.advertise_address == f"{POD_IP}:{config.port}", role
+    assert (encoder.metrics_port, llm.metrics_port) == (0, 9400)  # one registry per process: served once
+    assert llm.registry_url  # the llm registers the pair (stack.flex.run_flex)
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    for probe in PROBES:  # the llm's port: the last role up and the first down
+        assert container[probe]["exec"]["command"] == ["python", "-m", "mmserve.probe", f"127.0.0.1:{llm.port}"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert secret_mounts(doc) == {SECRETS_MOUNT: "mmserve-secrets"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize)")
+def test_kustomize_puts_the_unified_replica_in_place_of_the_encoder_and_llm(tmp_path):
+    overlay = K8S.parent / f".test-overlay-{tmp_path.name}"
+    overlay.mkdir()
+    try:
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump(
+            {"resources": ["../k8s"], "components": ["../k8s/unified", "../k8s/api-tokens"]}))
+        built = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(overlay)
+    assert built.returncode == 0, built.stderr
+    objects = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(built.stdout)}
+    assert {kind for kind, name in objects if name in ("encoder", "llm")} == set()
+    assert {("Deployment", "unified"), ("Deployment", "decoder"), ("Deployment", "router")} <= objects
 
 
 def test_router_keys_the_cache_with_the_encoders_dtype():

@@ -8,7 +8,7 @@ import pytest
 
 from services.router.config import RouterConfig
 from services.router.costs import CostSeeds
-from services.router.pools import build_pools
+from services.router.pools import build_pools, unified_pairs
 from services.router.selection import Selector
 
 
@@ -86,3 +86,19 @@ def test_unified_replicas_alone_need_no_separate_encoder_or_llm():
         _config(unified_addrs="127.0.0.1:4")
     with pytest.raises(ValueError, match="unified_decode_slowdown"):
         _config(unified_decode_slowdown=1.0)
+
+
+def test_the_registry_lists_a_unified_replica_as_one_pair():
+    assert unified_pairs(["10.0.0.1:5101/10.0.0.1:5102", "10.0.0.2:5101", "a:1/", "/b:2", "a:1/b:2/c:3"]) == [
+        ("10.0.0.1:5101", "10.0.0.1:5102")]
+
+
+def test_a_pair_is_priced_together_once_however_often_it_is_listed():
+    def check(pools):
+        pools.share("127.0.0.1:4", "127.0.0.1:5")  # the registry reader's next round lists it again
+        pools.share("127.0.0.1:2", "127.0.0.1:9")  # an llm not in its pool: nothing to share
+        pools.llms.replicas["127.0.0.1:5"].num_in_flight = 3
+        assert pools.encoders.replicas["127.0.0.1:4"].costs.predict(100) == pytest.approx(50.0)  # not 250
+        assert pools.encoders.replicas["127.0.0.1:2"].costs.predict(100) == 10.0
+
+    _with_pools(_config(), check)
