@@ -38,11 +38,16 @@ def parse(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="mmserve-unified", description=__doc__.splitlines()[0])
     parser.add_argument("--encoder-args", required=True, help="the encoder's flags (python -m services.encoder --help)")
     parser.add_argument("--llm-args", required=True, help="the llm's flags (python -m services.llm --help)")
+    parser.add_argument("--role-flag", action="append", default=[], metavar="FLAG",
+                        help="a flag both roles get after their own (repeatable: "
+                             "--role-flag=--tls-ca-file=/tls/ca.pem), as a deployment's patch adds it to the replica")
     add_flags(ArbiterConfig, parser)
     args = parser.parse_args(argv)
     arbiter = ArbiterConfig(**{name: getattr(args, name) for name in ArbiterConfig.__dataclass_fields__})
-    return (EncoderConfig.parse(shlex.split(args.encoder_args), prog="mmserve-unified --encoder-args"),
-            LlmConfig.parse(shlex.split(args.llm_args), prog="mmserve-unified --llm-args"), arbiter)
+    encoder_argv = shlex.split(args.encoder_args) + args.role_flag
+    llm_argv = shlex.split(args.llm_args) + args.role_flag
+    return (EncoderConfig.parse(encoder_argv, prog="mmserve-unified --encoder-args"),
+            LlmConfig.parse(llm_argv, prog="mmserve-unified --llm-args"), arbiter)
 
 
 async def run_unified(encoder_config, llm_config, arbiter_config) -> None:

@@ -53,19 +53,25 @@ def apply_json_patch(doc: dict, ops: list[dict]) -> None:
 
 
 def deployments(components: tuple[str, ...] = ()) -> dict[str, dict]:
-    """The mmserve services' Deployments, with the patches of the named components applied (as kustomize does)."""
+    """The mmserve services' Deployments, with the patches of the named components applied (as kustomize does); with
+    the unified component, its Deployment in place of the encoder's and the llm's."""
     docs = {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == "Deployment"}
-    for component in components:
+    if UNIFIED.name in components:
+        del docs["encoder"], docs["llm"]
+        docs |= {d["metadata"]["name"]: d for d in yaml.safe_load_all((UNIFIED / "unified.yaml").read_text())
+                 if d["kind"] == "Deployment"}
+    for component in (c for c in components if c != UNIFIED.name):
         kustomization = yaml.safe_load((K8S / component / "kustomization.yaml").read_text())
         assert kustomization["kind"] == "Component" and set(kustomization) == {"apiVersion", "kind", "patches"}
         for patch in kustomization["patches"]:
             target = patch["target"]
             assert set(target) == {"kind", "name"} and target["kind"] == "Deployment", target
             matched = [name for name in docs if re.fullmatch(target["name"], name)]  # kustomize: a regex
-            assert matched, f"{component}: {target['name']} matches no Deployment"
+            # kustomize leaves a patch whose target is absent: the unified replica's, without the unified component
+            assert matched or target["name"] == UNIFIED.name, f"{component}: {target['name']} matches no Deployment"
             for name in matched:
                 apply_json_patch(docs[name], yaml.safe_load(patch["patch"]))
-    return {name: doc for name, doc in docs.items() if name in CONFIGS}
+    return {name: doc for name, doc in docs.items() if name in CONFIGS or name == UNIFIED.name}
 
 
 def container_argv(doc: dict) -> list[str]:
@@ -184,7 +190,7 @@ def test_kustomize_applies_the_components_as_this_test_does(tmp_path):
 
 
 def test_the_unified_component_runs_both_roles_with_their_deployments_flags_registered_as_the_pair():
-    (doc,) = [d for d in yaml.safe_load_all((UNIFIED / "unified.yaml").read_text()) if d["kind"] == "Deployment"]
+    doc = deployments((UNIFIED.name,))[UNIFIED.name]
     argv = container_argv(doc)
     assert argv[0] == "stack.unified"
     encoder, llm, _ = parse_unified(argv[1:])
@@ -204,20 +210,43 @@ def test_the_unified_component_runs_both_roles_with_their_deployments_flags_regi
     assert secret_mounts(doc) == {SECRETS_MOUNT: "mmserve-secrets"}
 
 
+def test_the_tls_component_gives_both_roles_of_a_unified_replica_what_mmserve_up_unified_plans():
+    doc = deployments((UNIFIED.name, "tls"))[UNIFIED.name]
+    encoder, llm, _ = parse_unified(container_argv(doc)[1:])
+    plans = planned(unified=True)
+    for role, config in (("encoder", encoder), ("llm", llm)):
+        for field in TLS_FIELDS - {"api_tokens_file"} - K8S_TLS_ONLY:
+            assert getattr(config, field) == getattr(plans[role][0], field), (role, field)
+        assert config.tls_server_name == "mmserve.internal", role
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    client = dataclasses.replace(plans["llm"][1].client_tls, server_name="mmserve.internal")
+    for probe in PROBES:
+        assert probe_tls(["CMD", *container[probe]["exec"]["command"]]) == client, probe
+    assert secret_mounts(doc) == {SECRETS_MOUNT: "mmserve-secrets", TLS_MOUNT: "mmserve-tls"}
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize)")
 def test_kustomize_puts_the_unified_replica_in_place_of_the_encoder_and_llm(tmp_path):
+    components = (UNIFIED.name, *COMPONENTS)  # the unified component first: tls patches its Deployment
     overlay = K8S.parent / f".test-overlay-{tmp_path.name}"
     overlay.mkdir()
     try:
         (overlay / "kustomization.yaml").write_text(yaml.safe_dump(
-            {"resources": ["../k8s"], "components": ["../k8s/unified", "../k8s/api-tokens"]}))
+            {"resources": ["../k8s"], "components": [f"../k8s/{c}" for c in components]}))
         built = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
     finally:
         shutil.rmtree(overlay)
     assert built.returncode == 0, built.stderr
-    objects = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(built.stdout)}
+    docs = list(yaml.safe_load_all(built.stdout))
+    objects = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert {kind for kind, name in objects if name in ("encoder", "llm")} == set()
     assert {("Deployment", "unified"), ("Deployment", "decoder"), ("Deployment", "router")} <= objects
+    (theirs,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == UNIFIED.name]
+    pod = theirs["spec"]["template"]["spec"]
+    expected = deployments(components)[UNIFIED.name]["spec"]["template"]["spec"]
+    assert pod["securityContext"] == expected["securityContext"] and pod["volumes"] == expected["volumes"]
+    for key in ("args", "volumeMounts", *PROBES):
+        assert pod["containers"][0][key] == expected["containers"][0][key], key
 
 
 def test_router_keys_the_cache_with_the_encoders_dtype():
