@@ -109,16 +109,17 @@ def test_a_unified_replica_registers_once_as_the_pair_the_router_serves_through(
         Child("router", [sys.executable, "-m", "services.router", *router.to_argv()], f"127.0.0.1:{ports['router']}"),
     ]
     with running(children), router_stub(f"127.0.0.1:{ports['router']}") as stub:
-        ours = {f"127.0.0.1:{ports[stage]}" for stage in ("decoder", "encoder", "llm")}
-        keys = sorted(k.decode() for k in redis.Redis.from_url(redis_server.url).keys("mmserve:replica:*")
-                      if any(address in k.decode() for address in ours))
-        assert keys == [f"mmserve:replica:decoder:127.0.0.1:{ports['decoder']}",
-                        f"mmserve:replica:unified:127.0.0.1:{ports['encoder']}/127.0.0.1:{ports['llm']}"]
         healthy = lambda stage: metric(ports["metrics"], "mmserve_router_healthy_replicas", stage=stage)  # noqa: E731
         deadline = time.monotonic() + 60  # a hang guard
         while not (healthy("encoder") == healthy("llm") == 1):
             assert time.monotonic() < deadline, "the router never took the pair into its pools"
             time.sleep(0.1)
+        # The router knows no address but the registry's: the entries are there by now.
+        ours = {f"127.0.0.1:{ports[stage]}" for stage in ("decoder", "encoder", "llm")}
+        keys = sorted(k.decode() for k in redis.Redis.from_url(redis_server.url).keys("mmserve:replica:*")
+                      if any(address in k.decode() for address in ours))
+        assert keys == [f"mmserve:replica:decoder:127.0.0.1:{ports['decoder']}",
+                        f"mmserve:replica:unified:127.0.0.1:{ports['encoder']}/127.0.0.1:{ports['llm']}"]
         result = collect(stub, request(image(make_image(width=56, height=56, seed=3)), text("what is it?"),
                                        num_tokens=4))
         assert result.final.completion_tokens == 4
