@@ -97,7 +97,7 @@ class TensorStore:
         """An uninitialised tensor, in shared memory when it would travel there: to_ref of it copies nothing."""
         import torch
 
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if not self.uses_shm(nbytes):
             return torch.empty(shape, dtype=dtype)
         name = self._new_name()
