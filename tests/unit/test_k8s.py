@@ -167,26 +167,36 @@ def test_components_configure_what_mmserve_up_plans(components):
         assert secret_mounts(doc) == mounts, name
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize)")
-def test_kustomize_applies_the_components_as_this_test_does(tmp_path):
+def kustomize(components: tuple[str, ...], tmp_path) -> list[dict]:
+    """What `kubectl kustomize` builds from deploy/k8s with the named components, in that order."""
     overlay = K8S.parent / f".test-overlay-{tmp_path.name}"  # kustomize loads bases from below or beside a root
     overlay.mkdir()
     try:
         (overlay / "kustomization.yaml").write_text(yaml.safe_dump(
-            {"resources": ["../k8s"], "components": [f"../k8s/{c}" for c in COMPONENTS]}))
+            {"resources": ["../k8s"], "components": [f"../k8s/{c}" for c in components]}))
         built = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
     finally:
         shutil.rmtree(overlay)
     assert built.returncode == 0, built.stderr
+    return list(yaml.safe_load_all(built.stdout))
+
+
+def assert_same_pod(theirs: dict, ours: dict, name: str) -> None:
+    """Kustomize's Deployment and this test's agree on what the components patch."""
+    pod, expected = theirs["spec"]["template"]["spec"], ours["spec"]["template"]["spec"]
+    assert pod["securityContext"] == expected["securityContext"] and pod["volumes"] == expected["volumes"], name
+    for key in ("args", "volumeMounts", *PROBES):
+        assert pod["containers"][0][key] == expected["containers"][0][key], (name, key)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize)")
+def test_kustomize_applies_the_components_as_this_test_does(tmp_path):
     ours = deployments(COMPONENTS)
-    theirs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(built.stdout)
+    theirs = {d["metadata"]["name"]: d for d in kustomize(COMPONENTS, tmp_path)
               if d["kind"] == "Deployment" and d["metadata"]["name"] in CONFIGS}
     assert set(theirs) == set(ours)
     for name, doc in theirs.items():
-        pod, expected = doc["spec"]["template"]["spec"], ours[name]["spec"]["template"]["spec"]
-        assert pod["securityContext"] == expected["securityContext"] and pod["volumes"] == expected["volumes"], name
-        for key in ("args", "volumeMounts", *PROBES):
-            assert pod["containers"][0][key] == expected["containers"][0][key], (name, key)
+        assert_same_pod(doc, ours[name], name)
 
 
 def test_the_unified_component_runs_both_roles_with_their_deployments_flags_registered_as_the_pair():
@@ -228,25 +238,12 @@ def test_the_tls_component_gives_both_roles_of_a_unified_replica_what_mmserve_up
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize)")
 def test_kustomize_puts_the_unified_replica_in_place_of_the_encoder_and_llm(tmp_path):
     components = (UNIFIED.name, *COMPONENTS)  # the unified component first: tls patches its Deployment
-    overlay = K8S.parent / f".test-overlay-{tmp_path.name}"
-    overlay.mkdir()
-    try:
-        (overlay / "kustomization.yaml").write_text(yaml.safe_dump(
-            {"resources": ["../k8s"], "components": [f"../k8s/{c}" for c in components]}))
-        built = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
-    finally:
-        shutil.rmtree(overlay)
-    assert built.returncode == 0, built.stderr
-    docs = list(yaml.safe_load_all(built.stdout))
+    docs = kustomize(components, tmp_path)
     objects = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert {kind for kind, name in objects if name in ("encoder", "llm")} == set()
     assert {("Deployment", "unified"), ("Deployment", "decoder"), ("Deployment", "router")} <= objects
     (theirs,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == UNIFIED.name]
-    pod = theirs["spec"]["template"]["spec"]
-    expected = deployments(components)[UNIFIED.name]["spec"]["template"]["spec"]
-    assert pod["securityContext"] == expected["securityContext"] and pod["volumes"] == expected["volumes"]
-    for key in ("args", "volumeMounts", *PROBES):
-        assert pod["containers"][0][key] == expected["containers"][0][key], key
+    assert_same_pod(theirs, deployments(components)[UNIFIED.name], UNIFIED.name)
 
 
 def test_router_keys_the_cache_with_the_encoders_dtype():
