@@ -27,29 +27,39 @@ pytestmark = pytest.mark.slow
 ARBITERS = {"turns": [], "overlap": ["--overlap-threads", "1"]}
 
 
-@pytest.fixture(scope="module", params=list(ARBITERS))
-def unified(request, tiny_model, redis_server):
-    """A decoder, one unified replica and a router that knows no other encoder or llm; yields (router, metrics port)."""
-    model, common = str(tiny_model), dict(log_level="WARNING", num_threads=2)
-    ports = {name: free_port() for name in ("decoder", "encoder", "llm", "router", "metrics")}
+def unified_stack(tiny_model, redis_server, *, arbiter_flags: list[str], registry: bool) -> tuple[list[Child], dict]:
+    """A decoder, one unified replica (its one metrics registry on ports["metrics"]) and a router (its own on
+    ports["router_metrics"]) that knows no other encoder or llm: given the replica's addresses, or with registry
+    finding every service in Redis. Returns the children and the ports."""
+    model = str(tiny_model)
+    ports = {name: free_port() for name in ("decoder", "encoder", "llm", "router", "metrics", "router_metrics")}
+    common = dict(log_level="WARNING", **(dict(registry_url=redis_server.url) if registry else {}))
     encoder = EncoderConfig(port=ports["encoder"], model=model, redis_url=redis_server.url,
-                            metrics_port=ports["metrics"], **common)
-    llm = LlmConfig(port=ports["llm"], model=model, **common)
-    common = dict(log_level="WARNING")
-    router = RouterConfig(port=ports["router"], model=model, redis_url=redis_server.url,
-                          decoder_addrs=f"127.0.0.1:{ports['decoder']}",
-                          unified_addrs=f"127.0.0.1:{ports['encoder']}/127.0.0.1:{ports['llm']}",
+                            metrics_port=ports["metrics"], num_threads=2, **common)
+    llm = LlmConfig(port=ports["llm"], model=model, num_threads=2, **common)
+    routing = (dict(registry_refresh_s=0.2) if registry else
+               dict(decoder_addrs=f"127.0.0.1:{ports['decoder']}",
+                    unified_addrs=f"127.0.0.1:{ports['encoder']}/127.0.0.1:{ports['llm']}"))
+    router = RouterConfig(port=ports["router"], metrics_port=ports["router_metrics"], model=model,
+                          redis_url=redis_server.url,
                           # Targets no burst on 2 busy cores can miss: this is about answers, not admission.
                           slo_ttft_ms_video=600_000, slo_ttft_ms_image=600_000, slo_ttft_ms_text=600_000,
-                          slo_tpot_ms=600_000, **common)
+                          slo_tpot_ms=600_000, **routing, **common)
     children = [
         Child("decoder", [sys.executable, "-m", "services.decoder",
                           *DecoderConfig(port=ports["decoder"], **common).to_argv()], f"127.0.0.1:{ports['decoder']}"),
-        Child("unified", [sys.executable, "-m", "stack.unified", *ARBITERS[request.param],
+        Child("unified", [sys.executable, "-m", "stack.unified", *arbiter_flags,
                           "--encoder-args", shlex.join(encoder.to_argv()),
                           "--llm-args", shlex.join(llm.to_argv())], f"127.0.0.1:{ports['llm']}"),
         Child("router", [sys.executable, "-m", "services.router", *router.to_argv()], f"127.0.0.1:{ports['router']}"),
     ]
+    return children, ports
+
+
+@pytest.fixture(scope="module", params=list(ARBITERS))
+def unified(request, tiny_model, redis_server):
+    """The unified stack by address; yields (router, the replica's metrics port)."""
+    children, ports = unified_stack(tiny_model, redis_server, arbiter_flags=ARBITERS[request.param], registry=False)
     with running(children), router_stub(f"127.0.0.1:{ports['router']}") as stub:
         yield stub, ports["metrics"]
 
@@ -92,24 +102,11 @@ def test_eight_in_flight_on_one_device_each_match(unified, reference, clip):
 def test_a_unified_replica_registers_once_as_the_pair_the_router_serves_through(tiny_model, redis_server):
     """With --registry-url it registers as `unified` at `<encoder>/<llm>`, not as an encoder and an llm of their own;
     a router that knows no address but the registry's puts it in both pools and serves through it."""
-    model, common = str(tiny_model), dict(log_level="WARNING", num_threads=2)
-    ports = {name: free_port() for name in ("decoder", "encoder", "llm", "router", "metrics")}
-    encoder = EncoderConfig(port=ports["encoder"], model=model, redis_url=redis_server.url,
-                            registry_url=redis_server.url, **common)
-    llm = LlmConfig(port=ports["llm"], model=model, registry_url=redis_server.url, **common)
-    common = dict(log_level="WARNING", registry_url=redis_server.url)
-    router = RouterConfig(port=ports["router"], metrics_port=ports["metrics"], model=model,
-                          redis_url=redis_server.url, registry_refresh_s=0.2, slo_ttft_ms_video=600_000,
-                          slo_ttft_ms_image=600_000, slo_ttft_ms_text=600_000, slo_tpot_ms=600_000, **common)
-    children = [
-        Child("decoder", [sys.executable, "-m", "services.decoder",
-                          *DecoderConfig(port=ports["decoder"], **common).to_argv()], f"127.0.0.1:{ports['decoder']}"),
-        Child("unified", [sys.executable, "-m", "stack.unified", "--encoder-args", shlex.join(encoder.to_argv()),
-                          "--llm-args", shlex.join(llm.to_argv())], f"127.0.0.1:{ports['llm']}"),
-        Child("router", [sys.executable, "-m", "services.router", *router.to_argv()], f"127.0.0.1:{ports['router']}"),
-    ]
+    children, ports = unified_stack(tiny_model, redis_server, arbiter_flags=[], registry=True)
     with running(children), router_stub(f"127.0.0.1:{ports['router']}") as stub:
-        healthy = lambda stage: metric(ports["metrics"], "mmserve_router_healthy_replicas", stage=stage)  # noqa: E731
+        def healthy(stage: str) -> float:
+            return metric(ports["router_metrics"], "mmserve_router_healthy_replicas", stage=stage)
+
         deadline = time.monotonic() + 60  # a hang guard
         while not (healthy("encoder") == healthy("llm") == 1):
             assert time.monotonic() < deadline, "the router never took the pair into its pools"
