@@ -172,11 +172,16 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
     def _pairs(self, name: str) -> list[tuple[str, str]]:
         pairs = []
         for entry in self.split(getattr(self, name)):
-            encoder, sep, llm = (part.strip() for part in entry.partition("/"))
-            if not sep or not encoder or not llm or "/" in llm:
+            if (pair := self.pair(entry)) is None:
                 raise ValueError(f"{name}: {entry!r} is not encoder_address/llm_address")
-            pairs.append((encoder, llm))
+            pairs.append(pair)
         return pairs
+
+    @staticmethod
+    def pair(entry: str) -> tuple[str, str] | None:
+        """An `encoder_address/llm_address` entry as its two addresses; None when it is not one."""
+        encoder, sep, llm = (part.strip() for part in entry.partition("/"))
+        return (encoder, llm) if sep and encoder and llm and "/" not in llm else None
 
     @staticmethod
     def split(addresses: str) -> list[str]:

@@ -63,8 +63,7 @@ def build_pools(config: RouterConfig, seeds: CostSeeds | None = None) -> Pools:
 
 def unified_pairs(members: list[str]) -> list[tuple[str, str]]:
     """The (encoder, llm) addresses of the unified replicas the registry lists as `<encoder>/<llm>`."""
-    parts = [member.split("/") for member in members]
-    return [(p[0], p[1]) for p in parts if len(p) == 2 and all(p)]
+    return [pair for pair in map(RouterConfig.pair, members) if pair is not None]
 
 
 async def follow_registry(config: RouterConfig, pools: Pools) -> None:
@@ -81,11 +80,11 @@ async def follow_registry(config: RouterConfig, pools: Pools) -> None:
         while True:
             if (members := await reader.members(UNIFIED_STAGE)) is not None:
                 pairs = unified_pairs(members)
+            paired = {"encoder": {encoder for encoder, _ in pairs}, "llm": {llm for _, llm in pairs}}
             for pool in pools:
                 members = await reader.members(pool.stage)
                 if members is not None:  # registry unreadable: keep the last view
-                    roles = {"encoder": [e for e, _ in pairs], "llm": [llm for _, llm in pairs]}.get(pool.stage, [])
-                    pool.set_addresses(sorted(set(static[pool.stage]) | set(members) | set(roles)))
+                    pool.set_addresses(sorted(set(static[pool.stage]) | set(members) | paired.get(pool.stage, set())))
             for encoder, llm in pairs:
                 pools.share(encoder, llm)
             await asyncio.sleep(config.registry_refresh_s)
