@@ -12,7 +12,7 @@
 
 One run on this machine, side by side: for each mode a fresh stack (decoder, encoder, llm, router as processes, a
 private Redis) serves each clip alone, uncached, after a warm-up on a short clip. Per clip: the client's TTFT, the
-CPU seconds all the stack's processes spent on it and the machine's bound (those seconds over the cores), and the
+CPU seconds all the stack's processes spent on it (and each stage's) and the machine's bound (those seconds over the cores), and the
 peak RSS (VmHWM) of the router, decoder (with its workers), encoder and llm after it (clips run shortest first, so
 the growth from the first clip to the last is what the longer clip added). The clips go as file:// URIs under the
 stack's media root (--source data: their bytes inline, which the router's gRPC message then holds). Streamed mode
@@ -139,12 +139,14 @@ def serve_mode(mode: str, model: str, clips: dict[float, bytes | pathlib.Path], 
                                                             height=args.height, seed=1), args.max_tokens)))
             out = {}
             for seconds, clip in clips.items():
-                pids = [p for ps in stage_pids(stack).values() for p in ps]
-                before_keys, before_cpu = set(client.keys("mmserve:emb:*")), cpu_s(pids)
+                before_keys = set(client.keys("mmserve:emb:*"))
+                before_cpu = {stage: cpu_s(p) for stage, p in stage_pids(stack).items()}
                 ttft, timings = asyncio.run(ttft_ms(address, request(clip, args.max_tokens)))
                 pids = stage_pids(stack)
-                cpu = cpu_s([p for ps in pids.values() for p in ps]) - before_cpu
+                stage_cpu = {stage: cpu_s(p) - before_cpu.get(stage, 0.0) for stage, p in pids.items()}
+                cpu = sum(stage_cpu.values())
                 out[seconds] = {"ttft_ms": ttft, "cpu_s": cpu, "bound_ms": cpu / os.cpu_count() * 1e3,
+                                "stage_cpu_s": stage_cpu,
                                 "stages_ms": (timings.decode_ms, timings.encode_ms, timings.prefill_ms),
                                 "rss_mb": {s: peak_rss_mb(p) for s, p in pids.items()}}
                 written = sorted(set(client.keys("mmserve:emb:*")) - before_keys)
@@ -225,15 +227,17 @@ def main() -> None:
 
     print(f"\n{args.width}x{args.height} clips at {args.fps} fps ({', '.join(f'{len(c) / 1e6:.1f}' for c in clips.values())}"
           f" MB, sent as {args.source}), {os.cpu_count()} cores, --video-chunk-frames {args.chunk_frames}")
-    print("| clip | mode | TTFT ms | CPU s (all stages) | machine bound ms | peak RSS MB router / decoder / encoder / llm |")
-    print("|---|---|---|---|---|---|")
+    print("| clip | mode | TTFT ms | CPU s (all stages) | CPU s router / decoder / encoder / llm | machine bound ms "
+          "| peak RSS MB router / decoder / encoder / llm |")
+    print("|---|---|---|---|---|---|---|")
     for s in lengths:
         for mode in modes:
             r = results[mode][s]
             rss = " / ".join(f"{r['rss_mb'].get(stage, 0):.0f}" for stage in STAGES)
-            print(f"| {s:.0f} s | {mode} | {r['ttft_ms']:.0f} | {r['cpu_s']:.1f} | {r['bound_ms']:.0f} | {rss} |")
+            cpu = " / ".join(f"{r['stage_cpu_s'].get(stage, 0):.1f}" for stage in STAGES)
+            print(f"| {s:.0f} s | {mode} | {r['ttft_ms']:.0f} | {r['cpu_s']:.1f} | {cpu} | {r['bound_ms']:.0f} | {rss} |")
         if s in hf:
-            print(f"| {s:.0f} s | transformers generate | {hf[s]:.0f} | | | |")
+            print(f"| {s:.0f} s | transformers generate | {hf[s]:.0f} | | | | |")
     short, long_ = lengths[0], (300.0 if 300.0 in lengths else lengths[-1])
     if "store_and_forward" in results:
         on_paper(results["store_and_forward"][lengths[-1]]["stages_ms"], lengths[-1], args)

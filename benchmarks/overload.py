@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor × lone-request latency")
     parser.add_argument("--slo-floor-ms", type=float, default=100.0)
+    parser.add_argument("--slo-ms", default="", help="fixed targets instead of measured ones, e.g. "
+                        "video=2500,image=900,text=136,tpot=53 (to compare two builds whose lone latencies differ)")
     parser.add_argument("--mix", default="0.3,0.3,0.4", help="fractions of video, image and text requests")
     parser.add_argument("--preset", default="tiny", help="model size (mmserve tiny-model --preset)")
     parser.add_argument("--variants", type=int, default=8, help="distinct media per class (fewer: more cache hits)")
@@ -120,8 +122,11 @@ def main() -> None:
     more = tuple(shlex.split(args.router_args))
     stack, address = start_stack(model, redis_url, more)
     try:
-        lone = asyncio.run(lone_latencies(address, make_media(seed=0), args.max_tokens))
-        slo = slo_targets(lone, args.slo_factor, args.slo_floor_ms)
+        if args.slo_ms:
+            slo = {name: float(ms) for name, ms in (kv.split("=") for kv in args.slo_ms.split(","))}
+        else:
+            lone = asyncio.run(lone_latencies(address, make_media(seed=0), args.max_tokens))
+            slo = slo_targets(lone, args.slo_factor, args.slo_floor_ms)
         print("SLO targets (ms): " + ", ".join(f"{k}={v:.0f}" for k, v in slo.items()), file=sys.stderr)
         # Media like the overload trace's (as many variants, so as many cache hits), but other bytes.
         measured = args.capacity or asyncio.run(saturated_capacity(address, mix, slo, args.max_tokens,
