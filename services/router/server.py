@@ -101,7 +101,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                     self.can_stream = False
                     prepared = await all_or_nothing(self.media.store_and_forward(p) for p in prepared)
                 except StreamedLlmDown as err:
-                    log.info("%s: llm lost before its first reply (%s); store-and-forward on another", request_id, err)
+                    log.info("%s: streamed llm call lost before its first reply (%s); again store-and-forward",
+                             request_id, err)
                     metrics.RETRIES.labels("llm").inc()
                     prepared = await all_or_nothing(self.media.store_and_forward(p) for p in prepared)
             embedded = await self._embed(request_id, prepared, ticket, deadline)

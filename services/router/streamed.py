@@ -33,6 +33,13 @@ class StreamedLlmDown(Exception):
     sent to it are gone with it, so the request runs again store-and-forward, on another replica."""
 
 
+class StreamLost(StreamedLlmDown):
+    """The llm ended the call (refused it at its concurrency limit, or dropped the prompt when its KV cache was
+    full) while the request or a chunk was being written: gRPC's core failed the write and put INTERNAL in place of
+    the llm's status, which is lost. Nothing reached the client,
+    so the request runs again store-and-forward (where a refusal keeps its status); the replica is not down."""
+
+
 class FeedFailed(Exception):
     """Feeding the chunks failed (a decoder, an encoder, the cache): error says why; the llm call was cancelled."""
 
@@ -69,6 +76,7 @@ class ChunkFeed:
         self.error: BaseException | None = None  # what ended the feed early
         self._write_lock = asyncio.Lock()
         self._is_queued = False  # the llm queued the request (its initial metadata came): chunks may go
+        self._write_lost = False  # a chunk's write raced the call's end (StreamLost)
         self._tasks: list[asyncio.Task] = []
 
     async def replies(self, llm: Replica, llm_request: llm_pb2.LlmRequest):
@@ -86,6 +94,8 @@ class ChunkFeed:
             for error in (err, self.error):  # a write to the refused call fails the feed with the same status
                 if isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
                     raise StreamingUnsupported(error.details()) from None
+            if self._write_lost and isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.INTERNAL:
+                raise StreamLost(f"the llm ended the call during a write ({err.details()})") from None
             if self.error is not None:  # the feed failed and cancelled the call: its error is the request's
                 raise FeedFailed(self.error) from None
             raise
@@ -98,7 +108,7 @@ class ChunkFeed:
 
     async def _feed(self, call, llm_request: llm_pb2.LlmRequest) -> None:
         try:
-            await call.write(llm_pb2.LlmInput(request=llm_request))
+            await self._send(call, llm_pb2.LlmInput(request=llm_request))
             await all_or_nothing(self._feed_item(call, i, p) for i, p in enumerate(self.prepared))
             await call.done_writing()
         except BaseException as err:
@@ -244,9 +254,20 @@ class ChunkFeed:
                 self._is_queued = True
             if call.done():
                 raise asyncio.InvalidStateError("the llm call has ended")  # its own status is the request's
-            await call.write(llm_pb2.LlmInput(chunk=llm_pb2.MediaChunk(
+            await self._send(call, llm_pb2.LlmInput(chunk=llm_pb2.MediaChunk(
                 media_index=media_index, chunk_index=chunk_index, embeddings=embeddings)))
         self.held.pop((media_index, chunk_index, "embeddings"), None)  # the llm's now
+
+    async def _send(self, call, message: llm_pb2.LlmInput) -> None:
+        """Writes message; one that races the call's end (the llm refused or dropped the request meanwhile) fails
+        in gRPC's core, which makes the call's status INTERNAL: not the feed's error (StreamLost)."""
+        try:
+            await call.write(message)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.INTERNAL:
+                raise
+            self._write_lost = True
+            raise asyncio.InvalidStateError("the llm call ended during a write") from None
 
 
 class _Timings:

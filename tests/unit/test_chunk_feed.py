@@ -21,7 +21,7 @@ from services.router.media import MediaItem as RouterItem
 from services.router.media import MediaStage, Prepared
 from services.router.planning import plan_chunks
 from services.router.replicas import Replica, ReplicaPool
-from services.router.streamed import ChunkFeed, FeedFailed
+from services.router.streamed import ChunkFeed, FeedFailed, StreamLost
 
 FAMILY = from_defaults()
 NUM_FRAMES = 12  # 6 temporal groups: 3 windows of 4 frames
@@ -303,3 +303,43 @@ async def test_no_chunk_is_written_to_a_call_the_llm_refused_so_its_status_is_th
         await run(feed, llm)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and feed.error is None
     assert [m.WhichOneof("input") for m in llm.inputs] == ["request"] and not llm.raced
+
+
+class DroppingLlm(Llm):
+    """Ends the call at once (at its concurrency limit: ends_after "") or after taking the request and one chunk
+    (its KV cache full, it drops the prompt: "chunk"): the next write races that end and fails in gRPC's core,
+    which puts INTERNAL in place of the llm's status."""
+
+    def __init__(self, ends_after: str):
+        super().__init__()
+        self.dropped = asyncio.Event()
+        self.ends_after = ends_after
+        if not ends_after:
+            self.dropped.set()
+
+    async def write(self, message):
+        if self.dropped.is_set():
+            raise rpc_error(grpc.StatusCode.INTERNAL)
+        await super().write(message)
+        if message.WhichOneof("input") == self.ends_after:
+            self.dropped.set()
+
+    def done(self):
+        return False  # the call's end is not seen before the write
+
+    async def _replies(self):
+        await self.dropped.wait()
+        await asyncio.sleep(0.01)  # the racing write goes first
+        raise rpc_error(grpc.StatusCode.INTERNAL)
+        yield
+
+
+@pytest.mark.parametrize("ends_after, written", [("", []), ("chunk", ["request", "chunk"])])
+async def test_a_write_that_races_the_llm_ending_the_call_is_a_lost_call_not_a_media_error(released, ends_after,
+                                                                                          written):
+    decoder, encoder, llm = Decoder(), Encoder(), DroppingLlm(ends_after)
+    feed = make_feed(decoder, encoder)
+    with pytest.raises(StreamLost):
+        await run(feed, llm)
+    assert feed.error is None and llm.is_cancelled
+    assert [m.WhichOneof("input") for m in llm.inputs] == written
