@@ -12,11 +12,11 @@
 
 One run on this machine, side by side: for each mode a fresh stack (decoder, encoder, llm, router as processes, a
 private Redis) serves each clip alone, uncached, after a warm-up on a short clip. Per clip: the client's TTFT, the
-CPU seconds all the stack's processes spent on it (and each stage's) and the machine's bound (those seconds over the cores), and the
-peak RSS (VmHWM) of the router, decoder (with its workers), encoder and llm after it (clips run shortest first, so
-the growth from the first clip to the last is what the longer clip added). The clips go as file:// URIs under the
-stack's media root (--source data: their bytes inline, which the router's gRPC message then holds). Streamed mode
-also serves the first clip again with half its chunks evicted (partly cached). transformers' generate runs in this
+CPU seconds all the stack's processes spent on it (and each stage's) and the machine's bound (those seconds over the
+cores), and the peak RSS (VmHWM) of the router, decoder (with its workers), encoder and llm after it (clips run
+shortest first, so the growth from the first clip to the last is what the longer clip added). The clips go as
+file:// URIs under the stack's media root (--source data: their bytes inline, which the router's gRPC message then
+holds). Streamed mode also serves the first clip again with half its chunks evicted (partly cached). transformers' generate runs in this
 process on the same inputs.
 Streamed prefill needs the llm's GenerateStreamed and the decoder's fixed windows; against an llm without them the
 router falls back to store-and-forward (it logs so), and the two modes measure the same thing.
@@ -235,7 +235,8 @@ def main() -> None:
             r = results[mode][s]
             rss = " / ".join(f"{r['rss_mb'].get(stage, 0):.0f}" for stage in STAGES)
             cpu = " / ".join(f"{r['stage_cpu_s'].get(stage, 0):.1f}" for stage in STAGES)
-            print(f"| {s:.0f} s | {mode} | {r['ttft_ms']:.0f} | {r['cpu_s']:.1f} | {cpu} | {r['bound_ms']:.0f} | {rss} |")
+            print(f"| {s:.0f} s | {mode} | {r['ttft_ms']:.0f} | {r['cpu_s']:.1f} | {cpu} | {r['bound_ms']:.0f} "
+                  f"| {rss} |")
         if s in hf:
             print(f"| {s:.0f} s | transformers generate | {hf[s]:.0f} | | | | |")
     short, long_ = lengths[0], (300.0 if 300.0 in lengths else lengths[-1])
@@ -248,6 +249,7 @@ def main() -> None:
               f"{first['partly_cached_ttft_ms']:.0f} ms vs {first['ttft_ms']:.0f} ms uncached")
     ratio = (first["ttft_ms"] / results["store_and_forward"][short]["ttft_ms"]
              if "store_and_forward" in results and main_mode != "store_and_forward" else float("nan"))
+
     def growth(seconds: float) -> float:  # the router's, decoder's or encoder's, whichever grew most
         return max(results[main_mode][seconds]["rss_mb"][stage] / max(1e-9, first["rss_mb"][stage])
                    for stage in ("router", "decoder", "encoder") if stage in first["rss_mb"])

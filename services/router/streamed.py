@@ -36,8 +36,8 @@ class StreamedLlmDown(Exception):
 class StreamLost(StreamedLlmDown):
     """The llm ended the call (refused it at its concurrency limit, or dropped the prompt when its KV cache was
     full) while the request or a chunk was being written: gRPC's core failed the write and put INTERNAL in place of
-    the llm's status, which is lost. Nothing reached the client,
-    so the request runs again store-and-forward (where a refusal keeps its status); the replica is not down."""
+    the llm's status, which is lost. Nothing reached the client, so the request runs again store-and-forward (where
+    a refusal keeps its status); the replica is not down."""
 
 
 class FeedFailed(Exception):
@@ -76,7 +76,7 @@ class ChunkFeed:
         self.error: BaseException | None = None  # what ended the feed early
         self._write_lock = asyncio.Lock()
         self._is_queued = False  # the llm queued the request (its initial metadata came): chunks may go
-        self._write_lost = False  # a chunk's write raced the call's end (StreamLost)
+        self._write_lost = False  # a write (the request's or a chunk's) raced the call's end (StreamLost)
         self._tasks: list[asyncio.Task] = []
 
     async def replies(self, llm: Replica, llm_request: llm_pb2.LlmRequest):
