@@ -16,8 +16,8 @@ CPU seconds all the stack's processes spent on it (and each stage's) and the mac
 cores), and the peak RSS (VmHWM) of the router, decoder (with its workers), encoder and llm after it (clips run
 shortest first, so the growth from the first clip to the last is what the longer clip added). The clips go as
 file:// URIs under the stack's media root (--source data: their bytes inline, which the router's gRPC message then
-holds). Streamed mode also serves the first clip again with half its chunks evicted (partly cached). transformers' generate runs in this
-process on the same inputs.
+holds). Streamed mode also serves the first clip again with half its chunks evicted (partly cached). transformers'
+generate runs in this process on the same inputs.
 Streamed prefill needs the llm's GenerateStreamed and the decoder's fixed windows; against an llm without them the
 router falls back to store-and-forward (it logs so), and the two modes measure the same thing.
 Last line: ttft_ratio_vs_store_and_forward_60s=X ttft_vs_cpu_bound_60s=Z peak_rss_growth_5min_vs_60s=Y, for the
