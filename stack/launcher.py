@@ -42,11 +42,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# Ports free_port has given out in this process. A port is only reserved once its service binds it, so the
+# kernel may offer the same free port twice in a row: one stack then had two services on one port (the second
+# failed to bind, and the router's calls for it reached the first: UNIMPLEMENTED, its health check passing).
+_GIVEN: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on right now, never one this process was given before."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (host, port) not in _GIVEN:
+            _GIVEN.add((host, port))
+            return port
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mmserve import probe, rpc
+from stack import launcher
 from stack.cli import build_parser, model_error
 from stack.launcher import Child, Stack, StackSpec, free_port, plan
 
@@ -186,3 +187,24 @@ def test_children_get_passive_openmp_threads_unless_the_environment_says_otherwi
                                                   "os.environ.get('OMP_WAIT_POLICY', 'unset'))"], None)
     Stack([child]).start_child(child)
     assert child.process.wait(timeout=30) == 0 and out.read_text() == expected
+
+
+def test_free_port_never_gives_a_port_twice_though_the_kernel_offers_it_again(monkeypatch):
+    offered = iter([45001, 45001, 45002])  # the kernel may offer a port again until something binds it
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(launcher.socket, "socket", Socket)
+    monkeypatch.setattr(launcher, "_GIVEN", set())
+    assert [free_port(), free_port()] == [45001, 45002]
