@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmserve import auth, internal_token, registry, request_ids, tls, transport
 from mmserve.config import AuthOptions, ServiceConfig
+from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,14 @@ async def run_until_signalled(service: Service, on_stop: Callable[[], Awaitable[
 # notice it seconds after it listens. A refused connection attempt every 100 ms costs next to nothing. (Not
 # grpc.min_reconnect_backoff_ms: that is the time a connection, TLS handshake included, is given to succeed.)
 STARTUP_RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 100))
+
+
+# The gRPC service each kind of process serves. Its health is reported under this name as well as under "", and
+# health checks ask for it: an address that reaches another stage's process (a port given twice, a flag pointing
+# at the wrong stage) never looks healthy for this one.
+STAGE_SERVICES = {stage: module.DESCRIPTOR.services_by_name[name].full_name for stage, module, name in (
+    ("decoder", decoder_pb2, "Decoder"), ("encoder", encoder_pb2, "Encoder"), ("llm", llm_pb2, "Llm"),
+    ("router", api_pb2, "Router"))}
 
 
 async def wait_healthy(address: str, timeout_s: float, service: str = "",

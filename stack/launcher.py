@@ -78,6 +78,7 @@ class Child:
     metrics_port: int = 0  # Prometheus endpoint on the same host, 0 when disabled
     process: subprocess.Popen | None = None
     client_tls: tls.ClientTls | None = None  # how the health check reaches it (None: plaintext)
+    health_service: str = ""  # the gRPC service its health check asks for ("": the server's overall health)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +154,8 @@ class Plan:
             peers = [c for s, c in self.services if s == stage]
             name = stage if len(peers) == 1 else f"{stage}-{peers.index(config)}"
             children.append(Child(name, [sys.executable, "-m", f"services.{stage}", *config.to_argv()],
-                                  f"{config.host}:{config.port}", config.metrics_port, client_tls=self.client_tls))
+                                  f"{config.host}:{config.port}", config.metrics_port, client_tls=self.client_tls,
+                                  health_service=rpc.STAGE_SERVICES[stage]))
         return children
 
 
@@ -210,7 +212,8 @@ def unified_child(encoder, llm, client_tls) -> Child:
     """One `python -m stack.unified` process serving the encoder's and the llm's configs over one device."""
     argv = [sys.executable, "-m", "stack.unified", "--encoder-args", shlex.join(encoder.to_argv()),
             "--llm-args", shlex.join(llm.to_argv())]
-    return Child("unified", argv, f"{llm.host}:{llm.port}", llm.metrics_port, client_tls=client_tls)
+    return Child("unified", argv, f"{llm.host}:{llm.port}", llm.metrics_port, client_tls=client_tls,
+                 health_service=rpc.STAGE_SERVICES["llm"])
 
 
 def redis_server_argv(binary: str, host: str, port: int, *, maxmemory: str, workdir: str,
@@ -254,7 +257,7 @@ class Stack:
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Returns once every gRPC child reports SERVING; raises if one exits or the time runs out."""
-        all_healthy = asyncio.gather(*(rpc.wait_healthy(c.address, timeout_s, client_tls=c.client_tls)
+        all_healthy = asyncio.gather(*(rpc.wait_healthy(c.address, timeout_s, c.health_service, c.client_tls)
                                        for c in self.children if c.address))
         exited = asyncio.create_task(self.wait_any_exit())
         try:

@@ -58,6 +58,7 @@ class ReplicaPool:
                  affinity_entries: int = 4096, unhealthy_wait_s: float = 2.0, client_tls: Any = None,
                  channel_options: tuple[tuple[str, int], ...] = (), max_waiting: int = 0, refresh_s: float = 5.0):
         self.stage = stage
+        self.health_service = rpc.STAGE_SERVICES.get(stage, "")  # what its replicas' health is asked under
         self.max_waiting = max_waiting  # calls that may wait for a slot (0: no limit); more get PoolFull
         self.channel_options = channel_options  # e.g. keepalive_options(): how a stalled replica is noticed
         self.client_tls = client_tls  # rpc.channel's TLS for the replicas (None: plaintext)
@@ -144,7 +145,7 @@ class ReplicaPool:
         longest = min(1000, dict(self.channel_options).get("grpc.max_reconnect_backoff_ms", 1000)) / 1e3
         delay = min(0.05, longest)
         while True:
-            call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=self.health_service))
             try:
                 async for reply in call:
                     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
