@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from concurrent import futures
+
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 
 from mmserve import tls
 from mmserve.transport import TensorStore, shm
@@ -43,3 +47,15 @@ def served(clock):
     s.address = "producer.example:50051"  # as transport.serve() sets it
     yield s
     s.close()
+
+
+@pytest.fixture
+def health_server():
+    """A bare gRPC server with the stock health servicer on a free loopback port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import subprocess
 import sys
-from concurrent import futures
 
-import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from mmserve import probe, rpc
 from stack import launcher
@@ -105,18 +104,6 @@ def test_probe_of_a_closed_port_fails_and_says_why():
     assert "UNAVAILABLE" in result.stderr and "onnect" in result.stderr  # connection refused, in gRPC's words
 
 
-@pytest.fixture
-def health_server():
-    """A bare gRPC server with the stock health servicer on a free loopback port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", servicer
-    server.stop(None)
-
-
 def test_probe_follows_the_health_status(health_server):
     address, servicer = health_server
     servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -208,3 +195,17 @@ def test_free_port_never_gives_a_port_twice_though_the_kernel_offers_it_again(mo
     monkeypatch.setattr(launcher.socket, "socket", Socket)
     monkeypatch.setattr(launcher, "_GIVEN", set())
     assert [free_port(), free_port()] == [45001, 45002]
+
+
+def test_each_child_is_healthy_only_when_its_own_stage_serves(health_server):
+    """An address that reaches another stage's process (here an encoder's) is never taken for the llm's."""
+    children = {c.name: c for c in plan(StackSpec(model="/m", redis_url="redis://127.0.0.1:1/0")).children()}
+    assert {name: c.health_service for name, c in children.items()} == {
+        "decoder": "mmserve.v1.Decoder", "encoder": "mmserve.v1.Encoder", "llm": "mmserve.v1.Llm",
+        "router": "mmserve.v1.Router"}
+    address, servicer = health_server
+    for name in ("", "mmserve.v1.Encoder"):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    with pytest.raises(TimeoutError):
+        asyncio.run(rpc.wait_healthy(address, 1.0, children["llm"].health_service))
+    asyncio.run(rpc.wait_healthy(address, 10.0, children["encoder"].health_service))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from grpc_health.v1 import health_pb2
 
 from services.router.config import RouterConfig
 from services.router.costs import TokenCost
@@ -81,3 +82,21 @@ async def test_a_replica_not_serving_yet_is_checked_again_within_the_reconnect_b
         await pool.replicas["127.0.0.1:1"].watcher
     await pool.close()
     assert pauses[0] == 0.05 and max(pauses) == longest_s
+
+
+async def test_a_replica_is_healthy_only_while_its_own_stage_serves_there(health_server):
+    """A decoder address that reaches another stage's process is withdrawn, not called (UNIMPLEMENTED)."""
+    address, servicer = health_server
+    for name in ("", "mmserve.v1.Encoder"):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    pool = ReplicaPool("decoder", stub_class=lambda channel: None, max_message_bytes=1 << 20,
+                       make_costs=lambda: TokenCost(1.0, 1.0))
+    pool.add(address)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pool.wait_healthy(10.0), 1.0)
+        servicer.set("mmserve.v1.Decoder", health_pb2.HealthCheckResponse.SERVING)
+        await asyncio.wait_for(pool.wait_healthy(10.0), 10.0)
+        assert [r.address for r in pool.healthy()] == [address]
+    finally:
+        await pool.close()
