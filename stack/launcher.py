@@ -8,6 +8,8 @@ import ctypes
 import dataclasses
 import logging
 import os
+import pathlib
+import random
 import shlex
 import shutil
 import signal
@@ -46,17 +48,35 @@ def _die_with_parent() -> None:
 # kernel may offer the same free port twice in a row: one stack then had two services on one port (the second
 # failed to bind, and the router's calls for it reached the first: UNIMPLEMENTED, its health check passing).
 _GIVEN: set[tuple[str, int]] = set()
+EPHEMERAL_RANGE = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 20000  # free_port's ports lie from here to the kernel's ephemeral range
+
+
+def _ephemeral_low(path: pathlib.Path = EPHEMERAL_RANGE) -> int:
+    """The first port the kernel hands out to outgoing connections (Linux's default where it cannot be read)."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now, never one this process was given before."""
-    while True:
+    """A port nothing listens on right now, never one this process was given before, and below the kernel's
+    ephemeral range: a port the kernel picks (bind to 0) is one an outgoing connection may take as its own while
+    the service is down, and a restarted stage could then not bind it again."""
+    low = _ephemeral_low()
+    ours = range(LOWEST_PORT, low) if low - LOWEST_PORT >= 1024 else None  # else the kernel's pick
+    for _ in range(1000):
         with socket.socket() as s:
-            s.bind((host, 0))
+            try:
+                s.bind((host, random.choice(ours) if ours else 0))
+            except OSError:  # taken: another
+                continue
             port = s.getsockname()[1]
         if (host, port) not in _GIVEN:
             _GIVEN.add((host, port))
             return port
+    raise OSError(f"no free port on {host} from {LOWEST_PORT} below {low}")
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -209,3 +209,14 @@ def test_each_child_is_healthy_only_when_its_own_stage_serves(health_server):
     with pytest.raises(TimeoutError):
         asyncio.run(rpc.wait_healthy(address, 1.0, children["llm"].health_service))
     asyncio.run(rpc.wait_healthy(address, 10.0, children["encoder"].health_service))
+
+
+def test_free_ports_lie_below_the_kernel_s_ephemeral_range(tmp_path, monkeypatch):
+    """An outgoing connection takes its port from the ephemeral range: one of ours there could be taken while its
+    stage restarts."""
+    ranges = tmp_path / "ip_local_port_range"
+    monkeypatch.setattr(launcher, "EPHEMERAL_RANGE", ranges)
+    ranges.write_text("40000\t60999\n")
+    assert all(launcher.LOWEST_PORT <= free_port() < 40000 for _ in range(20))
+    ranges.write_text("20500\t60999\n")  # too few below it: the kernel's pick
+    assert 0 < free_port() < 65536
