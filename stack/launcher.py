@@ -188,6 +188,7 @@ def plan(spec: StackSpec) -> Plan:
 
     host = spec.host
     internal_tls, router_tls, client_tls = tls_settings(spec.tls_dir)
+    _GIVEN.update((host, port) for port in (spec.port, spec.http_port) if port)  # the router's: none of ours
     ports = {"decoder": [free_port(host)], "encoder": [free_port(host) for _ in range(spec.num_encoders)],
              "llm": [free_port(host)]}
     secrets = write_secrets(spec.secrets_dir) if spec.secrets_dir else {}

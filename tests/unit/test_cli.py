@@ -220,3 +220,13 @@ def test_free_ports_lie_below_the_kernel_s_ephemeral_range(tmp_path, monkeypatch
     assert all(launcher.LOWEST_PORT <= free_port() < 40000 for _ in range(20))
     ranges.write_text("20500\t60999\n")  # too few below it: the kernel's pick
     assert 0 < free_port() < 65536
+
+
+def test_a_stack_s_ports_are_all_different_from_the_router_s(monkeypatch):
+    offered = iter([50051, 8000, 45001, 45002, 45003, 45004])  # the router's ports first: never given again
+    monkeypatch.setattr(launcher, "_GIVEN", set())
+    monkeypatch.setattr(launcher.random, "choice", lambda ports: next(offered))
+    planned = plan(StackSpec(model="/m", port=50051, http_port=8000))
+    assert [(stage, config.port) for stage, config in planned.services] == [
+        ("decoder", 45001), ("encoder", 45002), ("llm", 45003), ("router", 50051)]
+    assert planned.redis_argv[planned.redis_argv.index("--port") + 1] == "45004"
