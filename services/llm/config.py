@@ -20,8 +20,6 @@ class LlmConfig(ServiceConfig, CacheOptions, ModelOptions):
     cuda_graphs: bool = option(True, "replay decode steps from CUDA graphs captured at start (GPU with flash-attn)")
     kv_cache_bytes: int = option(512 * 1024 * 1024, "memory for the KV cache")
     max_model_len: int = option(32768, "longest prompt plus output, in tokens")
-    one_thread_tokens: int = option(16, "on a CPU, a step of at most this many tokens runs on one torch thread: "
-                                        "the wake-ups of the others cost more than they save (0: all threads)")
     max_queue: int = with_default(ModelOptions, "max_queue", 1024)
 
     def __post_init__(self) -> None:
@@ -35,6 +33,4 @@ class LlmConfig(ServiceConfig, CacheOptions, ModelOptions):
             raise ValueError("max_model_len: must be at least 2")
         if self.kv_cache_bytes < 1:
             raise ValueError("kv_cache_bytes: must be positive")
-        if self.one_thread_tokens < 0:
-            raise ValueError("one_thread_tokens: must not be negative")
         self.check_cache_options()

@@ -66,12 +66,6 @@ class _Request:
     media_wait_s: float = 0.0  # time its prefill spent waiting for media chunks
 
 
-def set_threads(num_threads: int) -> None:
-    """The calling thread's torch intra-op threads from its next parallel region on (OpenMP's are per thread)."""
-    if torch.get_num_threads() != num_threads:
-        torch.set_num_threads(num_threads)
-
-
 class Engine:
     """Continuous batching over a paged KV cache; one model step at a time in a worker thread."""
 
@@ -81,9 +75,6 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = loading.resolve_device(config.device)
-        # Small steps on one thread (a unified replica's arbiter sets the llm's threads itself).
-        self.num_threads = torch.get_num_threads()
-        self.one_thread_tokens = config.one_thread_tokens if self.device.type == "cpu" and arbiter is None else 0
         dtype = loading.resolve_dtype(config.dtype, config.model, self.device)
         family = family_of(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -264,9 +255,6 @@ class Engine:
                 request.first_scheduled = now
                 metrics.PROMPT_TOKENS.inc(chunk.seq.num_prompt_tokens)
                 metrics.CACHED_PROMPT_TOKENS.inc(chunk.seq.num_cached_tokens)
-        if self.one_thread_tokens:
-            is_small = sum(c.num_new_tokens for c in chunks) <= self.one_thread_tokens
-            set_threads(1 if is_small else self.num_threads)
         logits = self.runner.run(chunks)
         seqs = [c.seq for c in chunks if c.completes_sequence]
         # Only the rows that ask pay for log-probabilities, taken before min_tokens masks end-of-sequence.

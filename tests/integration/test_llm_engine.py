@@ -227,23 +227,3 @@ async def test_the_occupancy_gauges_count_a_request_out_before_its_final_is_sent
         assert seen == [0.0]
     finally:
         engine.stop()
-
-
-async def test_a_small_step_runs_on_one_thread_a_large_one_on_all(tiny_model):
-    engine = make_engine(tiny_model, one_thread_tokens=8)
-    steps: list[tuple[int, int]] = []  # (tokens, torch threads) of each step
-    run_step = engine.runner.run
-
-    def recorded(chunks):
-        steps.append((sum(c.num_new_tokens for c in chunks), torch.get_num_threads()))
-        return run_step(chunks)
-
-    engine.runner.run = recorded
-    try:
-        options = SamplingOptions(max_tokens=4, min_tokens=4, temperature=0.0)
-        await run(engine, engine.prepare("r", [ChatMessage("user", ["What is in the box?"])], options))
-        (prompt, prompt_threads), *decodes = steps
-        assert prompt > 8 and prompt_threads == engine.num_threads
-        assert decodes == [(1, 1)] * 3
-    finally:
-        engine.stop()
