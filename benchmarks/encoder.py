@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 
 from mmserve import rpc, transport
-from stack.launcher import free_port
+from stack.ports import free_port
 from mmserve.models import loading
 from mmserve.models.family import family_of
 from mmserve.models.tiny import build_family_model

@@ -32,7 +32,7 @@ import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc
 import psutil
 
 from mmserve import rpc
-from stack.launcher import free_port
+from stack.ports import free_port
 from mmserve.models.tiny import build_tiny_model
 from mmserve.v1 import api_pb2_grpc
 

@@ -35,7 +35,8 @@ import shlex
 import sys
 import tempfile
 
-from stack.launcher import Child, Stack, StackSpec, free_port
+from stack.launcher import Child, Stack, StackSpec
+from stack.ports import free_port
 from mmserve.models.tiny import build_tiny_model
 
 # A sibling module: the scripts run as `python benchmarks/<name>.py`.

@@ -36,7 +36,7 @@ from mmserve import rpc
 from mmserve.media.samples import make_image, make_video
 from mmserve.models.tiny import build_tiny_model
 from mmserve.v1 import api_pb2, api_pb2_grpc
-from stack.launcher import free_port
+from stack.ports import free_port
 from workload import LOOSE_SLO_CAPS
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))

@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="router port (0: a free one)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from stack.launcher import free_port
+    from stack.ports import free_port
 
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
     with tempfile.TemporaryDirectory(prefix="mmserve-startup-") as tmp:

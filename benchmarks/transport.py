@@ -119,7 +119,8 @@ async def cache_latency(sizes_mb: list[int]) -> dict[int, tuple[float, float]] |
     import redis.exceptions
 
     from mmserve.cache import CachedEmbedding, EmbeddingCache
-    from stack.launcher import free_port, redis_server_argv
+    from stack.launcher import redis_server_argv
+    from stack.ports import free_port
 
     binary = shutil.which("redis-server")
     if binary is None:

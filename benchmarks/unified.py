@@ -42,7 +42,8 @@ from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
 from services.router.config import RouterConfig
-from stack.launcher import Child, Stack, free_port
+from stack.launcher import Child, Stack
+from stack.ports import free_port
 
 # A sibling module: the scripts run as `python benchmarks/<name>.py`.
 from workload import (CLASSES, failures, flush, highest_rate, lone_latencies, make_media, make_trace, replay,

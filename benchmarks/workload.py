@@ -14,7 +14,8 @@ import mmserve  # noqa: F401  (first: turns gRPC's fork handlers off before grpc
 import grpc
 
 from mmserve import rpc
-from stack.launcher import Child, Stack, StackSpec, free_port, plan, redis_server_argv
+from stack.launcher import Child, Stack, StackSpec, plan, redis_server_argv
+from stack.ports import free_port
 from mmserve.media.samples import make_image, make_video
 from mmserve.v1 import api_pb2, api_pb2_grpc
 

@@ -216,7 +216,8 @@ def print_table(rows: list[dict]) -> None:
 
 def start_stack(model: str, kv_cache_mb: int):
     """mmserve's services and a private redis-server, with metrics endpoints; (stack, target)."""
-    from stack.launcher import Stack, StackSpec, free_port, plan
+    from stack.launcher import Stack, StackSpec, plan
+    from stack.ports import free_port
 
     if not model:
         from mmserve.models.tiny import build_tiny_model

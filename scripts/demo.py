@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from stack.launcher import free_port
+from stack.ports import free_port
 from mmserve.media.samples import make_video
 
 CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache"

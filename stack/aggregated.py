@@ -18,7 +18,8 @@ import sys
 
 from mmserve import rpc
 from mmserve.roles import Role
-from stack.launcher import Plan, Stack, StackSpec, free_port, plan, port_in_use_error
+from stack.launcher import Plan, Stack, StackSpec, plan, port_in_use_error
+from stack.ports import free_port
 
 log = logging.getLogger("stack.aggregated")
 STAGES = ("decoder", "encoder", "llm")

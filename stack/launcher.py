@@ -8,12 +8,9 @@ import ctypes
 import dataclasses
 import logging
 import os
-import pathlib
-import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +20,7 @@ import prometheus_client
 
 from mmserve import rpc, tls
 from mmserve.config import ServiceConfig
+from stack.ports import free_port, port_is_free, reserve
 from stack.secrets import write_secrets
 from stack.supervisor import RestartPolicy, Restarts
 
@@ -42,52 +40,6 @@ def _die_with_parent() -> None:
     # Children get SIGTERM if `mmserve up` itself dies, even by SIGKILL: no orphans.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-# Ports free_port has given out in this process. A port is only reserved once its service binds it, so the
-# kernel may offer the same free port twice in a row: one stack then had two services on one port (the second
-# failed to bind, and the router's calls for it reached the first: UNIMPLEMENTED, its health check passing).
-_GIVEN: set[tuple[str, int]] = set()
-EPHEMERAL_RANGE = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range")
-LOWEST_PORT = 20000  # free_port's ports lie from here to the kernel's ephemeral range
-
-
-def _ephemeral_low(path: pathlib.Path = EPHEMERAL_RANGE) -> int:
-    """The first port the kernel hands out to outgoing connections (Linux's default where it cannot be read)."""
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now, never one this process was given before, and below the kernel's
-    ephemeral range: a port the kernel picks (bind to 0) is one an outgoing connection may take as its own while
-    the service is down, and a restarted stage could then not bind it again."""
-    low = _ephemeral_low()
-    ours = range(LOWEST_PORT, low) if low - LOWEST_PORT >= 1024 else None  # else the kernel's pick
-    for _ in range(1000):
-        with socket.socket() as s:
-            try:
-                s.bind((host, random.choice(ours) if ours else 0))
-            except OSError:  # taken: another
-                continue
-            port = s.getsockname()[1]
-        if (host, port) not in _GIVEN:
-            _GIVEN.add((host, port))
-            return port
-    raise OSError(f"no free port on {host} from {LOWEST_PORT} below {low}")
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could listen on host:port now (connections lingering in TIME_WAIT do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 @dataclasses.dataclass
@@ -188,7 +140,7 @@ def plan(spec: StackSpec) -> Plan:
 
     host = spec.host
     internal_tls, router_tls, client_tls = tls_settings(spec.tls_dir)
-    _GIVEN.update((host, port) for port in (spec.port, spec.http_port) if port)  # the router's: none of ours
+    reserve(host, spec.port, spec.http_port)  # the router's: none of ours
     ports = {"decoder": [free_port(host)], "encoder": [free_port(host) for _ in range(spec.num_encoders)],
              "llm": [free_port(host)]}
     secrets = write_secrets(spec.secrets_dir) if spec.secrets_dir else {}

@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from mmserve import rpc
-from stack.launcher import Stack, StackSpec, free_port, plan, redis_server_argv
+from stack.launcher import Stack, StackSpec, plan, redis_server_argv
+from stack.ports import free_port
 from mmserve.v1 import api_pb2_grpc
 
 

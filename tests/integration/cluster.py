@@ -9,7 +9,8 @@ import time
 import grpc
 
 from mmserve import rpc
-from stack.launcher import Child, Stack, free_port
+from stack.launcher import Child, Stack
+from stack.ports import free_port
 from mmserve.v1 import api_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from mmserve import rpc
-from stack.launcher import free_port, port_is_free
+from stack.ports import free_port, port_is_free
 from mmserve.media.samples import make_image, make_video
 from mmserve.v1 import api_pb2_grpc
 from tests.integration.helpers import collect, image, request, text, video

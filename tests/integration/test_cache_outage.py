@@ -8,7 +8,8 @@ import signal
 
 import pytest
 
-from stack.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, plan
+from stack.ports import free_port
 from mmserve.media.samples import make_image, make_video
 from tests.conftest import RedisServer
 from tests.integration.helpers import collect, image, request, router_stub, running, text, video

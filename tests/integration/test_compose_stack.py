@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from mmserve import rpc, tls
-from stack.launcher import Child, Stack, free_port
+from stack.launcher import Child, Stack
+from stack.ports import free_port
 from stack.secrets import write_secrets
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, api_pb2_grpc

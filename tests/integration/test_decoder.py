@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mmserve import rpc, transport
-from stack.launcher import free_port
+from stack.ports import free_port
 from mmserve.media.image import decode_image
 from mmserve.media.samples import make_image, make_video
 from mmserve.media.video import decode_video

@@ -17,7 +17,7 @@ from mmserve import transport
 from mmserve.media.samples import make_video
 from mmserve.media.video import decode_video
 from mmserve.transport import shm
-from stack.launcher import free_port
+from stack.ports import free_port
 from tests.integration.helpers import metric, peak_rss_mib
 from tests.integration.test_decoder import BFRAMES, SMALL, decoder_process, video_request
 

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from stack.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, plan
+from stack.ports import free_port
 from mmserve.media.samples import make_video
 from tests.integration.helpers import collect, metric, request, running, text, video
 from tests.integration.reference import Reference

@@ -14,7 +14,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import internal_token
-from stack.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, plan
+from stack.ports import free_port
 from mmserve.media.samples import make_image
 from mmserve.transport import remote
 from mmserve.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc, tensor_pb2

@@ -18,7 +18,8 @@ from mmserve.models.family import family_of, pack
 from mmserve.transport import shm
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.config import LlmConfig
-from stack.launcher import Child, free_port
+from stack.launcher import Child
+from stack.ports import free_port
 from tests.integration.helpers import metric, running
 
 NUM_TOKENS = 8

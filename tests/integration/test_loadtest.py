@@ -40,7 +40,7 @@ def test_short_mixed_run_writes_csvs_with_the_three_metrics_and_a_plot(stack, tm
 
 
 def test_run_fails_when_no_server_answers(tmp_path):
-    from stack.launcher import free_port
+    from stack.ports import free_port
 
     result = run_load("--addr", f"127.0.0.1:{free_port()}", "--duration", "5s", "--connect-timeout", "1",
                       "--out", str(tmp_path))

@@ -23,7 +23,8 @@ from services.encoder.config import EncoderConfig
 from services.router.config import RouterConfig
 from services.router.media import MediaItem, MediaStage
 from services.router.pools import build_pools
-from stack.launcher import Child, free_port
+from stack.launcher import Child
+from stack.ports import free_port
 from tests.integration.helpers import running
 
 IMAGES = {"small": make_image(width=300, height=200, seed=1), "wide": make_image(width=900, height=500, seed=2)}

@@ -10,7 +10,8 @@ import concurrent.futures
 import pytest
 import torch
 
-from stack.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, plan
+from stack.ports import free_port
 from mmserve.media.samples import make_image, make_video
 from mmserve.models import loading
 from mmserve.models.tiny import build_tiny_model

@@ -15,7 +15,8 @@ import torch
 
 from mmserve import rpc, transport
 from mmserve.cache import CachedEmbedding, EmbeddingCache
-from stack.launcher import StackSpec, free_port, plan
+from stack.launcher import StackSpec, plan
+from stack.ports import free_port
 from mmserve.media.samples import make_image, make_video
 from mmserve.v1 import api_pb2, decoder_pb2, llm_pb2, llm_pb2_grpc
 from tests.integration.helpers import collect, image, metric, request, router_stub, running, text, video

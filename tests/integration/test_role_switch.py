@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from mmserve import rpc
-from stack.launcher import Child, Stack, free_port
+from stack.launcher import Child, Stack
+from stack.ports import free_port
 from mmserve.media.samples import make_video
 from mmserve.v1 import api_pb2_grpc
 from services.decoder.config import DecoderConfig

@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve import auth, rpc, tls
-from stack.launcher import free_port
+from stack.ports import free_port
 from mmserve.media.samples import make_image
 from mmserve.v1 import api_pb2, api_pb2_grpc
 from services.router.config import RouterConfig

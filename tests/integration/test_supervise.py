@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from mmserve.media.samples import make_image
-from stack.launcher import free_port
+from stack.ports import free_port
 from tests.conftest import RELAXED_SLOS
 from tests.integration import helpers
 from tests.integration.helpers import collect, image, metric, router_stub, text

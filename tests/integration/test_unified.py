@@ -15,7 +15,8 @@ from services.decoder.config import DecoderConfig
 from services.encoder.config import EncoderConfig
 from services.llm.config import LlmConfig
 from services.router.config import RouterConfig
-from stack.launcher import Child, free_port
+from stack.launcher import Child
+from stack.ports import free_port
 from tests.integration.helpers import collect, image, metric, request, router_stub, running, text, video
 from tests.integration.reference import Reference
 from tests.integration.test_parity import CASES, NUM_TOKENS

@@ -9,7 +9,7 @@ import sys
 import psutil
 import pytest
 
-from stack.launcher import free_port, port_is_free
+from stack.ports import free_port, port_is_free
 from mmserve.media.samples import make_video
 
 

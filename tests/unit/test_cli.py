@@ -13,9 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from mmserve import probe, rpc
-from stack import launcher
+from stack import ports
 from stack.cli import build_parser, model_error
-from stack.launcher import Child, Stack, StackSpec, free_port, plan
+from stack.launcher import Child, Stack, StackSpec, plan
+from stack.ports import free_port
 
 COMMANDS = ("tiny-model", "up", "generate", "decode", "certs", "secrets")
 
@@ -176,24 +177,13 @@ def test_children_get_passive_openmp_threads_unless_the_environment_says_otherwi
     assert child.process.wait(timeout=30) == 0 and out.read_text() == expected
 
 
-def test_free_port_never_gives_a_port_twice_though_the_kernel_offers_it_again(monkeypatch):
+def test_free_port_never_gives_a_port_twice_though_the_kernel_offers_it_again(tmp_path, monkeypatch):
     offered = iter([45001, 45001, 45002])  # the kernel may offer a port again until something binds it
-
-    class Socket:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def bind(self, address):
-            self.port = next(offered)
-
-        def getsockname(self):
-            return ("127.0.0.1", self.port)
-
-    monkeypatch.setattr(launcher.socket, "socket", Socket)
-    monkeypatch.setattr(launcher, "_GIVEN", set())
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("20500\t60999\n")  # too few ports below it: the kernel's pick
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE", ranges)
+    monkeypatch.setattr(ports, "_kernel_pick", lambda host: next(offered))
+    monkeypatch.setattr(ports, "_GIVEN", set())
     assert [free_port(), free_port()] == [45001, 45002]
 
 
@@ -215,17 +205,21 @@ def test_free_ports_lie_below_the_kernel_s_ephemeral_range(tmp_path, monkeypatch
     """An outgoing connection takes its port from the ephemeral range: one of ours there could be taken while its
     stage restarts."""
     ranges = tmp_path / "ip_local_port_range"
-    monkeypatch.setattr(launcher, "EPHEMERAL_RANGE", ranges)
     ranges.write_text("40000\t60999\n")
-    assert all(launcher.LOWEST_PORT <= free_port() < 40000 for _ in range(20))
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE", ranges)
+    drawn_from = []
+    monkeypatch.setattr(ports.random, "choice", lambda candidates: drawn_from.append(candidates) or 41234)
+    monkeypatch.setattr(ports, "_kernel_pick", lambda host: 45123)
+    monkeypatch.setattr(ports, "_GIVEN", set())
+    assert free_port() == 41234 and drawn_from == [range(ports.LOWEST_PORT, 40000)]
     ranges.write_text("20500\t60999\n")  # too few below it: the kernel's pick
-    assert 0 < free_port() < 65536
+    assert free_port() == 45123
 
 
 def test_a_stack_s_ports_are_all_different_from_the_router_s(monkeypatch):
     offered = iter([50051, 8000, 45001, 45002, 45003, 45004])  # the router's ports first: never given again
-    monkeypatch.setattr(launcher, "_GIVEN", set())
-    monkeypatch.setattr(launcher.random, "choice", lambda ports: next(offered))
+    monkeypatch.setattr(ports, "_GIVEN", set())
+    monkeypatch.setattr(ports.random, "choice", lambda candidates: next(offered))
     planned = plan(StackSpec(model="/m", port=50051, http_port=8000))
     assert [(stage, config.port) for stage, config in planned.services] == [
         ("decoder", 45001), ("encoder", 45002), ("llm", 45003), ("router", 50051)]

@@ -9,7 +9,7 @@ import json
 import aiohttp
 import pytest
 
-from stack.launcher import free_port
+from stack.ports import free_port
 from services.router import json_body
 from services.router.config import RouterConfig
 from services.router.openai_api import OpenAiServer
