@@ -31,7 +31,7 @@ class HfInputs:
                   if media.HasField(k)}
         video = decode_video(media.data, **kwargs)
         p = self.processing
-        pixels, grid = to_pixel_values(video.frames, patch_size=p.patch_size,
+        pixels, grid = to_pixel_values(torch.from_numpy(video.frames), patch_size=p.patch_size,
                                        temporal_patch_size=p.temporal_patch_size, merge_size=p.merge_size,
                                        image_mean=p.image_mean, image_std=p.image_std)
         return pixels, grid, p.temporal_patch_size / video.sample_fps

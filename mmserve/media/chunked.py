@@ -6,11 +6,11 @@ from collections.abc import Iterator, Sequence
 
 import av
 import numpy as np
-import torch
 
 from mmserve.media.plan import Span
-from mmserve.media.preprocess import MediaError, resize_frames
+from mmserve.media.errors import MediaError
 from mmserve.media.probe import error_reason, open_container
+from mmserve.media.resize import resize_frame
 
 # Decoders that honour skip_frame=NONREF per packet, so frames nothing references can be skipped unseen.
 SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
@@ -32,10 +32,10 @@ class _Targets:
             return
         # Scale to the probed size in case the stream changes resolution mid-way (no-op otherwise).
         rgb = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
-        out_h, out_w = self.out.shape[1:3]
-        resized = resize_frames(torch.from_numpy(rgb).unsqueeze(0), out_h, out_w)[0].numpy()
-        for i in self.slots[frame.pts]:
-            self.out[i] = resized
+        first, *copies = self.slots[frame.pts]
+        resize_frame(rgb, *self.out.shape[1:3], out=self.out[first])
+        for i in copies:
+            self.out[i] = self.out[first]
         self.pending.discard(frame.pts)
 
 

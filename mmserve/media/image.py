@@ -6,10 +6,10 @@ import io
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmserve.media.preprocess import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, MediaError, smart_resize
+from mmserve.media.errors import MediaError
+from mmserve.media.sizing import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, smart_resize
 
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 # Largest decoded input accepted (about 67 MP); checked from the header, before any pixel is decoded.
@@ -39,6 +39,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resized_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """uint8 [1,H,W,3] of an image converted to RGB and resized with PIL bicubic, as transformers' PIL processors do
+    (no reducing_gap; an image already of the size is copied)."""
+    rgb = _to_rgb(image)
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
+    return np.array(rgb, dtype=np.uint8)[None]
+
+
 def decode_image(
     data: bytes,
     *,
@@ -46,22 +55,17 @@ def decode_image(
     max_pixels: float = MAX_PIXELS,
     factor: int = IMAGE_FACTOR,
     max_input_pixels: int = MAX_INPUT_PIXELS,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Decode a JPEG/PNG/WebP/GIF (first frame) to uint8 [1,H,W,3], resized to smart_resize(h, w)."""
 
-    def resize(img: Image.Image) -> torch.Tensor:
-        target_h, target_w = smart_resize(img.height, img.width, factor, min_pixels, max_pixels)
-        rgb = _to_rgb(img)
-        # HF resizes with PIL BICUBIC and no reducing_gap, even when the size is unchanged (a copy).
-        if rgb.size != (target_w, target_h):
-            rgb = rgb.resize((target_w, target_h), resample=Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).unsqueeze(0)
+    def resize(img: Image.Image) -> np.ndarray:
+        return resized_rgb(img, *smart_resize(img.height, img.width, factor, min_pixels, max_pixels))
 
     return decode_image_with(data, resize, max_input_pixels=max_input_pixels)
 
 
-def decode_image_with(data: bytes, frames_of: Callable[[Image.Image], torch.Tensor], *,
-                      max_input_pixels: int = MAX_INPUT_PIXELS) -> torch.Tensor:
+def decode_image_with(data: bytes, frames_of: Callable[[Image.Image], np.ndarray], *,
+                      max_input_pixels: int = MAX_INPUT_PIXELS) -> np.ndarray:
     """frames_of(image) for a JPEG/PNG/WebP/GIF (first frame) whose header is within the limits; bad or truncated
     data is a MediaError."""
     if not data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mmserve.media import resize
 from mmserve.media.errors import MediaError  # noqa: F401  (re-exported)
 from mmserve.media.sizing import (  # noqa: F401  (re-exported)
     IMAGE_FACTOR,
@@ -23,6 +24,7 @@ from mmserve.media.sizing import (  # noqa: F401  (re-exported)
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     video_max_pixels,
+    sample_frame_indices,
 )
 
 # Frames resized per interpolate call; bounds the float32 working set for long videos.
@@ -30,27 +32,16 @@ _RESIZE_CHUNK = 16
 _PATCH_ROWS_CHUNK = 4096
 
 
-def sample_frame_indices(
-    total_frames: int,
-    video_fps: float,
-    *,
-    fps: float = FPS,
-    min_frames: int = FPS_MIN_FRAMES,
-    max_frames: int = FPS_MAX_FRAMES,
-) -> tuple[list[int], float]:
-    """Frame indices to keep and the resulting sample fps (qwen-vl-utils linspace rule)."""
-    nframes = smart_nframes(total_frames, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
-    indices = torch.linspace(0, total_frames - 1, nframes).round().long().tolist()
-    sample_fps = nframes / max(total_frames, 1e-6) * video_fps
-    return indices, sample_fps
-
-
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic antialiased resize of uint8 [T,H,W,3] frames, as torchvision resize does on uint8 tensors."""
+    """Bicubic antialiased resize of uint8 [T,H,W,3] frames, as torchvision resize does on uint8 tensors: on the
+    CPU with Pillow (mmserve.media.resize, what the decoder's workers run, so every CPU path gives the same
+    pixels), on a GPU with torch's interpolate."""
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 [T,H,W,3] frames, got {frames.dtype} {tuple(frames.shape)}")
     if frames.shape[1] == height and frames.shape[2] == width:
         return frames
+    if frames.device.type == "cpu":
+        return torch.from_numpy(resize.resize_frames(frames.numpy(), height, width))
     out = torch.empty((frames.shape[0], height, width, 3), dtype=torch.uint8, device=frames.device)
     for start in range(0, frames.shape[0], _RESIZE_CHUNK):
         # permute (no copy) then .float() keeps the channels-last strides qwen-vl-utils' TCHW tensor has.

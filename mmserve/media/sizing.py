@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mmserve.media.errors import MediaError
 
 IMAGE_FACTOR = 28
@@ -73,6 +75,33 @@ def smart_nframes(
             f"(need between {FRAME_FACTOR} and {total_frames})"
         )
     return int(nframes)
+
+
+def linspace_indices(total_frames: int, num_frames: int) -> tuple[int, ...]:
+    """round(torch.linspace(0, total_frames - 1, num_frames)) in float32 as torch computes it (qwen-vl-utils'
+    sampling), without torch: the halves are stepped from either end."""
+    if num_frames == 1:
+        return (0,)
+    end = np.float32(total_frames - 1)
+    step = end / np.float32(num_frames - 1)
+    i = np.arange(num_frames)
+    values = np.where(i < num_frames // 2, i.astype(np.float32) * step,
+                      end - (num_frames - 1 - i).astype(np.float32) * step).astype(np.float32)
+    return tuple(int(x) for x in np.round(values))
+
+
+def sample_frame_indices(
+    total_frames: int,
+    video_fps: float,
+    *,
+    fps: float = FPS,
+    min_frames: int = FPS_MIN_FRAMES,
+    max_frames: int = FPS_MAX_FRAMES,
+) -> tuple[list[int], float]:
+    """Frame indices to keep and the resulting sample fps (qwen-vl-utils linspace rule)."""
+    nframes = smart_nframes(total_frames, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
+    sample_fps = nframes / max(total_frames, 1e-6) * video_fps
+    return list(linspace_indices(total_frames, nframes)), sample_fps
 
 
 def video_max_pixels(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import av
-import torch
+import numpy as np
 
 from mmserve.media.plan import VideoIndex
 from mmserve.media.probe import (  # noqa: F401  (VideoInfo and probe_video re-exported)
@@ -18,7 +18,9 @@ from mmserve.media.probe import (  # noqa: F401  (VideoInfo and probe_video re-e
     probe_video,
     video_info,
 )
-from mmserve.media.preprocess import (
+from mmserve.media.errors import MediaError
+from mmserve.media.resize import resize_frame
+from mmserve.media.sizing import (
     FPS,
     FPS_MAX_FRAMES,
     FPS_MIN_FRAMES,
@@ -26,18 +28,17 @@ from mmserve.media.preprocess import (
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     VIDEO_TOTAL_PIXELS,
-    MediaError,
-    resize_frames,
     sample_frame_indices,
     smart_resize,
     video_max_pixels,
 )
 
+
 @dataclass(frozen=True)
 class DecodedVideo:
     """Sampled, resized frames (uint8 [T,H,W,3]) plus how they were chosen."""
 
-    frames: torch.Tensor
+    frames: np.ndarray
     indices: list[int]
     sample_fps: float
     info: VideoInfo
@@ -101,7 +102,7 @@ def decode_video(
         size = smart_resize(info.height, info.width, IMAGE_FACTOR, min_pixels, budget)
     sample_fps = len(indices) / max(info.total_frames, 1e-6) * info.fps
     out_h, out_w = size
-    frames = torch.empty((len(indices), out_h, out_w, 3), dtype=torch.uint8)
+    frames = np.empty((len(indices), out_h, out_w, 3), dtype=np.uint8)
     container = open_container(data)
     filled, frame_index, reached = 0, -1, 0.0
     try:
@@ -116,7 +117,7 @@ def decode_video(
                 continue
             # Scale to the probed size in case the stream changes resolution mid-way (no-op otherwise).
             rgb = frame.to_ndarray(format="rgb24", width=info.width, height=info.height)
-            resized = resize_frames(torch.from_numpy(rgb).unsqueeze(0), out_h, out_w)[0]
+            resized = resize_frame(rgb, out_h, out_w, out=frames[filled])
             # linspace rounding may repeat an index: emit the frame once per occurrence.
             while filled < len(indices) and indices[filled] == frame_index:
                 frames[filled] = resized

@@ -76,7 +76,8 @@ class Family(Protocol):
         """Seconds the prompt shows before each temporal group of these sampled frames (() where it shows none)."""
 
     def image_frames(self, image, plan: DecodePlan):
-        """The decoder's uint8 [T,H,W,3] frames of a PIL image under plan (preprocess_frames' input)."""
+        """The decoder's uint8 [T,H,W,3] frames (a numpy array: the decoder's workers run without torch) of a PIL
+        image under plan (preprocess_frames' input)."""
 
     def plan_image(self, height: int, width: int) -> MediaItem:
         """The item an image of this size becomes (resize rule, tiling)."""

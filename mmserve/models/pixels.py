@@ -3,19 +3,15 @@ rescale-and-normalize of transformers' video processors."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
-from mmserve.media.image import _to_rgb
+from mmserve.media.image import resized_rgb
 
 
 def pil_resize(image: Image.Image, height: int, width: int) -> torch.Tensor:
     """uint8 [1,H,W,3] of an image converted to RGB and resized with PIL bicubic, as transformers' PIL processors do."""
-    rgb = _to_rgb(image)
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).unsqueeze(0)
+    return torch.from_numpy(resized_rgb(image, height, width))
 
 
 def normalize_fused(frames: torch.Tensor, mean, std) -> torch.Tensor:

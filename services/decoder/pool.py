@@ -28,7 +28,8 @@ class WorkerError(RuntimeError):
 
 
 def _context() -> multiprocessing.context.BaseContext:
-    """forkserver: workers fork from a clean server that has torch and PyAV imported, never from the gRPC process."""
+    """forkserver: workers fork from a clean server that has PyAV and Pillow imported (no torch: the CPU path
+    resizes with Pillow), never from the gRPC process."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["services.decoder.worker"])
     return ctx

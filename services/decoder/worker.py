@@ -10,12 +10,11 @@ import time
 from multiprocessing.connection import Connection
 
 import numpy as np
-import torch
 
 from mmserve.cache_keys import MediaParams
 from mmserve.media.chunked import decode_chunk
 from mmserve.media.image import decode_image_with
-from mmserve.media.preprocess import MediaError
+from mmserve.media.errors import MediaError
 from mmserve.media.video import decode_video, index_video
 from services.decoder.tasks import ChunkTask, ImageTask, IndexTask, SequentialTask, WorkerSettings
 
@@ -41,7 +40,7 @@ def run_task(task, settings: WorkerSettings):
         video = decode_video(task.source, threads=settings.ffmpeg_threads, indices=task.frame_indices,
                              size=task.out_shape[1:3])
         out = _output(task)
-        out[:] = video.frames.numpy()
+        out[:] = video.frames
         out.flush()
         return None
     if isinstance(task, ImageTask):
@@ -55,7 +54,7 @@ def run_task(task, settings: WorkerSettings):
 
         with open(task.source, "rb") as f:
             frames = decode_image_with(f.read(), frames_of)
-        frames.numpy().tofile(task.out_path)
+        frames.tofile(task.out_path)
         return tuple(frames.shape), tuple(grid)
     raise TypeError(f"unknown task {type(task).__name__}")
 
@@ -83,8 +82,6 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
     """Serves tasks from conn until it closes: acknowledges each, then replies ("ok", result, ms),
     ("invalid", msg) or ("error", msg)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    # One worker per core: intra-op threads would only fight the other workers.
-    torch.set_num_threads(1)
     _keep_freed_memory()
     while True:
         try:

@@ -91,7 +91,7 @@ def test_video_streams_even_chunks_equal_to_decode_video(decoder, clip):
     assert all(len(c.frame_indices) % 2 == 0 for c in chunks)
     assert [i for c in chunks for i in c.frame_indices] == reference.indices
     frames = torch.cat([transport.from_ref(c.frames) for c in chunks])
-    assert torch.equal(frames, reference.frames)
+    assert torch.equal(frames, torch.from_numpy(reference.frames))
     assert chunks[0].sample_fps == pytest.approx(reference.sample_fps)
     assert all(c.decode_ms > 0 for c in chunks)
 
@@ -107,7 +107,7 @@ def test_file_uri_and_image(decoder, clip):
     (media_root / "clip.mp4").write_bytes(clip)
     by_uri = decode(stub, by_uri_request(media_root / "clip.mp4"))
     assert torch.equal(torch.cat([transport.from_ref(c.frames) for c in by_uri]),
-                       decode_video(clip, min_pixels=SMALL).frames)
+                       torch.from_numpy(decode_video(clip, min_pixels=SMALL).frames))
     # A file that changed since the router hashed it (another size) is refused: its cache keys would be wrong.
     stale = by_uri_request(media_root / "clip.mp4", file_size=len(clip) + 1)
     err = error_of(stub, stale)
@@ -118,7 +118,7 @@ def test_file_uri_and_image(decoder, clip):
     (chunk,) = decode(stub, image_request(picture))
     assert list(chunk.frame_indices) == [0]
     assert torch.equal(transport.from_ref(chunk.frames),
-                       decode_image(picture, min_pixels=SMALL, max_pixels=16384 * 28 * 28))
+                       torch.from_numpy(decode_image(picture, min_pixels=SMALL, max_pixels=16384 * 28 * 28)))
 
 
 def _maps_torch(pid: int) -> bool:
@@ -126,14 +126,18 @@ def _maps_torch(pid: int) -> bool:
         return "libtorch" in f.read()
 
 
-def test_the_front_end_never_loads_torch(decoder, clip):
-    """Only the workers compute: the gRPC front end hands their frames on as numpy arrays (about 200 MB of idle
-    memory and a second of start-up when it loaded torch)."""
+def test_no_decoder_process_loads_torch(decoder, clip):
+    """The gRPC front end hands frames on as numpy arrays and the workers resize them with Pillow: neither they nor
+    their fork server load torch, having served a video and an image (it cost about 200 MB of idle memory in each
+    and a second of start-up)."""
     stub, process, _ = decoder
     assert len(decode(stub, video_request(clip))) >= 1
     assert len(decode(stub, image_request(make_image(width=100, height=60, fmt="PNG", seed=4)))) == 1
-    assert all(_maps_torch(pid) for pid in _workers(process))  # what the check looks for is there to find
-    assert not _maps_torch(process.pid)
+    assert _maps_torch(os.getpid())  # what the check looks for is there to find: this test process has torch
+    servers = [p.pid for p in psutil.Process(process.pid).children()]
+    assert len(workers := _workers(process)) == 2
+    for pid in [process.pid, *servers, *workers]:
+        assert not _maps_torch(pid), psutil.Process(pid).cmdline()
 
 
 def test_concurrent_requests_all_match(decoder):
@@ -143,7 +147,7 @@ def test_concurrent_requests_all_match(decoder):
         results = list(pool.map(lambda c: decode(stub, video_request(c, fps=6.0)), clips))
     for data, chunks in zip(clips, results):
         frames = torch.cat([transport.from_ref(c.frames) for c in chunks])
-        assert torch.equal(frames, decode_video(data, fps=6.0, min_pixels=SMALL).frames)
+        assert torch.equal(frames, torch.from_numpy(decode_video(data, fps=6.0, min_pixels=SMALL).frames))
 
 
 def _png_header_only(width: int, height: int) -> bytes:

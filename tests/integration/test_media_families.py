@@ -118,7 +118,7 @@ def test_a_video_split_over_two_encoders_equals_the_family_in_process(chain, ref
     info = probe_video(CLIP)
     plan = family.plan_decode("video", prepared.params, info.height, info.width, info.total_frames, info.fps)
     indices = list(plan.frame_indices)
-    frames = decode_video(CLIP, indices=indices, size=(info.height, info.width)).frames  # sampled, not resized
+    frames = torch.from_numpy(decode_video(CLIP, indices=indices, size=(info.height, info.width)).frames)  # not resized
     pixels, item = family.preprocess_video(frames, indices, info.fps)
     expected = pack(family.encode(tower, pixels, [item])[0])
     assert _num_chunks(chain) >= 2  # so the chunks spread over both encoders

@@ -54,7 +54,7 @@ class Served:
         info = probe_video(data)
         plan = self.family.plan_decode("video", self.family.default_params("video"), info.height, info.width,
                                        info.total_frames, info.fps)
-        frames = decode_video(data, indices=list(plan.frame_indices), size=(info.height, info.width)).frames
+        frames = torch.from_numpy(decode_video(data, indices=list(plan.frame_indices), size=(info.height, info.width)).frames)
         return self.family.preprocess_video(frames, list(plan.frame_indices), info.fps)
 
     @torch.inference_mode()

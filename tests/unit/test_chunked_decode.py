@@ -52,7 +52,7 @@ def test_chunks_match_sequential_decode(clip, fps, num_chunks):
     assert plan.indices == reference.indices
     assert plan.sample_fps == reference.sample_fps
     assert [i for c in plan.chunks for i in c.frame_indices] == reference.indices
-    assert torch.equal(frames, reference.frames)
+    assert torch.equal(frames, torch.from_numpy(reference.frames))
 
 
 def test_b_frames_and_open_gops_are_really_there():
@@ -81,7 +81,7 @@ def test_only_the_planned_packets_are_needed():
     out = np.zeros((2, 84, 112, 3), np.uint8)
     decode_chunk(data, chunk.spans, chunk.frame_pts, out, width=112, height=84)
     reference = decode_video(data, fps=30.0, min_pixels=SMALL, max_frames=1000)
-    assert torch.equal(torch.from_numpy(out), reference.frames[[31, 33]])
+    assert np.array_equal(out, reference.frames[[31, 33]])
 
 
 def test_a_frame_outside_the_span_is_reported_missing():

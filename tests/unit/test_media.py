@@ -48,9 +48,9 @@ def test_decode_video_samples_exact_frames(clip, all_frames):
     out = decode_video(clip, fps=2.0, min_pixels=SMALL)
     assert out.indices == [0, 20, 39, 59] == torch.linspace(0, 59, 4).round().long().tolist()
     assert out.sample_fps == pytest.approx(2.0)
-    assert out.frames.shape == (4, 224, 336, 3) and out.frames.dtype == torch.uint8
+    assert out.frames.shape == (4, 224, 336, 3) and out.frames.dtype == np.uint8
     expected = torch.from_numpy(np.stack([all_frames[i] for i in out.indices]))
-    assert torch.equal(out.frames, expected)
+    assert torch.equal(torch.from_numpy(out.frames), expected)
     assert out.info == probe_video(clip)
 
 
@@ -58,7 +58,7 @@ def test_decode_video_more_frames_and_threads(clip, all_frames):
     out = decode_video(clip, fps=6.0, min_pixels=SMALL, threads=2)
     assert out.indices == torch.linspace(0, 59, 12).round().long().tolist()
     expected = torch.from_numpy(np.stack([all_frames[i] for i in out.indices]))
-    assert torch.equal(out.frames, expected)
+    assert torch.equal(torch.from_numpy(out.frames), expected)
 
 
 def test_decode_video_resizes_when_needed(clip, all_frames):
@@ -66,13 +66,13 @@ def test_decode_video_resizes_when_needed(clip, all_frames):
     out = decode_video(clip)
     assert out.frames.shape == (4, 280, 392, 3)
     picked = torch.from_numpy(np.stack([all_frames[i] for i in out.indices]))
-    assert torch.equal(out.frames, resize_frames(picked, 280, 392))
+    assert torch.equal(torch.from_numpy(out.frames), resize_frames(picked, 280, 392))
     # A small per-frame budget scales down.
     out = decode_video(clip, min_pixels=SMALL, max_pixels=28 * 28 * 40)
     h, w = smart_resize(224, 336, 28, SMALL, video_max_pixels(4, min_pixels=SMALL, max_pixels=28 * 28 * 40))
     assert (h, w) == (140, 196)  # beta = sqrt(75264 / 31360) = 1.55: floor(5.16), floor(7.75)
     assert out.frames.shape == (4, h, w, 3)
-    assert torch.equal(out.frames, resize_frames(picked, h, w))
+    assert torch.equal(torch.from_numpy(out.frames), resize_frames(picked, h, w))
 
 
 def test_decode_short_clip_min_frames():
@@ -153,7 +153,7 @@ def test_huge_png_rejected_before_decoding(width, height, match, monkeypatch):
 
 def test_decode_image_shapes():
     out = decode_image(make_image(width=640, height=480, fmt="JPEG"))
-    assert out.shape == (1, 476, 644, 3) and out.dtype == torch.uint8
+    assert out.shape == (1, 476, 644, 3) and out.dtype == np.uint8
     out = decode_image(make_image(width=640, height=480, fmt="PNG"), max_pixels=28 * 28 * 64)
     assert out.shape == (1, 168, 252, 3)  # beta = 2.47: floor(6.93) * 28, floor(9.24) * 28
 

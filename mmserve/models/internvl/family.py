@@ -7,6 +7,8 @@ import dataclasses
 import json
 import pathlib
 
+import numpy as np
+
 from mmserve.cache_keys import MediaParams
 from mmserve.models.family import DecodePlan, EncodedItem, MediaItem, expand_pads, read_config, replace_each
 
@@ -115,9 +117,20 @@ class InternVL:
 
     def image_frames(self, image, plan: DecodePlan):
         """The plan's tiles of the canvas, then the thumbnail, each tile_size square (preprocess_image's resize)."""
-        from mmserve.models.internvl import frames
+        return self.tiles(image, plan.item)
 
-        return frames.image_frames(self, image, plan.item)
+    def tiles(self, image, item: MediaItem) -> np.ndarray:
+        """uint8 [tiles, tile, tile, 3]: the canvas (PIL bicubic) cut row by row, then a thumbnail of the whole
+        image."""
+        from mmserve.media.image import resized_rgb
+
+        s, (num_tiles, cols, rows) = self.settings, item.grid
+        canvas = resized_rgb(image, rows * s.tile_size, cols * s.tile_size)[0]
+        tiles = canvas.reshape(rows, s.tile_size, cols, s.tile_size, 3).transpose(0, 2, 1, 3, 4).reshape(
+            rows * cols, s.tile_size, s.tile_size, 3)
+        if num_tiles > rows * cols:
+            tiles = np.concatenate([tiles, resized_rgb(image, s.tile_size, s.tile_size)])
+        return np.ascontiguousarray(tiles)
 
     def sample_frames(self, total_frames: int, num_frames: int | None = None) -> list[int]:
         """num_frames indices from the middle of equal segments (InternVLVideoProcessor.sample_frames)."""

@@ -1,23 +1,12 @@
-"""InternVL frames on the decoder's side (an image's tiles and thumbnail) and their pixel values on the encoder's."""
+"""InternVL pixel values on the encoder's side of the decoder's frames (an image's tiles and thumbnail, a video's
+resized frames)."""
 
 from __future__ import annotations
 
 import torch
 
 from mmserve.models.family import MediaItem
-from mmserve.models.pixels import normalize_fused, pil_resize
-
-
-def image_frames(family, image, item: MediaItem) -> torch.Tensor:
-    """uint8 [tiles, tile, tile, 3]: the canvas (PIL bicubic) cut row by row, then a thumbnail of the whole image."""
-    s = family.settings
-    num_tiles, cols, rows = item.grid
-    canvas = pil_resize(image, rows * s.tile_size, cols * s.tile_size)[0]
-    tiles = canvas.view(rows, s.tile_size, cols, s.tile_size, 3).permute(0, 2, 1, 3, 4).reshape(
-        rows * cols, s.tile_size, s.tile_size, 3)
-    if num_tiles > rows * cols:
-        tiles = torch.cat([tiles, pil_resize(image, s.tile_size, s.tile_size)])
-    return tiles.contiguous()
+from mmserve.models.pixels import normalize_fused
 
 
 def _rescale_normalize(tiles: torch.Tensor, mean, std) -> torch.Tensor:

@@ -13,7 +13,7 @@ from transformers.models.internvl.modeling_internvl import (
 
 from mmserve.media.preprocess import resize_frames
 from mmserve.models.family import EncodedItem, MediaItem
-from mmserve.models.pixels import normalize_fused, pil_resize
+from mmserve.models.pixels import normalize_fused
 from mmserve.models.weights import load_part
 
 # Keeps the module names: the encoder below holds vision_tower and multi_modal_projector as the full model does.
@@ -30,13 +30,7 @@ def preprocess_image(family, image) -> tuple[torch.Tensor, MediaItem]:
     """Resize to the tile canvas and cut it into tiles, then add a thumbnail of the whole image (PIL bicubic)."""
     s = family.settings
     item = family.plan_image(image.height, image.width)
-    _, cols, rows = item.grid
-    canvas = pil_resize(image, rows * s.tile_size, cols * s.tile_size)[0]
-    tiles = canvas.view(rows, s.tile_size, cols, s.tile_size, 3).permute(0, 2, 1, 3, 4).reshape(
-        rows * cols, s.tile_size, s.tile_size, 3)
-    if item.grid[0] > rows * cols:
-        tiles = torch.cat([tiles, pil_resize(image, s.tile_size, s.tile_size)])
-    return _normalize(tiles, s.image_mean, s.image_std), item
+    return _normalize(torch.from_numpy(family.tiles(image, item)), s.image_mean, s.image_std), item
 
 
 def preprocess_video(family, frames: torch.Tensor) -> tuple[torch.Tensor, MediaItem]:

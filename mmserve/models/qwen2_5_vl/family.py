@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
-
 from mmserve.cache_keys import MediaParams
 from mmserve.media import sizing
-from mmserve.media.sizing import ImageProcessing, smart_resize
+from mmserve.media.sizing import ImageProcessing, linspace_indices, smart_resize
 from mmserve.models.family import DecodePlan, EncodedItem, MediaItem, expand_pads, read_config
 
 
@@ -58,9 +56,9 @@ class Qwen25VL:
 
     def image_frames(self, image, plan: DecodePlan):
         """PIL bicubic resize to the plan, as preprocess_image does."""
-        from mmserve.models.pixels import pil_resize
+        from mmserve.media.image import resized_rgb
 
-        return pil_resize(image, plan.height, plan.width)
+        return resized_rgb(image, plan.height, plan.width)
 
     def plan_image(self, height: int, width: int) -> MediaItem:
         """smart_resize to multiples of 28 within the pixel bounds."""
@@ -179,19 +177,6 @@ class Qwen25VL:
             mask = ((input_ids == self.image_token_id) | (input_ids == self.video_token_id)).unsqueeze(-1)
             embeds = embeds.masked_scatter(mask, torch.cat([e.embeddings for e in encoded]).to(embeds.dtype))
         return dict(inputs_embeds=embeds, position_ids=self.positions(ids, items)[0].unsqueeze(1))
-
-
-def linspace_indices(total_frames: int, num_frames: int) -> tuple[int, ...]:
-    """round(torch.linspace(0, total_frames - 1, num_frames)) in float32 as torch computes it (qwen-vl-utils'
-    sampling), without torch: the halves are stepped from either end."""
-    if num_frames == 1:
-        return (0,)
-    end = np.float32(total_frames - 1)
-    step = end / np.float32(num_frames - 1)
-    i = np.arange(num_frames)
-    values = np.where(i < num_frames // 2, i.astype(np.float32) * step,
-                      end - (num_frames - 1 - i).astype(np.float32) * step).astype(np.float32)
-    return tuple(int(x) for x in np.round(values))
 
 
 def from_defaults() -> Qwen25VL:

@@ -180,9 +180,9 @@ class Qwen3VL:
 
     def image_frames(self, image, plan: DecodePlan):
         """PIL bicubic resize to the plan, as preprocess_image does."""
-        from mmserve.models.pixels import pil_resize
+        from mmserve.media.image import resized_rgb
 
-        return pil_resize(image, plan.height, plan.width)
+        return resized_rgb(image, plan.height, plan.width)
 
     def tokens_per_group(self, item: MediaItem) -> int:
         """Rows of one temporal group (the whole of an image)."""
