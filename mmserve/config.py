@@ -52,7 +52,8 @@ class ServiceConfig:
     port: int = option(0, "gRPC port (0 picks a free one)")
     metrics_port: int = option(0, "Prometheus metrics HTTP port (0 disables the endpoint)")
     max_message_bytes: int = option(256 * 1024 * 1024, "largest gRPC message sent or received")
-    max_concurrent_rpcs: int = option(1024, "RPCs in flight before the server answers RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = option(1024, "RPCs in flight before the server answers RESOURCE_EXHAUSTED "
+                                                  "(health checks and reflection are not counted)")
     grace_s: float = option(5.0, "seconds in-flight RPCs get to finish on SIGTERM")
     log_level: str = option("INFO", "logging level")
     transport: str = option("auto", "tensors we produce: auto (shared memory for callers on this host, a "

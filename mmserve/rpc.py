@@ -141,6 +141,9 @@ class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, refusal)
 
 
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """The handler with its behaviour replaced by an UNAUTHENTICATED answer (its (de)serializers are kept)."""
     async def refuse(request, context):
@@ -150,9 +153,64 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # an async generator, as streaming handlers are
 
-    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-                if getattr(handler, k) is not None)
+    kind = next(k for k in _KINDS if getattr(handler, k) is not None)
     return handler._replace(**{kind: refuse_stream if kind.endswith("_stream") else refuse})
+
+
+# Trailing metadata of a RESOURCE_EXHAUSTED: milliseconds after which a retry may succeed.
+RETRY_AFTER_HEADER = "retry-after-ms"
+# What a server at its RPC limit asks callers to wait: a transport-level refusal knows no queue to price.
+BUSY_RETRY_AFTER_MS = 1000
+
+BUSY_REFUSALS = prometheus_client.Counter("mmserve_busy_refusals", "Calls refused at the server's limit of RPCs in "
+                                          "flight (max_concurrent_rpcs)")
+
+
+class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
+    """At most `limit` calls of the service's own methods at once; one more is answered RESOURCE_EXHAUSTED with
+    retry-after-ms. gRPC's own maximum_concurrent_rpcs answers with neither a hint nor the limit's name, and counts
+    health checks with the rest: a replica at its limit then looked dead to the router and the launcher watching it.
+    Health and reflection are neither counted nor refused here."""
+
+    def __init__(self, limit: int, open_services: Iterable[str]):
+        self.limit = limit
+        self.open_prefixes = tuple(f"/{name}/" for name in open_services)
+        self.num_in_flight = 0
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.open_prefixes):
+            return handler
+        kind = next(k for k in _KINDS if getattr(handler, k) is not None)
+        return handler._replace(**{kind: self._counted(getattr(handler, kind))})
+
+    async def _enter(self, context) -> None:
+        if self.num_in_flight >= self.limit:
+            BUSY_REFUSALS.inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server busy: {self.limit} calls in flight, its limit (max_concurrent_rpcs); "
+                                f"retry after {BUSY_RETRY_AFTER_MS} ms",
+                                trailing_metadata=((RETRY_AFTER_HEADER, str(BUSY_RETRY_AFTER_MS)),))
+        self.num_in_flight += 1
+
+    def _counted(self, behavior):
+        if inspect.isasyncgenfunction(behavior):
+            async def stream(request, context):
+                await self._enter(context)
+                try:
+                    async for reply in behavior(request, context):
+                        yield reply
+                finally:
+                    self.num_in_flight -= 1
+            return stream
+
+        async def call(request, context):
+            await self._enter(context)
+            try:
+                return await behavior(request, context)
+            finally:
+                self.num_in_flight -= 1
+        return call
 
 
 def _enter(request, caller: str) -> None:
@@ -182,7 +240,10 @@ class Service:
     def __init__(self, config: ServiceConfig, service_names: Iterable[str], *, holds_tensors: bool = True):
         self.config = config
         self.service_names = list(service_names)
-        interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
+        # Innermost: a call refused for its credentials never takes one of the limit's places.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            RequestContextInterceptor(),
+            ConcurrencyLimitInterceptor(config.max_concurrent_rpcs, [health.SERVICE_NAME, reflection.SERVICE_NAME])]
         # Files are read now, so bad TLS or token settings fail start-up with a message naming the setting.
         self.credentials = tls.server_credentials(config)
         token = install_credentials(config)
@@ -203,7 +264,6 @@ class Service:
                      # gRPC's default answers pings more frequent than 5 minutes with GOAWAY too_many_pings.
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
                      ("grpc.http2.min_ping_interval_without_data_ms", 500), ("grpc.keepalive_permit_without_calls", 1)],
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             interceptors=interceptors,
         )
         # A service that only moves handles (the router) holds no tensors: no store, and no torch in the process.
