@@ -7,7 +7,7 @@ import dataclasses
 from services.router import metrics
 from services.router.costs import MediaShape
 from services.router.policy import (Backlog, Calibration, Decision, Prediction, Slo, SloDefaults, StageTimes,
-                                    Strictness, decide)
+                                    Strictness, decide, retry_ms)
 from services.router.selection import StageView
 
 
@@ -135,6 +135,11 @@ class Controller:
             self.finish(ticket, stage)
         if not is_cancelled:
             self._last_admitted = max(self._last_admitted, ticket.admitted_at)
+
+    def retry_after_ms(self) -> float:
+        """When to come back after a refusal admission did not price (a stage's queue was full): the work queued
+        at the busiest stage, per replica."""
+        return retry_ms(max(self._wait_ms(stage, float("inf")) for stage in self.pools))
 
     def _misses_by_its_own_work(self, prediction: Prediction, slo: Slo, ttft_scale: float,
                                 tpot_scale: float) -> bool:

@@ -98,7 +98,7 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
     if step_ms > slo.tpot_ms * headroom:
         return Decision(False, f"predicted time per token {_predicted(prediction.step_ms, tpot_scale)} exceeds "
                                f"{_limit(slo.tpot_ms, headroom)}",
-                        retry_after_ms=_retry_ms(prediction.llm.wait_ms * ttft_scale))
+                        retry_after_ms=retry_ms(prediction.llm.wait_ms * ttft_scale))
     if ttft_ms <= budget:
         return Decision(True)
     media_ms = prediction.media_share_ms * ttft_scale
@@ -108,7 +108,7 @@ def decide(prediction: Prediction, slo: Slo, *, allow_degrade: bool, headroom: f
         if scale >= min_frame_scale:
             return Decision(True, "degraded", frame_scale=scale)
     return Decision(False, f"predicted time to first token {_predicted(prediction.ttft_ms, ttft_scale)} exceeds "
-                           f"{_limit(slo.ttft_ms, headroom)}", retry_after_ms=_retry_ms(ttft_ms - budget))
+                           f"{_limit(slo.ttft_ms, headroom)}", retry_after_ms=retry_ms(ttft_ms - budget))
 
 
 class Calibration:
@@ -190,7 +190,8 @@ def _limit(target_ms: float, headroom: float) -> str:
     return target if headroom == 1.0 else f"{target_ms * headroom:.0f} ms ({headroom:.2f} × {target})"
 
 
-def _retry_ms(ms: float) -> float:
+def retry_ms(ms: float) -> float:
+    """A retry hint of about ms: in steps of 50 ms, at least 50."""
     return float(max(50, math.ceil(ms / 50) * 50))
 
 

@@ -33,9 +33,10 @@ class EmbeddingsEvicted(Exception):
 class StageError(Exception):
     """A stage failed; carries the status the client should see."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: float = 0.0):
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms  # a RESOURCE_EXHAUSTED's hint (0: the router makes one)
 
 
 def _stage_error(stage: str, err: grpc.aio.AioRpcError) -> StageError:
@@ -89,7 +90,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         try:
             self._validate(request, request_id)
             prepared, size = await self._prepare(request)
-            ticket, prepared = await self._admit(request, prepared, size, start, context)
+            ticket, prepared = await self._admit(request, prepared, size, start)
             if self.can_stream and prepared and all(p.chunks is not None for p in prepared):
                 try:
                     async for response in self._stream_prefill(request, request_id, ticket, prepared, start,
@@ -110,6 +111,9 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                 yield response
         except (StageError, ValidationError, MediaError) as err:
             code = err.code if isinstance(err, StageError) else grpc.StatusCode.INVALID_ARGUMENT
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # every refusal for load says when to come back
+                hint = err.retry_after_ms or self.controller.retry_after_ms()
+                context.set_trailing_metadata(((rpc.RETRY_AFTER_HEADER, str(int(hint))),))
             await context.abort(code, str(err))
         except (asyncio.CancelledError, GeneratorExit):  # the client went away (mid-stream: the generator closed)
             code = grpc.StatusCode.CANCELLED
@@ -134,7 +138,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         return prepared, size
 
     async def _admit(self, request: api_pb2.GenerateRequest, prepared: list[Prepared], size: PromptSize,
-                     now: float, context: grpc.aio.ServicerContext) -> tuple[Ticket, list[Prepared]]:
+                     now: float) -> tuple[Ticket, list[Prepared]]:
         """The admission ticket, and the items with fewer frames when the request accepted degradation; a refusal
         is RESOURCE_EXHAUSTED with a retry hint."""
         ticket = self.controller.admit(
@@ -144,9 +148,9 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         decision = ticket.decision
         if not decision.admit:
             metrics.REFUSED.labels(ticket.cls).inc()
-            context.set_trailing_metadata((("retry-after-ms", str(int(decision.retry_after_ms))),))
             raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"over capacity: {decision.reason}; retry after {decision.retry_after_ms:.0f} ms")
+                             f"over capacity: {decision.reason}; retry after {decision.retry_after_ms:.0f} ms",
+                             decision.retry_after_ms)
         if decision.frame_scale < 1.0:
             metrics.DEGRADED.labels(ticket.cls).inc()
             prepared = await all_or_nothing(self.media.degrade(p, decision.frame_scale) for p in prepared)

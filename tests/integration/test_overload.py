@@ -38,14 +38,14 @@ def cluster(tiny_model, redis_server):
         running.stop()
 
 
-def _one(router, i: int) -> tuple[str, str]:
-    """("OK", "") or (status name, details) of one request run to its end."""
+def _one(router, i: int) -> tuple[str, str, str]:
+    """("OK", "", "") or (status name, details, retry-after-ms) of one request run to its end."""
     parts = [image(make_image(width=56, height=56, seed=i)), text(f"flood {i}")] if i % 2 else [text(f"f {i}")]
     try:
         collect(router, request(*parts, num_tokens=32), timeout=300)
-        return "OK", ""
+        return "OK", "", ""
     except grpc.RpcError as err:
-        return err.code().name, err.details() or ""
+        return err.code().name, err.details() or "", dict(err.trailing_metadata() or ()).get(rpc.RETRY_AFTER_HEADER, "")
 
 
 def _greedy() -> object:
@@ -57,14 +57,17 @@ def test_a_flood_beyond_every_queue_is_refused_cleanly_and_leaves_the_stack_serv
     before = collect(router, _greedy()).token_ids
     with concurrent.futures.ThreadPoolExecutor(_FLOOD) as pool:
         outcomes = list(pool.map(lambda i: _one(router, i), range(_FLOOD), timeout=600))  # none hangs
-    counts = collections.Counter(code for code, _ in outcomes)
-    refusals = collections.Counter(details for code, details in outcomes if code == "RESOURCE_EXHAUSTED")
+    counts = collections.Counter(code for code, _, _ in outcomes)
+    refusals = collections.Counter(details for code, details, _ in outcomes if code == "RESOURCE_EXHAUSTED")
     print(f"{_FLOOD} requests: {dict(counts)}; refusals: {dict(refusals)}")
     assert sum(counts.values()) == _FLOOD  # none lost
     assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, [o for o in outcomes if o[0] not in ("OK", "RESOURCE_EXHAUSTED")]
     assert counts["OK"] >= 1 and counts["RESOURCE_EXHAUSTED"] >= 1
     for details in refusals:  # each names what is full
         assert any(word in details.lower() for word in ("capacity", "queue", "limit")), details
+    # and tells when to come back, the router's own limit of calls in flight included (gRPC's said neither)
+    assert all(after and float(after) > 0 for code, _, after in outcomes if code == "RESOURCE_EXHAUSTED"), \
+        [o for o in outcomes if o[0] == "RESOURCE_EXHAUSTED" and not o[2]]
 
     # Every service is still SERVING, and a normal request gets the reference greedy answer.
     for child in [cluster.router, *cluster.replicas.values()]:
