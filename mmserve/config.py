@@ -53,9 +53,11 @@ class ServiceConfig:
     metrics_port: int = option(0, "Prometheus metrics HTTP port (0 disables the endpoint)")
     max_message_bytes: int = option(256 * 1024 * 1024, "largest gRPC message sent or received")
     max_concurrent_rpcs: int = option(1024, "RPCs in flight before the server answers RESOURCE_EXHAUSTED "
-                                                  "(health checks and reflection are not counted)")
+                                            "(health checks and reflection are not counted)")
     grace_s: float = option(5.0, "seconds in-flight RPCs get to finish on SIGTERM")
     log_level: str = option("INFO", "logging level")
+    nice: int = option(0, "niceness added to the process at start, 0-19 (higher: gives way to the others on "
+                          "shared cores)")
     transport: str = option("auto", "tensors we produce: auto (shared memory for callers on this host, a "
                                     "remote pull for callers elsewhere), shm (shared memory whenever possible), "
                                     "remote (consumers pull from us over gRPC) or inline")
@@ -99,6 +101,8 @@ class ServiceConfig:
             raise ValueError("max_concurrent_rpcs: must be positive")
         if self.grace_s < 0:
             raise ValueError("grace_s: must not be negative")
+        if not 0 <= self.nice <= 19:
+            raise ValueError("nice: must be in 0..19 (a process may lower its own priority, not raise it)")
         self.check_tls_options()
         self.check_exposure()
 

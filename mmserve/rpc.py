@@ -85,6 +85,19 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
+def lower_priority(nice: int) -> None:
+    """Adds nice to the niceness of every thread of this process (Linux keeps one per thread, and libraries start
+    some at import: OpenBLAS's pool); the threads and processes it starts later inherit it (OpenMP's, gRPC's, the
+    decoder's workers)."""
+    if not nice:
+        return
+    if not os.path.isdir("/proc/self/task"):  # not Linux: the calling thread's is the process's
+        os.nice(nice)
+        return
+    for tid in map(int, os.listdir("/proc/self/task")):
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+
+
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     """Sets the RPC's context: the caller's shared-memory domain (transport.caller_domain) and request id."""
 

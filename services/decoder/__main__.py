@@ -35,6 +35,7 @@ async def run_decoder_process(config: DecoderConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = DecoderConfig.parse(argv, prog="mmserve-decoder")
     rpc.setup_logging(config.log_level)
+    rpc.lower_priority(config.nice)
     asyncio.run(run_decoder_process(config))
 
 

@@ -34,6 +34,9 @@ class DecoderConfig(ServiceConfig):
                                  "installed, else the CPU workers), cpu, or cuda (refuse to start without NVDEC)")
     nvdec_sessions_per_gpu: int = option(4, "video chunks one GPU decodes at once (NVDEC sessions)")
     nvdec_gpus: int = option(0, "GPUs the chunks of a video fan out over (0: every visible one)")
+    nice: int = option(10, "niceness added to the process at start, 0-19: on cores it shares with the llm, "
+                           "decoding gives way to the llm's decode steps, which every running request's next token "
+                           "waits on (0: equal)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -48,6 +48,7 @@ async def run_encoder_process(config: EncoderConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = EncoderConfig.parse(argv, prog="mmserve-encoder")
     rpc.setup_logging(config.log_level)
+    rpc.lower_priority(config.nice)
     asyncio.run(run_encoder_process(config))
 
 

@@ -40,6 +40,7 @@ async def run_llm_process(config: LlmConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = LlmConfig.parse(argv, prog="mmserve-llm")
     rpc.setup_logging(config.log_level)
+    rpc.lower_priority(config.nice)
     asyncio.run(run_llm_process(config))
 
 

@@ -116,6 +116,7 @@ async def run_router_process(config: RouterConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = RouterConfig.parse(argv, prog="mmserve-router")
     rpc.setup_logging(config.log_level)
+    rpc.lower_priority(config.nice)
     asyncio.run(run_router_process(config))
 
 

@@ -140,6 +140,25 @@ def test_no_decoder_process_loads_torch(decoder, clip):
         assert not _maps_torch(pid), psutil.Process(pid).cmdline()
 
 
+def _thread_niceness(pid: int) -> set[int]:
+    """The niceness of each thread of a process (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    values = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            values.add(int(f.read().rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+def test_every_decoder_thread_gives_way_to_the_llm(decoder, clip):
+    """Niceness 10 by default (DecoderConfig.nice), in every thread of the front end, its fork server and workers."""
+    stub, process, _ = decoder
+    assert len(decode(stub, video_request(clip))) >= 1
+    base = os.nice(0)  # the test runner's own
+    assert _thread_niceness(os.getpid()) == {base}
+    for pid in [process.pid, *(p.pid for p in psutil.Process(process.pid).children()), *_workers(process)]:
+        assert _thread_niceness(pid) == {min(19, base + 10)}, psutil.Process(pid).cmdline()
+
+
 def test_concurrent_requests_all_match(decoder):
     stub, _, _ = decoder
     clips = [make_video(seconds=1.0, fps=30, width=84, height=56, seed=s, gop=10) for s in range(4)]

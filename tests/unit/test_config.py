@@ -127,6 +127,8 @@ INVALID = [
     (LlmConfig, {"metrics_port": 70000}, "port"),
     (RouterConfig, {"max_message_bytes": 1024}, "max_message_bytes"),
     (EncoderConfig, {"max_concurrent_rpcs": 0}, "max_concurrent_rpcs"),
+    (LlmConfig, {"nice": -1}, "nice"),  # raising a priority takes privileges a service should not have
+    (DecoderConfig, {"nice": 20}, "nice"),
 ]
 
 
