@@ -1,4 +1,5 @@
-"""Qwen2.5-VL resize, frame-sampling and patchify rules (HF Qwen2VL processor + qwen-vl-utils), in torch."""
+"""Qwen2.5-VL resize and patchify (HF Qwen2VL processor + qwen-vl-utils) on tensors; the sizing and frame-sampling
+rules, which need no torch, live in sizing.py and are re-exported here."""
 
 from __future__ import annotations
 
