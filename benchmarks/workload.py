@@ -189,12 +189,14 @@ def highest_rate(by_rate: dict[float, dict[str, float]], threshold: float = 0.9)
 
 
 def failures(outcomes: list[Outcome]) -> str:
-    """Failed requests by class and status, with one message of each kind (for the log)."""
+    """Failed requests by class and status, with the first and the last message of each kind (for the log: a
+    router's first refusals are priced with its calibration's prior, its last ones with what it learnt)."""
     kinds: dict[tuple[str, str], list[str]] = {}
     for o in outcomes:
         if o.code != "OK":
             kinds.setdefault((o.cls, o.code), []).append(o.detail)
-    return "; ".join(f"{cls} {code} x{len(d)} ({d[0]})" for (cls, code), d in sorted(kinds.items())) or "none"
+    return "; ".join(f"{cls} {code} x{len(d)} (first: {d[0]}" + (f"; last: {d[-1]})" if len(d) > 1 else ")")
+                     for (cls, code), d in sorted(kinds.items())) or "none"
 
 
 def _quantile(values: list[float], n: int) -> float:
