@@ -106,11 +106,17 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         caller = dict(details.invocation_metadata or ()).get(transport.CALLER_DOMAIN_HEADER, "")
         if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_in_context(handler.unary_unary, caller))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_in_context(handler.unary_stream, caller))
-        return handler
+        if handler.unary_unary is None and handler.unary_stream is None:
+            return handler  # set for calls of one request message only, whose request id it reads
+
+        async def enter(request, context) -> None:
+            # Each RPC runs in its own task and context, so these never leak into another request.
+            if caller:
+                transport.caller_domain.set(caller)
+            request_id.set(request_ids.for_log(getattr(request, "request_id", "")))
+
+        kind = _kind(handler)
+        return handler._replace(**{kind: _around(getattr(handler, kind), enter)})
 
 
 AUTH_REFUSALS = prometheus_client.Counter("mmserve_auth_refusals", "Requests refused for a missing or invalid "
@@ -154,7 +160,34 @@ class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, refusal)
 
 
-_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+def _kind(handler: grpc.RpcMethodHandler) -> str:
+    """Which of a handler's four behaviours it has: unary_unary, unary_stream, stream_unary or stream_stream."""
+    return next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                if getattr(handler, k) is not None)
+
+
+def _around(behavior, enter, leave=None):
+    """behavior with `await enter(request, context)` before it and leave() once it has ended however it ends (not when
+    enter raised); a streaming behaviour stays an async generator."""
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            await enter(request, context)
+            try:
+                async for reply in behavior(request, context):
+                    yield reply
+            finally:
+                if leave is not None:
+                    leave()
+        return stream
+
+    async def call(request, context):
+        await enter(request, context)
+        try:
+            return await behavior(request, context)
+        finally:
+            if leave is not None:
+                leave()
+    return call
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -166,7 +199,7 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # an async generator, as streaming handlers are
 
-    kind = next(k for k in _KINDS if getattr(handler, k) is not None)
+    kind = _kind(handler)
     return handler._replace(**{kind: refuse_stream if kind.endswith("_stream") else refuse})
 
 
@@ -194,10 +227,10 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(self.open_prefixes):
             return handler
-        kind = next(k for k in _KINDS if getattr(handler, k) is not None)
-        return handler._replace(**{kind: self._counted(getattr(handler, kind))})
+        kind = _kind(handler)
+        return handler._replace(**{kind: _around(getattr(handler, kind), self._enter, self._leave)})
 
-    async def _enter(self, context) -> None:
+    async def _enter(self, request, context) -> None:
         if self.num_in_flight >= self.limit:
             BUSY_REFUSALS.inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -206,45 +239,8 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
                                 trailing_metadata=((RETRY_AFTER_HEADER, str(BUSY_RETRY_AFTER_MS)),))
         self.num_in_flight += 1
 
-    def _counted(self, behavior):
-        if inspect.isasyncgenfunction(behavior):
-            async def stream(request, context):
-                await self._enter(context)
-                try:
-                    async for reply in behavior(request, context):
-                        yield reply
-                finally:
-                    self.num_in_flight -= 1
-            return stream
-
-        async def call(request, context):
-            await self._enter(context)
-            try:
-                return await behavior(request, context)
-            finally:
-                self.num_in_flight -= 1
-        return call
-
-
-def _enter(request, caller: str) -> None:
-    # Each RPC runs in its own task and context, so these never leak into another request.
-    if caller:
-        transport.caller_domain.set(caller)
-    request_id.set(request_ids.for_log(getattr(request, "request_id", "")))
-
-
-def _in_context(behavior, caller: str):
-    if inspect.isasyncgenfunction(behavior):
-        async def stream(request, context):
-            _enter(request, caller)
-            async for reply in behavior(request, context):
-                yield reply
-        return stream
-
-    async def unary(request, context):
-        _enter(request, caller)
-        return await behavior(request, context)
-    return unary
+    def _leave(self) -> None:
+        self.num_in_flight -= 1
 
 
 class Service:
