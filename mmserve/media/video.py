@@ -117,10 +117,12 @@ def decode_video(
                 continue
             # Scale to the probed size in case the stream changes resolution mid-way (no-op otherwise).
             rgb = frame.to_ndarray(format="rgb24", width=info.width, height=info.height)
-            resized = resize_frame(rgb, out_h, out_w, out=frames[filled])
+            first = filled
+            resize_frame(rgb, out_h, out_w, out=frames[first])
+            filled += 1
             # linspace rounding may repeat an index: emit the frame once per occurrence.
             while filled < len(indices) and indices[filled] == frame_index:
-                frames[filled] = resized
+                frames[filled] = frames[first]
                 filled += 1
             if filled == len(indices):
                 break
