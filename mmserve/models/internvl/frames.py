@@ -9,8 +9,8 @@ from mmserve.models.family import MediaItem
 from mmserve.models.pixels import normalize_fused
 
 
-def _rescale_normalize(tiles: torch.Tensor, mean, std) -> torch.Tensor:
-    """The image processor's rescale (float64 multiply, float32 result) then float32 normalize, [N,3,H,W]."""
+def rescale_normalize(tiles: torch.Tensor, mean, std) -> torch.Tensor:
+    """GotOcr2ImageProcessorPil's rescale (float64 multiply, float32 result) then float32 normalize, [N,3,H,W]."""
     x = (tiles.permute(0, 3, 1, 2).double() * (1 / 255)).float()
     return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(
         1, 3, 1, 1)
@@ -23,5 +23,5 @@ def preprocess_frames(family, kind: str, frames: torch.Tensor) -> tuple[torch.Te
         raise ValueError(f"expected uint8 [T,{s.tile_size},{s.tile_size},3] frames, got {frames.dtype} "
                          f"{tuple(frames.shape)}")
     if kind == "image":
-        return _rescale_normalize(frames, s.image_mean, s.image_std), MediaItem("image", (frames.shape[0], 0, 0))
+        return rescale_normalize(frames, s.image_mean, s.image_std), MediaItem("image", (frames.shape[0], 0, 0))
     return normalize_fused(frames, s.image_mean, s.image_std), family.plan_video(frames.shape[0])

@@ -13,6 +13,7 @@ from transformers.models.internvl.modeling_internvl import (
 
 from mmserve.media.preprocess import resize_frames
 from mmserve.models.family import EncodedItem, MediaItem
+from mmserve.models.internvl.frames import rescale_normalize
 from mmserve.models.pixels import normalize_fused
 from mmserve.models.weights import load_part
 
@@ -20,17 +21,11 @@ from mmserve.models.weights import load_part
 ENCODER_KEYS = r"^(model\.)?(?=vision_tower\.|multi_modal_projector\.)"
 
 
-def _normalize(tiles: torch.Tensor, mean, std) -> torch.Tensor:
-    """GotOcr2ImageProcessorPil's rescale (float64 multiply, float32 result) then float32 normalize, [N,3,H,W]."""
-    x = (tiles.permute(0, 3, 1, 2).double() * (1 / 255)).float()
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
 def preprocess_image(family, image) -> tuple[torch.Tensor, MediaItem]:
     """Resize to the tile canvas and cut it into tiles, then add a thumbnail of the whole image (PIL bicubic)."""
     s = family.settings
     item = family.plan_image(image.height, image.width)
-    return _normalize(torch.from_numpy(family.tiles(image, item)), s.image_mean, s.image_std), item
+    return rescale_normalize(torch.from_numpy(family.tiles(image, item)), s.image_mean, s.image_std), item
 
 
 def preprocess_video(family, frames: torch.Tensor) -> tuple[torch.Tensor, MediaItem]:
