@@ -15,6 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 from services.llm.batch import Batch, block_tables, is_decode
 from services.llm.block_manager import BlockManager, kv_slots
 from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, flash_usable
+from services.llm.fused import fuse_attention, fuse_mlp
 from services.llm.prompt import MultimodalPrompt
 from services.llm.scheduler import ScheduledChunk
 
@@ -47,6 +48,9 @@ class ModelRunner:
         self.device = device
         self.model = text_model.to(device)
         self.lm_head = lm_head.to(device)
+        # One matmul for each layer's q, k and v and one for its MLP's gate and up (None where a layer has none).
+        self.qkv = [fuse_attention(layer.self_attn) for layer in text_model.layers]
+        self.gate_up = [fuse_mlp(layer.mlp) for layer in text_model.layers]
         self.block_manager = block_manager
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -116,7 +120,7 @@ class ModelRunner:
             x = layer.input_layernorm(hidden)
             x = self._attention(layer.self_attn, layer_index, x, cos, sin, slots, attend)
             hidden = residual + x
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._mlp(layer.mlp, layer_index, layer.post_attention_layernorm(hidden))
             if deepstack is not None and layer_index < len(deepstack.layers):
                 hidden[deepstack.where] = hidden[deepstack.where] + deepstack.layers[layer_index]
         return hidden
@@ -209,15 +213,24 @@ class ModelRunner:
 
     def _attention(self, attn, layer_index: int, x, cos, sin, slots: torch.Tensor, attend: Attend) -> torch.Tensor:
         n_tokens = x.shape[0]
-        q = attn.q_proj(x).view(n_tokens, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(n_tokens, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(n_tokens, self.num_kv_heads, self.head_dim)
+        fused = self.qkv[layer_index]
+        q, k, v = fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q = q.view(n_tokens, self.num_heads, self.head_dim)
+        k = k.view(n_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(n_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:  # Qwen3: RMSNorm over each head's q and k before the rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         self._write_kv(layer_index, slots, k, v)
         return attn.o_proj(attend(q, layer_index).reshape(n_tokens, -1))
+
+    def _mlp(self, mlp, layer_index: int, x: torch.Tensor) -> torch.Tensor:
+        fused = self.gate_up[layer_index]
+        if fused is None:  # a mixture of experts
+            return mlp(x)
+        gate, up = fused(x)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _write_kv(self, layer_index: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.flash:
