@@ -7,6 +7,8 @@ same dot product as before, so the results are bit for bit those of the separate
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 
 import torch
@@ -54,3 +56,15 @@ def fuse_mlp(mlp: nn.Module) -> FusedLinear | None:
     if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return None
     return fuse([mlp.gate_proj, mlp.up_proj])
+
+
+def fuse_layers(layers, device: torch.device) -> tuple[list[FusedLinear | None], list[FusedLinear | None]]:
+    """Each decoder layer's fused q, k, v and fused gate, up; the separate weights' memory is given back after."""
+    fused = [(fuse_attention(layer.self_attn), fuse_mlp(layer.mlp)) for layer in layers]
+    # The separate weights are freed, but an allocator keeps what it freed: glibc's heap until malloc_trim (as
+    # much memory again as the fused weights), CUDA's caching allocator until empty_cache.
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif libc := ctypes.util.find_library("c"):
+        getattr(ctypes.CDLL(libc), "malloc_trim", lambda pad: 0)(0)
+    return [qkv for qkv, _ in fused], [gate_up for _, gate_up in fused]

@@ -15,7 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 from services.llm.batch import Batch, block_tables, is_decode
 from services.llm.block_manager import BlockManager, kv_slots
 from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, flash_usable
-from services.llm.fused import fuse_attention, fuse_mlp
+from services.llm.fused import fuse_layers
 from services.llm.prompt import MultimodalPrompt
 from services.llm.scheduler import ScheduledChunk
 
@@ -49,8 +49,7 @@ class ModelRunner:
         self.model = text_model.to(device)
         self.lm_head = lm_head.to(device)
         # One matmul for each layer's q, k and v and one for its MLP's gate and up (None where a layer has none).
-        self.qkv = [fuse_attention(layer.self_attn) for layer in text_model.layers]
-        self.gate_up = [fuse_mlp(layer.mlp) for layer in text_model.layers]
+        self.qkv, self.gate_up = fuse_layers(text_model.layers, device)
         self.block_manager = block_manager
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads

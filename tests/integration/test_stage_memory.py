@@ -48,3 +48,28 @@ def test_encoder_loads_the_vision_tower_only(real_vocab_model):
     text_growth = _rss_growth("load_language_model", real_vocab_model)
     assert vision_growth < 0.2 * text, f"the encoder grew by {vision_growth / 1e6:.0f} MB"
     assert text_growth > 0.8 * text, f"the llm grew by only {text_growth / 1e6:.0f} MB"
+
+
+_MEASURE_FUSED = """
+import gc, sys, psutil, torch
+from mmserve.models import loading
+from services.llm.block_manager import BlockManager
+from services.llm.runner import ModelRunner
+process = psutil.Process()
+text_model, lm_head = loading.load_language_model(sys.argv[1])
+sum(float(p.sum()) for p in text_model.parameters())
+gc.collect(); before = process.memory_info().rss
+runner = ModelRunner(text_model, lm_head, BlockManager(num_blocks=4, block_size=16), torch.bfloat16)
+fused = sum(f.weight.nbytes for f in runner.qkv + runner.gate_up)
+gc.collect(); print(fused, process.memory_info().rss - before)
+"""
+
+
+def test_the_llm_holds_its_fused_projections_once(tmp_path):
+    """Fusing each layer's q, k, v and gate, up copies them into one weight: the copies' memory is given back."""
+    model = build_tiny_model(tmp_path / "small", preset="small")  # whose layers, not its vocabulary, weigh
+    out = subprocess.run([sys.executable, "-c", _MEASURE_FUSED, str(model)], capture_output=True, text=True,
+                         check=True)
+    fused, growth = map(int, out.stdout.split())
+    assert fused > 20e6
+    assert growth < 0.25 * fused, f"the llm grew by {growth / 1e6:.0f} MB fusing {fused / 1e6:.0f} MB of weights"
