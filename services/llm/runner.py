@@ -15,7 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 from services.llm.batch import Batch, block_tables, is_decode
 from services.llm.block_manager import BlockManager, kv_slots
 from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, flash_usable
-from services.llm.fused import fuse_layers
+from services.llm.projections import layer_projections
 from services.llm.prompt import MultimodalPrompt
 from services.llm.scheduler import ScheduledChunk
 
@@ -48,8 +48,8 @@ class ModelRunner:
         self.device = device
         self.model = text_model.to(device)
         self.lm_head = lm_head.to(device)
-        # One matmul for each layer's q, k and v and one for its MLP's gate and up (None where a layer has none).
-        self.qkv, self.gate_up = fuse_layers(text_model.layers, device)
+        # Each layer's matmuls: q, k and v fused, gate and up fused, packed on a CPU (services/llm/projections.py).
+        self.projections = layer_projections(text_model.layers, device)
         self.block_manager = block_manager
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -212,8 +212,9 @@ class ModelRunner:
 
     def _attention(self, attn, layer_index: int, x, cos, sin, slots: torch.Tensor, attend: Attend) -> torch.Tensor:
         n_tokens = x.shape[0]
-        fused = self.qkv[layer_index]
-        q, k, v = fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        projections = self.projections[layer_index]
+        qkv, o = projections.qkv or _separate(attn.q_proj, attn.k_proj, attn.v_proj), projections.o or attn.o_proj
+        q, k, v = qkv(x)
         q = q.view(n_tokens, self.num_heads, self.head_dim)
         k = k.view(n_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(n_tokens, self.num_kv_heads, self.head_dim)
@@ -222,14 +223,14 @@ class ModelRunner:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         self._write_kv(layer_index, slots, k, v)
-        return attn.o_proj(attend(q, layer_index).reshape(n_tokens, -1))
+        return o(attend(q, layer_index).reshape(n_tokens, -1))
 
     def _mlp(self, mlp, layer_index: int, x: torch.Tensor) -> torch.Tensor:
-        fused = self.gate_up[layer_index]
-        if fused is None:  # a mixture of experts
+        projections = self.projections[layer_index]
+        if projections.gate_up is None:  # a mixture of experts
             return mlp(x)
-        gate, up = fused(x)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+        gate, up = projections.gate_up(x)
+        return (projections.down or mlp.down_proj)(mlp.act_fn(gate) * up)
 
     def _write_kv(self, layer_index: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.flash:
@@ -292,6 +293,10 @@ class ModelRunner:
         return flash_attn_varlen_func(q, k_pages, v_pages, batch.cu_seqlens_q, batch.cu_seqlens_k,
                                       batch.max_seqlen_q, batch.max_seqlen_k, softmax_scale=self.scale,
                                       causal=True, block_table=batch.block_table)
+
+
+def _separate(*linears) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    return lambda x: tuple(linear(x) for linear in linears)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmserve.models.tiny import build_tiny_model
 
@@ -50,26 +51,33 @@ def test_encoder_loads_the_vision_tower_only(real_vocab_model):
     assert text_growth > 0.8 * text, f"the llm grew by only {text_growth / 1e6:.0f} MB"
 
 
-_MEASURE_FUSED = """
+_MEASURE_PROJECTIONS = """
 import gc, sys, psutil, torch
 from mmserve.models import loading
 from services.llm.block_manager import BlockManager
+from services.llm.projections import packs_exactly
 from services.llm.runner import ModelRunner
 process = psutil.Process()
-text_model, lm_head = loading.load_language_model(sys.argv[1])
+text_model, lm_head = loading.load_language_model(sys.argv[1], dtype=torch.bfloat16)
 sum(float(p.sum()) for p in text_model.parameters())
+packs_exactly(torch.bfloat16)  # its first packed matmul maps oneDNN's code: not the weights' memory
 gc.collect(); before = process.memory_info().rss
 runner = ModelRunner(text_model, lm_head, BlockManager(num_blocks=4, block_size=16), torch.bfloat16)
-fused = sum(f.weight.nbytes for f in runner.qkv + runner.gate_up)
-gc.collect(); print(fused, process.memory_info().rss - before)
+weights = [p.weight for layer in runner.projections for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+assert all(w.is_mkldnn for w in weights) == (sys.argv[2] == "packed"), "packed" if weights[0].is_mkldnn else "plain"
+gc.collect(); print(sum(w.nbytes for w in weights), process.memory_info().rss - before)
 """
 
 
-def test_the_llm_holds_its_fused_projections_once(tmp_path):
-    """Fusing each layer's q, k, v and gate, up copies them into one weight: the copies' memory is given back."""
+def test_the_llm_holds_its_projections_weights_once(tmp_path):
+    """Fusing each layer's q, k, v and gate, up copies them into one weight, and packing them (a CPU with bfloat16)
+    copies every weight: the copies' memory is given back."""
+    from services.llm.projections import packs_exactly
+
     model = build_tiny_model(tmp_path / "small", preset="small")  # whose layers, not its vocabulary, weigh
-    out = subprocess.run([sys.executable, "-c", _MEASURE_FUSED, str(model)], capture_output=True, text=True,
-                         check=True)
-    fused, growth = map(int, out.stdout.split())
-    assert fused > 20e6
-    assert growth < 0.25 * fused, f"the llm grew by {growth / 1e6:.0f} MB fusing {fused / 1e6:.0f} MB of weights"
+    packed = "packed" if packs_exactly(torch.bfloat16) else "plain"
+    out = subprocess.run([sys.executable, "-c", _MEASURE_PROJECTIONS, str(model), packed], capture_output=True,
+                         text=True, check=True)
+    weights, growth = map(int, out.stdout.split())
+    assert weights > 30e6
+    assert growth < 0.25 * weights, f"the llm grew by {growth / 1e6:.0f} MB with {weights / 1e6:.0f} MB of weights"

@@ -1,13 +1,16 @@
-"""Fused projections (q, k, v in one matmul; an MLP's gate and up in one): the same numbers as the separate ones."""
+"""A layer's projections as the llm runs them (q, k, v in one matmul; gate and up in one; packed on a CPU with
+bfloat16): the same numbers as the model's own linears, bit for bit."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from mmserve.models import loading
+from services.llm import projections as projections_module
 from services.llm.block_manager import BlockManager
-from services.llm.fused import fuse, fuse_attention, fuse_mlp
+from services.llm.projections import LayerProjections, fuse, packs_exactly
 from services.llm.prompt import MultimodalPrompt
 from services.llm.runner import ModelRunner
 from services.llm.scheduler import ScheduledChunk
@@ -20,7 +23,7 @@ def test_fused_projections_equal_the_separate_ones_bit_for_bit_and_share_their_w
     x = torch.randn(5, text_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     attn, mlp = layer.self_attn, layer.mlp
     before = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x), mlp.up_proj(x)]
-    qkv, gate_up = fuse_attention(attn), fuse_mlp(mlp)
+    qkv, gate_up = fuse([attn.q_proj, attn.k_proj, attn.v_proj]), fuse([mlp.gate_proj, mlp.up_proj])
     assert qkv.bias is not None  # Qwen2.5-VL's q, k and v have biases: fused too
     for got, want in zip([*qkv(x), *gate_up(x)], before):
         assert torch.equal(got, want)
@@ -32,24 +35,31 @@ def test_fused_projections_equal_the_separate_ones_bit_for_bit_and_share_their_w
 
 
 def test_what_cannot_share_one_weight_is_left_alone():
-    class Experts(nn.Module):  # a mixture of experts: no gate_proj / up_proj of its own
-        act_fn = nn.SiLU()
-
-    assert fuse_mlp(Experts()) is None
     assert fuse([nn.Linear(4, 4, bias=True), nn.Linear(4, 4, bias=False)]) is None
     assert fuse([nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16)]) is None
     assert fuse([nn.Linear(4, 4), nn.Linear(3, 4)]) is None
+    assert fuse([nn.Bilinear(4, 4, 4)]) is None
 
 
-def test_a_step_with_fused_projections_gives_the_unfused_step_s_logits(tiny_model):
-    text_model, lm_head = loading.load_language_model(str(tiny_model))
-    runner = ModelRunner(text_model, lm_head, BlockManager(num_blocks=16, block_size=4), torch.float32)
-    num_tokens = 10
+def _prefill_logits(runner: ModelRunner, num_tokens: int = 10) -> torch.Tensor:
     mm = MultimodalPrompt(None, None, torch.arange(num_tokens).expand(3, -1), 0)
     seq = Sequence("a", [(7 * i + 3) % 100 for i in range(num_tokens)], SamplingOptions(), mm=mm,
                    num_prompt_tokens=num_tokens, num_computed_tokens=0, block_table=[3, 8, 1])
-    fused = runner.run([ScheduledChunk(seq, num_tokens)])
-    num_layers = len(text_model.layers)
-    assert all(runner.qkv) and all(runner.gate_up)
-    runner.qkv, runner.gate_up = [None] * num_layers, [None] * num_layers  # the modules' own projections
-    assert torch.equal(runner.run([ScheduledChunk(seq, num_tokens)]), fused)
+    return runner.run([ScheduledChunk(seq, num_tokens)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_with_the_runner_s_projections_gives_the_model_s_own_linears_logits(tiny_model, monkeypatch, dtype):
+    """bfloat16 on a CPU with it in hardware: fused and packed; float32: fused, plain."""
+    def runner() -> ModelRunner:
+        text_model, lm_head = loading.load_language_model(str(tiny_model), dtype=dtype)
+        return ModelRunner(text_model, lm_head, BlockManager(num_blocks=16, block_size=4), dtype)
+
+    ours = runner()
+    first = ours.projections[0]
+    assert all([first.qkv, first.o, first.gate_up, first.down])
+    assert first.qkv.weight.is_mkldnn == first.down.weight.is_mkldnn == packs_exactly(dtype)
+    monkeypatch.setattr(projections_module, "packs_exactly", lambda dtype: False)
+    reference = runner()  # plain weights; and the model's own linears, not fused ones:
+    reference.projections = [LayerProjections(None, None, None, None)] * len(reference.projections)
+    assert torch.equal(_prefill_logits(ours), _prefill_logits(reference))
