@@ -82,7 +82,7 @@ class DecodeGraphs:
         hidden = runner.model.embed_tokens(self.ids[:size])
         # A decode has no visual rows: no DeepStack injection, so the graph is the same for every family.
         hidden = runner.forward(hidden, self.positions[:, :size], self.slots[:size], attend)
-        return runner.model.norm(hidden) @ runner.lm_head.T
+        return runner.head(runner.model.norm(hidden))
 
     def fits(self, chunks) -> bool:
         return len(chunks) <= self.sizes[-1] and all(is_decode(c.seq, c.num_new_tokens) for c in chunks)

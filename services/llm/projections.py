@@ -89,6 +89,18 @@ def layer_projections(layers, device: torch.device) -> list[LayerProjections]:
     return projections
 
 
+def output_projection(lm_head: torch.Tensor, embeddings: torch.Tensor, device: torch.device) -> Projection:
+    """The lm_head as a projection, packed as the layers' are; not when it is the input embeddings (tied), whose
+    lookup needs the plain tensor: a packed copy beside it would double the model's largest weight."""
+    head = Projection(lm_head, None, (lm_head.shape[0],))
+    is_tied = lm_head.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr()
+    if device.type != "cpu" or is_tied or not packs_exactly(lm_head.dtype):
+        return head
+    packed = dataclasses.replace(head, weight=torch.ops.mkldnn._reorder_linear_weight(lm_head))
+    _give_back_freed_memory(device, [_byte_range(lm_head)])  # its file pages; the tensor is the caller's to drop
+    return packed
+
+
 @functools.cache
 def packs_exactly(dtype: torch.dtype) -> bool:
     """Whether this CPU's oneDNN takes packed weights of dtype with results bit for bit F.linear's: bfloat16 on a

@@ -15,7 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 from services.llm.batch import Batch, block_tables, is_decode
 from services.llm.block_manager import BlockManager, kv_slots
 from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, flash_usable
-from services.llm.projections import layer_projections
+from services.llm.projections import layer_projections, output_projection
 from services.llm.prompt import MultimodalPrompt
 from services.llm.scheduler import ScheduledChunk
 
@@ -47,9 +47,10 @@ class ModelRunner:
         config = text_model.config
         self.device = device
         self.model = text_model.to(device)
-        self.lm_head = lm_head.to(device)
-        # Each layer's matmuls: q, k and v fused, gate and up fused, packed on a CPU (services/llm/projections.py).
+        # Each layer's matmuls: q, k and v fused, gate and up fused, packed on a CPU (services/llm/projections.py),
+        # and the lm_head's.
         self.projections = layer_projections(text_model.layers, device)
+        self.head = output_projection(lm_head.to(device), text_model.get_input_embeddings().weight, device)
         self.block_manager = block_manager
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -105,7 +106,7 @@ class ModelRunner:
                               lambda q, layer_index: attend(q, layer_index, batch), deepstack)
         last = [start + n - 1 for (start, n), c in zip(batch.spans, chunks) if c.completes_sequence]
         hidden = self.model.norm(hidden[last])
-        return (hidden @ self.lm_head.T).float().cpu()
+        return self.head(hidden).float().cpu()
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 attend: Attend, deepstack: DeepStack | None = None) -> torch.Tensor:

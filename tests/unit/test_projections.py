@@ -10,7 +10,7 @@ from torch import nn
 from mmserve.models import loading
 from services.llm import projections as projections_module
 from services.llm.block_manager import BlockManager
-from services.llm.projections import LayerProjections, fuse, packs_exactly
+from services.llm.projections import LayerProjections, fuse, output_projection, packs_exactly
 from services.llm.prompt import MultimodalPrompt
 from services.llm.runner import ModelRunner
 from services.llm.scheduler import ScheduledChunk
@@ -58,8 +58,21 @@ def test_a_step_with_the_runner_s_projections_gives_the_model_s_own_linears_logi
     ours = runner()
     first = ours.projections[0]
     assert all([first.qkv, first.o, first.gate_up, first.down])
-    assert first.qkv.weight.is_mkldnn == first.down.weight.is_mkldnn == packs_exactly(dtype)
+    packed = {p.weight.is_mkldnn for p in (first.qkv, first.o, first.gate_up, first.down, ours.head)}
+    assert packed == {packs_exactly(dtype)}
     monkeypatch.setattr(projections_module, "packs_exactly", lambda dtype: False)
     reference = runner()  # plain weights; and the model's own linears, not fused ones:
     reference.projections = [LayerProjections(None, None, None, None)] * len(reference.projections)
     assert torch.equal(_prefill_logits(ours), _prefill_logits(reference))
+
+
+@pytest.mark.skipif(not packs_exactly(torch.bfloat16), reason="this CPU packs no bfloat16 weights")
+def test_a_tied_lm_head_stays_plain():
+    """Tied, the lm_head is the input embeddings, which the lookup reads plain: packing would copy it."""
+    embeddings = torch.randn(64, 16).to(torch.bfloat16)
+    assert not output_projection(embeddings, embeddings, torch.device("cpu")).weight.is_mkldnn
+    lm_head = torch.randn(64, 16).to(torch.bfloat16)
+    head = output_projection(lm_head, embeddings, torch.device("cpu"))
+    assert head.weight.is_mkldnn
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    assert torch.equal(head(x), x @ lm_head.T)
