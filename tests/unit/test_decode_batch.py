@@ -40,3 +40,17 @@ def test_batched_decode_metadata_and_attention_equal_each_sequence_alone(tiny_mo
         alone = F.scaled_dot_product_attention(q[row][:, None], k_cache[:, context], v_cache[:, context],
                                                scale=runner.scale, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[row], alone)
+
+
+def test_a_lone_decode_attends_as_it_would_in_a_batch(tiny_model):
+    """Alone, a decoding sequence takes SDPA's kernel (no padding to mask); in a batch, the padded matmuls."""
+    text_model, lm_head = loading.load_language_model(str(tiny_model))
+    runner = ModelRunner(text_model, lm_head, BlockManager(num_blocks=16, block_size=4), torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    runner.k_cache.copy_(torch.randn(runner.k_cache.shape, generator=generator))
+    runner.v_cache.copy_(torch.randn(runner.v_cache.shape, generator=generator))
+    lone, other = decoding("a", 7, [5, 2], 0), decoding("b", 10, [9, 3, 14], 0)
+    q = torch.randn(2, runner.num_heads, runner.head_dim, generator=generator)
+    alone = runner._sdpa_attend(q[:1], 1, runner._prepare([ScheduledChunk(lone, 1)]))
+    batched = runner._sdpa_attend(q, 1, runner._prepare([ScheduledChunk(lone, 1), ScheduledChunk(other, 1)]))
+    torch.testing.assert_close(alone, batched[:1])
