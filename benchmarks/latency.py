@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import math
 import os
 import pathlib
 import statistics
@@ -90,7 +91,11 @@ class Clock:
         self.num_tokens += n
 
     def result(self, num_tokens: int = 0) -> tuple[float, float]:
-        """(TTFT ms, TPOT ms); num_tokens overrides the count seen (the OpenAI stream sends text, not tokens)."""
+        """(TTFT ms, TPOT ms); num_tokens overrides the count seen (the OpenAI stream sends text, not tokens). NaN
+        when nothing was seen: an answer whose tokens all decode to no text (a random model's special tokens)
+        streams no text to time."""
+        if not self.first:
+            return math.nan, math.nan
         n = num_tokens or self.num_tokens
         return (self.first - self.start) * 1e3, (self.last - self.first) * 1e3 / max(1, n - 1)
 
@@ -185,7 +190,10 @@ def start_up(model: str, port: int, http_port: int) -> tuple[subprocess.Popen, f
 
 
 def summary(timed: list[tuple[float, float]]) -> tuple[float, float, float, float]:
-    """best and median TTFT, best and median TPOT."""
+    """best and median TTFT, best and median TPOT, over the requests that were timed (NaN when none was)."""
+    timed = [t for t in timed if not math.isnan(t[0])]
+    if not timed:
+        return (math.nan,) * 4
     ttft, tpot = [t[0] for t in timed], [t[1] for t in timed]
     return min(ttft), statistics.median(ttft), min(tpot), statistics.median(tpot)
 
