@@ -70,35 +70,41 @@ def fuse(linears: list[nn.Module], replaced: list[tuple[int, int]] | None = None
     return Projection(weight, bias, splits)
 
 
-def layer_projections(layers, device: torch.device) -> list[LayerProjections]:
-    """Each decoder layer's projections, fused, and packed where packs_exactly says so; then the memory the
-    separate weights held is given back. Packed, a projection holds the only copy of its weights: the layer's
-    own linears are left empty (calling one raises)."""
-    projections, replaced = [], []
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        gated = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-        groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj],
-                  [mlp.gate_proj, mlp.up_proj] if gated else None, [mlp.down_proj] if gated else None]
-        fused = [fuse(group, replaced) if group else None for group in groups]
-        if device.type == "cpu":
-            fused = [_packed(p, group, replaced) if p is not None and packs_exactly(p.weight.dtype) else p
-                     for p, group in zip(fused, groups)]
-        projections.append(LayerProjections(*fused))
+def model_projections(text_model, lm_head: torch.Tensor,
+                      device: torch.device) -> tuple[list[LayerProjections], Projection]:
+    """Each decoder layer's projections and the lm_head's; then, once, the memory the weights they replaced held is
+    given back. Packed, a projection holds the only copy of its weights: the layer's own linears are left empty
+    (calling one raises); a packed lm_head's plain tensor is the caller's to drop."""
+    replaced: list[tuple[int, int]] = []
+    layers = [_layer_projections(layer, device, replaced) for layer in text_model.layers]
+    head = output_projection(lm_head, text_model.get_input_embeddings().weight, device, replaced)
     _give_back_freed_memory(device, replaced)
-    return projections
+    return layers, head
 
 
-def output_projection(lm_head: torch.Tensor, embeddings: torch.Tensor, device: torch.device) -> Projection:
+def _layer_projections(layer, device: torch.device, replaced: list[tuple[int, int]]) -> LayerProjections:
+    """A decoder layer's projections, fused, and packed where packs_exactly says so."""
+    attn, mlp = layer.self_attn, layer.mlp
+    gated = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+    groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj],
+              [mlp.gate_proj, mlp.up_proj] if gated else None, [mlp.down_proj] if gated else None]
+    fused = [fuse(group, replaced) if group else None for group in groups]
+    if device.type == "cpu":
+        fused = [_packed(p, group, replaced) if p is not None and packs_exactly(p.weight.dtype) else p
+                 for p, group in zip(fused, groups)]
+    return LayerProjections(*fused)
+
+
+def output_projection(lm_head: torch.Tensor, embeddings: torch.Tensor, device: torch.device,
+                      replaced: list[tuple[int, int]] | None = None) -> Projection:
     """The lm_head as a projection, packed as the layers' are; not when it is the input embeddings (tied), whose
-    lookup needs the plain tensor: a packed copy beside it would double the model's largest weight."""
+    lookup needs the plain tensor: a packed copy beside it would double the model's largest weight. The byte range
+    of a weight it packs is added to replaced."""
     head = Projection(lm_head, None, (lm_head.shape[0],))
     is_tied = lm_head.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr()
     if device.type != "cpu" or is_tied or not packs_exactly(lm_head.dtype):
         return head
-    packed = dataclasses.replace(head, weight=torch.ops.mkldnn._reorder_linear_weight(lm_head))
-    _give_back_freed_memory(device, [_byte_range(lm_head)])  # its file pages; the tensor is the caller's to drop
-    return packed
+    return _packed(head, [], [] if replaced is None else replaced)
 
 
 @functools.cache
@@ -119,6 +125,8 @@ def packs_exactly(dtype: torch.dtype) -> bool:
 
 
 def _packed(projection: Projection, linears: list[nn.Module], replaced: list[tuple[int, int]]) -> Projection:
+    """The projection with its weight packed; the linears that held the plain weight are emptied, and its byte range
+    is added to replaced."""
     weight = torch.ops.mkldnn._reorder_linear_weight(projection.weight)
     replaced.append(_byte_range(projection.weight))
     for m in linears:  # the plain weight's last references

@@ -15,7 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 from services.llm.batch import Batch, block_tables, is_decode
 from services.llm.block_manager import BlockManager, kv_slots
 from services.llm.cuda_graphs import FLASH_PAGE, DecodeGraphs, flash_usable
-from services.llm.projections import layer_projections, output_projection
+from services.llm.projections import model_projections
 from services.llm.prompt import MultimodalPrompt
 from services.llm.scheduler import ScheduledChunk
 
@@ -47,10 +47,9 @@ class ModelRunner:
         config = text_model.config
         self.device = device
         self.model = text_model.to(device)
-        # Each layer's matmuls: q, k and v fused, gate and up fused, packed on a CPU (services/llm/projections.py),
-        # and the lm_head's.
-        self.projections = layer_projections(text_model.layers, device)
-        self.head = output_projection(lm_head.to(device), text_model.get_input_embeddings().weight, device)
+        # Each layer's matmuls (q, k and v fused, gate and up fused) and the lm_head's, packed on a CPU
+        # (services/llm/projections.py).
+        self.projections, self.head = model_projections(text_model, lm_head.to(device), device)
         self.block_manager = block_manager
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
