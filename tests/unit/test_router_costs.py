@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.costs import CostSeeds, DecodeCost, MediaShape, OnlineLinear, ShapeEstimator, TokenCost
+from mmserve.online_linear import OnlineLinear
+from services.router.costs import CostSeeds, DecodeCost, MediaShape, ShapeEstimator, TokenCost
 
 
 def test_online_linear_starts_at_the_seed_and_converges_to_the_truth():
