@@ -13,6 +13,12 @@ class LlmConfig(ServiceConfig, CacheOptions, ModelOptions):
 
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(2048, "tokens computed per engine step (chunked prefill budget)")
+    step_tpot_share: float = option(0.75, "while sequences with a time-per-token target decode, a step prefills "
+                                          "only what its time model says fits before each one's next token is due, "
+                                          "token k at k times this share of its target after its first (0: the "
+                                          "token budget alone)")
+    min_prefill_tokens: int = option(32, "prompt tokens a step may always prefill, however tight the targets of "
+                                         "the sequences decoding in it")
     block_size: int = option(0, "tokens per KV block (0: 256 where flash-attn's paged kernels run, as they need a "
                                 "multiple of 256; else 16)")
     prefix_caching: bool = option(True, "reuse the KV cache of a prompt prefix computed before (the same system "
@@ -25,8 +31,10 @@ class LlmConfig(ServiceConfig, CacheOptions, ModelOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_model_options()
-        if min(self.max_num_seqs, self.max_num_batched_tokens) < 1:
-            raise ValueError("max_num_seqs, max_num_batched_tokens: must be positive")
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.min_prefill_tokens) < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens, min_prefill_tokens: must be positive")
+        if not 0 <= self.step_tpot_share <= 1:
+            raise ValueError("step_tpot_share: must be within [0, 1]")
         if self.block_size < 0:
             raise ValueError("block_size: must not be negative")
         if self.max_model_len < 2:

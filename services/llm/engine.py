@@ -27,6 +27,7 @@ from services.llm.runner import ModelRunner
 from services.llm.sampler import TokenLogprobs, make_generator, model_logprobs, sample_rows, token_logprobs
 from services.llm.scheduler import Scheduler
 from services.llm.sequence import SamplingOptions, Sequence
+from services.llm.step_budget import StepBudget
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ class Engine:
         block_size = config.block_size or default_block_size(self.device, dtype)
         num_blocks = max(1, config.kv_cache_bytes // (per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.step_budget = StepBudget(config.max_num_batched_tokens, share=config.step_tpot_share,
+                                      min_tokens=config.min_prefill_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.step_budget)
         self.max_model_len = min(config.max_model_len, text_model.config.max_position_embeddings)
         self.runner = ModelRunner(text_model, lm_head, self.block_manager, dtype, self.device,
                                   cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
@@ -117,14 +121,15 @@ class Engine:
         self._thread.join(timeout=10)
 
     def prepare(self, request_id: str, messages: list[ChatMessage], options: SamplingOptions,
-                priority: float = 0.0) -> Sequence:
-        """Tokenises and validates a request (raises ValueError for a bad one) without queueing it."""
+                priority: float = 0.0, tpot_ms: float = 0.0) -> Sequence:
+        """Tokenises and validates a request (raises ValueError for a bad one) without queueing it; tpot_ms: its
+        time-per-token target (0: none)."""
         ids, mm = self.prompts.build(messages)
         if len(ids) + options.max_tokens > self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens plus max_tokens={options.max_tokens} exceed the "
                              f"context length of {self.max_model_len}")
         spans = [(start, end, media_digest(item)) for (start, end), item in zip(mm.spans, mm.media)]
-        seq = Sequence(request_id, ids, options, priority=priority, mm=mm, media_spans=spans)
+        seq = Sequence(request_id, ids, options, priority=priority, tpot_ms=tpot_ms, mm=mm, media_spans=spans)
         if mm.streamed is not None:
             seq.is_streamed = True
             seq.pending_media = {i: mm.streamed.token_span(i) for i in range(mm.streamed.num_chunks)}
@@ -248,6 +253,7 @@ class Engine:
             self.num_idle_steps += 1
             self._report_occupancy()  # e.g. the last request was aborted: the gauges must fall to zero
             return False
+        num_decoding = sum(chunk.seq.is_decoding for chunk in chunks)
         start = now = time.monotonic()
         for chunk in chunks:
             request = self._requests[chunk.seq.seq_id]
@@ -274,6 +280,8 @@ class Engine:
         now = time.monotonic()
         self._emit([self._requests[seq.seq_id] for seq in seqs], tokens, logprobs, now, len(chunks))
         self._observe(chunks, len(seqs), now - start)
+        self.step_budget.observe(num_decoding, sum(c.num_new_tokens for c in chunks) - num_decoding,
+                                 (now - start) * 1e3)
         return True
 
     def _consume_media(self, chunks) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
+from collections.abc import Callable
 
 from services.llm.block_manager import BlockManager
 from services.llm.sequence import Sequence, SeqStatus
+from services.llm.step_budget import StepBudget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,17 +28,21 @@ class ScheduledChunk:
 class Scheduler:
     """Running sequences first (decodes before prefill chunks), then admits waiting ones.
 
-    Long prompts are chunked by the budget, so decodes never stall behind them; when KV blocks
+    Long prompts are chunked by the budget, and by step_budget while sequences with a time-per-token target
+    decode, so decodes never stall behind them; when KV blocks
     run out the lowest-priority running sequence is preempted (freed, recomputed later). A sequence waiting
     for a media chunk keeps its blocks and is skipped until the chunk arrives; it is preempted last, and since
     its consumed media are gone it is then dropped (listed in `dropped`) rather than queued for recomputation.
     A streamed prompt takes its blocks before its first chunk only while the cache has room to spare.
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 step_budget: StepBudget | None = None, clock: Callable[[], float] = time.monotonic):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.step_budget = step_budget
+        self.clock = clock
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -57,6 +64,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         """Picks this step's work."""
         budget = self.max_num_batched_tokens
+        prefill_budget = self._prefill_budget()
         chunks: list[ScheduledChunk] = []
         self.running.sort(key=lambda s: (s.num_uncomputed_tokens > 1, *s.sort_key()))
         for seq in list(self.running):
@@ -64,16 +72,25 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_schedulable_tokens, budget)
+            is_decoding = seq.is_decoding
+            n = min(seq.num_schedulable_tokens, budget if is_decoding else min(budget, prefill_budget))
             if n == 0:
-                continue  # waiting for a media chunk: it keeps its blocks and takes no share of the step
+                continue  # waiting for a media chunk (it keeps its blocks), or no prefill room left this step
             if not self._make_room(seq, seq.num_computed_tokens + n):
                 continue
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
-        self._admit(chunks, budget)
+            if not is_decoding:
+                prefill_budget -= n
+        self._admit(chunks, min(budget, prefill_budget))
         return chunks
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may take beside the sequences decoding now (step_budget)."""
+        if self.step_budget is None:
+            return self.max_num_batched_tokens
+        return self.step_budget.prefill_tokens([seq for seq in self.running if seq.is_decoding], self.clock())
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
         ordered = sorted(self.waiting, key=Sequence.sort_key)
@@ -136,8 +153,10 @@ class Scheduler:
         """Advances computed counts and appends sampled tokens."""
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        now = self.clock()
         for seq, token in new_tokens.items():
             seq.token_ids.append(token)
+            seq.first_token_at = seq.first_token_at or now
         for chunk in chunks:
             self.block_manager.register_computed(chunk.seq)
 

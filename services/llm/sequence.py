@@ -29,6 +29,11 @@ class Sequence:
     sampling: SamplingOptions
     # Lower runs first; the router passes deadlines here (earliest first).
     priority: float = 0.0
+    # The request's time-per-token target, ms (0: none): while it decodes, steps keep their prompt chunks to what
+    # fits beside it (StepBudget).
+    tpot_ms: float = 0.0
+    # When its first output token was sampled (the scheduler's clock, seconds; 0: not yet).
+    first_token_at: float = 0.0
     # Engine-specific multimodal data (embeddings, M-RoPE positions); opaque to the scheduler.
     mm: Any = None
     # (start, end, digest) of each media item's placeholder tokens: media identity for prefix caching.
@@ -80,6 +85,11 @@ class Sequence:
                 end = max(start, self.num_computed_tokens)
                 break
         return end - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Whether its next step computes one new token of its output (its prompt is done)."""
+        return self.num_output_tokens > 0 and self.num_uncomputed_tokens == 1
 
     @property
     def is_waiting_for_media(self) -> bool:

@@ -227,3 +227,43 @@ async def test_the_occupancy_gauges_count_a_request_out_before_its_final_is_sent
         assert seen == [0.0]
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("tpot_ms, shaped", [(0.001, True), (0.0, False)])
+async def test_a_prompt_beside_a_decode_behind_its_target_advances_by_the_minimum_and_both_match_transformers(
+        tiny_model, hf_model, tpot_ms, shaped):
+    """A decode with a time-per-token target it cannot meet leaves a prompt beside it min_prefill_tokens a step;
+    without a target the prompt takes one step. Either way the tokens are transformers'."""
+    engine = make_engine(tiny_model, min_prefill_tokens=16)
+    try:
+        options = SamplingOptions(max_tokens=48, min_tokens=48, temperature=0.0)
+        first = engine.prepare("decoding", [ChatMessage("user", ["Count to forty."])], options, tpot_ms=tpot_ms)
+        second = engine.prepare("prompt", [ChatMessage("user", ["word " * 150])], options)
+        assert first.tpot_ms == tpot_ms and second.num_prompt_tokens > 150
+        expected = [reference(hf_model, engine, s, 48) for s in (first, second)]
+        decoded: list[int] = []
+
+        async def decode() -> list[int]:
+            async for event in engine.generate(first):
+                if not isinstance(event, Finished):
+                    decoded.extend(event.token_ids)
+            return decoded
+
+        decoding = asyncio.create_task(decode())
+        while not decoded:
+            await asyncio.sleep(0.001)
+        stream = engine.generate(second)
+        got = (await anext(stream)).token_ids
+        num_beside = len(decoded)  # the decode's tokens by the prompt's first: one per step of its prefill
+        got += [t for event in [e async for e in stream] if not isinstance(event, Finished) for t in event.token_ids]
+        assert [await decoding, got] == expected
+        num_steps = -(-second.num_prompt_tokens // 16)
+        assert num_steps >= 10
+        # (a token or two of slack: the decode's consumer may not have run when the prompt's first token came)
+        if shaped:
+            assert num_beside >= num_steps - 2, "the prompt advanced 16 tokens a step beside the decode"
+        else:
+            assert num_beside <= 4, "the prompt took one step"
+        assert engine.step_budget.model.num_updates > 48, "every step taught the time model"
+    finally:
+        engine.stop()
