@@ -27,7 +27,7 @@ from mmserve.v1 import decoder_pb2 as mmserve_dot_v1_dot_decoder__pb2
 from mmserve.v1 import tensor_pb2 as mmserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mmserve/v1/llm.proto\x12\nmmserve.v1\x1a\x14mmserve/v1/api.proto\x1a\x18mmserve/v1/decoder.proto\x1a\x17mmserve/v1/tensor.proto\"g\n\x08LlmInput\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x16.mmserve.v1.LlmRequestH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.mmserve.v1.MediaChunkH\x00\x42\x07\n\x05input\"a\n\nMediaChunk\x12\x13\n\x0bmedia_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12)\n\nembeddings\x18\x03 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\"\x8a\x01\n\nLlmRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.mmserve.v1.LlmMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.mmserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x01\">\n\nLlmMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\"\n\x05parts\x18\x02 \x03(\x0b\x32\x13.mmserve.v1.LlmPart\"Q\n\x07LlmPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x05media\x18\x02 \x01(\x0b\x32\x1a.mmserve.v1.MediaEmbeddingH\x00\x42\t\n\x07\x63ontent\"\xd9\x01\n\x0eMediaEmbedding\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.mmserve.v1.MediaKind\x12)\n\nembeddings\x18\x02 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\x12\x10\n\x08grid_thw\x18\x03 \x03(\x03\x12\x19\n\x11second_per_grid_t\x18\x04 \x01(\x01\x12\x12\n\ncache_keys\x18\x05 \x03(\t\x12\x12\n\ntimestamps\x18\x06 \x03(\x01\x12\x12\n\nchunk_rows\x18\x07 \x03(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\"a\n\x0bLlmResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.mmserve.v1.DeltaH\x00\x12%\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x14.mmserve.v1.LlmFinalH\x00\x42\x07\n\x05\x65vent\"\xa0\x01\n\x08LlmFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_batch\x18\x07 \x01(\x01\x32\x8b\x01\n\x03Llm\x12=\n\x08Generate\x12\x16.mmserve.v1.LlmRequest\x1a\x17.mmserve.v1.LlmResponse0\x01\x12\x45\n\x10GenerateStreamed\x12\x14.mmserve.v1.LlmInput\x1a\x17.mmserve.v1.LlmResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mmserve/v1/llm.proto\x12\nmmserve.v1\x1a\x14mmserve/v1/api.proto\x1a\x18mmserve/v1/decoder.proto\x1a\x17mmserve/v1/tensor.proto\"g\n\x08LlmInput\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x16.mmserve.v1.LlmRequestH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.mmserve.v1.MediaChunkH\x00\x42\x07\n\x05input\"a\n\nMediaChunk\x12\x13\n\x0bmedia_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12)\n\nembeddings\x18\x03 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\"\x9b\x01\n\nLlmRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.mmserve.v1.LlmMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.mmserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x05 \x01(\x01\">\n\nLlmMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\"\n\x05parts\x18\x02 \x03(\x0b\x32\x13.mmserve.v1.LlmPart\"Q\n\x07LlmPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x05media\x18\x02 \x01(\x0b\x32\x1a.mmserve.v1.MediaEmbeddingH\x00\x42\t\n\x07\x63ontent\"\xd9\x01\n\x0eMediaEmbedding\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.mmserve.v1.MediaKind\x12)\n\nembeddings\x18\x02 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\x12\x10\n\x08grid_thw\x18\x03 \x03(\x03\x12\x19\n\x11second_per_grid_t\x18\x04 \x01(\x01\x12\x12\n\ncache_keys\x18\x05 \x03(\t\x12\x12\n\ntimestamps\x18\x06 \x03(\x01\x12\x12\n\nchunk_rows\x18\x07 \x03(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\"a\n\x0bLlmResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.mmserve.v1.DeltaH\x00\x12%\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x14.mmserve.v1.LlmFinalH\x00\x42\x07\n\x05\x65vent\"\xa0\x01\n\x08LlmFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_batch\x18\x07 \x01(\x01\x32\x8b\x01\n\x03Llm\x12=\n\x08Generate\x12\x16.mmserve.v1.LlmRequest\x1a\x17.mmserve.v1.LlmResponse0\x01\x12\x45\n\x10GenerateStreamed\x12\x14.mmserve.v1.LlmInput\x1a\x17.mmserve.v1.LlmResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEDIACHUNK']._serialized_start=214
   _globals['_MEDIACHUNK']._serialized_end=311
   _globals['_LLMREQUEST']._serialized_start=314
-  _globals['_LLMREQUEST']._serialized_end=452
-  _globals['_LLMMESSAGE']._serialized_start=454
-  _globals['_LLMMESSAGE']._serialized_end=516
-  _globals['_LLMPART']._serialized_start=518
-  _globals['_LLMPART']._serialized_end=599
-  _globals['_MEDIAEMBEDDING']._serialized_start=602
-  _globals['_MEDIAEMBEDDING']._serialized_end=819
-  _globals['_LLMRESPONSE']._serialized_start=821
-  _globals['_LLMRESPONSE']._serialized_end=918
-  _globals['_LLMFINAL']._serialized_start=921
-  _globals['_LLMFINAL']._serialized_end=1081
-  _globals['_LLM']._serialized_start=1084
-  _globals['_LLM']._serialized_end=1223
+  _globals['_LLMREQUEST']._serialized_end=469
+  _globals['_LLMMESSAGE']._serialized_start=471
+  _globals['_LLMMESSAGE']._serialized_end=533
+  _globals['_LLMPART']._serialized_start=535
+  _globals['_LLMPART']._serialized_end=616
+  _globals['_MEDIAEMBEDDING']._serialized_start=619
+  _globals['_MEDIAEMBEDDING']._serialized_end=836
+  _globals['_LLMRESPONSE']._serialized_start=838
+  _globals['_LLMRESPONSE']._serialized_end=935
+  _globals['_LLMFINAL']._serialized_start=938
+  _globals['_LLMFINAL']._serialized_end=1098
+  _globals['_LLM']._serialized_start=1101
+  _globals['_LLM']._serialized_end=1240
 # @@protoc_insertion_point(module_scope)

@@ -28,16 +28,18 @@ class MediaChunk(_message.Message):
     def __init__(self, media_index: _Optional[int] = ..., chunk_index: _Optional[int] = ..., embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ...) -> None: ...
 
 class LlmRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "sampling", "priority")
+    __slots__ = ("request_id", "messages", "sampling", "priority", "tpot_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[LlmMessage]
     sampling: _api_pb2.SamplingParams
     priority: float
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[LlmMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[float] = ...) -> None: ...
+    tpot_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[LlmMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[float] = ..., tpot_ms: _Optional[float] = ...) -> None: ...
 
 class LlmMessage(_message.Message):
     __slots__ = ("role", "parts")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 
@@ -39,6 +40,14 @@ def check_messages(messages) -> list[llm_pb2.MediaEmbedding]:
                 raise ValueError(f"messages[{i}]: media without a kind or a 3-int grid_thw")
             media.append(part.media)
     return media
+
+
+def tpot_target(request: llm_pb2.LlmRequest) -> float:
+    """The request's time-per-token target in ms (0: none); ValueError for one that is not a finite non-negative
+    number."""
+    if not 0 <= request.tpot_ms < math.inf:
+        raise ValueError(f"tpot_ms: {request.tpot_ms} is not a finite non-negative number of milliseconds")
+    return request.tpot_ms
 
 
 async def cached_refs(cache: EmbeddingCache | None, media: list[llm_pb2.MediaEmbedding]) -> list:
@@ -108,11 +117,12 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
     async def Generate(self, request: llm_pb2.LlmRequest, context: grpc.aio.ServicerContext):
         resolving = True
         try:
-            options = sampling_from_proto(request.sampling)
+            options, tpot_ms = sampling_from_proto(request.sampling), tpot_target(request)
             messages = await self._messages(request, context)
             resolving = False
             priority = request.priority or float("inf")
-            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority)
+            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority,
+                                          tpot_ms)
             events = self.engine.generate(seq)
             async for event in events:
                 yield self._response(event)
@@ -132,11 +142,12 @@ class LlmServicer(llm_pb2_grpc.LlmServicer):
             if first is None or first.WhichOneof("input") != "request":
                 raise ValueError("input: the first message must be the request")
             request = first.request
-            options = sampling_from_proto(request.sampling)
+            options, tpot_ms = sampling_from_proto(request.sampling), tpot_target(request)
             check_messages(request.messages)
             messages = messages_from_proto(request.messages, None, self.engine.hidden_size)
             priority = request.priority or float("inf")
-            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority)
+            seq = await asyncio.to_thread(self.engine.prepare, request.request_id, messages, options, priority,
+                                          tpot_ms)
             events = self.engine.generate(seq)
             is_queued = True
             await context.send_initial_metadata(())  # queued: the client may send the chunks

@@ -178,7 +178,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         priority = time.time() + (ticket.deadline - media_done if self.config.policy == "slo" else 0.0)
         for is_retry in (False, True):
             try:
-                async for response in self._responses(self._llm_request(request, request_id, embedded, priority),
+                async for response in self._responses(self._llm_request(request, request_id, embedded, priority,
+                                                                        self._tpot_ms(ticket)),
                                                       ticket, prepared, embedded, start, media_done, deadline):
                     yield response
                 return
@@ -198,7 +199,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                          attempts=self.config.stage_attempts, max_in_flight=self.config.max_chunks_in_flight)
         now = time.perf_counter()
         priority = time.time() + (ticket.deadline - now if self.config.policy == "slo" else 0.0)
-        llm_request = self._llm_request(request, request_id, feed.embedded, priority)
+        llm_request = self._llm_request(request, request_id, feed.embedded, priority, self._tpot_ms(ticket))
         try:
             async for response in self._responses(llm_request, ticket, prepared, feed.embedded, start, now,
                                                   deadline, feed):
@@ -301,15 +302,20 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         outcome = "met" if met else "missed_ttft" if timings.ttft_ms > ticket.slo.ttft_ms else "missed_tpot"
         metrics.SLO.labels(ticket.cls, outcome).inc()
 
+    def _tpot_ms(self, ticket: Ticket) -> float:
+        """The time-per-token target the llm shapes its steps by: the request's, under the slo policy (fcfs, as it
+        ranks by arrival, leaves the steps to the token budget)."""
+        return ticket.slo.tpot_ms if self.config.policy == "slo" else 0.0
+
     @staticmethod
     def _llm_request(request: api_pb2.GenerateRequest, request_id: str, embedded: list[Embedded],
-                     priority: float) -> llm_pb2.LlmRequest:
+                     priority: float, tpot_ms: float) -> llm_pb2.LlmRequest:
         items = iter(embedded)
         messages = [llm_pb2.LlmMessage(role=m.role, parts=[
             llm_pb2.LlmPart(text=p.text) if p.WhichOneof("content") == "text" else llm_pb2.LlmPart(
                 media=next(items).embedding) for p in m.parts]) for m in request.messages]
         return llm_pb2.LlmRequest(request_id=request_id, messages=messages, sampling=request.sampling,
-                                  priority=priority)
+                                  priority=priority, tpot_ms=tpot_ms)
 
     @staticmethod
     def _final(final: llm_pb2.LlmFinal, request_id: str, embedded: list[Embedded], start: float,

@@ -1,5 +1,5 @@
 """GenerateStreamed on a real llm process: chunks as shared-memory TensorRefs out of order answer like Generate with
-the whole tensor; a malformed chunk is INVALID_ARGUMENT naming the field; a client that goes away mid-stream leaves
+the whole tensor; a malformed chunk (or time-per-token target) is INVALID_ARGUMENT naming the field; a client that goes away mid-stream leaves
 no block and no segment behind, and a request that needs the whole KV cache is served after it."""
 
 from __future__ import annotations
@@ -129,6 +129,29 @@ async def test_a_malformed_chunk_is_invalid_argument_naming_the_field(llm, packe
             await tokens_of(stub.GenerateStreamed(inputs(), timeout=120))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+@pytest.mark.parametrize("tpot_ms", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["Generate", "GenerateStreamed"])
+async def test_a_time_per_token_target_that_is_not_a_finite_non_negative_number_is_invalid_argument(llm, tpot_ms,
+                                                                                                   method):
+    address, _ = llm
+    request = llm_pb2.LlmRequest(request_id="bad-tpot", tpot_ms=tpot_ms, messages=[llm_pb2.LlmMessage(
+        role="user", parts=[llm_pb2.LlmPart(text="hi")])], sampling=api_pb2.SamplingParams(max_tokens=2))
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = llm_pb2_grpc.LlmStub(channel)
+
+        async def inputs():
+            yield llm_pb2.LlmInput(request=request)
+
+        call = stub.Generate(request, timeout=60) if method == "Generate" else stub.GenerateStreamed(inputs(),
+                                                                                                 timeout=60)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await tokens_of(call)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("tpot_ms:"), err.value.details()
+        request.tpot_ms = 40.0  # a target it can take: served
+        assert len(await tokens_of(stub.Generate(request, timeout=60))) == 2
 
 
 def long_text_request(tiny_model, request_id: str) -> llm_pb2.LlmRequest:
