@@ -86,6 +86,11 @@ def summary(outcomes, slo) -> dict[str, float]:
             "late_tpot": sum(o.code == "OK" and o.ttft_ms <= slo[o.cls] and o.tpot_ms > slo["tpot"]
                              for o in admitted) / max(1, len(admitted)),
             "p50_ttft": _percentile(ok, 50), "p99_ttft": _percentile(ok, 99),
+            # Per class: admitted, late first token, late tokens after it.
+            "late_by_class": {cls: (sum(o.cls == cls for o in admitted),
+                                    sum(o.cls == cls and o.ttft_ms > slo[cls] for o in late),
+                                    sum(o.cls == cls and o.ttft_ms <= slo[cls] for o in late))
+                              for cls in ("video", "image", "text")},
             # Where the late ones' time went (medians of the router's timings, ms).
             "late_stages": {k: statistics.median(o.stages.get(k, 0.0) for o in late)
                             for k in ("media_wait_ms", "decode_ms", "encode_ms", "queue_ms", "prefill_ms", "ttft_ms",

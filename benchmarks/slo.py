@@ -28,7 +28,7 @@ import tempfile
 from mmserve.models.tiny import build_tiny_model
 
 # A sibling module: the scripts run as `python benchmarks/<name>.py`.
-from workload import (flush, highest_rate, lone_latencies, make_media, make_trace, plot, replay, slo_targets,
+from workload import (failures, flush, highest_rate, lone_latencies, make_media, make_trace, plot, replay, slo_targets,
                       start_redis, start_stack, summarize)
 
 
@@ -71,7 +71,7 @@ def main() -> None:
                 outcomes, wall = asyncio.run(replay(address, rate, traces[rate], media[rate], slo, args.max_tokens,
                                                     seed=int(rate), salt=f"{policy}{rate}"))
                 results[policy][rate] = summarize(outcomes, slo, wall)
-                print(f"{policy} rate={rate}: {results[policy][rate]}", file=sys.stderr)
+                print(f"{policy} rate={rate}: {results[policy][rate]}; failures: {failures(outcomes)}", file=sys.stderr)
         finally:
             stack.stop()
             redis.stop()
