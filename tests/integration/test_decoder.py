@@ -141,11 +141,15 @@ def test_no_decoder_process_loads_torch(decoder, clip):
 
 
 def _thread_niceness(pid: int) -> set[int]:
-    """The niceness of each thread of a process (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    """The niceness of each thread of a process (field 19 of /proc/<pid>/task/<tid>/stat); a thread that ended
+    between the listing and the read has none."""
     values = set()
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            values.add(int(f.read().rsplit(")", 1)[1].split()[16]))
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                values.add(int(f.read().rsplit(")", 1)[1].split()[16]))
+        except FileNotFoundError:
+            continue
     return values
 
 

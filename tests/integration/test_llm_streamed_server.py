@@ -1,6 +1,7 @@
 """GenerateStreamed on a real llm process: chunks as shared-memory TensorRefs out of order answer like Generate with
-the whole tensor; a malformed chunk (or time-per-token target) is INVALID_ARGUMENT naming the field; a client that goes away mid-stream leaves
-no block and no segment behind, and a request that needs the whole KV cache is served after it."""
+the whole tensor; a malformed chunk (or time-per-token target) is INVALID_ARGUMENT naming the field; a client that
+goes away mid-stream leaves no block and no segment behind, and a request that needs the whole KV cache is served
+after it."""
 
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ async def test_a_time_per_token_target_that_is_not_a_finite_non_negative_number_
                                                                                                    method):
     address, _ = llm
     request = llm_pb2.LlmRequest(request_id="bad-tpot", tpot_ms=tpot_ms, messages=[llm_pb2.LlmMessage(
-        role="user", parts=[llm_pb2.LlmPart(text="hi")])], sampling=api_pb2.SamplingParams(max_tokens=2))
+        role="user", parts=[llm_pb2.LlmPart(text="hi")])], sampling=api_pb2.SamplingParams(max_tokens=2, min_tokens=2))
     async with grpc.aio.insecure_channel(address) as channel:
         stub = llm_pb2_grpc.LlmStub(channel)
 
