@@ -29,10 +29,10 @@ class Scheduler:
     """Running sequences first (decodes before prefill chunks), then admits waiting ones.
 
     Long prompts are chunked by the budget, and by step_budget while sequences with a time-per-token target
-    decode, so decodes never stall behind them; when KV blocks
-    run out the lowest-priority running sequence is preempted (freed, recomputed later). A sequence waiting
-    for a media chunk keeps its blocks and is skipped until the chunk arrives; it is preempted last, and since
-    its consumed media are gone it is then dropped (listed in `dropped`) rather than queued for recomputation.
+    decode, so decodes never stall behind them nor fall behind their targets; when KV blocks run out the
+    lowest-priority running sequence is preempted (freed, recomputed later). A sequence waiting for a media chunk
+    keeps its blocks and is skipped until the chunk arrives; it is preempted last, and since its consumed media are
+    gone it is then dropped (listed in `dropped`) rather than queued for recomputation.
     A streamed prompt takes its blocks before its first chunk only while the cache has room to spare.
     """
 

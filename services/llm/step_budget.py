@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
-
 from mmserve.online_linear import OnlineLinear
 from services.llm.sequence import Sequence
 
@@ -40,13 +38,13 @@ class StepBudget:
     def predict_ms(self, num_decoding: int, num_prefill_tokens: int) -> float:
         return self.model.predict([1.0, num_decoding, num_prefill_tokens])
 
-    def time_left_ms(self, decoding: Seq[Sequence], now: float) -> float | None:
+    def time_left_ms(self, decoding: list[Sequence], now: float) -> float | None:
         """Until the earliest due time of the next token among the decoding sequences with a target (None: no
         target); now on the clock of their first_token_at (seconds)."""
         return min((self.share * seq.tpot_ms * seq.num_output_tokens - (now - seq.first_token_at) * 1e3
                     for seq in decoding if seq.tpot_ms > 0), default=None)
 
-    def prefill_tokens(self, decoding: Seq[Sequence], now: float) -> int:
+    def prefill_tokens(self, decoding: list[Sequence], now: float) -> int:
         """Prompt tokens a step beside these decoding sequences may take."""
         time_left_ms, ms_per_token = self.time_left_ms(decoding, now), self.model.weights[2]
         if time_left_ms is None or self.share <= 0 or ms_per_token <= 0:
