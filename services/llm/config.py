@@ -19,6 +19,8 @@ class LlmConfig(ServiceConfig, CacheOptions, ModelOptions):
                                           "token budget alone)")
     min_prefill_tokens: int = option(32, "prompt tokens a step may always prefill, however tight the targets of "
                                          "the sequences decoding in it")
+    step_max_ahead_tokens: float = option(4.0, "a sequence ahead of its time-per-token schedule lends one step at "
+                                               "most this many of its tokens' time (bounds a long answer's stalls)")
     block_size: int = option(0, "tokens per KV block (0: 256 where flash-attn's paged kernels run, as they need a "
                                 "multiple of 256; else 16)")
     prefix_caching: bool = option(True, "reuse the KV cache of a prompt prefix computed before (the same system "
@@ -35,6 +37,8 @@ class LlmConfig(ServiceConfig, CacheOptions, ModelOptions):
             raise ValueError("max_num_seqs, max_num_batched_tokens, min_prefill_tokens: must be positive")
         if not 0 <= self.step_tpot_share <= 1:
             raise ValueError("step_tpot_share: must be within [0, 1]")
+        if self.step_max_ahead_tokens < 1:
+            raise ValueError("step_max_ahead_tokens: must be at least 1")
         if self.block_size < 0:
             raise ValueError("block_size: must not be negative")
         if self.max_model_len < 2:

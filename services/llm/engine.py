@@ -91,7 +91,8 @@ class Engine:
         num_blocks = max(1, config.kv_cache_bytes // (per_token * block_size))
         self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching)
         self.step_budget = StepBudget(config.max_num_batched_tokens, share=config.step_tpot_share,
-                                      min_tokens=config.min_prefill_tokens)
+                                      min_tokens=config.min_prefill_tokens,
+                                      max_ahead_tokens=config.step_max_ahead_tokens)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.step_budget)
         self.max_model_len = min(config.max_model_len, text_model.config.max_position_embeddings)

@@ -87,6 +87,14 @@ def test_a_sequence_ahead_of_its_schedule_leaves_room_and_one_behind_it_leaves_t
                                  now=100.0) == 4
 
 
+def test_a_sequence_far_ahead_of_its_schedule_lends_one_step_at_most_max_ahead_tokens_of_its_time():
+    budget = known_budget(min_tokens=4)  # max_ahead_tokens 4: 4 × 0.75 × 40 = 120 ms at most
+    # 200 tokens out in 2 s against a 6 s schedule: 4 s banked, but one step gets 120 ms of it.
+    assert budget.prefill_tokens([decoding(40.0, 200, first_token_at=98.0)], now=100.0) == int((120 - 6) / 0.5)
+    lender = StepBudget(512, min_tokens=4, max_ahead_tokens=8, seed=(5.0, 1.0, 0.5))
+    assert lender.prefill_tokens([decoding(40.0, 200, first_token_at=98.0)], now=100.0) == int((240 - 6) / 0.5)
+
+
 def test_a_long_prompt_is_chunked_to_the_time_left_beside_a_decoding_sequence_with_a_target():
     scheduler, clock = make_scheduler(known_budget())
     scheduler.add(make_seq("short", 4, tpot_ms=40.0))
