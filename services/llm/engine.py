@@ -60,7 +60,6 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     first_scheduled: float = 0.0
-    first_token: float = 0.0
     batch_sum: int = 0  # sequences in each step that made one of its tokens after the first, summed
     decode_steps: int = 0
     media_wait_since: float = 0.0  # when its prefill last ran out of arrived media chunks (0: it has not)
@@ -279,10 +278,8 @@ class Engine:
             logprobs = dict(zip(wanted, token_logprobs(log_probs, [tokens[row] for row in wanted],
                                                        [seqs[row].sampling.top_logprobs for row in wanted])))
         now = time.monotonic()
-        self._emit([self._requests[seq.seq_id] for seq in seqs], tokens, logprobs, now, len(chunks))
-        self._observe(chunks, len(seqs), now - start)
-        self.step_budget.observe(num_decoding, sum(c.num_new_tokens for c in chunks) - num_decoding,
-                                 (now - start) * 1e3)
+        self._emit([self._requests[seq.seq_id] for seq in seqs], tokens, logprobs, len(chunks))
+        self._observe(chunks, len(seqs), num_decoding, now - start)
         return True
 
     def _consume_media(self, chunks) -> None:
@@ -306,9 +303,12 @@ class Engine:
         self._send([(r, EngineOverloaded("llm: KV cache full, and a streamed prompt cannot be recomputed"))
                     for r in dropped])
 
-    def _observe(self, chunks, num_generated: int, seconds: float) -> None:
+    def _observe(self, chunks, num_generated: int, num_decoding: int, seconds: float) -> None:
+        """A step that ran: its metrics, and its time for the step budget's model."""
+        num_tokens = sum(c.num_new_tokens for c in chunks)
+        self.step_budget.observe(num_decoding, num_tokens - num_decoding, seconds * 1e3)
         metrics.STEP_SECONDS.observe(seconds)
-        metrics.STEP_TOKENS.observe(sum(c.num_new_tokens for c in chunks))
+        metrics.STEP_TOKENS.observe(num_tokens)
         metrics.GENERATED_TOKENS.inc(num_generated)
         metrics.PREEMPTIONS.inc(self.scheduler.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = self.scheduler.num_preemptions
@@ -319,7 +319,7 @@ class Engine:
         metrics.KV_BLOCKS_USED.set(self.block_manager.num_blocks - self.block_manager.num_free_blocks)
         metrics.MEDIA_WAITING.set(sum(seq.is_waiting_for_media for seq in self.scheduler.running))
 
-    def _emit(self, requests: list[_Request], tokens: list[int], logprobs: dict[int, TokenLogprobs], now: float,
+    def _emit(self, requests: list[_Request], tokens: list[int], logprobs: dict[int, TokenLogprobs],
               batch: int) -> None:
         """Hands each request its new token (with its log-probabilities, by row, when asked): stop checks and
         detokenisation for the whole batch at once, and one wake-up of each event loop for all its events."""
@@ -329,10 +329,9 @@ class Engine:
         events = []
         for row, (request, token, eos) in enumerate(zip(requests, tokens, is_eos)):
             seq = request.seq
-            if request.first_token:
+            if seq.num_output_tokens > 1:  # a token after its first (the scheduler noted when that came)
                 request.batch_sum += batch
                 request.decode_steps += 1
-            request.first_token = request.first_token or now
             reason = None
             if eos or next(is_stop_string):
                 reason = "stop"
@@ -357,8 +356,8 @@ class Engine:
                         queue_ms=(request.first_scheduled - start) * 1e3,
                         # Prefill's own time: not the time it waited for streamed media chunks, which would
                         # teach the router's prefill cost model that prompts take as long as their encoders.
-                        prefill_ms=(request.first_token - request.first_scheduled - request.media_wait_s) * 1e3,
-                        ttft_ms=(request.first_token - start) * 1e3,
+                        prefill_ms=(seq.first_token_at - request.first_scheduled - request.media_wait_s) * 1e3,
+                        ttft_ms=(seq.first_token_at - start) * 1e3,
                         decode_batch=request.batch_sum / request.decode_steps if request.decode_steps else 0.0)
 
     @staticmethod
