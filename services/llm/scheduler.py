@@ -37,12 +37,14 @@ class Scheduler:
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 step_budget: StepBudget | None = None, clock: Callable[[], float] = time.monotonic):
+                 step_budget: StepBudget | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.step_budget = step_budget
         self.clock = clock
+        self.wall_clock = wall_clock  # the clock of the priorities (deadlines, Unix seconds)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -62,28 +64,40 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> list[ScheduledChunk]:
-        """Picks this step's work."""
+        """Picks this step's work: every decode, then prompt chunks by priority, running and waiting alike (a
+        prompt that came during a long one's chunked prefill goes ahead of its next chunk if it is due sooner).
+
+        A prompt whose first token is overdue (its priority, a deadline, has passed) goes after those that can
+        still make theirs: it has missed already, and while decodes leave prompts little room a few overdue
+        images would otherwise hold back every text that comes after them, step after step. Priorities that
+        are arrival times (fcfs) have all passed, so their order stays as it was."""
         budget = self.max_num_batched_tokens
         prefill_budget = self._prefill_budget()
         chunks: list[ScheduledChunk] = []
-        self.running.sort(key=lambda s: (s.num_uncomputed_tokens > 1, *s.sort_key()))
-        for seq in list(self.running):
+        self.running.sort(key=Sequence.sort_key)
+        decoding = [seq for seq in self.running if seq.is_decoding]
+        now = self.wall_clock()
+        prompts = sorted([seq for seq in self.running if not seq.is_decoding] + list(self.waiting),
+                         key=lambda seq: (seq.num_output_tokens == 0 and seq.priority < now, *seq.sort_key()))
+        for seq in decoding:
             if budget == 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            is_decoding = seq.is_decoding
-            n = min(seq.num_schedulable_tokens, budget if is_decoding else min(budget, prefill_budget))
-            if n == 0:
-                continue  # waiting for a media chunk (it keeps its blocks), or no prefill room left this step
-            if not self._make_room(seq, seq.num_computed_tokens + n):
+            if seq.status is SeqStatus.RUNNING and self._schedule_running(seq, 1, chunks):  # else preempted
+                budget -= 1
+        may_admit = True
+        for seq in prompts:
+            room = min(budget, prefill_budget)
+            if room == 0:
+                break
+            if seq.status is SeqStatus.RUNNING:
+                n = self._schedule_running(seq, room, chunks)
+            elif may_admit and seq.status is SeqStatus.WAITING and len(self.running) < self.max_num_seqs:
+                n = self._admit(seq, room, chunks)
+                may_admit = n is not None
+            else:
                 continue
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-            chunks.append(ScheduledChunk(seq, n))
-            budget -= n
-            if not is_decoding:
-                prefill_budget -= n
-        self._admit(chunks, min(budget, prefill_budget))
+            budget -= n or 0
+            prefill_budget -= n or 0
         return chunks
 
     def _prefill_budget(self) -> int:
@@ -92,30 +106,38 @@ class Scheduler:
             return self.max_num_batched_tokens
         return self.step_budget.prefill_tokens([seq for seq in self.running if seq.is_decoding], self.clock())
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
-        ordered = sorted(self.waiting, key=Sequence.sort_key)
-        for seq in ordered:
-            if budget == 0 or len(self.running) >= self.max_num_seqs:
-                break
-            if seq.is_streamed and 0 in seq.pending_media and not self._has_room_to_wait(seq):
-                continue  # holds nothing until its first media chunk comes: the cache is needed by what can run
-            if not seq.block_table:
-                seq.num_cached_tokens = seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
-            n = min(seq.num_schedulable_tokens, budget)
-            # A streamed prompt takes the blocks of all of it at once: its later chunks must never wait for
-            # blocks that other streamed prompts hold while they wait for theirs.
-            num_tokens = max(seq.num_computed_tokens + n, seq.num_prompt_tokens if seq.is_streamed else 0)
-            if not self.block_manager.can_allocate(seq, num_tokens):
-                self.block_manager.free(seq)  # holding cached blocks while waiting could starve others
-                seq.num_computed_tokens = 0
-                break
-            self.block_manager.allocate(seq, num_tokens)
-            self.waiting.remove(seq)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            if n:  # else its cached prefix reaches a media chunk still missing
-                chunks.append(ScheduledChunk(seq, n))
-                budget -= n
+    def _schedule_running(self, seq: Sequence, room: int, chunks: list[ScheduledChunk]) -> int:
+        """Schedules up to room tokens of a running sequence; how many (0: waiting for a media chunk, or seq had
+        to be preempted to make room)."""
+        n = min(seq.num_schedulable_tokens, room)
+        if n == 0 or not self._make_room(seq, seq.num_computed_tokens + n):
+            return 0
+        self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+        chunks.append(ScheduledChunk(seq, n))
+        return n
+
+    def _admit(self, seq: Sequence, room: int, chunks: list[ScheduledChunk]) -> int | None:
+        """Starts a waiting sequence with up to room tokens; how many, or None when the cache cannot take it (then
+        no later one is admitted this step either: they would take the blocks it waits for)."""
+        if seq.is_streamed and 0 in seq.pending_media and not self._has_room_to_wait(seq):
+            return 0  # holds nothing until its first media chunk comes: the cache is needed by what can run
+        if not seq.block_table:
+            seq.num_cached_tokens = seq.num_computed_tokens = self.block_manager.allocate_cached_prefix(seq)
+        n = min(seq.num_schedulable_tokens, room)
+        # A streamed prompt takes the blocks of all of it at once: its later chunks must never wait for
+        # blocks that other streamed prompts hold while they wait for theirs.
+        num_tokens = max(seq.num_computed_tokens + n, seq.num_prompt_tokens if seq.is_streamed else 0)
+        if not self.block_manager.can_allocate(seq, num_tokens):
+            self.block_manager.free(seq)  # holding cached blocks while waiting could starve others
+            seq.num_computed_tokens = 0
+            return None
+        self.block_manager.allocate(seq, num_tokens)
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        if n:  # else its cached prefix reaches a media chunk still missing
+            chunks.append(ScheduledChunk(seq, n))
+        return n
 
     def _has_room_to_wait(self, seq: Sequence) -> bool:
         """Whether a streamed prompt may take its blocks before any of its media arrived (to compute the text

@@ -45,8 +45,9 @@ class Clock:
 
 
 def make_scheduler(budget: StepBudget, max_num_batched_tokens: int = 512) -> tuple[Scheduler, Clock]:
+    """A scheduler on a test clock, which is also the clock of the priorities (deadlines)."""
     clock = Clock()
-    return Scheduler(BlockManager(256, 4), 8, max_num_batched_tokens, budget, clock), clock
+    return Scheduler(BlockManager(256, 4), 8, max_num_batched_tokens, budget, clock, clock), clock
 
 
 def step(scheduler: Scheduler, clock: Clock, ms: float = 30.0) -> dict[str, int]:
@@ -148,6 +149,33 @@ def test_a_waiting_prompt_shares_the_prefill_budget_with_a_running_one_in_priori
     scheduler.finish(short, "stop")
     # nobody decodes with a target: the token budget alone
     assert step(scheduler, clock) == {"first": 200 - done, "second": 30}
+
+
+def test_a_prompt_due_sooner_goes_ahead_of_the_next_chunk_of_one_already_prefilling():
+    scheduler, clock = make_scheduler(known_budget())
+    short = make_seq("short", 4, tpot_ms=40.0, priority=0.0)
+    scheduler.add(short)
+    step(scheduler, clock)
+    scheduler.add(make_seq("video", 400, priority=5.0))
+    assert step(scheduler, clock)["video"] == pytest.approx(48, abs=1)  # running now, its prompt chunked
+    scheduler.add(make_seq("text", 30, priority=1.0))  # came during it, due sooner
+    work = step(scheduler, clock)
+    assert work["text"] == 30, "a text must not wait for every chunk of a long prompt due later"
+    assert work["video"] == pytest.approx(48 - 30, abs=1), "the rest of the room goes on with the video"
+
+
+def test_a_prompt_past_its_deadline_goes_after_one_that_can_still_make_its_own():
+    scheduler, clock = make_scheduler(known_budget())
+    short = make_seq("short", 4, tpot_ms=40.0, priority=clock.now + 0.05)
+    scheduler.add(short)
+    step(scheduler, clock)
+    scheduler.add(make_seq("overdue", 400, priority=clock.now - 0.5))  # its first token was due 0.5 s ago
+    assert step(scheduler, clock)["overdue"] == pytest.approx(48, abs=1)
+    scheduler.add(make_seq("text", 30, priority=clock.now + 0.1))
+    scheduler.add(make_seq("later", 30, priority=clock.now + 0.2))
+    work = step(scheduler, clock)
+    assert work["text"] == 30 and work["later"] == pytest.approx(48 - 30, abs=1) and "overdue" not in work
+    assert step(scheduler, clock)["overdue"] > 0, "it goes on once the others are served"
 
 
 def test_a_sequence_decodes_once_its_prompt_is_done_not_while_its_last_prompt_token_waits():
