@@ -26,7 +26,7 @@ from mmserve.v1 import decoder_pb2 as mmserve_dot_v1_dot_decoder__pb2
 from mmserve.v1 import tensor_pb2 as mmserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mmserve/v1/encoder.proto\x12\nmmserve.v1\x1a\x18mmserve/v1/decoder.proto\x1a\x17mmserve/v1/tensor.proto\"\xa3\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.mmserve.v1.MediaKind\x12%\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\x12$\n\x05\x63\x61\x63he\x18\x04 \x01(\x0b\x32\x15.mmserve.v1.CacheSlot\x12\x0c\n\x04grid\x18\x05 \x03(\x03\"\x99\x01\n\tCacheSlot\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x19\n\x11second_per_grid_t\x18\x04 \x01(\x01\x12\x13\n\x0b\x66irst_frame\x18\x05 \x01(\r\x12\x12\n\nnum_frames\x18\x06 \x01(\r\x12\x12\n\ntimestamps\x18\x07 \x03(\x01\"`\n\x0e\x45ncodeResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\x12\x10\n\x08grid_thw\x18\x02 \x03(\x03\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x32J\n\x07\x45ncoder\x12?\n\x06\x45ncode\x12\x19.mmserve.v1.EncodeRequest\x1a\x1a.mmserve.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mmserve/v1/encoder.proto\x12\nmmserve.v1\x1a\x18mmserve/v1/decoder.proto\x1a\x17mmserve/v1/tensor.proto\"\xa3\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.mmserve.v1.MediaKind\x12%\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\x12$\n\x05\x63\x61\x63he\x18\x04 \x01(\x0b\x32\x15.mmserve.v1.CacheSlot\x12\x0c\n\x04grid\x18\x05 \x03(\x03\"\x99\x01\n\tCacheSlot\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x19\n\x11second_per_grid_t\x18\x04 \x01(\x01\x12\x13\n\x0b\x66irst_frame\x18\x05 \x01(\r\x12\x12\n\nnum_frames\x18\x06 \x01(\r\x12\x12\n\ntimestamps\x18\x07 \x03(\x01\"q\n\x0e\x45ncodeResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.mmserve.v1.TensorRef\x12\x10\n\x08grid_thw\x18\x02 \x03(\x03\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x0f\n\x07work_ms\x18\x04 \x01(\x01\x32J\n\x07\x45ncoder\x12?\n\x06\x45ncode\x12\x19.mmserve.v1.EncodeRequest\x1a\x1a.mmserve.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CACHESLOT']._serialized_start=258
   _globals['_CACHESLOT']._serialized_end=411
   _globals['_ENCODERESPONSE']._serialized_start=413
-  _globals['_ENCODERESPONSE']._serialized_end=509
-  _globals['_ENCODER']._serialized_start=511
-  _globals['_ENCODER']._serialized_end=585
+  _globals['_ENCODERESPONSE']._serialized_end=526
+  _globals['_ENCODER']._serialized_start=528
+  _globals['_ENCODER']._serialized_end=602
 # @@protoc_insertion_point(module_scope)

@@ -41,11 +41,13 @@ class CacheSlot(_message.Message):
     def __init__(self, key: _Optional[str] = ..., chunk_index: _Optional[int] = ..., num_chunks: _Optional[int] = ..., second_per_grid_t: _Optional[float] = ..., first_frame: _Optional[int] = ..., num_frames: _Optional[int] = ..., timestamps: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("embeddings", "grid_thw", "encode_ms")
+    __slots__ = ("embeddings", "grid_thw", "encode_ms", "work_ms")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     GRID_THW_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    WORK_MS_FIELD_NUMBER: _ClassVar[int]
     embeddings: _tensor_pb2.TensorRef
     grid_thw: _containers.RepeatedScalarFieldContainer[int]
     encode_ms: float
-    def __init__(self, embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., encode_ms: _Optional[float] = ...) -> None: ...
+    work_ms: float
+    def __init__(self, embeddings: _Optional[_Union[_tensor_pb2.TensorRef, _Mapping]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., encode_ms: _Optional[float] = ..., work_ms: _Optional[float] = ...) -> None: ...

@@ -24,12 +24,25 @@ class EncoderOverloaded(Exception):
     """The queue is full."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One job's result: what the tower made of it, and its share of the tower's time."""
+
+    item: EncodedItem
+    # The time of the batch it ran in, times its share of that batch's patches: its own work, not its wait in
+    # the queue (the router prices the queue from its backlog; learnt into the cost model, a burst's waits
+    # would be counted twice and outlive the burst).
+    tower_ms: float
+
+
 @dataclasses.dataclass(eq=False)
 class _Job:
     pixel_values: torch.Tensor  # [num_patches, patch_dim]
     item: MediaItem
     done: asyncio.Future
-    deadline: float = math.inf  # wall-clock seconds: a unified replica orders its slices and prefills by it
+    # Wall-clock seconds: the queue is served earliest due first; a unified replica orders its slices against
+    # prefills by it.
+    deadline: float = math.inf
 
 
 @dataclasses.dataclass
@@ -71,7 +84,7 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def encode(self, pixel_values: torch.Tensor, item: MediaItem, deadline: float = math.inf) -> EncodedItem:
+    async def encode(self, pixel_values: torch.Tensor, item: MediaItem, deadline: float = math.inf) -> Encoded:
         """What the tower makes of one image or video (its embeddings [num_tokens, hidden], on the CPU)."""
         if len(self.jobs) >= self.max_queue:
             metrics.REFUSED.inc()
@@ -86,8 +99,7 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             await self._has_jobs.wait()
-            while self.jobs and self.jobs[0].done.cancelled():
-                self.jobs.popleft()
+            self._order()
             if not self.jobs:
                 self._has_jobs.clear()
                 metrics.QUEUED.set(0)
@@ -104,8 +116,21 @@ class Batcher:
             return self.arbiter.slice(first_patches, deadline)
         return contextlib.nullcontext(_WholeDevice(self.max_batch_patches))
 
+    def _order(self) -> None:
+        """The queue without cancelled jobs, earliest due first: the router sends each encode the latest time its
+        media may start and still meet its first-token deadline, so an image never waits inside the encoder
+        behind the chunks of a video due seconds later. A job without a due time is due when it came (due_from),
+        and equal ones keep their arrival order."""
+        self.jobs = collections.deque(sorted((job for job in self.jobs if not job.done.cancelled()),
+                                             key=lambda job: job.deadline))
+
     def _take(self, max_patches: int) -> list[_Job]:
-        """The queued jobs that fit max_patches (the first always goes), cancelled ones dropped."""
+        """The queued jobs that fit max_patches, earliest due first (the first always goes), cancelled ones
+        dropped."""
+        self._order()  # more may have come while the turn was awaited
+        if not self.jobs:
+            self._has_jobs.clear()
+            return []
         batch = [self.jobs.popleft()]
         patches = batch[0].pixel_values.shape[0]
         while self.jobs and patches + self.jobs[0].pixel_values.shape[0] <= max_patches:
@@ -125,14 +150,16 @@ class Batcher:
         except Exception as err:  # a failed batch fails its requests, never the service
             log.exception("vision tower failed on a batch of %d", len(batch))
             outputs = [err] * len(batch)
-        metrics.STEP_SECONDS.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.STEP_SECONDS.observe(seconds)
+        num_patches = sum(job.pixel_values.shape[0] for job in batch)
         for job, out in zip(batch, outputs):
             if job.done.done():
                 continue
             if isinstance(out, Exception):
                 job.done.set_exception(RuntimeError("encoder: vision tower failed"))
             else:
-                job.done.set_result(out)
+                job.done.set_result(Encoded(out, seconds * 1e3 * job.pixel_values.shape[0] / num_patches))
 
     @torch.inference_mode()
     def _encode(self, batch: list[_Job], num_threads: int) -> list[EncodedItem]:

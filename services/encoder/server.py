@@ -33,9 +33,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             # encode_ms prices this replica's work for the router: a pull from a slow producer is not part of it.
             start = time.perf_counter()
             pixel_values, item = await asyncio.to_thread(self._pixel_values, _kind(request), frames)
+            preprocess_ms = (time.perf_counter() - start) * 1e3
             grid = self._grid(request, item)
             due = due_from(context.invocation_metadata(), time.time())  # a unified replica orders slices by it
-            embeddings = pack(await self.batcher.encode(pixel_values, item, due))
+            encoded = await self.batcher.encode(pixel_values, item, due)
+            packed = time.perf_counter()
+            embeddings = pack(encoded.item)
         except transport.TensorUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"frames: {err}")
         except ValueError as err:  # includes TensorRefError and bad frame shapes
@@ -43,10 +46,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         except EncoderOverloaded as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         ref = await asyncio.to_thread(transport.to_ref, embeddings)  # copies into shared memory or bytes
+        work_ms = preprocess_ms + encoded.tower_ms + (time.perf_counter() - packed) * 1e3
         if self.cache is not None and request.HasField("cache"):
             await self._write_cache(request.cache, embeddings, ref, tuple(grid))
         return encoder_pb2.EncodeResponse(embeddings=ref, grid_thw=list(grid),
-                                          encode_ms=(time.perf_counter() - start) * 1e3)
+                                          encode_ms=(time.perf_counter() - start) * 1e3, work_ms=work_ms)
 
     def _grid(self, request: encoder_pb2.EncodeRequest, item: MediaItem) -> tuple[int, ...]:
         """The decoder's planned grid where it sent one (InternVL's tile layout), else the frames' own."""

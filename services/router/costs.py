@@ -60,6 +60,12 @@ def encode_cost(seeds: CostSeeds) -> TokenCost:
     return TokenCost(seeds.encode_ms, seeds.encode_ms_per_token)
 
 
+def encode_work_ms(reply) -> float:
+    """What an encoder's reply says its item cost it: its own work, not its wait behind others (the backlog prices
+    that); an encoder older than the field reports only the whole time."""
+    return reply.work_ms or reply.encode_ms
+
+
 def prefill_cost(seeds: CostSeeds) -> TokenCost:
     return TokenCost(seeds.prefill_ms, seeds.prefill_ms_per_token)
 

@@ -24,7 +24,7 @@ from mmserve.models.family import Family
 from mmserve.models.family import MediaItem as FamilyItem
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
 from services.router import metrics
-from services.router.costs import MediaShape, ShapeEstimator
+from services.router.costs import MediaShape, ShapeEstimator, encode_work_ms
 from services.router.failover import Failover, ReplicaDown, answer_from, stream_from
 from services.router.planning import (Chunks, cached_chunks, decode_plan, missing_shape, num_patches, patch_side,
                                      plan_chunks, shape_of)
@@ -323,7 +323,7 @@ class MediaStage:
                                        metadata=transport.caller_metadata() + due_metadata(latest_start))
             reply = await answer_from("encoder", encoder, call)
             encoder.costs.observe(num_patches(self.family, FamilyItem(prepared.item.kind, tuple(reply.grid_thw))),
-                                  reply.encode_ms)
+                                  encode_work_ms(reply))
             return reply
 
     async def _lookup(self, key: Callable[[int], str]) -> tuple[CachedEmbedding | None, int]:

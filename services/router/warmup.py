@@ -16,6 +16,7 @@ from mmserve import transport
 from mmserve.media.samples import make_image
 from mmserve.models.family import Family, MediaItem
 from mmserve.v1 import api_pb2, decoder_pb2, encoder_pb2, llm_pb2
+from services.router.costs import encode_work_ms
 from services.router.planning import num_patches
 from services.router.pools import Pools
 
@@ -55,7 +56,7 @@ async def _encode(encoder, frames, grid, family: Family) -> None:
     reply = await encoder.stub.Encode(encoder_pb2.EncodeRequest(request_id="warmup", kind=decoder_pb2.MEDIA_KIND_IMAGE,
                                                                 frames=frames, grid=grid),
                                       timeout=_TIMEOUT_S, metadata=transport.caller_metadata())
-    encoder.costs.observe(num_patches(family, MediaItem("image", tuple(reply.grid_thw))), reply.encode_ms)
+    encoder.costs.observe(num_patches(family, MediaItem("image", tuple(reply.grid_thw))), encode_work_ms(reply))
     await transport.release([reply.embeddings])  # nobody consumes a warm-up embedding: end its lease now
 
 

@@ -1,4 +1,5 @@
-"""The encoder's dynamic batcher with a fake tower: batching, budget, cancellation, overload."""
+"""The encoder's dynamic batcher with a fake tower: batching, budget, earliest due first, each job's share of the
+tower's time, cancellation, overload."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from mmserve.media.sizing import ImageProcessing
 from mmserve.models.family import MediaItem
 from mmserve.models.qwen2_5_vl import Qwen25VL
 from services.encoder.batcher import Batcher, EncoderOverloaded
+from services.router.server import RouterServicer
+from services.unified.deadlines import due_metadata
 
 FAMILY = Qwen25VL(ImageProcessing(), {"image_token_id": 1, "video_token_id": 2, "vision_config": {}})
 
@@ -45,7 +48,7 @@ async def test_lone_request_is_encoded_at_once():
     batcher = make_batcher(tower, max_batch_patches=1000, max_queue=8)
     batcher.start()
     try:
-        out = (await batcher.encode(*job(3.0))).embeddings
+        out = (await batcher.encode(*job(3.0))).item.embeddings
         assert out.shape == (2, 1) and torch.all(out == 3.0)
         assert tower.batches == [[(1, 2, 4)]]
     finally:
@@ -59,7 +62,7 @@ async def test_requests_queued_together_share_a_batch_and_each_gets_its_own_rows
     await asyncio.sleep(0)  # all five queued before the worker starts
     batcher.start()
     try:
-        outs = [r.embeddings for r in await results]
+        outs = [r.item.embeddings for r in await results]
         assert len(tower.batches) == 1 and len(tower.batches[0]) == 5
         assert [float(o[0, 0]) for o in outs] == [0.0, 1.0, 2.0, 3.0, 4.0]
     finally:
@@ -103,3 +106,44 @@ async def test_full_queue_is_refused():
         await batcher.encode(*job(1.0))
     for p in pending:
         p.cancel()
+
+
+async def test_each_job_is_charged_its_share_of_its_batch_and_not_its_wait(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("services.encoder.batcher.time.perf_counter", lambda: clock[0])
+
+    class TimedTower(FakeTower):
+        def forward(self, pixel_values, grid_thw, return_dict=True):
+            clock[0] += 0.010  # every batch takes 10 ms, whatever its size
+            return super().forward(pixel_values, grid_thw, return_dict)
+
+    batcher = make_batcher(TimedTower(), max_batch_patches=16, max_queue=8)
+    results = asyncio.gather(batcher.encode(*job(1.0, 4)), batcher.encode(*job(2.0, 12)),
+                             batcher.encode(*job(3.0, 16)))
+    await asyncio.sleep(0)
+    batcher.start()
+    try:
+        assert [r.tower_ms for r in await results] == pytest.approx([2.5, 7.5, 10.0])  # the last waited 10 ms
+    finally:
+        await batcher.stop()
+
+
+async def test_the_queue_is_served_earliest_due_first_and_in_arrival_order_among_equals():
+    tower = FakeTower()
+    batcher = make_batcher(tower, max_batch_patches=16, max_queue=8)
+    due = {8: 3.0, 12: 1.0, 16: 2.0, 4: 3.0}  # num_patches: due time; the 4 came after the 8, due as late
+    results = asyncio.gather(*(batcher.encode(*job(1.0, n), deadline=d) for n, d in due.items()))
+    await asyncio.sleep(0)
+    batcher.start()
+    try:
+        await results
+        assert tower.batches == [[(1, 2, 6)], [(1, 2, 8)], [(1, 2, 4), (1, 2, 2)]]
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.parametrize("policy, sends_due", [("slo", True), ("fcfs", False)])
+def test_the_router_sends_an_encode_its_due_time_under_the_slo_policy_only(policy, sends_due):
+    router = types.SimpleNamespace(config=types.SimpleNamespace(policy=policy))
+    ticket = types.SimpleNamespace(latest_start=123.0)
+    assert bool(due_metadata(RouterServicer._latest_start(router, ticket))) == sends_due  # fcfs: arrival order
