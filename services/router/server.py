@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 
@@ -161,13 +162,17 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         """Every item's embeddings: cache keys for hits, else decoded and encoded (a dead stage named)."""
         try:
             embedded = await all_or_nothing(
-                self.media.embed(request_id, p, deadline=deadline, latest_start=ticket.latest_start,
+                self.media.embed(request_id, p, deadline=deadline, latest_start=self._latest_start(ticket),
                                  attempts=self.config.stage_attempts) for p in prepared)
         except (ReplicaDown, grpc.aio.AioRpcError, NoReplicaError, PoolFull) as err:
             raise _media_failure(err) from None
+        self._media_done(ticket)
+        return embedded
+
+    def _media_done(self, ticket: Ticket) -> None:
+        """The request's decode and encode work is done: the backlogs stop counting it."""
         self.controller.finish(ticket, "decoder")
         self.controller.finish(ticket, "encoder")
-        return embedded
 
     async def _stream(self, request: api_pb2.GenerateRequest, request_id: str, ticket: Ticket,
                       prepared: list[Prepared], embedded: list[Embedded], start: float, deadline: float):
@@ -195,8 +200,9 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
     async def _stream_prefill(self, request: api_pb2.GenerateRequest, request_id: str, ticket: Ticket,
                               prepared: list[Prepared], start: float, deadline: float):
         """The llm called at once with the planned prompt, fed each chunk as it is ready (streamed.ChunkFeed)."""
-        feed = ChunkFeed(self.media, request_id, prepared, deadline=deadline, latest_start=ticket.latest_start,
-                         attempts=self.config.stage_attempts, max_in_flight=self.config.max_chunks_in_flight)
+        feed = ChunkFeed(self.media, request_id, prepared, deadline=deadline, latest_start=self._latest_start(ticket),
+                         attempts=self.config.stage_attempts, max_in_flight=self.config.max_chunks_in_flight,
+                         on_media_done=lambda: self._media_done(ticket))
         now = time.perf_counter()
         priority = time.time() + (ticket.deadline - now if self.config.policy == "slo" else 0.0)
         llm_request = self._llm_request(request, request_id, feed.embedded, priority, self._tpot_ms(ticket))
@@ -216,8 +222,8 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             if reply.WhichOneof("event") == "delta":
                 if first_token is None:
                     first_token = time.perf_counter()
-                    for stage in ("decoder", "encoder", "llm"):  # streamed, the media were done before it
-                        self.controller.finish(ticket, stage)
+                    for stage in ("decoder", "encoder", "llm"):  # streamed, the feed's call only if a prefix
+                        self.controller.finish(ticket, stage)  # the llm had cached answered before the media
                 yield api_pb2.GenerateResponse(delta=reply.delta)
                 continue
             final = self._final(reply.final, llm_request.request_id, embedded, start, media_done, first_token,
@@ -301,6 +307,11 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         self.controller.record(ticket, timings.ttft_ms, met)
         outcome = "met" if met else "missed_ttft" if timings.ttft_ms > ticket.slo.ttft_ms else "missed_tpot"
         metrics.SLO.labels(ticket.cls, outcome).inc()
+
+    def _latest_start(self, ticket: Ticket) -> float:
+        """When the request's media work must start at the latest, which orders the stages' queues (least slack
+        first) under the slo policy; fcfs serves in arrival order (inf: no due time is sent)."""
+        return ticket.latest_start if self.config.policy == "slo" else math.inf
 
     def _tpot_ms(self, ticket: Ticket) -> float:
         """The time-per-token target the llm shapes its steps by: the request's, under the slo policy (fcfs, as it

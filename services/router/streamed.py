@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -64,8 +65,12 @@ class ChunkFeed:
     """One request's chunks, fed to one GenerateStreamed call; embedded holds each item's timings when done."""
 
     def __init__(self, media: MediaStage, request_id: str, prepared: list[Prepared], *, deadline: float,
-                 latest_start: float, attempts: int, max_in_flight: int):
+                 latest_start: float, attempts: int, max_in_flight: int,
+                 on_media_done: Callable[[], None] = lambda: None):
         self.media, self.request_id, self.prepared = media, request_id, prepared
+        # Called once every chunk is decoded, encoded and sent, before the llm's prefill of the last one: the
+        # router's backlogs stop counting work that is done.
+        self.on_media_done = on_media_done
         self.deadline, self.latest_start, self.attempts = deadline, latest_start, attempts
         self.max_in_flight = max_in_flight
         self.gate = asyncio.Semaphore(max_in_flight)  # chunks held between decoder and llm
@@ -110,6 +115,7 @@ class ChunkFeed:
         try:
             await self._send(call, llm_pb2.LlmInput(request=llm_request))
             await all_or_nothing(self._feed_item(call, i, p) for i, p in enumerate(self.prepared))
+            self.on_media_done()
             await call.done_writing()
         except BaseException as err:
             # InvalidStateError: the llm call ended first (refused, failed): its own status, read by replies(), is

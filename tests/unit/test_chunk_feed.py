@@ -148,7 +148,7 @@ def pool(stage: str, stub, costs, num_replicas: int = 1) -> ReplicaPool:
     return replicas
 
 
-def make_feed(decoder, encoder, *, cached: tuple[int, ...] = (), max_in_flight: int = 2):
+def make_feed(decoder, encoder, *, cached: tuple[int, ...] = (), max_in_flight: int = 2, **kwargs):
     """A feed of one 12-frame video in windows of 4 frames (3 chunks), the cached ones in a fake cache."""
     plan = DecodePlan(NUM_FRAMES, 112, 168, MediaItem("video", (6, 8, 12), second_per_grid_t=1.0),
                       tuple(range(NUM_FRAMES)))
@@ -167,7 +167,7 @@ def make_feed(decoder, encoder, *, cached: tuple[int, ...] = (), max_in_flight: 
                        model_id="model", encoder_dtype="float32", family=FAMILY,
                        fetch_policy=FetchPolicy(), chunk_frames=4)
     return ChunkFeed(stage, "req", [prepared], deadline=1e12, latest_start=1e12, attempts=3,
-                     max_in_flight=max_in_flight)
+                     max_in_flight=max_in_flight, **kwargs)
 
 
 async def run(feed: ChunkFeed, llm: Llm) -> list:
@@ -197,6 +197,14 @@ async def test_the_llm_gets_the_plan_first_then_every_chunk_once_in_any_order(re
     (request,) = decoder.requests
     assert request.chunk_frames == 4 and list(request.chunk_indices) == [] and request.max_chunks_ahead == 2
     assert released == [] and not llm.is_cancelled
+
+
+async def test_the_media_are_reported_done_once_every_chunk_is_sent_before_the_llm_answers(released):
+    decoder, encoder, llm = Decoder(), Encoder(), Llm()
+    done = []  # what the llm had been sent, and whether it had answered, when the feed said so
+    feed = make_feed(decoder, encoder, on_media_done=lambda: done.append((len(llm.inputs), llm.closed.is_set())))
+    await run(feed, llm)
+    assert done == [(4, False)], "once, after the plan and the three chunks, before the llm's first reply"
 
 
 async def test_a_partly_cached_video_decodes_only_the_missing_chunks_and_sends_the_cached_ones(released):
