@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=8, help="distinct media per class (fewer: more cache hits)")
     parser.add_argument("--plot", default="slo.png")
     parser.add_argument("--router-args", default="", help="more router flags for both policies (--no-stream-prefill)")
+    parser.add_argument("--slo-ms", default="", help="fixed targets instead of measured ones, e.g. "
+                        "video=2727,image=981,text=112,tpot=55 (runs on different days then compare)")
+    parser.add_argument("--policies", default="slo,fcfs", help="which routers to run (the last line needs both)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
 
@@ -56,8 +59,8 @@ def main() -> None:
     mix = [float(x) for x in args.mix.split(",")]
     traces = {rate: make_trace(max(args.min_requests, int(rate * args.duration_s)), mix) for rate in rates}
     results: dict[str, dict[float, dict[str, float]]] = {}
-    slo = None
-    for policy in ("slo", "fcfs"):
+    slo = {name: float(ms) for name, ms in (kv.split("=") for kv in args.slo_ms.split(","))} if args.slo_ms else None
+    for policy in args.policies.split(","):
         redis, redis_url = start_redis(workdir)  # a fresh cache per policy: neither inherits the other's hits
         stack, address = start_stack(model, redis_url, ("--policy", policy, *shlex.split(args.router_args)))
         try:
@@ -82,6 +85,8 @@ def main() -> None:
         for rate, r in by_rate.items():
             print(f"{policy:<6}{rate:>6.1f}{r['attainment']:>8.2f}{r['admitted_attainment']:>10.2f}"
                   f"{r['refused']:>9.2f}{r['goodput']:>9.2f}{r['p90_ttft_text']:>15.0f}{r['p90_ttft_image']:>16.0f}")
+    if set(results) != {"slo", "fcfs"}:
+        return
     plot(results, args.plot)
     # The highest rate at which the SLO-aware router keeps its promise to 90% of what it admits.
     kept = [r for r in rates if results["slo"][r]["admitted_attainment"] >= 0.9] or rates[:1]

@@ -222,8 +222,10 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
             if reply.WhichOneof("event") == "delta":
                 if first_token is None:
                     first_token = time.perf_counter()
-                    for stage in ("decoder", "encoder", "llm"):  # streamed, the feed's call only if a prefix
-                        self.controller.finish(ticket, stage)  # the llm had cached answered before the media
+                    # Streamed, decode and encode left the backlogs when the feed ended, unless a prefix the
+                    # llm had cached answered first.
+                    for stage in ("decoder", "encoder", "llm"):
+                        self.controller.finish(ticket, stage)
                 yield api_pb2.GenerateResponse(delta=reply.delta)
                 continue
             final = self._final(reply.final, llm_request.request_id, embedded, start, media_done, first_token,
