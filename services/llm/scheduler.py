@@ -72,10 +72,10 @@ class Scheduler:
         images would otherwise hold back every text that comes after them, step after step. Priorities that
         are arrival times (fcfs) have all passed, so their order stays as it was."""
         budget = self.max_num_batched_tokens
-        prefill_budget = self._prefill_budget()
         chunks: list[ScheduledChunk] = []
         self.running.sort(key=Sequence.sort_key)
         decoding = [seq for seq in self.running if seq.is_decoding]
+        prefill_budget = self._prefill_budget(decoding)
         now = self.wall_clock()
         prompts = sorted([seq for seq in self.running if not seq.is_decoding] + list(self.waiting),
                          key=lambda seq: (seq.num_output_tokens == 0 and seq.priority < now, *seq.sort_key()))
@@ -100,11 +100,11 @@ class Scheduler:
             prefill_budget -= n or 0
         return chunks
 
-    def _prefill_budget(self) -> int:
-        """Prompt tokens this step may take beside the sequences decoding now (step_budget)."""
+    def _prefill_budget(self, decoding: list[Sequence]) -> int:
+        """Prompt tokens this step may take beside the sequences decoding in it (step_budget)."""
         if self.step_budget is None:
             return self.max_num_batched_tokens
-        return self.step_budget.prefill_tokens([seq for seq in self.running if seq.is_decoding], self.clock())
+        return self.step_budget.prefill_tokens(decoding, self.clock())
 
     def _schedule_running(self, seq: Sequence, room: int, chunks: list[ScheduledChunk]) -> int:
         """Schedules up to room tokens of a running sequence; how many (0: waiting for a media chunk, or seq had

@@ -179,8 +179,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         """The llm's tokens as deltas, then the final. Cached embeddings evicted between our lookup and the llm's
         read (or whose producer went away) are computed once more and the llm asked again."""
         media_done = time.perf_counter()
-        # The llm serves earliest deadline first (Unix seconds); fcfs ranks by arrival instead.
-        priority = time.time() + (ticket.deadline - media_done if self.config.policy == "slo" else 0.0)
+        priority = self._priority(ticket, media_done)
         for is_retry in (False, True):
             try:
                 async for response in self._responses(self._llm_request(request, request_id, embedded, priority,
@@ -204,7 +203,7 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
                          attempts=self.config.stage_attempts, max_in_flight=self.config.max_chunks_in_flight,
                          on_media_done=lambda: self._media_done(ticket))
         now = time.perf_counter()
-        priority = time.time() + (ticket.deadline - now if self.config.policy == "slo" else 0.0)
+        priority = self._priority(ticket, now)
         llm_request = self._llm_request(request, request_id, feed.embedded, priority, self._tpot_ms(ticket))
         try:
             async for response in self._responses(llm_request, ticket, prepared, feed.embedded, start, now,
@@ -309,6 +308,11 @@ class RouterServicer(api_pb2_grpc.RouterServicer):
         self.controller.record(ticket, timings.ttft_ms, met)
         outcome = "met" if met else "missed_ttft" if timings.ttft_ms > ticket.slo.ttft_ms else "missed_tpot"
         metrics.SLO.labels(ticket.cls, outcome).inc()
+
+    def _priority(self, ticket: Ticket, now: float) -> float:
+        """The llm's priority for the request (Unix seconds, earliest first): its first-token deadline under the
+        slo policy, its arrival there under fcfs; now on the perf_counter clock of the ticket's deadline."""
+        return time.time() + (ticket.deadline - now if self.config.policy == "slo" else 0.0)
 
     def _latest_start(self, ticket: Ticket) -> float:
         """When the request's media work must start at the latest, which orders the stages' queues (least slack
