@@ -140,7 +140,7 @@ def hf_total_s(model: str, workload) -> float:
     return time.perf_counter() - start
 
 
-async def tbt_p99_ms(model: str, budget: int, long_words: int, num_long: int = 6,
+async def tbt_ms(model: str, budget: int, long_words: int, num_long: int = 6,
                      tpot_ms: float = 0.0) -> tuple[float, float]:
     """p99 and mean gap between tokens of 8 decoding requests (each with the time-per-token target tpot_ms, 0:
     none) during a window in which long prompts keep arriving."""
@@ -205,7 +205,7 @@ def run_preset(family: str, preset: str, workdir: pathlib.Path, num_requests: in
                                   ("without (one step takes the whole prompt)", 8192, 0.0),
                                   (f"the {TPOT_TARGET_MS:.0f} ms target of the decoding requests (2,048-token budget)",
                                    2048, TPOT_TARGET_MS)):
-        p99, mean = asyncio.run(tbt_p99_ms(model, budget, long_words, tpot_ms=tpot_ms))
+        p99, mean = asyncio.run(tbt_ms(model, budget, long_words, tpot_ms=tpot_ms))
         print(f"    {name}: {p99:.1f} / {mean:.1f}")
     return efficiency[32], speedup
 

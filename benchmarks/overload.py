@@ -33,8 +33,8 @@ from mmserve.models.tiny import build_tiny_model
 from mmserve.v1 import api_pb2_grpc
 
 # A sibling module: the scripts run as `python benchmarks/<name>.py`.
-from workload import (build, failures, flush, lone_latencies, make_media, make_trace, met, replay, run_one,
-                      slo_targets, start_redis, start_stack)
+from workload import (build, failures, flush, lone_latencies, make_media, make_trace, met, parse_slo_ms, replay,
+                      run_one, slo_targets, start_redis, start_stack)
 
 
 async def capacity(address: str, trace: list[str], media, slo, max_tokens: int, num_clients: int) -> float:
@@ -128,7 +128,7 @@ def main() -> None:
     stack, address = start_stack(model, redis_url, more)
     try:
         if args.slo_ms:
-            slo = {name: float(ms) for name, ms in (kv.split("=") for kv in args.slo_ms.split(","))}
+            slo = parse_slo_ms(args.slo_ms)
         else:
             lone = asyncio.run(lone_latencies(address, make_media(seed=0), args.max_tokens))
             slo = slo_targets(lone, args.slo_factor, args.slo_floor_ms)

@@ -28,8 +28,8 @@ import tempfile
 from mmserve.models.tiny import build_tiny_model
 
 # A sibling module: the scripts run as `python benchmarks/<name>.py`.
-from workload import (failures, flush, highest_rate, lone_latencies, make_media, make_trace, plot, replay, slo_targets,
-                      start_redis, start_stack, summarize)
+from workload import (failures, flush, highest_rate, lone_latencies, make_media, make_trace, parse_slo_ms, plot, replay,
+                      slo_targets, start_redis, start_stack, summarize)
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     mix = [float(x) for x in args.mix.split(",")]
     traces = {rate: make_trace(max(args.min_requests, int(rate * args.duration_s)), mix) for rate in rates}
     results: dict[str, dict[float, dict[str, float]]] = {}
-    slo = {name: float(ms) for name, ms in (kv.split("=") for kv in args.slo_ms.split(","))} if args.slo_ms else None
+    slo = parse_slo_ms(args.slo_ms) if args.slo_ms else None
     for policy in args.policies.split(","):
         redis, redis_url = start_redis(workdir)  # a fresh cache per policy: neither inherits the other's hits
         stack, address = start_stack(model, redis_url, ("--policy", policy, *shlex.split(args.router_args)))

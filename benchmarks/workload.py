@@ -125,6 +125,11 @@ def slo_targets(lone: dict[str, float], factor: float, floor_ms: float) -> dict[
     return {c: max(floor_ms, factor * lone[c]) for c in CLASSES} | {"tpot": max(floor_ms / 4, factor * lone["tpot"])}
 
 
+def parse_slo_ms(text: str) -> dict[str, float]:
+    """Fixed SLO targets as the benchmarks' --slo-ms gives them: video=2727,image=981,text=112,tpot=55."""
+    return {name: float(ms) for name, ms in (kv.split("=") for kv in text.split(","))}
+
+
 # A benchmark's stack lets its clients ask for loose SLO targets (lone latencies, capacity, warm-ups measure speed,
 # not admission); a production router caps them at its own defaults.
 LOOSE_SLO_CAPS = ("--max-slo-ttft-ms", "1e9", "--max-slo-tpot-ms", "1e9")

@@ -50,6 +50,16 @@ def make_scheduler(budget: StepBudget, max_num_batched_tokens: int = 512) -> tup
     return Scheduler(BlockManager(256, 4), 8, max_num_batched_tokens, budget, clock, clock), clock
 
 
+def beside_a_decode(due_in_s: float | None = None) -> tuple[Scheduler, Clock, Sequence]:
+    """A scheduler on the known budget with one short sequence decoding at a 40 ms target (its prompt done in one
+    step); its priority a deadline due_in_s after now, or 0.0."""
+    scheduler, clock = make_scheduler(known_budget())
+    short = make_seq("short", 4, tpot_ms=40.0, priority=0.0 if due_in_s is None else clock.now + due_in_s)
+    scheduler.add(short)
+    step(scheduler, clock)  # short's prompt done: it decodes from now on
+    return scheduler, clock, short
+
+
 def step(scheduler: Scheduler, clock: Clock, ms: float = 30.0) -> dict[str, int]:
     """One engine step of ms with a fake model that always samples token 7."""
     chunks = scheduler.schedule()
@@ -97,9 +107,7 @@ def test_a_sequence_far_ahead_of_its_schedule_lends_one_step_at_most_max_ahead_t
 
 
 def test_a_long_prompt_is_chunked_to_the_time_left_beside_a_decoding_sequence_with_a_target():
-    scheduler, clock = make_scheduler(known_budget())
-    scheduler.add(make_seq("short", 4, tpot_ms=40.0))
-    step(scheduler, clock)  # short's prompt done: it decodes from now on
+    scheduler, clock, _ = beside_a_decode()
     scheduler.add(make_seq("long", 200))
     for _ in range(3):  # each step takes the 30 ms it is allowed: short stays on schedule, no room is banked
         work = step(scheduler, clock, ms=30.0)
@@ -109,9 +117,7 @@ def test_a_long_prompt_is_chunked_to_the_time_left_beside_a_decoding_sequence_wi
 
 
 def test_steps_shorter_than_the_target_bank_room_for_a_longer_chunk_later():
-    scheduler, clock = make_scheduler(known_budget())
-    scheduler.add(make_seq("short", 4, tpot_ms=40.0))
-    step(scheduler, clock)
+    scheduler, clock, _ = beside_a_decode()
     for _ in range(4):  # 10 ms steps against a 30 ms schedule: 20 ms banked each
         step(scheduler, clock, ms=10.0)
     scheduler.add(make_seq("long", 400))
@@ -136,10 +142,7 @@ def test_prompts_take_the_whole_token_budget_when_no_decoding_sequence_has_a_tar
 
 
 def test_a_waiting_prompt_shares_the_prefill_budget_with_a_running_one_in_priority_order():
-    scheduler, clock = make_scheduler(known_budget())
-    short = make_seq("short", 4, tpot_ms=40.0, priority=0.0)
-    scheduler.add(short)
-    step(scheduler, clock)
+    scheduler, clock, short = beside_a_decode()
     scheduler.add(make_seq("first", 200, priority=1.0))
     done = step(scheduler, clock)["first"]  # the 48 tokens of prefill room
     scheduler.add(make_seq("second", 30, priority=2.0))
@@ -152,10 +155,7 @@ def test_a_waiting_prompt_shares_the_prefill_budget_with_a_running_one_in_priori
 
 
 def test_a_prompt_due_sooner_goes_ahead_of_the_next_chunk_of_one_already_prefilling():
-    scheduler, clock = make_scheduler(known_budget())
-    short = make_seq("short", 4, tpot_ms=40.0, priority=0.0)
-    scheduler.add(short)
-    step(scheduler, clock)
+    scheduler, clock, _ = beside_a_decode()
     scheduler.add(make_seq("video", 400, priority=5.0))
     assert step(scheduler, clock)["video"] == pytest.approx(48, abs=1)  # running now, its prompt chunked
     scheduler.add(make_seq("text", 30, priority=1.0))  # came during it, due sooner
@@ -165,10 +165,7 @@ def test_a_prompt_due_sooner_goes_ahead_of_the_next_chunk_of_one_already_prefill
 
 
 def test_a_prompt_past_its_deadline_goes_after_one_that_can_still_make_its_own():
-    scheduler, clock = make_scheduler(known_budget())
-    short = make_seq("short", 4, tpot_ms=40.0, priority=clock.now + 0.05)
-    scheduler.add(short)
-    step(scheduler, clock)
+    scheduler, clock, _ = beside_a_decode(due_in_s=0.05)
     scheduler.add(make_seq("overdue", 400, priority=clock.now - 0.5))  # its first token was due 0.5 s ago
     assert step(scheduler, clock)["overdue"] == pytest.approx(48, abs=1)
     scheduler.add(make_seq("text", 30, priority=clock.now + 0.1))
