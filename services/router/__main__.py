@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from mmserve import rpc
 from mmserve.cache import EmbeddingCache
@@ -51,6 +52,7 @@ async def build_router(config: RouterConfig) -> Role:
     decoders, encoders, llms = pools
     controller = Controller(decoders, encoders, llms, policy=config.policy, headroom=config.admission_headroom,
                             target=config.admission_target,
+                            probe_after_s=config.admission_probe_after_s or math.inf,
                             defaults=SloDefaults(video=Slo(config.slo_ttft_ms_video, config.slo_tpot_ms),
                                                  image=Slo(config.slo_ttft_ms_image, config.slo_tpot_ms),
                                                  text=Slo(config.slo_ttft_ms_text, config.slo_tpot_ms)))

@@ -69,6 +69,9 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                                             "exceeds this times its target")
     admission_target: float = option(0.9, "share of admitted requests that should meet their SLO: admission "
                                            "plans for a quantile of its prediction errors that outcomes move")
+    admission_probe_after_s: float = option(5.0, "when an idle stack has refused everything this long, admit the "
+                                                 "next request predicted to miss by at most 4x as a probe that "
+                                                 "re-measures the cost models (0: never)")
     stream_prefill: bool = option(True, "send the llm a media request's planned prompt at once, then each chunk's "
                                         "embeddings as an encoder finishes it (GenerateStreamed), so decode, encode "
                                         "and prefill overlap; --no-stream-prefill waits for every embedding first")
@@ -140,6 +143,8 @@ class RouterConfig(ServiceConfig, CacheOptions, AuthOptions):
                      "video_chunk_frames", "max_chunks_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
+        if self.admission_probe_after_s < 0:
+            raise ValueError("admission_probe_after_s: must not be negative")
         if not 0 < self.admission_target < 1:
             raise ValueError("admission_target: must be between 0 and 1")
         self.flex_pairs()  # raises ValueError naming a malformed entry

@@ -122,6 +122,7 @@ INVALID = [
     (RouterConfig, {"decoder_addrs": ""}, "decoder_addrs"),
     (RouterConfig, {"encoder_addrs": ""}, "encoder_addrs"),
     (RouterConfig, {"llm_addrs": ""}, "llm_addrs"),
+    (RouterConfig, {"admission_probe_after_s": -1}, "admission_probe_after_s"),
     (DecoderConfig, {"port": 65536}, "port"),
     (DecoderConfig, {"port": -1}, "port"),
     (LlmConfig, {"metrics_port": 70000}, "port"),
