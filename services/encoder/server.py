@@ -35,8 +35,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             pixel_values, item = await asyncio.to_thread(self._pixel_values, _kind(request), frames)
             preprocess_ms = (time.perf_counter() - start) * 1e3
             grid = self._grid(request, item)
-            due = due_from(context.invocation_metadata(), time.time())  # a unified replica orders slices by it
-            encoded = await self.batcher.encode(pixel_values, item, due)
+            # The queue and a unified replica's slices are ordered by it; a batch may not overrun it.
+            encoded = await self.batcher.encode(pixel_values, item, due_from(context.invocation_metadata()))
             packed = time.perf_counter()
             embeddings = pack(encoded.item)
         except transport.TensorUnavailable as err:

@@ -21,14 +21,14 @@ def due_metadata(latest_start: float) -> tuple[tuple[str, str], ...]:
     return ((DUE_HEADER, f"{time.time() + latest_start - time.perf_counter():.3f}"),)
 
 
-def due_from(metadata: Iterable[tuple[str, str]], now: float) -> float:
-    """The encode's due time from its call's metadata; without the header (or with a bad one), now: first come,
-    first served, as the llm orders requests that carry no deadline of their own."""
+def due_from(metadata: Iterable[tuple[str, str]]) -> float | None:
+    """The encode's due time from its call's metadata; None without the header (or with a bad one): due when it
+    came, first come, first served, as the llm orders requests that carry no deadline of their own."""
     for key, value in metadata or ():
         if key == DUE_HEADER:
             try:
                 due = float(value)
             except ValueError:
-                return now
-            return due if math.isfinite(due) else now
-    return now
+                return None
+            return due if math.isfinite(due) else None
+    return None

@@ -1,9 +1,10 @@
-"""The encoder's dynamic batcher with a fake tower: batching, budget, earliest due first, each job's share of the
-tower's time, cancellation, overload."""
+"""The encoder's dynamic batcher with a fake tower: batching, budget, earliest due first, batches within the most
+urgent job's slack, each job's share of the tower's time, cancellation, overload."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 
 import pytest
@@ -131,13 +132,48 @@ async def test_each_job_is_charged_its_share_of_its_batch_and_not_its_wait(monke
 async def test_the_queue_is_served_earliest_due_first_and_in_arrival_order_among_equals():
     tower = FakeTower()
     batcher = make_batcher(tower, max_batch_patches=16, max_queue=8)
+    soon = time.time() + 100.0  # slack enough for any batch
     due = {8: 3.0, 12: 1.0, 16: 2.0, 4: 3.0}  # num_patches: due time; the 4 came after the 8, due as late
-    results = asyncio.gather(*(batcher.encode(*job(1.0, n), deadline=d) for n, d in due.items()))
+    results = asyncio.gather(*(batcher.encode(*job(1.0, n), due=soon + d) for n, d in due.items()))
     await asyncio.sleep(0)
     batcher.start()
     try:
         await results
         assert tower.batches == [[(1, 2, 6)], [(1, 2, 8)], [(1, 2, 4), (1, 2, 2)]]
+    finally:
+        await batcher.stop()
+
+
+async def test_companions_take_at_most_half_the_slack_of_the_job_due_first(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("services.encoder.batcher.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("services.encoder.batcher.time.time", lambda: clock[0])
+
+    class TimedTower(FakeTower):
+        def forward(self, pixel_values, grid_thw, return_dict=True):
+            clock[0] += 0.001 * pixel_values.shape[0]  # 1 ms per patch, as on a CPU: a batch saves nothing
+            return super().forward(pixel_values, grid_thw, return_dict)
+
+    tower = TimedTower()
+    batcher = make_batcher(tower, max_batch_patches=1000, max_queue=8)
+    batcher.start()
+    try:
+        await batcher.encode(*job(1.0, 8))  # the tower measured: 1 ms per patch
+        assert batcher.ms_per_patch == pytest.approx(1.0)
+        tower.batches.clear()
+        now = clock[0]
+        urgent = batcher.encode(*job(2.0, 8), due=now + 0.020)  # 20 ms of slack: 10 for company, 8 patches fit
+        later = [batcher.encode(*job(3.0, 8), due=now + 1.0) for _ in range(2)]
+        await asyncio.gather(urgent, *later)
+        assert tower.batches == [[(1, 2, 4)] * 2, [(1, 2, 4)]]
+        tower.batches.clear()
+        now = clock[0]
+        urgent = batcher.encode(*job(2.0, 8), due=now + 0.014)  # 7 ms for company: 8 patches do not fit
+        await asyncio.gather(urgent, batcher.encode(*job(3.0, 8), due=now + 1.0))
+        assert tower.batches == [[(1, 2, 4)], [(1, 2, 4)]]
+        tower.batches.clear()
+        await asyncio.gather(*(batcher.encode(*job(4.0, 8)) for _ in range(3)))  # no due time: whatever fits
+        assert tower.batches == [[(1, 2, 4)] * 3]
     finally:
         await batcher.stop()
 
