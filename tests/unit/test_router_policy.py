@@ -290,7 +290,31 @@ def test_a_class_whose_requests_run_late_is_admitted_against_calibrated_predicti
     controller.release(ticket)
     assert not admit([], 1000).decision.admit  # 105 ms × 18.2 ((2000 + 5) / (105 + 5)) no longer fits
     assert admit([], 2000).decision.admit
-    assert admit(["image"], 1000).decision.admit  # other classes keep their own calibration
+    controller.pools["decoder"].replicas["r0"].costs = DecodeCost(CostSeeds())
+    image = MediaShape(num_frames=1, num_pixels=50_000, num_patches=64)
+    assert controller.admit(["image"], [image], 2000, ttft_ms=1000, tpot_ms=0, allow_degrade=False,
+                            now=100.0).decision.admit  # other classes keep their own calibration
+    # ... but an image found in the cache waits on the llm alone, as a text does: it errs as one
+    assert not admit(["image"], 1000).decision.admit
+
+
+def test_cached_media_are_calibrated_apart_from_the_media_their_class_encodes():
+    controller = busy_controller(step_ms=1.0)
+    controller.pools["decoder"].replicas["r0"].costs = DecodeCost(CostSeeds())
+    image = MediaShape(num_frames=1, num_pixels=50_000, num_patches=64)
+    admit = lambda shapes, ttft: controller.admit(["image"], shapes, 2000, ttft_ms=ttft,  # noqa: E731
+                                                  allow_degrade=False, tpot_ms=0, now=100.0)
+    encoded, cached = admit([image], 3000), admit([], 3000)
+    predicted = encoded.prediction.ttft_ms
+    for _ in range(25):  # the encodes take three times their prediction, the cache hits a third of theirs
+        controller.record(encoded, ttft_ms=3 * predicted, met=True)
+        controller.record(cached, ttft_ms=cached.prediction.ttft_ms / 3, met=True)
+    assert controller.ttft_calibration["image"].scale(0.5) == pytest.approx(3.0, rel=0.05)
+    assert controller.ttft_calibration["text"].scale(0.5) == pytest.approx(0.36, rel=0.05)
+    controller.release(encoded)
+    controller.release(cached)
+    assert not admit([image], 1.5 * predicted).decision.admit  # 3 × the prediction: twice the target
+    assert admit([], 1000).decision.admit
 
 
 def test_a_noisy_step_model_tightens_the_time_per_token_gate():
