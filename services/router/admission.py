@@ -82,9 +82,9 @@ class Controller:
         cls, slo = self.defaults.for_request(kinds, ttft_ms, tpot_ms)
         deadline = now + slo.ttft_ms / 1e3
         prediction = self.predict(shapes, prompt_tokens, deadline, num_chunks)
-        # An image or video found in the cache waits on the llm alone, as a text does, and errs as one. Counted with
-        # the encodes of its class, at 3x capacity (where most media are cached) the image scale swung between 0.3
-        # and 4.9 within one run, and 31 of the 35 uncached images it admitted missed.
+        # An image or video found in the cache waits on the llm alone, as a text does, and errs as one: counted with
+        # the encodes of its class, at 3x capacity (where most media are cached) its outcomes made up most of the
+        # image calibration, which scaled the uncached images' predictions by anything from 0.3 to 4.9.
         calibration = cls if any(s.num_frames or s.num_patches for s in shapes) else "text"
         ttft_scale = self.ttft_calibration[calibration].scale(self.strictness.value)
         tpot_scale = self.tpot_calibration.scale(self.strictness.value)
