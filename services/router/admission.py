@@ -42,10 +42,10 @@ class Controller:
 
     Predictions are calibrated by their outcomes (Calibration) at a quantile that the admitted requests'
     outcomes move (Strictness) so that `target` of them meet their SLO: TTFT per request class against what
-    admission predicted (waits included; an image or video whose media are all cached counts as a text); time per token against the step model at the batch the tokens
-    were actually made in, which measures the model's noise only. Against admission's own prediction it
-    would chase itself: every request admitted later makes the earlier ones' steps slower, a wider margin
-    admits fewer, and so on down.
+    admission predicted (waits included; an image or video whose media are all cached counts as a text); time per
+    token against the step model at the batch the tokens were actually made in, which measures the model's noise
+    only. Against admission's own prediction it would chase itself: every request admitted later makes the earlier
+    ones' steps slower, a wider margin admits fewer, and so on down.
 
     A refusal is a miss for sure, and it helps the others only by keeping its work off the queues they wait in. A
     request predicted to miss its first-token target by its own work alone (little queued ahead of it: at most
